@@ -1,0 +1,1 @@
+"""Command-line entry point and single-machine supervisor of Protege Relay."""

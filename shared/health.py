@@ -1,0 +1,76 @@
+"""`/healthz`, `/readyz` and `/metrics` for services that have no HTTP server of their own.
+
+The tunnel answers these paths on its WebSocket port; ingress and egress run this small
+server on their `httpPort` (0 disables it). Deliberately minimal: GET only, one request per
+connection, bounded request size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Awaitable, Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+ReadinessCheck = Callable[[], Awaitable[bool]]
+MAX_REQUEST_HEAD_BYTES = 8192
+
+
+def health_response(path: str, ready: bool | None) -> tuple[int, str, bytes]:
+    """(status, content type, body) for a health path; `ready` is None if not evaluated."""
+    if path in ("/healthz", "/health"):
+        return 200, "application/json", b'{"status":"ok"}'
+    if path == "/readyz":
+        status = 200 if ready else 503
+        return status, "application/json", json.dumps({"ready": bool(ready)}).encode()
+    if path == "/metrics":
+        return 200, CONTENT_TYPE_LATEST, generate_latest()
+    return 404, "application/json", b'{"error":"not_found"}'
+
+
+class HealthServer:
+    def __init__(self, host: str, port: int, readiness: ReadinessCheck) -> None:
+        self._host, self._port, self._readiness = host, port, readiness
+        self._server: asyncio.Server | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, self._host, self._port)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+            parts = head[:MAX_REQUEST_HEAD_BYTES].split(b" ", 2)
+            path = parts[1].decode("latin-1").split("?", 1)[0] if len(parts) > 1 else "/"
+            ready = await self._check_ready() if path == "/readyz" else None
+            status, content_type, body = health_response(path, ready)
+            reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
+            writer.write(
+                f"HTTP/1.1 {status} {reason}\r\ncontent-type: {content_type}\r\n"
+                f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode() + body
+            )
+            await writer.drain()
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    async def _check_ready(self) -> bool:
+        try:
+            return await asyncio.wait_for(self._readiness(), timeout=2)
+        except Exception:
+            return False

@@ -1,0 +1,74 @@
+"""Every Redis key and channel name the relay uses (DESIGN.md "Redis layout").
+
+Per-persona keys carry the hash tag `{persona_key}` so that one persona's keys share a Redis
+Cluster slot and can be used together in one MULTI or Lua script.
+"""
+
+from __future__ import annotations
+
+INBOX_GROUP = "tunnel"
+EGRESS_QUEUE = "relay:egress"
+NODES_KEY = "relay:nodes"
+
+
+def inbox(persona_key: str) -> str:
+    """Stream of inbound messages waiting for, or in flight to, the persona's gateway."""
+    return f"relay:{{{persona_key}}}:inbox"
+
+
+def inbox_bytes(persona_key: str) -> str:
+    """Integer: total message bytes in the inbox, for the byte cap."""
+    return f"relay:{{{persona_key}}}:inbox_bytes"
+
+
+def owner(persona_key: str) -> str:
+    """Node id of the tunnel node holding the persona's inbound socket (TTL, renewed)."""
+    return f"relay:{{{persona_key}}}:owner"
+
+
+def seen(persona_key: str) -> str:
+    """Present while the persona authenticated within the retention window."""
+    return f"relay:{{{persona_key}}}:seen"
+
+
+def results(persona_key: str) -> str:
+    """Stream of delivery results not yet handed to the gateway."""
+    return f"relay:{{{persona_key}}}:results"
+
+
+def outbound_rate(persona_key: str, minute: int) -> str:
+    return f"relay:{{{persona_key}}}:outrate:{minute}"
+
+
+def outbound_seen(persona_key: str, stream_id: str) -> str:
+    """Marks an outbound stream id as accepted, so a resend is not delivered twice."""
+    return f"relay:{{{persona_key}}}:out:{stream_id}"
+
+
+def node_channel(node_id: str) -> str:
+    """Pub/sub wake-ups for one tunnel node: new inbox entry, new result, evict a socket."""
+    return f"relay:node:{node_id}"
+
+
+def node_alive(node_id: str) -> str:
+    """Heartbeat key of a live node (TTL), with its role and connected count."""
+    return f"relay:nodeinfo:{node_id}"
+
+
+def challenge(challenge_id: str) -> str:
+    return f"relay:challenge:{challenge_id}"
+
+
+def rate_counter(kind: str, subject: str, window: int) -> str:
+    """Fixed-window counter, e.g. kind `smtp_conn`, subject a client IP."""
+    return f"relay:rate:{kind}:{subject}:{window}"
+
+
+def deny(kind: str, subject: str) -> str:
+    """Set when a subject exceeded a rate; refused until it expires (rateLimits.denyWindowMs)."""
+    return f"relay:deny:{kind}:{subject}"
+
+
+def egress_job_id(persona_key: str, stream_id: str) -> str:
+    """arq `_job_id`: the same outbound stream is never queued twice."""
+    return f"deliver:{persona_key}:{stream_id}"

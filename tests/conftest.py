@@ -1,0 +1,54 @@
+"""Fixtures: a real redis-server per test on a free port, and real service processes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from protege_relay.embedded_redis import EmbeddedRedis
+from tests.support.processes import ServiceProcess, free_port, service_env
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_client(redis_server: EmbeddedRedis) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_server.url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def spawn(tmp_path: Path, redis_server: EmbeddedRedis) -> Iterator[object]:
+    """spawn(service, port=None, **env) starts `protege-relay <service>`; all stopped at teardown."""
+    started: list[ServiceProcess] = []
+
+    def start(service: str, port: int | None = None, **env: str) -> ServiceProcess:
+        process = ServiceProcess(
+            service,
+            service_env(redis_server.url, **env),
+            port=port,
+            log_path=tmp_path / f"{service}-{len(started)}.log",
+        )
+        started.append(process)
+        return process.start()
+
+    yield start
+    for process in started:
+        if process.process is not None and process.process.poll() is None:
+            try:
+                process.terminate(timeout_s=10)
+            except Exception:
+                process.kill()
+
+
+__all__ = ["free_port"]

@@ -1,0 +1,99 @@
+"""Real service processes for tests: the same `protege-relay <service>` command operators run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from protege_relay.embedded_redis import free_port
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def wait_for_port(port: int, host: str = "127.0.0.1", timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout_s}s")
+
+
+def poll_until(predicate, timeout_s: float = 10.0, interval_s: float = 0.02, message: str = ""):  # type: ignore[no-untyped-def]
+    """Call `predicate` until it returns a truthy value; fail with `message` at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(message or f"condition not met within {timeout_s}s")
+        time.sleep(interval_s)
+
+
+@dataclass
+class ServiceProcess:
+    service: str
+    env: dict[str, str]
+    port: int | None = None
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+    extra_args: list[str] = field(default_factory=list)
+
+    def start(self, timeout_s: float = 20.0) -> ServiceProcess:
+        assert self.log_path is not None
+        log_file = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "protege_relay.cli", self.service, *self.extra_args],
+            env=self.env,
+            cwd=REPO_ROOT,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+        if self.port is not None:
+            try:
+                wait_for_port(self.port, timeout_s=timeout_s)
+            except TimeoutError:
+                raise AssertionError(f"{self.service} did not start:\n{self.logs()}") from None
+        return self
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+
+    def terminate(self, timeout_s: float = 20.0) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout_s)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def service_env(redis_url: str, **overrides: str) -> dict[str, str]:
+    """Environment for a service process: no inherited RELAY_* settings, loopback everything."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    env.update(
+        RELAY_REDIS_URL=redis_url,
+        RELAY_SMTP_HTTP_PORT="0",
+        RELAY_EGRESS_HTTP_PORT="0",
+        RELAY_LOGGING_LEVEL="debug",
+        PYTHONPATH=str(REPO_ROOT),
+    )
+    env.update(overrides)
+    return env
+
+
+__all__ = ["ServiceProcess", "free_port", "poll_until", "service_env", "wait_for_port"]
