@@ -195,14 +195,15 @@ def load_config(
             raise ConfigError(f"config {chosen} must be a JSON object")
         document = parsed
     _apply_env(document, RelayConfig, (), environ)
-    return _build(RelayConfig, document, ())
+    config: RelayConfig = _build(RelayConfig, document, ())
+    return config
 
 
 def env_variable_names() -> list[tuple[str, str]]:
     """(variable, field path) for every configurable field, for docs and `--help`."""
     names: list[tuple[str, str]] = []
 
-    def walk(cls: type, path: tuple[str, ...]) -> None:
+    def walk(cls: Any, path: tuple[str, ...]) -> None:
         for name, hint in get_type_hints(cls).items():
             if dataclasses.is_dataclass(hint):
                 walk(hint, (*path, name))
@@ -217,7 +218,9 @@ def _env_name(path: tuple[str, ...]) -> str:
     return ENV_PREFIX + "_".join(re.sub(r"(?<!^)(?=[A-Z])", "_", part).upper() for part in path)
 
 
-def _apply_env(document: dict[str, Any], cls: type, path: tuple[str, ...], environ: Mapping[str, str]) -> None:
+def _apply_env(
+    document: dict[str, Any], cls: Any, path: tuple[str, ...], environ: Mapping[str, str]
+) -> None:
     for name, hint in get_type_hints(cls).items():
         field_path = (*path, name)
         if dataclasses.is_dataclass(hint):
@@ -267,7 +270,7 @@ def _kinds(hint: Any) -> set[type]:
     return {origin or hint}
 
 
-def _build(cls: type, document: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+def _build(cls: Any, document: Mapping[str, Any], path: tuple[str, ...]) -> Any:
     hints = get_type_hints(cls)
     unknown = sorted(set(document) - set(hints))
     if unknown:
