@@ -144,6 +144,8 @@ class EgressConfig:
     connectTimeoutSeconds: int = _field(30, minimum=1)
     tls: EgressTlsConfig = _field(EgressTlsConfig())
     httpPort: int = _field(9026, minimum=0)
+    retryBaseSeconds: int = _field(30, minimum=0)  # backoff base: full jitter over base * 2**(try-1)
+    jobTimeoutSeconds: int = _field(300, minimum=2)  # one delivery attempt; a crashed one re-runs after this
 
 
 @dataclasses.dataclass(frozen=True)

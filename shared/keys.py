@@ -72,3 +72,13 @@ def deny(kind: str, subject: str) -> str:
 def egress_job_id(persona_key: str, stream_id: str) -> str:
     """arq `_job_id`: the same outbound stream is never queued twice."""
     return f"deliver:{persona_key}:{stream_id}"
+
+
+def egress_result_published(persona_key: str, stream_id: str) -> str:
+    """Set (NX, TTL) when an outbound stream's result is published: a re-run never sends again."""
+    return f"relay:{{{persona_key}}}:egress_done:{stream_id}"
+
+
+def egress_delivered(persona_key: str, stream_id: str) -> str:
+    """Hash recipient -> accepting reply, written right after a remote 250 (narrows re-sends)."""
+    return f"relay:{{{persona_key}}}:egress_sent:{stream_id}"
