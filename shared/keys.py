@@ -26,6 +26,11 @@ def owner(persona_key: str) -> str:
     return f"relay:{{{persona_key}}}:owner"
 
 
+def socket(persona_key: str) -> str:
+    """Id of the persona's current inbound socket (TTL like `owner`), for `replacedSocketId`."""
+    return f"relay:{{{persona_key}}}:socket"
+
+
 def seen(persona_key: str) -> str:
     """Present while the persona authenticated within the retention window."""
     return f"relay:{{{persona_key}}}:seen"
