@@ -12,7 +12,6 @@ index file remembers tokens of messages the user has since moved or deleted.
 from __future__ import annotations
 
 import hashlib
-import mailbox
 import os
 import re
 import socket
@@ -42,7 +41,8 @@ class MaildirStore:
 
     def __init__(self, root: str | Path, index_keep_entries: int = INDEX_KEEP_ENTRIES) -> None:
         self.root = Path(root)
-        mailbox.Maildir(str(self.root), create=True)  # creates tmp/ new/ cur/ as the spec lays out
+        for folder in ("tmp", "new", "cur"):  # what mailbox.Maildir expects; it skips an existing root
+            (self.root / folder).mkdir(mode=0o700, parents=True, exist_ok=True)
         self._index_path = self.root / INDEX_FILE_NAME
         self._index_keep_entries = index_keep_entries
         self._tokens: OrderedDict[str, None] = OrderedDict()
