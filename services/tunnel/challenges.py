@@ -1,0 +1,144 @@
+"""Auth challenges (PROTOCOL.md A3): issuing, checking, and consuming them exactly once.
+
+The checks run twice on purpose: `check_response` (pure, in the order the protocol fixes,
+including the signature) decides the error code, and the Lua script in `ChallengeStore.consume`
+repeats the cheap checks atomically while marking the record used, so two sockets racing with
+the same signed response cannot both win. A failed verification never reaches `consume`, so
+it does not use the challenge up.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import redis.asyncio as aioredis
+
+from shared import keys
+from shared.identity import decode_public_key, decode_signature, verify_signature
+
+# A used record is kept this long past its expiry, so a replay is told challenge_already_used
+# rather than challenge_not_found.
+RECORD_MARGIN_S = 60
+
+CHALLENGE_NOT_FOUND = "challenge_not_found"
+CHALLENGE_MISMATCH = "challenge_mismatch"
+CHALLENGE_ALREADY_USED = "challenge_already_used"
+CHALLENGE_EXPIRED = "challenge_expired"
+INVALID_SIGNATURE_ENCODING = "invalid_signature_encoding"
+INVALID_SIGNATURE = "invalid_signature"
+
+
+@dataclass(frozen=True, slots=True)
+class ChallengeRecord:
+    challenge_id: str
+    persona_key: str
+    challenge_text: str
+    expires_at_ms: int
+    used: bool = False
+
+
+def new_challenge(
+    persona_key: str,
+    now_ms: int,
+    ttl_s: int,
+    new_uuid: Callable[[], str] = lambda: str(uuid.uuid4()),
+) -> ChallengeRecord:
+    challenge_id = new_uuid()
+    return ChallengeRecord(
+        challenge_id=challenge_id,
+        persona_key=persona_key,
+        challenge_text=f"relay-auth:{challenge_id}:{new_uuid()}",
+        expires_at_ms=now_ms + ttl_s * 1000,
+    )
+
+
+def iso_utc_ms(epoch_ms: int) -> str:
+    """ISO-8601 UTC with milliseconds and `Z`, as JavaScript's toISOString writes it."""
+    moment = datetime.fromtimestamp(epoch_ms / 1000, tz=UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{epoch_ms % 1000:03d}Z"
+
+
+def normalize_key(persona_key: str) -> str:
+    return persona_key.strip().lower()
+
+
+def check_response(
+    record: ChallengeRecord | None, persona_key: str, signature_base64: str, now_ms: int
+) -> str | None:
+    """The first failing check's wire code, or None when the response is valid."""
+    if record is None:
+        return CHALLENGE_NOT_FOUND
+    if record.persona_key != normalize_key(persona_key):
+        return CHALLENGE_MISMATCH
+    if record.used:
+        return CHALLENGE_ALREADY_USED
+    if now_ms >= record.expires_at_ms:
+        return CHALLENGE_EXPIRED
+    signature = decode_signature(signature_base64)
+    if not signature:
+        return INVALID_SIGNATURE_ENCODING
+    public_key = decode_public_key(record.persona_key)
+    if not verify_signature(public_key, record.challenge_text.encode("utf-8"), signature):
+        return INVALID_SIGNATURE
+    return None
+
+
+_CONSUME = """
+local record = redis.call('HMGET', KEYS[1], 'pk', 'exp', 'used')
+if not record[1] then return 'challenge_not_found' end
+if record[1] ~= ARGV[1] then return 'challenge_mismatch' end
+if record[3] == '1' then return 'challenge_already_used' end
+if tonumber(ARGV[2]) >= tonumber(record[2]) then return 'challenge_expired' end
+redis.call('HSET', KEYS[1], 'used', '1')
+return 'ok'
+"""
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class ChallengeStore:
+    """Challenge records in Redis hashes that expire on their own (no GC sweep needed)."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self._redis = redis
+        self._consume = redis.register_script(_CONSUME)
+
+    async def save(self, record: ChallengeRecord) -> None:
+        key = keys.challenge(record.challenge_id)
+        ttl_ms = max(record.expires_at_ms - now_ms(), 0) + RECORD_MARGIN_S * 1000
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(
+                key,
+                mapping={
+                    "pk": record.persona_key,
+                    "text": record.challenge_text,
+                    "exp": record.expires_at_ms,
+                    "used": "0",
+                },
+            )
+            pipe.pexpire(key, ttl_ms)
+            await pipe.execute()
+
+    async def load(self, challenge_id: str) -> ChallengeRecord | None:
+        fields: dict[bytes, bytes] = await self._redis.hgetall(keys.challenge(challenge_id))  # type: ignore[misc]
+        if not fields or b"pk" not in fields:
+            return None
+        return ChallengeRecord(
+            challenge_id=challenge_id,
+            persona_key=fields[b"pk"].decode(),
+            challenge_text=fields.get(b"text", b"").decode(),
+            expires_at_ms=int(fields.get(b"exp", b"0")),
+            used=fields.get(b"used") == b"1",
+        )
+
+    async def consume(self, challenge_id: str, persona_key: str, at_ms: int) -> str | None:
+        """Mark the challenge used if it still may be; None on success, else the wire code."""
+        outcome = await self._consume(keys=[keys.challenge(challenge_id)], args=[persona_key, at_ms])
+        code = outcome.decode() if isinstance(outcome, bytes) else str(outcome)
+        return None if code == "ok" else code

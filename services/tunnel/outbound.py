@@ -1,0 +1,94 @@
+"""Outbound requests (PROTOCOL.md A6, B; DESIGN.md "Outbound" 1-2): who may send what, and
+handing an accepted message to the egress queue.
+
+The envelope rules are pure functions used by the session; `OutboundQueue` holds the two
+rules that need Redis (the per-persona rate and the once-only arq job).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import redis.asyncio as aioredis
+from arq.connections import ArqRedis
+
+from shared import keys
+from shared.payloads import OutboundJob
+
+SENDER_NOT_ALLOWED = "sender_not_allowed"
+TOO_MANY_RECIPIENTS = "too_many_recipients"
+MESSAGE_TOO_LARGE = "message_too_large"
+RATE_LIMITED = "rate_limited"
+STREAM_NOT_STARTED = "stream_not_started"
+INVALID_RECIPIENT = "invalid_recipient"
+TOO_MANY_STREAMS = "too_many_streams"
+
+DELIVER_FUNCTION = "deliver"
+RATE_WINDOW_S = 60
+
+_ADDRESS = re.compile(r'[^\s<>@,;"]+@[^\s<>@,;"]+')
+
+
+def _bare(address: str) -> str:
+    address = address.strip()
+    if address.startswith("<") and address.endswith(">"):
+        address = address[1:-1].strip()
+    return address
+
+
+def check_sender(mail_from: str, persona_key: str, mail_domains: list[str]) -> str | None:
+    """The sender must be the persona's own address: local part is its key (any case), and the
+    domain one of ours when domains are configured."""
+    local_part, at, domain = _bare(mail_from).rpartition("@")
+    if not at or local_part.lower() != persona_key or not domain:
+        return SENDER_NOT_ALLOWED
+    if mail_domains and domain.lower().rstrip(".") not in {d.lower().rstrip(".") for d in mail_domains}:
+        return SENDER_NOT_ALLOWED
+    return None
+
+
+def check_recipient(rcpt_to: str) -> str | None:
+    """One `local@domain` address, nothing that could smuggle SMTP syntax."""
+    address = _bare(rcpt_to)
+    if "," in address and all(part.strip() for part in address.split(",")):
+        return TOO_MANY_RECIPIENTS
+    if any(ch in address for ch in "\r\n\0") or not _ADDRESS.fullmatch(address):
+        return INVALID_RECIPIENT
+    local_part, _, domain = address.rpartition("@")
+    if not local_part or not domain or len(address) > 320:
+        return INVALID_RECIPIENT
+    return None
+
+
+def bare_address(address: str) -> str:
+    """The address without surrounding angle brackets or spaces."""
+    return _bare(address)
+
+
+class OutboundQueue:
+    """Per-persona outbound rate (fixed one-minute windows) and the arq `deliver` job."""
+
+    def __init__(self, redis: aioredis.Redis, arq: ArqRedis, messages_per_minute: int) -> None:
+        self._redis = redis
+        self._arq = arq
+        self._messages_per_minute = messages_per_minute
+
+    async def within_rate(self, persona_key: str) -> bool:
+        window = int(time.time()) // RATE_WINDOW_S
+        key = keys.outbound_rate(persona_key, window)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.incr(key)
+            pipe.expire(key, RATE_WINDOW_S * 2)
+            count, _ = await pipe.execute()
+        return int(count) <= self._messages_per_minute
+
+    async def enqueue(self, job: OutboundJob) -> bool:
+        """True if a new job was queued; False if this stream id was already accepted."""
+        queued = await self._arq.enqueue_job(
+            DELIVER_FUNCTION,
+            job.pack(),
+            _job_id=keys.egress_job_id(job.persona_key, job.stream_id),
+            _queue_name=keys.EGRESS_QUEUE,
+        )
+        return queued is not None

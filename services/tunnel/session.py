@@ -1,0 +1,352 @@
+"""One tunnel socket's protocol state, without sockets or asyncio (STYLE.md, like websockets'
+own `protocol.py`).
+
+`TunnelSession` consumes the messages a gateway sends and returns *actions* for the server to
+carry out, in order. Steps that need Redis are split in two: the session returns an action
+(`IssueChallenge`, `VerifyChallenge`, `EnqueueOutbound`) and the server reports the outcome
+back (`auth_failed`, `auth_succeeded`, `outbound_refused`). Every auth, text and assembly rule
+of PROTOCOL.md A3, A4, A6 and B is decided here, once.
+
+Choices the protocol leaves open:
+- Malformed JSON after auth gets `{"type":"error","code":"invalid_message"}` and the socket stays
+  open (as unknown types do); only an invalid *binary* frame closes it (A4).
+- Auth messages after auth get `{"type":"error","code":"already_authenticated"}`.
+- `sessionRole` of the response wins over the request's (the original reads the response's).
+- Frames of a refused outbound stream (too large) are ignored until its smtp_end, so the
+  gateway gets exactly one result for it.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.tunnel import outbound
+from services.tunnel.challenges import ChallengeRecord, iso_utc_ms, new_challenge, normalize_key
+from shared import protocol
+from shared.identity import is_public_key
+from shared.payloads import OutboundJob
+
+INVALID_MESSAGE = "invalid_message"
+INVALID_TUNNEL_FRAME = "invalid_tunnel_frame"
+RATE_LIMITED = "rate_limited"
+REPLACED = "replaced_by_new_session"
+UNKNOWN_TYPE = "unknown_type"
+ALREADY_AUTHENTICATED = "already_authenticated"
+
+ROLE_INBOUND = "inbound"
+ROLE_OUTBOUND = "outbound"
+CAPABILITY_INBOUND_ACK = "inbound_ack"
+SUPPORTED_CAPABILITIES = (CAPABILITY_INBOUND_ACK,)
+
+MAX_OPEN_STREAMS = 8
+MAX_REFUSED_STREAMS_REMEMBERED = 64
+
+
+class State(enum.Enum):
+    UNAUTHENTICATED = "unauthenticated"
+    AUTHENTICATED = "authenticated"
+    CLOSED = "closed"
+
+
+# --- actions ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SendText:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class IssueChallenge:
+    """Check the per-IP auth rate, store the challenge, then send `reply`."""
+
+    challenge: ChallengeRecord
+    reply: str
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyChallenge:
+    """Check the per-IP auth rate, load and check the challenge, consume it, claim the persona;
+    then report `auth_failed(code)` or `auth_succeeded(replaced_socket_id)`."""
+
+    challenge_id: str
+    persona_key: str
+    signature_base64: str
+
+
+@dataclass(frozen=True, slots=True)
+class AckInbound:
+    stream_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class EnqueueOutbound:
+    """Check the persona's outbound rate, then queue `job` (a refusal: `outbound_refused`)."""
+
+    job: OutboundJob
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundDropped:
+    """An outbound stream was given up (for logs and metrics; nothing is sent)."""
+
+    stream_id: str
+    reason: str
+
+
+Action = SendText | Close | IssueChallenge | VerifyChallenge | AckInbound | EnqueueOutbound | OutboundDropped
+
+
+@dataclass(frozen=True, slots=True)
+class SessionLimits:
+    challenge_ttl_s: int = 60
+    max_message_bytes: int = 10 * 1024 * 1024
+    outbound_stream_timeout_ms: int = 60_000
+    mail_domains: tuple[str, ...] = ()
+    max_open_streams: int = MAX_OPEN_STREAMS
+
+
+@dataclass(slots=True)
+class _OutboundStream:
+    start: protocol.SmtpStart
+    started_at_ms: int
+    chunks: list[bytes] = field(default_factory=list)
+    size_bytes: int = 0
+
+
+def failed_result(stream_id: str, error: str) -> SendText:
+    return SendText(protocol.delivery_result(stream_id, sent=False, error=error))
+
+
+class TunnelSession:
+    def __init__(
+        self,
+        socket_id: str,
+        limits: SessionLimits,
+        clock_ms: Callable[[], int],
+        new_uuid: Callable[[], str] = lambda: str(uuid.uuid4()),
+    ) -> None:
+        self.socket_id = socket_id
+        self.limits = limits
+        self.state = State.UNAUTHENTICATED
+        self.persona_key: str | None = None
+        self.role = ROLE_INBOUND
+        self.capabilities: tuple[str, ...] = ()
+        self._clock_ms = clock_ms
+        self._new_uuid = new_uuid
+        self._requested_capabilities: list[str] | None = None
+        self._requested_role: str | None = None
+        self._pending_role: str = ROLE_INBOUND
+        self._streams: dict[str, _OutboundStream] = {}
+        self._refused_streams: dict[str, None] = {}
+
+    @property
+    def authenticated(self) -> bool:
+        return self.state is State.AUTHENTICATED
+
+    @property
+    def wants_inbound_ack(self) -> bool:
+        return CAPABILITY_INBOUND_ACK in self.capabilities
+
+    # --- input -------------------------------------------------------------------------------
+
+    def receive_text(self, text: str) -> list[Action]:
+        if self.state is State.UNAUTHENTICATED:
+            return self._receive_auth_message(text)
+        if self.state is State.AUTHENTICATED:
+            return self._receive_control(text)
+        return []
+
+    def receive_binary(self, message: bytes) -> list[Action]:
+        if self.state is State.UNAUTHENTICATED:
+            try:
+                text = message.decode("utf-8")
+            except UnicodeDecodeError:
+                return self._fail(INVALID_MESSAGE)
+            return self._receive_auth_message(text)
+        if self.state is State.AUTHENTICATED:
+            try:
+                frame = protocol.decode_frame(message)
+            except protocol.FrameError:
+                return self._fail(INVALID_TUNNEL_FRAME)
+            return self._receive_frame(frame)
+        return []
+
+    # --- outcomes reported by the server -----------------------------------------------------
+
+    def auth_failed(self, code: str) -> list[Action]:
+        return self._fail(code)
+
+    def auth_succeeded(self, persona_key: str, replaced_socket_id: str | None) -> list[Action]:
+        if self.state is not State.UNAUTHENTICATED:
+            return []
+        self.state = State.AUTHENTICATED
+        self.persona_key = persona_key
+        self.role = self._pending_role
+        fields: dict[str, Any] = {
+            "type": "auth_ok",
+            "publicKeyBase32": persona_key,
+            "emailLocalPart": persona_key,
+            "sessionRole": self.role,
+            "replacedSocketId": replaced_socket_id,
+        }
+        if self._requested_capabilities is not None:
+            self.capabilities = tuple(c for c in SUPPORTED_CAPABILITIES if c in self._requested_capabilities)
+            fields["capabilities"] = list(self.capabilities)
+        return [SendText(protocol.encode_control(fields))]
+
+    def outbound_refused(self, stream_id: str, reason: str) -> list[Action]:
+        return [failed_result(stream_id, reason)]
+
+    def replaced(self) -> list[Action]:
+        """Another socket took this persona: close without auth_error (PROTOCOL.md A3)."""
+        self.state = State.CLOSED
+        self._streams.clear()
+        return [Close(protocol.CLOSE_REPLACED, REPLACED)]
+
+    def expire_streams(self) -> list[Action]:
+        """Drop outbound streams unfinished after the timeout, freeing their memory."""
+        deadline_ms = self._clock_ms() - self.limits.outbound_stream_timeout_ms
+        expired = [sid for sid, stream in self._streams.items() if stream.started_at_ms <= deadline_ms]
+        for stream_id in expired:
+            del self._streams[stream_id]
+        return [OutboundDropped(stream_id, "stream_timeout") for stream_id in expired]
+
+    @property
+    def open_stream_bytes(self) -> int:
+        return sum(stream.size_bytes for stream in self._streams.values())
+
+    # --- auth --------------------------------------------------------------------------------
+
+    def _fail(self, code: str) -> list[Action]:
+        self.state = State.CLOSED
+        self._streams.clear()
+        close_code = protocol.CLOSE_RATE_LIMITED if code == RATE_LIMITED else protocol.CLOSE_AUTH_FAILED
+        return [SendText(protocol.auth_error(code)), Close(close_code, code)]
+
+    def _receive_auth_message(self, text: str) -> list[Action]:
+        try:
+            fields = protocol.decode_control(text)
+            message_type = fields["type"]
+            if message_type == "auth_challenge_request":
+                return self._challenge_request(fields)
+            if message_type == "auth_challenge_response":
+                return self._challenge_response(fields)
+        except protocol.ControlMessageError:
+            pass
+        return self._fail(INVALID_MESSAGE)
+
+    def _challenge_request(self, fields: dict[str, Any]) -> list[Action]:
+        persona_key = normalize_key(protocol.require_str(fields, "publicKeyBase32"))
+        if not is_public_key(persona_key):
+            raise protocol.ControlMessageError("invalid public key")
+        self._requested_role = _role(fields.get("sessionRole"))
+        capabilities = fields.get("capabilities")
+        if isinstance(capabilities, list):
+            self._requested_capabilities = [c for c in capabilities if isinstance(c, str)]
+        challenge = new_challenge(persona_key, self._clock_ms(), self.limits.challenge_ttl_s, self._new_uuid)
+        reply = protocol.encode_control(
+            {
+                "type": "auth_challenge",
+                "publicKeyBase32": persona_key,
+                "challengeId": challenge.challenge_id,
+                "challengeText": challenge.challenge_text,
+                "expiresAt": iso_utc_ms(challenge.expires_at_ms),
+            }
+        )
+        return [IssueChallenge(challenge, reply)]
+
+    def _challenge_response(self, fields: dict[str, Any]) -> list[Action]:
+        persona_key = protocol.require_str(fields, "publicKeyBase32")
+        challenge_id = protocol.require_str(fields, "challengeId")
+        signature = protocol.require_str(fields, "signatureBase64")
+        role = fields.get("sessionRole")
+        self._pending_role = _role(role) if isinstance(role, str) else self._requested_role or ROLE_INBOUND
+        return [VerifyChallenge(challenge_id, normalize_key(persona_key), signature)]
+
+    # --- text after auth (PROTOCOL.md B) -----------------------------------------------------
+
+    def _receive_control(self, text: str) -> list[Action]:
+        try:
+            fields = protocol.decode_control(text)
+            message_type = fields["type"]
+            if message_type == "smtp_ack":
+                return [AckInbound(protocol.require_str(fields, "streamId"))]
+        except protocol.ControlMessageError:
+            return [_error(INVALID_MESSAGE)]
+        if message_type == "ping":
+            return [SendText(protocol.encode_control({"type": "pong"}))]
+        if message_type in ("auth_challenge_request", "auth_challenge_response"):
+            return [_error(ALREADY_AUTHENTICATED)]
+        return [_error(UNKNOWN_TYPE)]
+
+    # --- outbound assembly (PROTOCOL.md A6) --------------------------------------------------
+
+    def _receive_frame(self, frame: protocol.Frame) -> list[Action]:
+        actions: list[Action] = list(self.expire_streams())
+        stream_id = frame.stream_id
+        if frame.frame_type is protocol.FrameType.SMTP_START:
+            self._refused_streams.pop(stream_id, None)
+            self._streams.pop(stream_id, None)
+            if len(self._streams) >= self.limits.max_open_streams:
+                return [*actions, *self._refuse(stream_id, outbound.TOO_MANY_STREAMS)]
+            start = protocol.decode_start_body(frame.body)
+            self._streams[stream_id] = _OutboundStream(start, self._clock_ms())
+            return actions
+        if stream_id in self._refused_streams:
+            if frame.frame_type is protocol.FrameType.SMTP_END:
+                del self._refused_streams[stream_id]
+            return actions
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return [*actions, failed_result(stream_id, outbound.STREAM_NOT_STARTED)]
+        if frame.frame_type is protocol.FrameType.SMTP_CHUNK:
+            stream.size_bytes += len(frame.body)
+            if stream.size_bytes > self.limits.max_message_bytes:
+                del self._streams[stream_id]
+                return [*actions, *self._refuse(stream_id, outbound.MESSAGE_TOO_LARGE)]
+            stream.chunks.append(frame.body)
+            return actions
+        del self._streams[stream_id]
+        return [*actions, *self._finish(stream_id, stream)]
+
+    def _refuse(self, stream_id: str, reason: str) -> list[Action]:
+        self._refused_streams[stream_id] = None
+        while len(self._refused_streams) > MAX_REFUSED_STREAMS_REMEMBERED:
+            del self._refused_streams[next(iter(self._refused_streams))]
+        return [failed_result(stream_id, reason)]
+
+    def _finish(self, stream_id: str, stream: _OutboundStream) -> list[Action]:
+        assert self.persona_key is not None
+        refusal = outbound.check_sender(
+            stream.start.mail_from, self.persona_key, list(self.limits.mail_domains)
+        ) or outbound.check_recipient(stream.start.rcpt_to)
+        if refusal is not None:
+            return [failed_result(stream_id, refusal)]
+        job = OutboundJob(
+            persona_key=self.persona_key,
+            stream_id=stream_id,
+            mail_from=outbound.bare_address(stream.start.mail_from),
+            rcpt_to=[outbound.bare_address(stream.start.rcpt_to)],
+            data=b"".join(stream.chunks),
+            enqueued_at_ms=self._clock_ms(),
+        )
+        return [EnqueueOutbound(job)]
+
+
+def _role(value: object) -> str:
+    return ROLE_OUTBOUND if value == ROLE_OUTBOUND else ROLE_INBOUND
+
+
+def _error(code: str) -> SendText:
+    return SendText(protocol.encode_control({"type": "error", "code": code}))
