@@ -1,0 +1,255 @@
+"""The aiosmtpd handler: recipient policy and durable enqueue, nothing about SMTP parsing.
+
+aiosmtpd parses commands, dot-unstuffs DATA and enforces line and size limits; it calls the
+`handle_*` hooks here for the decisions. Facts come from Redis (seen key, inbox size, rate
+counters), decisions from `policy`, and a message is answered 250 only after `enqueue`
+confirmed the MULTI/EXEC. Any Redis trouble is `451 4.3.0`, never a 250.
+
+Several RCPTs routing to the same persona each get their own inbox entry (recipient index
+`n` in the stream id `<queue_id>.<n>`), exactly as written: a gateway sees one delivery per
+address the sender used, e.g. both `key+a@` and `key+b@`, which is what `+tag` users expect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import redis.asyncio as aioredis
+from aiosmtpd.smtp import SMTP, Envelope, Session
+from redis.exceptions import RedisError
+
+from services.ingress import metrics, policy, ratelimit
+from services.ingress.enqueue import Delivery, EnqueueFailed, enqueue, new_queue_id
+from services.ingress.policy import InboxState, Reply
+from services.ingress.received import TraceInfo, received_header
+from shared import keys
+from shared.config import RelayConfig
+from shared.logs import log
+from shared.payloads import InboxEntry
+from shared.wakeup import WakeupKind, wake_owner
+
+logger = logging.getLogger("relay.ingress")
+
+REDIS_CHECK_TIMEOUT_S = 5.0
+REVERSE_DNS_TIMEOUT_S = 1.0
+NULL_SENDER = "<>"
+EXTRA_EHLO_KEYWORDS = ("PIPELINING", "ENHANCEDSTATUSCODES")
+
+
+class IngressSession(Session):
+    """aiosmtpd's session plus what we learn once per connection (client IP, reverse name)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.reverse_name: str | None = None
+        self.reverse_looked_up = False
+
+
+def client_ip_of(session: Session) -> str:
+    peer: Any = session.peer
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return str(peer or "unknown")
+
+
+class IngressHandler:
+    def __init__(self, redis: aioredis.Redis, config: RelayConfig, hostname: str) -> None:
+        self._redis = redis
+        self._config = config
+        self._hostname = hostname
+        self._connection_limit = ratelimit.RateLimit(
+            ratelimit.RateKind.SMTP_CONNECTION,
+            config.rateLimits.smtpConnectionsPerMinutePerIp,
+            config.rateLimits.denyWindowMs,
+        )
+        self._message_limit = ratelimit.RateLimit(
+            ratelimit.RateKind.SMTP_MESSAGE,
+            config.rateLimits.smtpMessagesPerMinutePerIp,
+            config.rateLimits.denyWindowMs,
+        )
+        self._background: set[asyncio.Task[None]] = set()
+
+    # --- connection ------------------------------------------------------------------------
+
+    async def admit_connection(self, session: Session) -> Reply | None:
+        """Per-IP connection rate, checked before the greeting. Fails open if Redis is down:
+        every later step that matters (RCPT checks, enqueue) answers 451 on its own."""
+        client_ip = client_ip_of(session)
+        metrics.CONNECTIONS.inc()
+        try:
+            allowed = await asyncio.wait_for(
+                ratelimit.allow(self._redis, self._connection_limit, client_ip), REDIS_CHECK_TIMEOUT_S
+            )
+        except (RedisError, OSError, TimeoutError) as exc:
+            log(logger, logging.WARNING, "connection rate check failed; admitting",
+                client_ip=client_ip, error=type(exc).__name__)
+            return None
+        if not allowed:
+            return self._refuse(policy.CONNECTION_RATE_LIMITED, client_ip=client_ip)
+        return None
+
+    # --- aiosmtpd hooks --------------------------------------------------------------------
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        """Add PIPELINING and ENHANCEDSTATUSCODES; drop AUTH (we never authenticate senders)."""
+        session.host_name = hostname
+        *keywords, last = responses
+        kept = [line for line in keywords if not line.startswith("250-AUTH")]
+        return [*kept, *(f"250-{keyword}" for keyword in EXTRA_EHLO_KEYWORDS), last]
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
+    ) -> str:
+        refusal = policy.check_sender(address)
+        if refusal is not None:
+            return str(self._refuse(refusal, client_ip=client_ip_of(session)))
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return str(policy.SENDER_OK)
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
+        client_ip = client_ip_of(session)
+        route = policy.route_recipient(address, self._config.mailDomains)
+        if isinstance(route, Reply):
+            return str(self._refuse(route, client_ip=client_ip))
+        refusal = policy.check_recipient_count(len(envelope.rcpt_tos), self._config.smtp.maxRecipients)
+        if refusal is None:
+            try:
+                state = await asyncio.wait_for(self._inbox_state(route), REDIS_CHECK_TIMEOUT_S)
+            except (RedisError, OSError, TimeoutError) as exc:
+                return str(self._refuse(policy.TEMPORARY_FAILURE, client_ip=client_ip, persona=route,
+                                        error=type(exc).__name__))
+            refusal = policy.check_inbox(state, self._config.queue.maxMessages, self._config.queue.maxBytes)
+        if refusal is not None:
+            return str(self._refuse(refusal, client_ip=client_ip, persona=route))
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return str(policy.RECIPIENT_OK)
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        client_ip = client_ip_of(session)
+        try:
+            allowed = await asyncio.wait_for(
+                ratelimit.allow(self._redis, self._message_limit, client_ip), REDIS_CHECK_TIMEOUT_S
+            )
+        except (RedisError, OSError, TimeoutError) as exc:
+            return str(self._refuse(policy.TEMPORARY_FAILURE, client_ip=client_ip, error=type(exc).__name__))
+        if not allowed:
+            return str(self._refuse(policy.MESSAGE_RATE_LIMITED, client_ip=client_ip))
+        content = envelope.original_content or b""
+        if len(content) > self._config.smtp.maxMessageBytes:
+            return str(self._refuse(policy.MESSAGE_TOO_LARGE, client_ip=client_ip))
+
+        queue_id = new_queue_id()
+        deliveries = self._deliveries(queue_id, session, envelope, content, await self._reverse_name(session))
+        started_s = time.perf_counter()
+        try:
+            await enqueue(self._redis, deliveries)
+        except EnqueueFailed as exc:
+            return str(self._refuse(policy.TEMPORARY_FAILURE, client_ip=client_ip, queue_id=queue_id,
+                                    error=str(exc)))
+        metrics.ENQUEUE_SECONDS.observe(time.perf_counter() - started_s)
+        metrics.MESSAGES_ACCEPTED.inc()
+        metrics.RECIPIENTS_ACCEPTED.inc(len(deliveries))
+        metrics.BYTES_ACCEPTED.inc(len(content))
+        log(logger, logging.INFO, "accepted", queue_id=queue_id, client_ip=client_ip,
+            recipients=len(deliveries), bytes=len(content))
+        for persona_key in dict.fromkeys(delivery.persona_key for delivery in deliveries):
+            self._in_background(self._wake(persona_key))
+        return str(policy.queued(queue_id))
+
+    async def handle_exception(self, error: Exception) -> str:
+        """Anything unexpected in a hook: logged with its traceback, answered 451, never 250."""
+        logger.error("unexpected error in SMTP session", exc_info=error)
+        metrics.REJECTIONS.labels(reason="internal_error").inc()
+        return str(policy.TEMPORARY_FAILURE)
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Let pending best-effort wake-ups finish (briefly) before Redis is closed."""
+        if self._background:
+            await asyncio.wait(self._background, timeout=2)
+
+    def _deliveries(
+        self, queue_id: str, session: Session, envelope: Envelope, content: bytes, reverse_name: str | None
+    ) -> list[Delivery]:
+        now = datetime.now(UTC)
+        trace = TraceInfo(
+            helo=session.host_name or "",
+            client_ip=client_ip_of(session),
+            reverse_name=reverse_name,
+            extended=session.extended_smtp,
+            tls=session.ssl is not None,
+            smtputf8=envelope.smtp_utf8,
+        )
+        mail_from = "" if envelope.mail_from in (None, NULL_SENDER) else str(envelope.mail_from)
+        deliveries: list[Delivery] = []
+        for index, rcpt_to in enumerate(envelope.rcpt_tos):
+            route = policy.route_recipient(rcpt_to, self._config.mailDomains)
+            if isinstance(route, Reply):  # accepted at RCPT, so unreachable unless config changed
+                continue
+            entry = InboxEntry(
+                queue_id=queue_id,
+                recipient_index=index,
+                mail_from=mail_from,
+                rcpt_to=rcpt_to,
+                data=received_header(trace, self._hostname, queue_id, rcpt_to, now) + content,
+                received_at_ms=int(now.timestamp() * 1000),
+                client_ip=trace.client_ip,
+            )
+            deliveries.append(Delivery(route, entry))
+        return deliveries
+
+    async def _inbox_state(self, persona_key: str) -> InboxState:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.exists(keys.seen(persona_key))
+            pipe.xlen(keys.inbox(persona_key))
+            pipe.get(keys.inbox_bytes(persona_key))
+            seen, message_count, byte_count = await pipe.execute()
+        return InboxState(bool(seen), int(message_count), int(byte_count or 0))
+
+    async def _reverse_name(self, session: Session) -> str | None:
+        """The client's PTR name for the trace header, looked up once per connection, bounded."""
+        if not isinstance(session, IngressSession):
+            return None
+        if not session.reverse_looked_up:
+            session.reverse_looked_up = True
+            try:
+                host, _ = await asyncio.wait_for(
+                    asyncio.get_running_loop().getnameinfo((client_ip_of(session), 0), socket.NI_NAMEREQD),
+                    REVERSE_DNS_TIMEOUT_S,
+                )
+                session.reverse_name = host
+            except (OSError, TimeoutError, ValueError):
+                session.reverse_name = None
+        return session.reverse_name
+
+    async def _wake(self, persona_key: str) -> None:
+        try:
+            await asyncio.wait_for(wake_owner(self._redis, persona_key, WakeupKind.INBOX), REDIS_CHECK_TIMEOUT_S)
+        except (RedisError, OSError, TimeoutError) as exc:
+            log(logger, logging.DEBUG, "wake-up failed", persona=persona_key, error=type(exc).__name__)
+
+    def _in_background(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _refuse(self, reply: Reply, **fields: Any) -> Reply:
+        metrics.REJECTIONS.labels(reason=reply.reason).inc()
+        log(logger, logging.INFO, "rejected", reason=reply.text, code=reply.code, **fields)
+        return reply
+
+    def refused_by_protocol(self, reply: Reply, session: Session | None) -> None:
+        """Count and log a refusal that aiosmtpd itself produced (e.g. its size checks)."""
+        self._refuse(reply, client_ip=client_ip_of(session) if session else "unknown")

@@ -1,0 +1,87 @@
+"""`protege-relay ingress`: wires config, Redis, the SMTP listener and the health port.
+
+Runs until `stopping` is set, then drains (DESIGN.md "Running it"): stop accepting, let
+transactions in flight finish up to `DRAIN_TIMEOUT_S`, answer the rest `421`, then exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from services.ingress.handler import IngressHandler
+from services.ingress.server import SmtpListener
+from shared.config import RelayConfig, SmtpConfig
+from shared.health import HealthServer
+from shared.logs import log
+from shared.nodeinfo import HEARTBEAT_INTERVAL_S, publish_node_info, remove_node_info
+from shared.redis import connect
+
+logger = logging.getLogger("relay.ingress")
+
+DRAIN_TIMEOUT_S = 20.0
+ROLE = "ingress"
+
+
+def tls_context(smtp: SmtpConfig) -> ssl.SSLContext | None:
+    """Server context for STARTTLS when a certificate and key are configured."""
+    if not smtp.tls.enabled:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(smtp.tls.certPath, smtp.tls.keyPath)
+    return context
+
+
+async def serve(config: RelayConfig, stopping: asyncio.Event, *, drain_timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+    redis = connect(config)
+    hostname = config.smtp.hostname or socket.gethostname()
+    handler = IngressHandler(redis, config, hostname)
+    listener = SmtpListener(handler, config.smtp, hostname, tls_context(config.smtp))
+
+    async def ready() -> bool:
+        return (listener.listening or not config.smtp.enabled) and bool(await redis.ping())
+
+    health: HealthServer | None = None
+    heartbeat: asyncio.Task[None] | None = None
+    try:
+        if config.smtp.httpPort:
+            health = HealthServer(config.smtp.host, config.smtp.httpPort, ready)
+            await health.start()
+        if config.smtp.enabled:
+            await listener.start()
+        heartbeat = asyncio.create_task(_heartbeat(redis, config.node_id, listener))
+        log(logger, logging.INFO, "ready",
+            smtp_port=listener.port if config.smtp.enabled else None,
+            http_port=health.port if health else None,
+            node_id=config.node_id, tls=config.smtp.tls.enabled)
+        await stopping.wait()
+        log(logger, logging.INFO, "stopping", open_connections=len(listener.connections))
+        cut = await listener.drain(drain_timeout_s)
+        log(logger, logging.INFO, "drained", connections_cut=cut)
+    finally:
+        if heartbeat is not None:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+        if health is not None:
+            await health.close()
+        await handler.close()
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            await asyncio.wait_for(remove_node_info(redis, config.node_id), timeout=2)
+        await redis.aclose()
+
+
+async def _heartbeat(redis: aioredis.Redis, node_id: str, listener: SmtpListener) -> None:
+    """Liveness record for `protege-relay status`; Redis hiccups are logged, never fatal."""
+    while True:
+        try:
+            await publish_node_info(redis, node_id, ROLE, connections=len(listener.connections))
+        except (RedisError, OSError, TimeoutError) as exc:
+            log(logger, logging.DEBUG, "heartbeat failed", error=type(exc).__name__)
+        await asyncio.sleep(HEARTBEAT_INTERVAL_S)

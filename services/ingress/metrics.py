@@ -1,0 +1,25 @@
+"""Prometheus metrics of the ingress (served on `/metrics` of its health port)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+CONNECTIONS = Counter("relay_ingress_connections_total", "SMTP connections accepted by the listener")
+OPEN_CONNECTIONS = Gauge("relay_ingress_open_connections", "SMTP connections currently open")
+MESSAGES_ACCEPTED = Counter(
+    "relay_ingress_messages_accepted_total", "Messages answered 250 after a confirmed enqueue"
+)
+RECIPIENTS_ACCEPTED = Counter(
+    "relay_ingress_recipients_accepted_total", "Inbox entries written (one per accepted recipient)"
+)
+BYTES_ACCEPTED = Counter(
+    "relay_ingress_bytes_accepted_total", "Message bytes accepted, trace header excluded, per message"
+)
+REJECTIONS = Counter(
+    "relay_ingress_rejections_total", "Refusals by reason (PROTOCOL.md part C)", ["reason"]
+)
+ENQUEUE_SECONDS = Histogram(
+    "relay_ingress_enqueue_seconds",
+    "Time of the MULTI/EXEC that makes a message durable",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)

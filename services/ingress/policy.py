@@ -1,0 +1,106 @@
+"""Who may receive mail here: the recipient rules of PROTOCOL.md part C, with no I/O.
+
+Every SMTP reply the ingress itself composes is a `Reply` constant in this module, so "what
+does the relay answer when ..." has one place to look. The handler gathers facts (the RCPT
+address, how many recipients so far, what Redis says about the persona) and these functions
+turn them into either a route or a refusal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared.identity import InvalidKey, persona_key_of_local_part
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One SMTP reply line; `reason` is the metric/log label of a refusal."""
+
+    code: int
+    enhanced: str
+    text: str
+    reason: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.enhanced} {self.text}"
+
+
+CONNECTION_RATE_LIMITED = Reply(
+    421, "4.7.0", "relay_rejected_connection_rate_limited", "connection_rate_limited"
+)
+RECIPIENT_INVALID = Reply(550, "5.1.1", "relay_rejected_recipient_invalid", "recipient_invalid")
+RELAY_ACCESS_DENIED = Reply(550, "5.7.1", "relay access denied", "relay_access_denied")
+RECIPIENT_NOT_CONNECTED = Reply(
+    450, "4.2.1", "relay_rejected_recipient_not_connected", "recipient_not_connected"
+)
+MAILBOX_FULL = Reply(452, "4.2.2", "mailbox full", "mailbox_full")
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "relay_rejected_too_many_recipients", "too_many_recipients")
+MESSAGE_TOO_LARGE = Reply(552, "5.3.4", "relay_rejected_message_too_large", "message_too_large")
+MESSAGE_RATE_LIMITED = Reply(451, "4.7.0", "relay_rejected_rate_limited", "message_rate_limited")
+TEMPORARY_FAILURE = Reply(451, "4.3.0", "temporary failure, try again later", "temporary_failure")
+SENDER_INVALID = Reply(553, "5.1.7", "sender address is not valid UTF-8", "sender_invalid")
+SHUTTING_DOWN = Reply(421, "4.3.2", "service shutting down, try again later", "shutting_down")
+
+SENDER_OK = Reply(250, "2.1.0", "OK")
+RECIPIENT_OK = Reply(250, "2.1.5", "OK")
+
+
+def queued(queue_id: str) -> Reply:
+    return Reply(250, "2.0.0", f"queued as {queue_id}")
+
+
+@dataclass(frozen=True, slots=True)
+class InboxState:
+    """What Redis says about a persona at RCPT time."""
+
+    seen: bool
+    message_count: int
+    byte_count: int
+
+
+def route_recipient(address: str, mail_domains: list[str]) -> str | Reply:
+    """The persona key an RCPT address routes to, or the refusal.
+
+    The local part before any `+tag` must be a persona key; when mail domains are configured
+    the domain must be one of them (case-insensitive). A bare local part with no `@` is
+    refused: we only take mail addressed to a full address.
+    """
+    local_part, at_sign, domain = address.rpartition("@")
+    if not at_sign or not local_part or not _is_utf8(address):
+        return RECIPIENT_INVALID
+    try:
+        persona_key = persona_key_of_local_part(local_part)
+    except InvalidKey:
+        return RECIPIENT_INVALID
+    if mail_domains and domain.lower() not in {configured.lower() for configured in mail_domains}:
+        return RELAY_ACCESS_DENIED
+    return persona_key
+
+
+def check_recipient_count(accepted_so_far: int, max_recipients: int) -> Reply | None:
+    """Refuse the recipient beyond `smtp.maxRecipients` (the earlier ones stay accepted)."""
+    return TOO_MANY_RECIPIENTS if accepted_so_far >= max_recipients else None
+
+
+def check_inbox(state: InboxState, max_messages: int, max_bytes: int) -> Reply | None:
+    """A persona never seen within the retention window, or whose queue is at its cap."""
+    if not state.seen:
+        return RECIPIENT_NOT_CONNECTED
+    if state.message_count >= max_messages or state.byte_count >= max_bytes:
+        return MAILBOX_FULL
+    return None
+
+
+def check_sender(address: str) -> Reply | None:
+    """The envelope sender is stored as a string in msgpack, so it must be valid UTF-8."""
+    return None if _is_utf8(address) else SENDER_INVALID
+
+
+def _is_utf8(text: str) -> bool:
+    """False for text holding lone surrogates (aiosmtpd's surrogateescape of raw 8-bit bytes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return not any(ord(char) < 0x20 or ord(char) == 0x7F for char in text)

@@ -1,0 +1,54 @@
+"""Per-IP fixed-window rate limits kept in Redis, so they hold across ingress replicas.
+
+Each (kind, client IP) has one counter per minute window. The first hit over the limit sets a
+deny key for `rateLimits.denyWindowMs`; while it exists the IP is refused whatever the count.
+Counter and deny key are separate keys (they are not hash-tagged together), so the check is a
+non-transactional pipeline: two concurrent hits may both pass at the boundary, which is an
+acceptable imprecision for a flood limit.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+
+import redis.asyncio as aioredis
+
+from shared import keys
+
+WINDOW_MS = 60_000
+COUNTER_TTL_MS = 2 * WINDOW_MS
+
+
+class RateKind(StrEnum):
+    SMTP_CONNECTION = "smtp_conn"
+    SMTP_MESSAGE = "smtp_msg"
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    kind: RateKind
+    per_minute: int
+    deny_window_ms: int
+
+
+async def allow(redis: aioredis.Redis, limit: RateLimit, client_ip: str, *, now_ms: int | None = None) -> bool:
+    """Count one hit for `client_ip`; False if it is over the limit or inside a deny window.
+
+    Raises redis errors: the caller decides whether to fail open or refuse.
+    """
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    counter_key = keys.rate_counter(limit.kind, client_ip, now_ms // WINDOW_MS)
+    deny_key = keys.deny(limit.kind, client_ip)
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.exists(deny_key)
+        pipe.incr(counter_key)
+        pipe.pexpire(counter_key, COUNTER_TTL_MS)
+        denied, hits, _ = await pipe.execute()
+    if denied:
+        return False
+    if int(hits) > limit.per_minute:
+        await redis.set(deny_key, b"1", px=limit.deny_window_ms)
+        return False
+    return True

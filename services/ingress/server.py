@@ -1,0 +1,196 @@
+"""The SMTP listener: aiosmtpd's protocol on an asyncio server with SO_REUSEPORT.
+
+aiosmtpd's thread-based `Controller` cannot share a port between processes, so we run its
+`SMTP` protocol on our own `loop.create_server(..., reuse_port=True)`. The subclass adds
+three things aiosmtpd has no hook for:
+
+* the per-IP connection rate check before the greeting (a refused client gets `421` instead
+  of `220`, then the connection is closed);
+* our reply text for aiosmtpd's own size refusals (`552 5.3.4 relay_rejected_message_too_large`
+  carries the original's reason token);
+* graceful drain: on shutdown an idle connection gets `421 4.3.2` at once; one inside a
+  transaction may finish it (up to a bound) and gets the 421 right after its reply.
+
+The first and last rely on two private members of aiosmtpd 1.4 (`_handle_client`,
+`_smtp_methods`); tests cover both, so an upgrade that changes them fails loudly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any, AnyStr
+
+from aiosmtpd.smtp import SMTP, Session
+
+from services.ingress import metrics, policy
+from services.ingress.handler import IngressHandler, IngressSession
+from shared.config import SmtpConfig
+from shared.logs import log
+
+logger = logging.getLogger("relay.ingress")
+
+IDENT = "ESMTP Protege Relay"
+AIOSMTPD_SIZE_REFUSALS = (b"552 Error: message size exceeds", b"552 Error: Too much mail data")
+
+
+class IngressSMTP(SMTP):
+    def __init__(self, handler: IngressHandler, listener: SmtpListener, **options: Any) -> None:
+        super().__init__(handler, **options)
+        self._ingress_handler = handler
+        self._listener = listener
+        self._busy = False
+        self._registered = False
+        self._smtp_methods = {name: self._tracked(method) for name, method in self._smtp_methods.items()}
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def _create_session(self) -> Session:
+        return IngressSession(self.loop)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self._registered:  # called again on the same protocol after STARTTLS
+            self._registered = True
+            self._listener.connections.add(self)
+            metrics.OPEN_CONNECTIONS.inc()
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self in self._listener.connections:
+            self._listener.forget(self)
+        super().connection_lost(error)
+
+    async def _handle_client(self) -> None:
+        self._busy = True
+        try:
+            refusal = await self._ingress_handler.admit_connection(self.session)  # type: ignore[arg-type]
+        finally:
+            self._busy = False
+        if refusal is not None:
+            self.close_with(refusal)
+            return
+        if self._listener.draining:
+            self.close_with(policy.SHUTTING_DOWN)
+            return
+        await super()._handle_client()
+
+    # --- replies ---------------------------------------------------------------------------
+
+    async def push(self, status: AnyStr) -> None:
+        raw = status.encode("utf-8") if isinstance(status, str) else status
+        if raw.startswith(AIOSMTPD_SIZE_REFUSALS):
+            self._ingress_handler.refused_by_protocol(policy.MESSAGE_TOO_LARGE, self.session)
+            raw = str(policy.MESSAGE_TOO_LARGE).encode("ascii")
+        await super().push(raw)
+
+    def close_with(self, reply: policy.Reply) -> None:
+        """Send one final reply and close, without waiting on the client."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(f"{reply}\r\n".encode("ascii"))  # type: ignore[attr-defined]
+            self.transport.close()
+
+    # --- drain -----------------------------------------------------------------------------
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._busy or bool(self.envelope is not None and self.envelope.mail_from)
+
+    def close_if_idle(self) -> None:
+        if not self.in_transaction:
+            self.close_with(policy.SHUTTING_DOWN)
+
+    def _tracked(self, method: Callable[[str | None], Awaitable[None]]) -> Callable[[str | None], Awaitable[None]]:
+        """Mark the connection busy while a command runs; when draining, close once idle."""
+
+        async def run(arg: str | None) -> None:
+            self._busy = True
+            try:
+                await method(arg)
+            finally:
+                self._busy = False
+            if self._listener.draining:
+                self.close_if_idle()
+
+        return run
+
+
+class SmtpListener:
+    """The listening socket and the live connections, for readiness and graceful drain."""
+
+    def __init__(
+        self,
+        handler: IngressHandler,
+        smtp: SmtpConfig,
+        hostname: str,
+        tls_context: ssl.SSLContext | None,
+    ) -> None:
+        self._handler = handler
+        self._smtp = smtp
+        self._hostname = hostname
+        self._tls_context = tls_context
+        self._server: asyncio.Server | None = None
+        self.connections: set[IngressSMTP] = set()
+        self.draining = False
+        self._all_closed = asyncio.Event()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    @property
+    def listening(self) -> bool:
+        return self._server is not None and self._server.is_serving()
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._new_protocol, self._smtp.host, self._smtp.port, reuse_port=True
+        )
+
+    def _new_protocol(self) -> IngressSMTP:
+        return IngressSMTP(
+            self._handler,
+            self,
+            data_size_limit=self._smtp.maxMessageBytes,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=self._hostname,
+            ident=IDENT,
+            tls_context=self._tls_context,
+            require_starttls=False,
+            timeout=self._smtp.commandTimeoutSeconds,
+            loop=asyncio.get_running_loop(),
+        )
+
+    def forget(self, connection: IngressSMTP) -> None:
+        self.connections.discard(connection)
+        metrics.OPEN_CONNECTIONS.dec()
+        if not self.connections:
+            self._all_closed.set()
+
+    async def drain(self, timeout_s: float) -> int:
+        """Stop accepting; 421 idle sessions now and the rest once their transaction ends or
+        at `timeout_s`. Returns how many connections had to be cut at the deadline."""
+        if self._server is None:
+            return 0
+        self._server.close()
+        self.draining = True
+        for connection in list(self.connections):
+            connection.close_if_idle()
+        if self.connections:
+            self._all_closed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_closed.wait(), timeout=timeout_s)
+        cut = list(self.connections)
+        for connection in cut:
+            connection.close_with(policy.SHUTTING_DOWN)
+        if cut:
+            log(logger, logging.WARNING, "drain deadline: connections cut", connections=len(cut))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._server.wait_closed(), timeout=1)
+        return len(cut)
