@@ -85,5 +85,5 @@ def egress_result_published(persona_key: str, stream_id: str) -> str:
 
 
 def egress_delivered(persona_key: str, stream_id: str) -> str:
-    """Hash recipient -> accepting reply, written right after a remote 250 (narrows re-sends)."""
+    """Hash recipient -> final outcome (sent / refused), written right after the remote reply."""
     return f"relay:{{{persona_key}}}:egress_sent:{stream_id}"
