@@ -53,9 +53,7 @@ class InboundAssembler:
     def feed(self, frame: Frame) -> InboundMessage | None:
         if frame.frame_type is FrameType.SMTP_START:
             start = decode_start_body(frame.body)
-            self._open_streams[frame.stream_id] = _OpenStream(
-                start.mail_from, start.rcpt_to, start.auth_attestation
-            )
+            self._open_streams[frame.stream_id] = _OpenStream(start.mail_from, start.rcpt_to, start.auth_attestation)
             return None
         stream = self._open_streams.get(frame.stream_id)
         if stream is None:

@@ -93,9 +93,7 @@ async def open_session(
         url=url,
         persona_key=passport.persona_key,
         session_role=session_role,
-        capabilities=frozenset(c for c in echoed if isinstance(c, str))
-        if isinstance(echoed, list)
-        else frozenset(),
+        capabilities=frozenset(c for c in echoed if isinstance(c, str)) if isinstance(echoed, list) else frozenset(),
         replaced_socket_id=replaced if isinstance(replaced, str) else None,
     )
 
@@ -149,7 +147,5 @@ async def _next_control(connection: ClientConnection, expected_type: str) -> dic
 def _close_to_error(closed: ConnectionClosed) -> GatewayError:
     received = closed.rcvd
     if received is not None and received.code in (CLOSE_AUTH_FAILED, CLOSE_RATE_LIMITED):
-        return AuthFailed(
-            received.reason or ("rate_limited" if received.code == CLOSE_RATE_LIMITED else "unknown")
-        )
+        return AuthFailed(received.reason or ("rate_limited" if received.code == CLOSE_RATE_LIMITED else "unknown"))
     return RelayUnreachable(f"connection closed during authentication: {closed}")

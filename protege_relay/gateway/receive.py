@@ -55,9 +55,7 @@ def parse_urls(url_list: str) -> list[str]:
     return [url.strip() for url in url_list.split(",") if url.strip()]
 
 
-def reconnect_delay_s(
-    attempt: int, base_s: float = RECONNECT_BASE_S, cap_s: float = RECONNECT_CAP_S
-) -> float:
+def reconnect_delay_s(attempt: int, base_s: float = RECONNECT_BASE_S, cap_s: float = RECONNECT_CAP_S) -> float:
     """Full jitter (AWS architecture blog): uniform over [0, min(cap, base * 2^attempt)]."""
     return random.uniform(0.0, min(cap_s, base_s * 2 ** min(attempt, 32)))
 
@@ -91,9 +89,7 @@ class _TestHooks:
 
 
 class InboundReceiver:
-    def __init__(
-        self, passport: Passport, urls: list[str], store: MaildirStore, *, inbound_ack: bool
-    ) -> None:
+    def __init__(self, passport: Passport, urls: list[str], store: MaildirStore, *, inbound_ack: bool) -> None:
         self._passport = passport
         self._urls = urls
         self._store = store

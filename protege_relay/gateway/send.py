@@ -78,9 +78,7 @@ def run_send(
         print("protege-relay send: no relay url given", file=sys.stderr)
         return EXIT_BAD_ARGUMENTS
     try:
-        report = asyncio.run(
-            send_message(urls, passport, mail_from, recipients, message, timeout_s, sys.stdout)
-        )
+        report = asyncio.run(send_message(urls, passport, mail_from, recipients, message, timeout_s, sys.stdout))
     except AuthFailed as exc:
         print(f"protege-relay send: relay refused authentication: {exc.code}", file=sys.stderr)
         return EXIT_NOT_ALL_SENT
@@ -154,9 +152,7 @@ async def _open_first(urls: list[str], passport: Passport) -> RelaySession:
     raise last_error
 
 
-async def _collect_results(
-    session: RelaySession, report: SendReport, timeout_s: float, output: TextIO
-) -> None:
+async def _collect_results(session: RelaySession, report: SendReport, timeout_s: float, output: TextIO) -> None:
     try:
         async with asyncio.timeout(timeout_s):
             while report.pending:
