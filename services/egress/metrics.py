@@ -1,0 +1,22 @@
+"""Prometheus metrics of the egress service (exposed on `egress.httpPort` at /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+JOBS = Counter(
+    "relay_egress_jobs_total",
+    "Delivery job runs by how they ended",
+    ["outcome"],  # sent | failed_permanent | failed_temporary | retry | duplicate | invalid
+)
+ATTEMPT_SECONDS = Histogram(
+    "relay_egress_attempt_seconds",
+    "Duration of one delivery attempt (DNS, SMTP) for one job",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+SMTP_SESSIONS = Counter(
+    "relay_egress_smtp_sessions_total",
+    "SMTP sessions that reached MAIL FROM, by whether STARTTLS was in use",
+    ["tls"],
+)
+JOBS_IN_PROGRESS = Gauge("relay_egress_jobs_in_progress", "Delivery jobs running in this process")

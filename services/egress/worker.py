@@ -1,0 +1,228 @@
+"""The arq job `deliver`: one outbound stream from a gateway, delivered to the internet.
+
+Steps: skip if a result was already published (a re-run after a crash); normalise line
+endings; DKIM-sign when configured; per recipient domain resolve MX and send; remember final
+per-recipient outcomes; then either publish one result or, for temporary failures, raise
+`arq.Retry` with exponential backoff and full jitter until `egress.maxAttempts` tries or
+`egress.maxAgeSeconds` since the tunnel accepted the message, after which the last temporary
+error is published as a failed result with `permanent: false`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import dkim
+import redis.asyncio as aioredis
+from arq import Retry
+
+from services.egress import metrics
+from services.egress.delivery import Deliverer, SmtpSettings, split_recipient
+from services.egress.mx import MxResolver
+from services.egress.normalize import normalize_line_endings
+from services.egress.outcome import Outcome
+from services.egress.results import ResultStore
+from services.egress.signing import DkimSigner
+from shared.config import RelayConfig
+from shared.logs import log
+from shared.payloads import DeliveryResult, OutboundJob
+
+logger = logging.getLogger("egress.worker")
+
+MAX_BACKOFF_S = 3600.0
+DNS_LIFETIME_S = 10.0
+
+
+def backoff_s(attempt: int, base_s: float, remaining_s: float) -> float:
+    """Full jitter: uniform in [0, base * 2**(attempt-1)], capped, and never past the max age."""
+    ceiling = min(MAX_BACKOFF_S, base_s * 2 ** max(attempt - 1, 0))
+    return max(0.0, min(random.uniform(0, ceiling), remaining_s))
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    max_attempts: int
+    max_age_s: float
+    base_s: float
+
+    def may_retry(self, attempt: int, age_s: float) -> bool:
+        return attempt < self.max_attempts and age_s < self.max_age_s
+
+
+class Egress:
+    """Everything one `deliver` run needs; built once per worker process (`ctx["egress"]`)."""
+
+    def __init__(
+        self,
+        *,
+        deliverer: Deliverer,
+        results: ResultStore,
+        policy: RetryPolicy,
+        attempt_budget_s: float,
+        signer: DkimSigner | None = None,
+    ) -> None:
+        self._deliverer = deliverer
+        self._results = results
+        self._policy = policy
+        self._attempt_budget_s = attempt_budget_s
+        self._signer = signer
+
+    @classmethod
+    def from_config(cls, config: RelayConfig, redis: aioredis.Redis) -> Egress:
+        egress = config.egress
+        resolver = MxResolver(
+            nameservers=egress.nameservers,
+            routes=egress.routes,
+            smtp_port=egress.smtpPort,
+            lifetime_s=DNS_LIFETIME_S,
+        )
+        settings = SmtpSettings(
+            helo_name=egress.heloName or socket.gethostname(),
+            timeout_s=float(egress.connectTimeoutSeconds),
+            data_timeout_s=float(egress.jobTimeoutSeconds),
+            verify_tls=egress.tls.verify,
+        )
+        return cls(
+            deliverer=Deliverer(resolver, settings),
+            results=ResultStore(redis, retention_s=config.queue.retentionSeconds),
+            policy=RetryPolicy(egress.maxAttempts, float(egress.maxAgeSeconds), float(egress.retryBaseSeconds)),
+            attempt_budget_s=float(egress.jobTimeoutSeconds),
+            signer=DkimSigner.from_config(config.dkim),
+        )
+
+    async def run(self, job: OutboundJob, attempt: int) -> str:
+        ids = {"persona": job.persona_key, "stream_id": job.stream_id, "attempt": attempt}
+        if await self._results.already_published(job.persona_key, job.stream_id):
+            log(logger, logging.INFO, "result already published; not sending again", **ids)
+            metrics.JOBS.labels("duplicate").inc()
+            return "duplicate"
+        if attempt > self._policy.max_attempts:  # only re-runs after crashes get here
+            exceeded = Outcome.failure("max_attempts_exceeded", permanent=False)
+            return await self._finish(job, attempt, {r: exceeded for r in job.rcpt_to}, ids)
+
+        started = time.monotonic()
+        outcomes = await self._attempt(job, ids)
+        metrics.ATTEMPT_SECONDS.observe(time.monotonic() - started)
+
+        open_recipients = [recipient for recipient in job.rcpt_to if outcomes[recipient].temporary]
+        age_s = time.time() - job.enqueued_at_ms / 1000
+        if open_recipients and self._policy.may_retry(attempt, age_s):
+            defer_s = backoff_s(attempt, self._policy.base_s, self._policy.max_age_s - age_s)
+            log(logger, logging.INFO, "delivery deferred", **ids, defer_s=round(defer_s, 3),
+                error=outcomes[open_recipients[0]].error)
+            metrics.JOBS.labels("retry").inc()
+            raise Retry(defer=defer_s)
+        return await self._finish(job, attempt, outcomes, ids)
+
+    async def _attempt(self, job: OutboundJob, ids: dict[str, Any]) -> dict[str, Outcome]:
+        """Final outcomes from earlier runs plus this attempt's outcome for the open recipients."""
+        outcomes = await self._results.final_outcomes(job.persona_key, job.stream_id)
+        pending = [recipient for recipient in job.rcpt_to if recipient not in outcomes]
+        if not pending:
+            return outcomes
+        try:
+            async with asyncio.timeout(self._attempt_budget_s):
+                await self._send(job, pending, outcomes, ids)
+        except TimeoutError:
+            log(logger, logging.WARNING, "delivery attempt timed out", **ids)
+        except Exception:
+            logger.exception("delivery attempt failed unexpectedly", extra=ids)
+            for recipient in pending:
+                outcomes.setdefault(recipient, Outcome.failure("internal_error", permanent=False))
+        for recipient in pending:
+            outcomes.setdefault(recipient, Outcome.failure("connection_lost", permanent=False))
+        return outcomes
+
+    async def _send(
+        self, job: OutboundJob, pending: list[str], outcomes: dict[str, Outcome], ids: dict[str, Any]
+    ) -> None:
+        """Deliver to each domain in turn, recording final outcomes as soon as they are known."""
+        by_domain: dict[str, list[str]] = defaultdict(list)
+        invalid: dict[str, Outcome] = {}
+        for recipient in pending:
+            parts = split_recipient(recipient)
+            if parts is None:
+                invalid[recipient] = Outcome.failure("invalid_recipient", permanent=True)
+            else:
+                by_domain[parts[1]].append(recipient)
+        await self._results.record_final(job.persona_key, job.stream_id, invalid)
+        outcomes.update(invalid)
+        if not by_domain:
+            return
+        message = self._prepare(job, ids)
+        for domain, recipients in by_domain.items():
+            report = await self._deliverer.deliver(domain, job.mail_from, recipients, message)
+            if report.host is not None:
+                metrics.SMTP_SESSIONS.labels("true" if report.tls else "false").inc()
+            final = {r: outcome for r, outcome in report.outcomes.items() if not outcome.temporary}
+            await self._results.record_final(job.persona_key, job.stream_id, final)
+            outcomes.update(report.outcomes)
+            log(logger, logging.INFO, "domain attempt finished", **ids, domain=domain, host=report.host,
+                tls=report.tls, connections=report.connections, skipped=report.skipped,
+                dispositions=sorted({o.disposition.value for o in report.outcomes.values()}))
+
+    def _prepare(self, job: OutboundJob, ids: dict[str, Any]) -> bytes:
+        message = normalize_line_endings(job.data)
+        if self._signer is None:
+            return message
+        try:
+            return self._signer.sign(message)
+        except dkim.DKIMException as exc:  # e.g. no From header: send it unsigned rather than never
+            log(logger, logging.WARNING, "dkim signing failed; sending unsigned", **ids, error=str(exc))
+            return message
+
+    async def _finish(
+        self, job: OutboundJob, attempt: int, outcomes: dict[str, Outcome], ids: dict[str, Any]
+    ) -> str:
+        result = summarize(job, outcomes, attempt)
+        published = await self._results.publish(job.persona_key, result)
+        label = "sent" if result.status == "sent" else (
+            "failed_permanent" if result.permanent else "failed_temporary")
+        metrics.JOBS.labels(label if published else "duplicate").inc()
+        log(logger, logging.INFO, "delivery result published" if published else "result existed already",
+            **ids, status=result.status, error=result.error, smtp_code=result.smtp_code,
+            message_id=result.message_id)
+        return result.status
+
+
+def summarize(job: OutboundJob, outcomes: dict[str, Outcome], attempt: int) -> DeliveryResult:
+    """One result per stream: sent if every recipient was accepted, else the first failure."""
+    recipients = job.rcpt_to or [""]
+    missing = Outcome.failure("invalid_recipient", permanent=True)
+    pairs = [(recipient, outcomes.get(recipient, missing)) for recipient in recipients]
+    failed = [pair for pair in pairs if not pair[1].sent]
+    recipient, outcome = failed[0] if failed else pairs[0]
+    return DeliveryResult(
+        stream_id=job.stream_id,
+        status="sent" if outcome.sent else "failed",
+        message_id=outcome.message_id if outcome.sent else None,
+        error=None if outcome.sent else outcome.error,
+        recipient=recipient or None,
+        smtp_code=outcome.smtp_code,
+        enhanced_code=outcome.enhanced_code,
+        permanent=None if outcome.sent else not outcome.temporary,
+        attempts=attempt,
+    )
+
+
+async def deliver(ctx: dict[str, Any], packed_job: bytes) -> str:
+    """arq entry point (function name "deliver"); the argument is `OutboundJob(...).pack()`."""
+    egress: Egress = ctx["egress"]
+    try:
+        job = OutboundJob.unpack(packed_job)
+    except Exception:
+        log(logger, logging.ERROR, "undecodable outbound job dropped", job_id=ctx.get("job_id"))
+        metrics.JOBS.labels("invalid").inc()
+        return "invalid"
+    metrics.JOBS_IN_PROGRESS.inc()
+    try:
+        return await egress.run(job, attempt=int(ctx.get("job_try", 1)))
+    finally:
+        metrics.JOBS_IN_PROGRESS.dec()
