@@ -80,6 +80,24 @@ def wait_for_port(port: int, timeout_s: float, process: subprocess.Popen[bytes] 
     raise BenchError(f"nothing listening on 127.0.0.1:{port} after {timeout_s}s")
 
 
+def wait_http_ok(port: int, timeout_s: float, process: subprocess.Popen[bytes] | None = None,
+                 path: str = "/readyz") -> None:
+    """Poll a health endpoint until it answers 200 (a service's listeners are bound)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise BenchError(f"process exited with {process.returncode} before {path} answered 200")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1.0) as conn:
+                conn.sendall(f"GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n".encode())
+                if conn.recv(64).startswith(b"HTTP/1.1 200"):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise BenchError(f"127.0.0.1:{port}{path} did not answer 200 within {timeout_s}s")
+
+
 @dataclass
 class Child:
     name: str
@@ -145,8 +163,10 @@ class Bench:
         self._counter += 1
         return self.work_dir / f"{self._counter:03d}-{name}.log"
 
-    def start_service(self, service: str, port: int | None = None, **env: str) -> Child:
-        """`protege-relay <service>`; waits until `port` accepts connections when one is given."""
+    def start_service(self, service: str, port: int | None = None, ready_http_port: int | None = None,
+                      **env: str) -> Child:
+        """`protege-relay <service>`; waits until `port` accepts connections and/or
+        `ready_http_port` answers /readyz with 200, when given."""
         log_path = self._log_path(service)
         with log_path.open("wb") as log_file:
             process = subprocess.Popen(
@@ -159,12 +179,14 @@ class Bench:
             )
         child = Child(service, process, log_path)
         self.children.append(child)
-        if port is not None:
-            try:
+        try:
+            if port is not None:
                 wait_for_port(port, SERVICE_START_TIMEOUT_S, process)
-            except BenchError as exc:
-                child.stop()
-                raise BenchError(f"{service} did not start: {exc}\n{child.tail()}") from None
+            if ready_http_port is not None:
+                wait_http_ok(ready_http_port, SERVICE_START_TIMEOUT_S, process)
+        except BenchError as exc:
+            child.stop()
+            raise BenchError(f"{service} did not start: {exc}\n{child.tail()}") from None
         return child
 
     def start_program(self, module: str, args: Sequence[str], *, ready_port: int | None = None) -> Child:

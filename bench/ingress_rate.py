@@ -1,0 +1,118 @@
+"""Figure: ingress accept rate, relay (1 and N processes on one SO_REUSEPORT port) vs bare aiosmtpd.
+
+Each round measures the baseline and then every ingress configuration back to back with the
+same load generator: 50 sessions, 10 KB messages, one command at a time, a fixed window.
+Recipients are 50 personas marked "seen" in Redis, so every RCPT passes the relay's checks
+and every 250 is a durable XADD.
+"""
+
+from __future__ import annotations
+
+import time
+
+from bench.harness import MAIL_DOMAIN, Bench, BenchError, free_port, service_available
+from bench.modes import Mode
+from bench.report import FigureResult, Target, print_line
+from shared import keys
+from shared.identity import Passport
+
+FIGURE = "ingress_rate"
+PERSONAS = 50
+MESSAGE_BYTES = 10 * 1024
+TARGET_RATIO = 1.8
+SEEN_TTL_S = 3600
+
+
+def personas() -> list[str]:
+    return [Passport.from_seed(bytes([i]) * 32).persona_key for i in range(1, PERSONAS + 1)]
+
+
+def mark_seen(bench: Bench, persona_keys: list[str]) -> None:
+    with bench.redis() as client:
+        pipe = client.pipeline(transaction=False)
+        for persona_key in persona_keys:
+            pipe.set(keys.seen(persona_key), "1", ex=SEEN_TTL_S)
+        pipe.execute()
+
+
+def loadgen(bench: Bench, mode: Mode, port: int, recipients: list[str]) -> float:
+    result = bench.run_program(
+        "bench.loadgen_smtp",
+        ["--port", str(port), "--connections", str(mode.ingress_connections),
+         "--seconds", str(mode.ingress_seconds), "--size", str(MESSAGE_BYTES),
+         "--recipients", ",".join(recipients)],
+        timeout_s=mode.ingress_seconds + 60,
+    )
+    if result["other"]:
+        print_line(f"  loadgen refusals/errors: {result['other']}")
+    if result["accepted"] == 0:
+        raise BenchError(f"no message accepted: {result['other']}")
+    return float(result["rate"])
+
+
+def measure_baseline(bench: Bench, mode: Mode, recipients: list[str]) -> float:
+    port = free_port()
+    server = bench.start_program("bench.baseline_smtp", ["--port", str(port)], ready_port=port)
+    try:
+        return loadgen(bench, mode, port, recipients)
+    finally:
+        bench.stop(server)
+
+
+def measure_relay(bench: Bench, mode: Mode, workers: int, persona_keys: list[str], recipients: list[str]) -> float:
+    bench.flush()
+    mark_seen(bench, persona_keys)
+    port = free_port()
+    processes = []
+    try:
+        for index in range(workers):
+            http_port = free_port()
+            processes.append(bench.start_service(
+                "ingress", ready_http_port=http_port,
+                RELAY_SMTP_PORT=str(port), RELAY_SMTP_HTTP_PORT=str(http_port),
+                RELAY_NODE_ID=f"bench-ingress-{index}",
+            ))
+        return loadgen(bench, mode, port, recipients)
+    finally:
+        for process in processes:
+            bench.stop(process)
+
+
+def run(bench: Bench, mode: Mode) -> FigureResult:
+    figure = FigureResult(
+        FIGURE, "Ingress accept rate",
+        f"{mode.ingress_connections} concurrent SMTP sessions (one command at a time), "
+        f"{MESSAGE_BYTES // 1024} KB messages, {mode.ingress_seconds:g} s window; baseline: bare "
+        "aiosmtpd (one process, default event loop, handler answers 250 and discards). Relay: N "
+        "`protege-relay ingress` processes sharing the port with SO_REUSEPORT, AOF on "
+        "(appendfsync everysec), every 250 after the MULTI/EXEC.",
+    )
+    persona_keys = personas()
+    recipients = [f"{pk}@{MAIL_DOMAIN}" for pk in persona_keys]
+    available = service_available("ingress")
+    if not available:
+        figure.skipped = "services/ingress/main.py not present yet"
+    metrics = {
+        workers: figure.metric(
+            f"{workers} ingress process{'es' if workers > 1 else ''}", "msg/s",
+            baseline_name="bare aiosmtpd", target=Target("ratio_at_least", TARGET_RATIO),
+        )
+        for workers in mode.ingress_worker_counts
+    }
+    for round_index in range(mode.rounds):
+        baseline = measure_baseline(bench, mode, recipients)
+        print_line(f"  round {round_index + 1}: baseline {baseline:.0f} msg/s")
+        for workers, metric in metrics.items():
+            metric.baseline_rounds.append(baseline)
+            if not available:
+                continue
+            started = time.perf_counter()
+            rate = measure_relay(bench, mode, workers, persona_keys, recipients)
+            metric.rounds.append(rate)
+            print_line(f"  round {round_index + 1}: relay x{workers} {rate:.0f} msg/s "
+                       f"({time.perf_counter() - started:.1f} s)")
+    if available and metrics:
+        best = max(metrics.items(), key=lambda item: sorted(item[1].rounds)[len(item[1].rounds) // 2])
+        figure.details["best configuration"] = f"{best[0]} ingress process(es)"
+    bench.flush()
+    return figure
