@@ -82,6 +82,7 @@ class VerifyChallenge:
     challenge_id: str
     persona_key: str
     signature_base64: str
+    role: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +98,18 @@ class EnqueueOutbound:
 
 
 @dataclass(frozen=True, slots=True)
+class RefuseOutbound:
+    """Answer the outbound stream at once with a failed result carrying `reason`."""
+
+    stream_id: str
+    reason: str
+
+    @property
+    def text(self) -> str:
+        return protocol.delivery_result(self.stream_id, sent=False, error=self.reason)
+
+
+@dataclass(frozen=True, slots=True)
 class OutboundDropped:
     """An outbound stream was given up (for logs and metrics; nothing is sent)."""
 
@@ -104,7 +117,10 @@ class OutboundDropped:
     reason: str
 
 
-Action = SendText | Close | IssueChallenge | VerifyChallenge | AckInbound | EnqueueOutbound | OutboundDropped
+Action = (
+    SendText | Close | IssueChallenge | VerifyChallenge | AckInbound | EnqueueOutbound | RefuseOutbound
+    | OutboundDropped
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,10 +138,6 @@ class _OutboundStream:
     started_at_ms: int
     chunks: list[bytes] = field(default_factory=list)
     size_bytes: int = 0
-
-
-def failed_result(stream_id: str, error: str) -> SendText:
-    return SendText(protocol.delivery_result(stream_id, sent=False, error=error))
 
 
 class TunnelSession:
@@ -146,7 +158,6 @@ class TunnelSession:
         self._new_uuid = new_uuid
         self._requested_capabilities: list[str] | None = None
         self._requested_role: str | None = None
-        self._pending_role: str = ROLE_INBOUND
         self._streams: dict[str, _OutboundStream] = {}
         self._refused_streams: dict[str, None] = {}
 
@@ -187,12 +198,12 @@ class TunnelSession:
     def auth_failed(self, code: str) -> list[Action]:
         return self._fail(code)
 
-    def auth_succeeded(self, persona_key: str, replaced_socket_id: str | None) -> list[Action]:
+    def auth_succeeded(self, persona_key: str, role: str, replaced_socket_id: str | None) -> list[Action]:
         if self.state is not State.UNAUTHENTICATED:
             return []
         self.state = State.AUTHENTICATED
         self.persona_key = persona_key
-        self.role = self._pending_role
+        self.role = role
         fields: dict[str, Any] = {
             "type": "auth_ok",
             "publicKeyBase32": persona_key,
@@ -206,7 +217,7 @@ class TunnelSession:
         return [SendText(protocol.encode_control(fields))]
 
     def outbound_refused(self, stream_id: str, reason: str) -> list[Action]:
-        return [failed_result(stream_id, reason)]
+        return [RefuseOutbound(stream_id, reason)]
 
     def replaced(self) -> list[Action]:
         """Another socket took this persona: close without auth_error (PROTOCOL.md A3)."""
@@ -270,9 +281,9 @@ class TunnelSession:
         persona_key = protocol.require_str(fields, "publicKeyBase32")
         challenge_id = protocol.require_str(fields, "challengeId")
         signature = protocol.require_str(fields, "signatureBase64")
-        role = fields.get("sessionRole")
-        self._pending_role = _role(role) if isinstance(role, str) else self._requested_role or ROLE_INBOUND
-        return [VerifyChallenge(challenge_id, normalize_key(persona_key), signature)]
+        requested = fields.get("sessionRole")
+        role = _role(requested) if isinstance(requested, str) else self._requested_role or ROLE_INBOUND
+        return [VerifyChallenge(challenge_id, normalize_key(persona_key), signature, role)]
 
     # --- text after auth (PROTOCOL.md B) -----------------------------------------------------
 
@@ -309,7 +320,7 @@ class TunnelSession:
             return actions
         stream = self._streams.get(stream_id)
         if stream is None:
-            return [*actions, failed_result(stream_id, outbound.STREAM_NOT_STARTED)]
+            return [*actions, RefuseOutbound(stream_id, outbound.STREAM_NOT_STARTED)]
         if frame.frame_type is protocol.FrameType.SMTP_CHUNK:
             stream.size_bytes += len(frame.body)
             if stream.size_bytes > self.limits.max_message_bytes:
@@ -324,7 +335,7 @@ class TunnelSession:
         self._refused_streams[stream_id] = None
         while len(self._refused_streams) > MAX_REFUSED_STREAMS_REMEMBERED:
             del self._refused_streams[next(iter(self._refused_streams))]
-        return [failed_result(stream_id, reason)]
+        return [RefuseOutbound(stream_id, reason)]
 
     def _finish(self, stream_id: str, stream: _OutboundStream) -> list[Action]:
         assert self.persona_key is not None
@@ -332,7 +343,7 @@ class TunnelSession:
             stream.start.mail_from, self.persona_key, list(self.limits.mail_domains)
         ) or outbound.check_recipient(stream.start.rcpt_to)
         if refusal is not None:
-            return [failed_result(stream_id, refusal)]
+            return [RefuseOutbound(stream_id, refusal)]
         job = OutboundJob(
             persona_key=self.persona_key,
             stream_id=stream_id,

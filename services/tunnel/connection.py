@@ -1,0 +1,268 @@
+"""One gateway WebSocket from handshake to close: feeds the sans-I/O session and carries out
+its actions (the thin I/O layer, like websockets' own connection over its protocol).
+
+The reader loop handles one message at a time, so every Redis step of authentication happens
+in order; inbound delivery and the heartbeat run as tasks owned by this connection and end
+with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from services.tunnel import metrics
+from services.tunnel.challenges import check_response
+from services.tunnel.challenges import now_ms as clock_ms
+from services.tunnel.inbox import InboxDelivery
+from services.tunnel.session import (
+    RATE_LIMITED,
+    ROLE_INBOUND,
+    AckInbound,
+    Action,
+    Close,
+    EnqueueOutbound,
+    IssueChallenge,
+    OutboundDropped,
+    RefuseOutbound,
+    SendText,
+    SessionLimits,
+    State,
+    TunnelSession,
+    VerifyChallenge,
+)
+from shared import protocol
+from shared.logs import log
+
+if TYPE_CHECKING:
+    from services.tunnel.node import TunnelNode
+
+logger = logging.getLogger("relay.tunnel.connection")
+
+GOING_AWAY_REASON = "going_away"
+IDLE_REASON = "idle_timeout"
+
+
+def session_limits(node: TunnelNode) -> SessionLimits:
+    config = node.config
+    return SessionLimits(
+        challenge_ttl_s=config.auth.challengeTtlSeconds,
+        max_message_bytes=config.smtp.maxMessageBytes,
+        outbound_stream_timeout_ms=config.ws.outboundStreamTimeoutMs,
+        mail_domains=tuple(config.mailDomains),
+    )
+
+
+class TunnelConnection:
+    def __init__(self, node: TunnelNode, ws: ServerConnection, client_ip: str) -> None:
+        self.node = node
+        self.ws = ws
+        self.client_ip = client_ip
+        self.socket_id = str(uuid.uuid4())
+        self.session = TunnelSession(self.socket_id, session_limits(node), clock_ms)
+        self.delivery: InboxDelivery | None = None
+        self._delivery_task: asyncio.Task[Any] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._last_heard = time.monotonic()
+        self._challenge_requested = False
+        self.claimed_inbound = False
+        self._closing = False
+
+    @property
+    def persona_key(self) -> str | None:
+        return self.session.persona_key
+
+    @property
+    def is_inbound(self) -> bool:
+        return self.session.authenticated and self.session.role == ROLE_INBOUND
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        metrics.CONNECTIONS_OPEN.inc()
+        self._spawn(self._heartbeat())
+        try:
+            async for message in self.ws:
+                self._last_heard = time.monotonic()
+                if isinstance(message, str):
+                    actions = self.session.receive_text(message)
+                else:
+                    actions = self.session.receive_binary(message)
+                await self._perform(actions)
+                if self.session.state is State.CLOSED:
+                    break
+        except ConnectionClosed:
+            pass
+        finally:
+            metrics.CONNECTIONS_OPEN.dec()
+            for task in list(self._tasks):
+                task.cancel()
+            await self.node.detach(self)
+
+    async def close(self, code: int, reason: str) -> None:
+        """Close the socket; safe to call from any task and more than once."""
+        if self._closing:
+            return
+        self._closing = True
+        if self.delivery is not None:
+            self._cancel_delivery()
+        with contextlib.suppress(ConnectionClosed, OSError):
+            await self.ws.close(code, reason)
+
+    def evict(self) -> None:
+        """Another socket took the persona: close with 4400, without waiting here."""
+        self._cancel_delivery()
+        for action in self.session.replaced():
+            if isinstance(action, Close):
+                self._spawn(self.close(action.code, action.reason))
+
+    async def send_text(self, text: str) -> None:
+        await self.ws.send(text)
+
+    def start_delivery(self) -> None:
+        assert self.persona_key is not None
+        config = self.node.config
+        self.delivery = InboxDelivery(
+            self.node.redis,
+            self.persona_key,
+            self.node.node_id,
+            self.ws.send,
+            self.ws.ping,
+            use_ack=self.session.wants_inbound_ack,
+            ack_timeout_s=config.ws.ackTimeoutMs / 1000,
+            retention_s=config.queue.retentionSeconds,
+        )
+        self._delivery_task = self._spawn(self.delivery.run())
+
+    def _cancel_delivery(self) -> None:
+        if self._delivery_task is not None:
+            self._delivery_task.cancel()
+
+    def _spawn(self, coroutine: Any) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None and not isinstance(error, ConnectionClosed):
+            log(
+                logger, logging.ERROR, "connection task failed",
+                socket_id=self.socket_id, persona=self.persona_key, error=repr(error),
+            )
+            self._spawn(self.close(protocol.CLOSE_GOING_AWAY, GOING_AWAY_REASON))
+
+    async def _heartbeat(self) -> None:
+        """Ping every heartbeatIntervalMs; close 1001 after idleTimeoutMs without hearing anything."""
+        heartbeat_s = self.node.config.ws.heartbeatIntervalMs / 1000
+        idle_s = self.node.config.ws.idleTimeoutMs / 1000
+        tick_s = min(heartbeat_s, idle_s / 4)
+        last_ping = time.monotonic()
+        while True:
+            await asyncio.sleep(tick_s)
+            now = time.monotonic()
+            if now - self._last_heard >= idle_s:
+                log(logger, logging.INFO, "idle socket closed", socket_id=self.socket_id, persona=self.persona_key)
+                await self.close(protocol.CLOSE_GOING_AWAY, IDLE_REASON)
+                return
+            if now - last_ping >= heartbeat_s:
+                last_ping = now
+                pong = asyncio.ensure_future(await self.ws.ping())
+                pong.add_done_callback(self._pong_received)
+            for action in self.session.expire_streams():
+                await self._perform([action])
+
+    def _pong_received(self, pong: asyncio.Future[Any]) -> None:
+        if not pong.cancelled() and pong.exception() is None:
+            self._last_heard = time.monotonic()
+
+    # --- carrying out the session's actions --------------------------------------------------
+
+    async def _perform(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, SendText):
+                await self.ws.send(action.text)
+            elif isinstance(action, Close):
+                await self.close(action.code, action.reason)
+            elif isinstance(action, IssueChallenge):
+                await self._issue_challenge(action)
+            elif isinstance(action, VerifyChallenge):
+                await self._verify_challenge(action)
+            elif isinstance(action, AckInbound):
+                if self.delivery is not None:
+                    self.delivery.acked(action.stream_id)
+            elif isinstance(action, EnqueueOutbound):
+                await self._enqueue_outbound(action)
+            elif isinstance(action, RefuseOutbound):
+                await self.ws.send(action.text)
+                self._outbound_outcome(action.stream_id, action.reason)
+            elif isinstance(action, OutboundDropped):
+                self._outbound_outcome(action.stream_id, action.reason)
+
+    async def _auth_failed(self, code: str, persona_key: str | None = None) -> None:
+        metrics.AUTH_OUTCOMES.labels(code=code).inc()
+        log(
+            logger, logging.INFO, "auth refused",
+            code=code, socket_id=self.socket_id, persona=persona_key, client_ip=self.client_ip,
+        )
+        await self._perform(self.session.auth_failed(code))
+
+    async def _issue_challenge(self, action: IssueChallenge) -> None:
+        self._challenge_requested = True
+        if not await self.node.auth_rate.allow(self.client_ip):
+            await self._auth_failed(RATE_LIMITED, action.challenge.persona_key)
+            return
+        await self.node.challenges.save(action.challenge)
+        await self.ws.send(action.reply)
+
+    async def _verify_challenge(self, action: VerifyChallenge) -> None:
+        if not self._challenge_requested and not await self.node.auth_rate.allow(self.client_ip):
+            await self._auth_failed(RATE_LIMITED, action.persona_key)
+            return
+        at_ms = clock_ms()
+        record = await self.node.challenges.load(action.challenge_id)
+        code = check_response(record, action.persona_key, action.signature_base64, at_ms)
+        if code is None:
+            code = await self.node.challenges.consume(action.challenge_id, action.persona_key, at_ms)
+        if code is not None or record is None:
+            await self._auth_failed(code or "challenge_not_found", action.persona_key)
+            return
+        persona_key = record.persona_key
+        inbound = action.role == ROLE_INBOUND
+        replaced_socket_id = await self.node.claim(self, persona_key, inbound=inbound)
+        await self._perform(self.session.auth_succeeded(persona_key, action.role, replaced_socket_id))
+        metrics.AUTH_OUTCOMES.labels(code="ok").inc()
+        log(
+            logger, logging.INFO, "auth ok",
+            code="ok", socket_id=self.socket_id, persona=persona_key, role=self.session.role,
+            replaced_socket_id=replaced_socket_id, capabilities=list(self.session.capabilities),
+            client_ip=self.client_ip,
+        )
+        self.node.attach(self)
+
+    async def _enqueue_outbound(self, action: EnqueueOutbound) -> None:
+        job = action.job
+        if not await self.node.outbound.within_rate(job.persona_key):
+            await self._perform(self.session.outbound_refused(job.stream_id, RATE_LIMITED))
+            self._outbound_outcome(job.stream_id, RATE_LIMITED)
+            return
+        queued = await self.node.outbound.enqueue(job)
+        self._outbound_outcome(job.stream_id, "accepted" if queued else "duplicate", size=len(job.data))
+
+    def _outbound_outcome(self, stream_id: str, outcome: str, **fields: Any) -> None:
+        metrics.OUTBOUND_OUTCOMES.labels(outcome=outcome).inc()
+        log(
+            logger, logging.INFO, "outbound " + ("accepted" if outcome in ("accepted", "duplicate") else "refused"),
+            stream_id=stream_id, reason=outcome, persona=self.persona_key, socket_id=self.socket_id, **fields,
+        )

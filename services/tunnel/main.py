@@ -1,0 +1,39 @@
+"""`protege-relay tunnel`: wires config, Redis, arq and the tunnel server together."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from arq import create_pool
+
+from services.tunnel.node import TunnelNode
+from services.tunnel.server import bound_port, start_server
+from shared.config import RelayConfig
+from shared.logs import log
+from shared.redis import arq_settings, connect
+
+logger = logging.getLogger("relay.tunnel")
+
+SERVER_DRAIN_TIMEOUT_S = 10.0
+
+
+async def serve(config: RelayConfig, stopping: asyncio.Event) -> None:
+    redis = connect(config)
+    arq = await create_pool(arq_settings(config))
+    node = TunnelNode(config, redis, arq)
+    await node.start()
+    server = await start_server(node)
+    log(logger, logging.INFO, "ready", node_id=node.node_id, host=config.host, port=bound_port(server))
+    try:
+        await stopping.wait()
+    finally:
+        log(logger, logging.INFO, "stopping", node_id=node.node_id, connections=len(node.connections))
+        server.close(close_connections=False)
+        await node.shutdown()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(server.wait_closed(), SERVER_DRAIN_TIMEOUT_S)
+        await arq.aclose()
+        await redis.aclose()
+        log(logger, logging.INFO, "stopped", node_id=node.node_id)

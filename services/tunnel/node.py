@@ -1,0 +1,238 @@
+"""This tunnel node's sockets and its background duties towards them.
+
+Holds which persona has which socket here, claims and releases ownership in Redis, listens on
+the node's wake-up channel (new inbox entry, new result, evict), renews owner keys, sweeps
+results (pub/sub is only a wake-up) and publishes the node's liveness record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+from typing import Any
+
+import redis.asyncio as aioredis
+from arq.connections import ArqRedis
+from redis.exceptions import RedisError
+from websockets.exceptions import ConnectionClosed
+
+from services.tunnel import ownership
+from services.tunnel.challenges import ChallengeStore
+from services.tunnel.connection import GOING_AWAY_REASON, TunnelConnection
+from services.tunnel.outbound import OutboundQueue
+from services.tunnel.ratelimit import AuthRateLimiter
+from services.tunnel.results import forward_results
+from shared import keys, protocol
+from shared.config import RelayConfig
+from shared.logs import log
+from shared.nodeinfo import HEARTBEAT_INTERVAL_S, publish_node_info, remove_node_info
+from shared.wakeup import Wakeup, WakeupKind
+
+logger = logging.getLogger("relay.tunnel.node")
+
+RESULTS_SWEEP_INTERVAL_S = 5.0
+PUBSUB_POLL_S = 1.0
+PUBSUB_RETRY_S = 1.0
+SHUTDOWN_CLOSE_TIMEOUT_S = 5.0
+
+
+class TunnelNode:
+    def __init__(self, config: RelayConfig, redis: aioredis.Redis, arq: ArqRedis) -> None:
+        self.config = config
+        self.redis = redis
+        self.node_id = config.node_id
+        self.challenges = ChallengeStore(redis)
+        self.ownership = ownership.Ownership(redis, self.node_id)
+        self.auth_rate = AuthRateLimiter(
+            redis, config.rateLimits.wsAuthAttemptsPerMinutePerIp, config.rateLimits.denyWindowMs
+        )
+        self.outbound = OutboundQueue(redis, arq, config.rateLimits.outboundMessagesPerMinutePerPersona)
+        self.connections: set[TunnelConnection] = set()
+        self.inbound: dict[str, TunnelConnection] = {}
+        self.outbound_only: dict[str, set[TunnelConnection]] = defaultdict(set)
+        self._result_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for duty in (self._listen_wakeups, self._renew_owned, self._sweep_results, self._publish_liveness):
+            self._tasks.append(loop.create_task(duty()))
+
+    async def shutdown(self) -> None:
+        """Hand every persona back (owner keys released) and close sockets with 1001."""
+        connections = list(self.connections)
+        for connection in connections:
+            if connection.claimed_inbound and connection.persona_key is not None:
+                with contextlib.suppress(RedisError):
+                    await self.ownership.release(connection.persona_key, connection.socket_id)
+        closing = [connection.close(protocol.CLOSE_GOING_AWAY, GOING_AWAY_REASON) for connection in connections]
+        if closing:
+            await asyncio.wait(
+                [asyncio.ensure_future(c) for c in closing], timeout=SHUTDOWN_CLOSE_TIMEOUT_S
+            )
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        with contextlib.suppress(RedisError):
+            await remove_node_info(self.redis, self.node_id)
+
+    async def ready(self) -> bool:
+        try:
+            return bool(await self.redis.ping())
+        except RedisError:
+            return False
+
+    # --- sockets -----------------------------------------------------------------------------
+
+    def connected(self, connection: TunnelConnection) -> None:
+        self.connections.add(connection)
+
+    async def claim(self, connection: TunnelConnection, persona_key: str, *, inbound: bool) -> str | None:
+        """Ownership at auth time; returns the replaced socket id (inbound sockets only)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(keys.seen(persona_key), "1", ex=self.config.queue.retentionSeconds)
+            await pipe.execute()
+        if not inbound:
+            return None
+        local = self.inbound.pop(persona_key, None)
+        if local is not None and local is not connection:
+            local.evict()
+        connection.claimed_inbound = True
+        previous = await self.ownership.claim(persona_key, connection.socket_id)
+        if previous.socket_id == connection.socket_id:
+            return None
+        return previous.socket_id or (local.socket_id if local is not None else None)
+
+    def attach(self, connection: TunnelConnection) -> None:
+        """After auth_ok was sent: start serving the persona on this socket."""
+        persona_key = connection.persona_key
+        assert persona_key is not None
+        if connection.is_inbound:
+            self.inbound[persona_key] = connection
+            connection.start_delivery()
+        else:
+            self.outbound_only[persona_key].add(connection)
+        self._spawn_results(persona_key)
+
+    async def detach(self, connection: TunnelConnection) -> None:
+        self.connections.discard(connection)
+        persona_key = connection.persona_key
+        if persona_key is None:
+            return
+        if self.inbound.get(persona_key) is connection:
+            del self.inbound[persona_key]
+        if connection.claimed_inbound:
+            with contextlib.suppress(RedisError):
+                await self.ownership.release(persona_key, connection.socket_id)
+        holders = self.outbound_only.get(persona_key)
+        if holders is not None:
+            holders.discard(connection)
+            if not holders:
+                del self.outbound_only[persona_key]
+        lock = self._result_locks.get(persona_key)
+        if persona_key not in self.inbound and persona_key not in self.outbound_only and lock and not lock.locked():
+            del self._result_locks[persona_key]
+
+    # --- results -----------------------------------------------------------------------------
+
+    def _spawn_results(self, persona_key: str) -> None:
+        task = asyncio.get_running_loop().create_task(self.forward_results(persona_key))
+        task.add_done_callback(_ignore_outcome)
+
+    async def forward_results(self, persona_key: str) -> int:
+        """Send the persona's pending results on its inbound socket here, else on an outbound-role
+        socket here if no node holds an inbound one."""
+        async with self._result_locks[persona_key]:
+            target = self.inbound.get(persona_key)
+            if target is None:
+                holders = self.outbound_only.get(persona_key)
+                if not holders or await self.ownership.current_owner(persona_key) is not None:
+                    return 0
+                target = next(iter(holders))
+            try:
+                return await forward_results(self.redis, persona_key, target.send_text)
+            except (ConnectionClosed, OSError) as exc:  # the rest waits for the next socket
+                log(logger, logging.INFO, "result forwarding stopped", persona=persona_key, error=repr(exc))
+                return 0
+
+    # --- background duties -------------------------------------------------------------------
+
+    def _on_wakeup(self, wakeup: Wakeup) -> None:
+        connection = self.inbound.get(wakeup.persona_key)
+        if wakeup.kind is WakeupKind.INBOX:
+            if connection is not None and connection.delivery is not None:
+                connection.delivery.wake()
+        elif wakeup.kind is WakeupKind.RESULT:
+            self._spawn_results(wakeup.persona_key)
+        elif wakeup.kind is WakeupKind.EVICT:
+            if connection is not None and connection.socket_id == wakeup.detail:
+                del self.inbound[wakeup.persona_key]
+                log(
+                    logger, logging.INFO, "socket replaced on another node",
+                    persona=wakeup.persona_key, socket_id=connection.socket_id,
+                )
+                connection.evict()
+
+    async def _listen_wakeups(self) -> None:
+        channel = keys.node_channel(self.node_id)
+        while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(channel)
+                # Sockets may have missed wake-ups while we were not subscribed.
+                for connection in list(self.inbound.values()):
+                    if connection.delivery is not None:
+                        connection.delivery.wake()
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=PUBSUB_POLL_S)
+                    if message is None or message.get("type") != "message":
+                        continue
+                    wakeup = Wakeup.decode(message["data"])
+                    if wakeup is not None:
+                        self._on_wakeup(wakeup)
+            except (RedisError, OSError) as exc:
+                log(logger, logging.WARNING, "wake-up channel lost, resubscribing", error=repr(exc))
+                await asyncio.sleep(PUBSUB_RETRY_S)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _renew_owned(self) -> None:
+        while True:
+            await asyncio.sleep(ownership.OWNER_RENEW_INTERVAL_S)
+            for persona_key, connection in list(self.inbound.items()):
+                try:
+                    still_ours = await self.ownership.renew(persona_key, connection.socket_id)
+                    await self.redis.set(keys.seen(persona_key), "1", ex=self.config.queue.retentionSeconds)
+                except RedisError as exc:
+                    log(logger, logging.WARNING, "owner renewal failed", persona=persona_key, error=repr(exc))
+                    continue
+                if not still_ours and self.inbound.get(persona_key) is connection:
+                    del self.inbound[persona_key]
+                    connection.evict()
+
+    async def _sweep_results(self) -> None:
+        while True:
+            await asyncio.sleep(RESULTS_SWEEP_INTERVAL_S)
+            for persona_key in {*self.inbound, *self.outbound_only}:
+                try:
+                    await self.forward_results(persona_key)
+                except RedisError as exc:
+                    log(logger, logging.WARNING, "result sweep failed", persona=persona_key, error=repr(exc))
+
+    async def _publish_liveness(self) -> None:
+        while True:
+            try:
+                await publish_node_info(self.redis, self.node_id, "tunnel", connected=len(self.connections))
+            except RedisError as exc:
+                log(logger, logging.WARNING, "node liveness not published", error=repr(exc))
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+
+
+def _ignore_outcome(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()

@@ -1,0 +1,93 @@
+"""Which tunnel node holds a persona's inbound socket (DESIGN.md "Ownership of a persona").
+
+Two keys move together: `owner(pk)` = node id (what ingress and egress read to wake the right
+node) and `socket(pk)` = the socket id (so a replacement anywhere can name the socket it
+replaced, and so a closing socket deletes the keys only if it still holds them: two sockets of
+one persona on the same node share the node id, not the socket id). All three operations are
+Lua scripts, atomic against a racing node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from shared import keys
+from shared.wakeup import Wakeup, WakeupKind
+
+OWNER_TTL_S = 30
+OWNER_RENEW_INTERVAL_S = 10
+
+_CLAIM = """
+local previous_owner = redis.call('GET', KEYS[1])
+local previous_socket = redis.call('GET', KEYS[2])
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+return {previous_owner, previous_socket}
+"""
+
+_RENEW = """
+local current = redis.call('GET', KEYS[2])
+if current and current ~= ARGV[2] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+return 1
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
+redis.call('DEL', KEYS[2])
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class PreviousOwner:
+    node_id: str | None
+    socket_id: str | None
+
+
+def _text(value: object) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode()
+    return value if isinstance(value, str) else None
+
+
+class Ownership:
+    def __init__(self, redis: aioredis.Redis, node_id: str) -> None:
+        self._redis = redis
+        self.node_id = node_id
+        self._claim = redis.register_script(_CLAIM)
+        self._renew = redis.register_script(_RENEW)
+        self._release = redis.register_script(_RELEASE)
+
+    async def claim(self, persona_key: str, socket_id: str) -> PreviousOwner:
+        """Take the persona for `socket_id` here; evict the previous socket if another node has it."""
+        previous = await self._claim(
+            keys=[keys.owner(persona_key), keys.socket(persona_key)],
+            args=[self.node_id, socket_id, OWNER_TTL_S],
+        )
+        owner = PreviousOwner(_text(previous[0]), _text(previous[1]))
+        if owner.node_id and owner.node_id != self.node_id and owner.socket_id:
+            evict = Wakeup(WakeupKind.EVICT, persona_key, owner.socket_id)
+            await self._redis.publish(keys.node_channel(owner.node_id), evict.encode())
+        return owner
+
+    async def renew(self, persona_key: str, socket_id: str) -> bool:
+        """Extend the TTLs; False if another socket has taken the persona meanwhile."""
+        renewed = await self._renew(
+            keys=[keys.owner(persona_key), keys.socket(persona_key)],
+            args=[self.node_id, socket_id, OWNER_TTL_S],
+        )
+        return bool(renewed)
+
+    async def release(self, persona_key: str, socket_id: str) -> bool:
+        released = await self._release(
+            keys=[keys.owner(persona_key), keys.socket(persona_key)], args=[self.node_id, socket_id]
+        )
+        return bool(released)
+
+    async def current_owner(self, persona_key: str) -> str | None:
+        return _text(await self._redis.get(keys.owner(persona_key)))

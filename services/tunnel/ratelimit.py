@@ -1,0 +1,76 @@
+"""Per-IP limit on WebSocket auth attempts (`rateLimits.wsAuthAttemptsPerMinutePerIp`).
+
+Counted in Redis so the limit holds across tunnel nodes behind one load balancer. An IP over
+the limit is denied for `rateLimits.denyWindowMs`, not just until the minute ends. Behind a
+proxy the client is the right-most `X-Forwarded-For` hop that is not itself a trusted proxy;
+the header is ignored unless the peer is one of `ws.trustedProxies` (IPs or CIDRs), because
+anyone can write it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import Iterable
+
+import redis.asyncio as aioredis
+
+from shared import keys
+
+RATE_KIND = "ws_auth"
+RATE_WINDOW_S = 60
+
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_trusted_proxies(entries: Iterable[str]) -> list[_Network]:
+    networks: list[_Network] = []
+    for entry in entries:
+        try:
+            networks.append(ipaddress.ip_network(entry.strip(), strict=False))
+        except ValueError:
+            continue
+    return networks
+
+
+def _is_trusted(address: str, trusted: list[_Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address.strip())
+    except ValueError:
+        return False
+    return any(ip in network for network in trusted)
+
+
+def client_ip(peer_ip: str, forwarded_for: str | None, trusted: list[_Network]) -> str:
+    if not forwarded_for or not _is_trusted(peer_ip, trusted):
+        return peer_ip
+    for hop in reversed([part.strip() for part in forwarded_for.split(",") if part.strip()]):
+        if not _is_trusted(hop, trusted):
+            try:
+                return str(ipaddress.ip_address(hop))
+            except ValueError:
+                return peer_ip
+    return peer_ip
+
+
+class AuthRateLimiter:
+    def __init__(self, redis: aioredis.Redis, attempts_per_minute: int, deny_window_ms: int) -> None:
+        self._redis = redis
+        self._attempts_per_minute = attempts_per_minute
+        self._deny_window_ms = deny_window_ms
+
+    async def allow(self, ip: str) -> bool:
+        """Count one attempt from `ip`; False when it is over the limit or denied."""
+        deny_key = keys.deny(RATE_KIND, ip)
+        counter_key = keys.rate_counter(RATE_KIND, ip, int(time.time()) // RATE_WINDOW_S)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.exists(deny_key)
+            pipe.incr(counter_key)
+            pipe.expire(counter_key, RATE_WINDOW_S * 2)
+            denied, attempts, _ = await pipe.execute()
+        if denied:
+            return False
+        if int(attempts) > self._attempts_per_minute:
+            await self._redis.set(deny_key, "1", px=self._deny_window_ms)
+            return False
+        return True
