@@ -136,6 +136,7 @@ def test_deployments_run_non_root_read_only_without_capabilities() -> None:
         pod = deployment["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["securityContext"]["runAsUser"] != 0
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
         for container in pod["containers"]:
             security = container["securityContext"]
             assert security["readOnlyRootFilesystem"] is True, name
@@ -220,6 +221,19 @@ def test_every_tier_autoscales_and_has_a_disruption_budget() -> None:
         <= deployment["spec"]["template"]["metadata"]["labels"].items()
     }
     assert covered == set(SERVICE_MATRIX)
+
+
+def test_namespace_enforces_the_restricted_pod_security_standard() -> None:
+    (namespace,) = resources_of_kind("Namespace").values()
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    workloads = [*resources_of_kind("Deployment").values(), *resources_of_kind("StatefulSet").values()]
+    for workload in workloads:
+        pod = workload["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        for container in pod["containers"]:
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False
+            assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
 
 
 def test_redis_statefulset_persists_an_append_only_file() -> None:
