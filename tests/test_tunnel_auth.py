@@ -16,7 +16,7 @@ import redis
 from protege_relay.embedded_redis import EmbeddedRedis
 from shared import keys, protocol
 from shared.identity import Passport
-from tests.support.ws_client import GatewayClient, RawWsClient, RunningTunnel
+from tests.support.ws_client import GatewayClient, RawWsClient, RunningTunnel, eventually
 
 
 @pytest.fixture
@@ -356,10 +356,7 @@ async def test_outbound_role_socket_does_not_replace_inbound(tunnel: RunningTunn
 async def test_closing_the_socket_releases_ownership(tunnel: RunningTunnel, redis_client: redis.Redis) -> None:
     client, passport = await authenticated(tunnel)
     await client.close()
-    deadline = asyncio.get_running_loop().time() + 5
-    while redis_client.exists(keys.owner(passport.persona_key)):
-        assert asyncio.get_running_loop().time() < deadline, "owner key not released"
-        await asyncio.sleep(0.02)
+    await eventually(lambda: not redis_client.exists(keys.owner(passport.persona_key)), 5, "owner kept")
     assert not redis_client.exists(keys.socket(passport.persona_key))
 
 

@@ -268,3 +268,16 @@ class RunningTunnel:
         self.stopping.set()
         if self._task is not None:
             await asyncio.wait_for(self._task, 20)
+
+
+async def eventually(predicate: Any, timeout_s: float = 10.0, message: str = "") -> Any:
+    """Async `poll_until`: the in-process tunnel keeps running while we wait."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if loop.time() > deadline:
+            raise AssertionError(message or f"condition not met within {timeout_s}s")
+        await asyncio.sleep(0.02)

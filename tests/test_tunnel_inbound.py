@@ -1,0 +1,204 @@
+"""Inbound delivery over real WebSockets: entries XADDed into Redis exactly as the ingress
+writes them reach the gateway in <= 64 KiB chunks, byte-exact, and leave Redis only when the
+gateway has them (smtp_ack, or the pong after smtp_end for legacy gateways)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+
+import pytest
+import redis
+from websockets.frames import Opcode
+
+from protege_relay.embedded_redis import EmbeddedRedis
+from shared import keys, protocol
+from shared.identity import Passport
+from shared.payloads import InboxEntry
+from shared.wakeup import Wakeup, WakeupKind
+from tests.support.ws_client import GatewayClient, RawWsClient, RunningTunnel, eventually
+
+ACK = ["inbound_ack"]
+
+
+@pytest.fixture
+async def tunnel(redis_server: EmbeddedRedis) -> AsyncIterator[RunningTunnel]:
+    running = await RunningTunnel(redis_server.url).start()
+    yield running
+    await running.stop()
+
+
+def add_inbox_entry(
+    redis_client: redis.Redis,
+    persona_key: str,
+    data: bytes,
+    *,
+    index: int = 0,
+    entry_id: str = "*",
+    attestation: dict[str, str] | None = None,
+) -> InboxEntry:
+    """What the ingress does: XADD + INCRBY in one transaction."""
+    entry = InboxEntry(
+        queue_id="q" + os.urandom(10).hex(),
+        recipient_index=index,
+        mail_from="sender@example.org",
+        rcpt_to=f"{persona_key}+tag@relay.test",
+        data=data,
+        received_at_ms=1,
+        client_ip="192.0.2.1",
+        auth_attestation=attestation,
+    )
+    pipe = redis_client.pipeline(transaction=True)
+    pipe.xadd(keys.inbox(persona_key), {b"m": entry.pack()}, id=entry_id)
+    pipe.incrby(keys.inbox_bytes(persona_key), len(data))
+    pipe.execute()
+    return entry
+
+
+def wake(redis_client: redis.Redis, tunnel: RunningTunnel, persona_key: str) -> None:
+    redis_client.publish(keys.node_channel(tunnel.config.node_id), Wakeup(WakeupKind.INBOX, persona_key).encode())
+
+
+def inbox_empty(redis_client: redis.Redis, persona_key: str) -> bool:
+    return redis_client.xlen(keys.inbox(persona_key)) == 0
+
+
+async def test_offline_entries_are_delivered_on_connect_in_64k_chunks_byte_exact(
+    tunnel: RunningTunnel, redis_client: redis.Redis
+) -> None:
+    passport = Passport.generate()
+    pk = passport.persona_key
+    big = os.urandom(150 * 1024) + b"\r\n.\r\nnot the end\r\n"
+    attestation = {"keyId": "k1", "payloadBase64": "cA==", "signatureBase64": "c2ln"}
+    first = add_inbox_entry(redis_client, pk, big, attestation=attestation)
+    second = add_inbox_entry(redis_client, pk, b"", index=1)
+    client = await GatewayClient.open(tunnel.url)
+    await client.authenticate(passport, capabilities=ACK)
+    got_first = await client.next_inbound()
+    assert got_first.stream_id == first.stream_id
+    assert got_first.data == big
+    assert got_first.chunk_sizes == [65536, 65536, len(big) - 131072]
+    assert got_first.start == protocol.SmtpStart(first.mail_from, first.rcpt_to, attestation)
+    await client.ack(got_first.stream_id)
+    got_second = await client.next_inbound()
+    assert (got_second.stream_id, got_second.data, got_second.start.auth_attestation) == (
+        second.stream_id, b"", None,
+    )
+    await client.ack(got_second.stream_id)
+    await eventually(lambda: inbox_empty(redis_client, pk), message="acked entries not removed")
+    assert int(redis_client.get(keys.inbox_bytes(pk))) == 0
+    await client.close()
+
+
+async def test_entry_stays_until_smtp_ack(tunnel: RunningTunnel, redis_client: redis.Redis) -> None:
+    passport = Passport.generate()
+    pk = passport.persona_key
+    client = await GatewayClient.open(tunnel.url)
+    await client.authenticate(passport, capabilities=ACK)
+    entry = add_inbox_entry(redis_client, pk, b"Subject: hi\r\n\r\nbody\r\n")
+    wake(redis_client, tunnel, pk)
+    message = await client.next_inbound()
+    assert message.stream_id == entry.stream_id
+    # Delivered but not acknowledged: still in the stream and pending in the group.
+    assert redis_client.xlen(keys.inbox(pk)) == 1
+    assert redis_client.xpending(keys.inbox(pk), keys.INBOX_GROUP)["pending"] == 1
+    await client.ack(message.stream_id)
+    await eventually(lambda: inbox_empty(redis_client, pk), message="entry not removed after smtp_ack")
+    assert redis_client.xpending(keys.inbox(pk), keys.INBOX_GROUP)["pending"] == 0
+    await client.close()
+
+
+async def test_legacy_gateway_entry_removed_only_after_pong(
+    tunnel: RunningTunnel, redis_client: redis.Redis
+) -> None:
+    passport = Passport.generate()
+    pk = passport.persona_key
+    entry = add_inbox_entry(redis_client, pk, b"legacy body\r\n")
+    raw = await RawWsClient.open("127.0.0.1", tunnel.port)
+    auth_ok = await raw.authenticate(passport)
+    assert "capabilities" not in auth_ok
+    kinds = []
+    for _ in range(3):
+        opcode, payload = await raw.next_frame()
+        assert opcode == Opcode.BINARY
+        kinds.append(protocol.decode_frame(payload).frame_type)
+    assert kinds == [protocol.FrameType.SMTP_START, protocol.FrameType.SMTP_CHUNK, protocol.FrameType.SMTP_END]
+    opcode, ping_payload = await raw.next_frame()
+    assert opcode == Opcode.PING
+    # We have not answered the ping: the relay must still hold the message.
+    assert redis_client.xlen(keys.inbox(pk)) == 1
+    await raw.pong(ping_payload)
+    await eventually(lambda: inbox_empty(redis_client, pk), message="entry not removed after pong")
+    assert entry.stream_id  # the id the gateway would deduplicate by
+    raw.close()
+
+
+async def test_unacked_message_is_sent_again_with_same_stream_id_after_reconnect(
+    tunnel: RunningTunnel, redis_client: redis.Redis
+) -> None:
+    passport = Passport.generate()
+    pk = passport.persona_key
+    entry = add_inbox_entry(redis_client, pk, b"resend me\r\n")
+    first = await GatewayClient.open(tunnel.url)
+    await first.authenticate(passport, capabilities=ACK)
+    assert (await first.next_inbound()).stream_id == entry.stream_id
+    await first.abort()  # between smtp_end and smtp_ack
+    second = await GatewayClient.open(tunnel.url)
+    await second.authenticate(passport, capabilities=ACK)
+    again = await second.next_inbound()
+    assert (again.stream_id, again.data) == (entry.stream_id, b"resend me\r\n")
+    await second.ack(again.stream_id)
+    await eventually(lambda: inbox_empty(redis_client, pk))
+    await second.close()
+
+
+async def test_messages_arrive_in_order_and_without_wakeup(
+    tunnel: RunningTunnel, redis_client: redis.Redis
+) -> None:
+    passport = Passport.generate()
+    pk = passport.persona_key
+    client = await GatewayClient.open(tunnel.url)
+    await client.authenticate(passport, capabilities=ACK)
+    entries = [add_inbox_entry(redis_client, pk, f"message {n}\r\n".encode()) for n in range(12)]
+    # No wake-up published: the periodic sweep finds them (pub/sub is only a shortcut).
+    received = []
+    for _ in entries:
+        message = await client.next_inbound()
+        received.append(message.stream_id)
+        await client.ack(message.stream_id)
+    assert received == [entry.stream_id for entry in entries]
+    await eventually(lambda: inbox_empty(redis_client, pk))
+    await client.close()
+
+
+async def test_entries_older_than_retention_are_trimmed_not_delivered(
+    tunnel: RunningTunnel, redis_client: redis.Redis
+) -> None:
+    passport = Passport.generate()
+    pk = passport.persona_key
+    add_inbox_entry(redis_client, pk, b"ancient", entry_id="1000-0")
+    fresh = add_inbox_entry(redis_client, pk, b"fresh")
+    client = await GatewayClient.open(tunnel.url)
+    await client.authenticate(passport, capabilities=ACK)
+    message = await client.next_inbound()
+    assert message.stream_id == fresh.stream_id
+    await client.ack(message.stream_id)
+    await eventually(lambda: inbox_empty(redis_client, pk))
+    assert int(redis_client.get(keys.inbox_bytes(pk))) == 0
+    await client.close()
+
+
+async def test_outbound_role_socket_gets_no_inbound_mail(tunnel: RunningTunnel, redis_client: redis.Redis) -> None:
+    passport = Passport.generate()
+    pk = passport.persona_key
+    add_inbox_entry(redis_client, pk, b"for the inbound socket")
+    outbound = await GatewayClient.open(tunnel.url)
+    await outbound.authenticate(passport, role="outbound", capabilities=ACK)
+    assert redis_client.get(keys.owner(pk)) is None
+    inbound = await GatewayClient.open(tunnel.url)
+    await inbound.authenticate(passport, capabilities=ACK)
+    message = await inbound.next_inbound()
+    assert message.data == b"for the inbound socket"
+    assert outbound.inbound.empty()
+    await inbound.close()
+    await outbound.close()
