@@ -58,6 +58,7 @@ class RelaySession:
     connection: ClientConnection
     url: str
     persona_key: str
+    email_local_part: str  # the address is <email_local_part>@<a mail domain of the relay>
     session_role: str
     capabilities: frozenset[str]  # what the relay agreed to, from auth_ok
     replaced_socket_id: str | None
@@ -88,10 +89,12 @@ async def open_session(
         raise
     echoed = auth_ok.get("capabilities")
     replaced = auth_ok.get("replacedSocketId")
+    local_part = auth_ok.get("emailLocalPart")
     return RelaySession(
         connection=connection,
         url=url,
         persona_key=passport.persona_key,
+        email_local_part=local_part if isinstance(local_part, str) else passport.persona_key,
         session_role=session_role,
         capabilities=frozenset(c for c in echoed if isinstance(c, str)) if isinstance(echoed, list) else frozenset(),
         replaced_socket_id=replaced if isinstance(replaced, str) else None,

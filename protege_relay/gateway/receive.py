@@ -37,6 +37,7 @@ from shared.protocol import (
 CAPABILITY_INBOUND_ACK = "inbound_ack"
 RECONNECT_BASE_S = 0.25
 RECONNECT_CAP_S = 30.0
+CLOSE_INTERNAL_ERROR = 1011
 EXIT_OK = 0
 EXIT_AUTH_REFUSED = 3
 EXIT_BAD_ARGUMENTS = 2
@@ -159,7 +160,7 @@ class InboundReceiver:
             logging.INFO,
             "gateway connected",
             persona=session.persona_key,
-            address=session.persona_key,
+            email_local_part=session.email_local_part,
             url=session.url,
             inbound_ack=acking,
             replaced_socket_id=session.replaced_socket_id,
@@ -179,6 +180,9 @@ class InboundReceiver:
                     await self._accept(session, message, acking)
         except ConnectionClosed:
             pass
+        except OSError as exc:  # Maildir not writable: unacknowledged, so the relay keeps it
+            log(logger, logging.ERROR, "cannot store message, disconnecting", error=str(exc))
+            await connection.close(CLOSE_INTERNAL_ERROR, "gateway_storage_error")
         finally:
             await connection.close()
         code, reason = connection.close_code, connection.close_reason
