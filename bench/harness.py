@@ -213,29 +213,42 @@ class Bench:
 
     def run_program(self, module: str, args: Sequence[str], timeout_s: float) -> dict[str, Any]:
         """Run a load generator to completion; its last stdout line is its JSON result."""
-        log_path = self._log_path(module.rsplit(".", 1)[-1])
-        with log_path.open("wb") as stderr_file:
-            try:
-                completed = subprocess.run(
+        return self.run_parallel([(module, args)], timeout_s)[0]
+
+    def run_parallel(self, programs: Sequence[tuple[str, Sequence[str]]], timeout_s: float) -> list[dict[str, Any]]:
+        """Several load generators at once (e.g. one per core); all must succeed."""
+        running: list[tuple[str, subprocess.Popen[bytes], Path]] = []
+        for module, args in programs:
+            log_path = self._log_path(module.rsplit(".", 1)[-1])
+            with log_path.open("wb") as stderr_file:
+                process = subprocess.Popen(
                     [sys.executable, "-m", module, *args],
-                    env=self.env(),
-                    cwd=REPO_ROOT,
-                    stdout=subprocess.PIPE,
-                    stderr=stderr_file,
-                    timeout=timeout_s,
+                    env=self.env(), cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=stderr_file,
                     preexec_fn=raise_fd_limit,
-                    check=False,
                 )
-            except subprocess.TimeoutExpired:
-                raise BenchError(f"{module} did not finish within {timeout_s:.0f}s") from None
-        lines = completed.stdout.decode(errors="replace").strip().splitlines()
-        if completed.returncode != 0 or not lines:
-            tail = log_path.read_text(errors="replace")[-1500:]
-            raise BenchError(f"{module} exited with {completed.returncode}: {tail}")
-        result: dict[str, Any] = json.loads(lines[-1])
-        if result.get("error"):
-            raise BenchError(f"{module}: {result['error']}")
-        return result
+            running.append((module, process, log_path))
+        deadline = time.monotonic() + timeout_s
+        results: list[dict[str, Any]] = []
+        try:
+            for module, process, log_path in running:
+                try:
+                    stdout, _ = process.communicate(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    raise BenchError(f"{module} did not finish within {timeout_s:.0f}s") from None
+                lines = stdout.decode(errors="replace").strip().splitlines()
+                if process.returncode != 0 or not lines:
+                    tail = log_path.read_text(errors="replace")[-1500:]
+                    raise BenchError(f"{module} exited with {process.returncode}: {tail}")
+                result: dict[str, Any] = json.loads(lines[-1])
+                if result.get("error"):
+                    raise BenchError(f"{module}: {result['error']}")
+                results.append(result)
+        finally:
+            for _, process, _ in running:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+        return results
 
     def stop(self, child: Child) -> None:
         child.stop()

@@ -1,0 +1,66 @@
+"""Figure: authentication handshakes per second on one tunnel process vs PyNaCl verifications/s.
+
+The load comes from separate client processes, each with many concurrent gateways doing the
+full PROTOCOL.md A3 handshake (WebSocket upgrade, challenge, signed response, auth_ok, close)
+with a different persona key each time.
+"""
+
+from __future__ import annotations
+
+from bench.harness import Bench, free_port, service_available
+from bench.modes import Mode
+from bench.report import FigureResult, Target, print_line
+
+FIGURE = "auth_rate"
+TARGET_RATIO = 0.5
+CLIENT_PROCESSES = 2
+
+
+def start_tunnel(bench: Bench, node_id: str = "bench-tunnel") -> tuple[str, int]:
+    port = free_port()
+    child = bench.start_service("tunnel", port=port, ready_http_port=port, RELAY_PORT=str(port),
+                                RELAY_NODE_ID=node_id)
+    return f"ws://127.0.0.1:{port}/ws", child.pid
+
+
+def run(bench: Bench, mode: Mode) -> FigureResult:
+    figure = FigureResult(
+        FIGURE, "Auth rate",
+        f"{CLIENT_PROCESSES} client processes x {mode.auth_concurrency // CLIENT_PROCESSES} concurrent "
+        "gateways, each looping connect / challenge / signed response / auth_ok / close with a new "
+        f"persona key, against one `protege-relay tunnel` process, {mode.auth_seconds:g} s window. "
+        "Baseline: PyNaCl VerifyKey.verify of a challenge signature per second, one process.",
+    )
+    available = service_available("tunnel")
+    if not available:
+        figure.skipped = "services/tunnel/main.py not present yet"
+    metric = figure.metric("handshakes", "auth/s", baseline_name="PyNaCl verify/s, one process",
+                           target=Target("ratio_at_least", TARGET_RATIO))
+    other: dict[str, int] = {}
+    for round_index in range(mode.rounds):
+        baseline = bench.run_program("bench.baseline_nacl", ["--seconds", str(mode.nacl_seconds)], 60)
+        metric.baseline_rounds.append(baseline["rate"])
+        print_line(f"  round {round_index + 1}: baseline {baseline['rate']:.0f} verify/s")
+        if not available:
+            continue
+        bench.flush()
+        url, _ = start_tunnel(bench)
+        per_process = max(1, mode.auth_concurrency // CLIENT_PROCESSES)
+        results = bench.run_parallel(
+            [("bench.loadgen_auth", ["--url", url, "--seconds", str(mode.auth_seconds),
+                                     "--concurrency", str(per_process), "--keys", "1000",
+                                     "--salt", f"auth{index}"])
+             for index in range(CLIENT_PROCESSES)],
+            timeout_s=mode.auth_seconds + 90,
+        )
+        bench.stop_all()
+        rate = sum(result["rate"] for result in results)
+        for result in results:
+            for key, value in result["other"].items():
+                other[key] = other.get(key, 0) + value
+        metric.rounds.append(rate)
+        print_line(f"  round {round_index + 1}: relay {rate:.0f} auth/s {results[0]['other'] or ''}")
+    if other:
+        figure.details["client errors/refusals"] = other
+    bench.flush()
+    return figure
