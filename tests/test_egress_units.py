@@ -76,6 +76,7 @@ def test_summary_reports_the_first_failed_recipient() -> None:
 def test_header_names_take_colon_strings_and_lists() -> None:
     assert header_names("From: To :subject::from") == ["from", "to", "subject"]
     assert header_names(["Date", " Message-ID "]) == ["date", "message-id"]
+    assert header_names(["from:to", "Subject"]) == ["from", "to", "subject"]
 
 
 MESSAGE = (

@@ -22,13 +22,18 @@ CANONICALIZATION = (b"relaxed", b"relaxed")
 
 
 def header_names(value: str | list[str]) -> list[str]:
-    """Lowercased header names from "a:b:c" or ["a", "b"], blanks dropped, order kept."""
-    items = value.split(":") if isinstance(value, str) else value
+    """Lowercased header names from "a:b:c" or ["a", "b:c"], blanks dropped, order kept.
+
+    Items of a list are split on ":" as well: `RELAY_DKIM_HEADER_FIELD_NAMES=from:to` arrives
+    as the one-item list ["from:to"], since the variable's type also allows a list.
+    """
+    items = [value] if isinstance(value, str) else value
     names: list[str] = []
     for item in items:
-        name = item.strip().lower()
-        if name and name not in names:
-            names.append(name)
+        for part in item.split(":"):
+            name = part.strip().lower()
+            if name and name not in names:
+                names.append(name)
     return names
 
 

@@ -1,0 +1,336 @@
+"""The egress service end to end without the tunnel: a job enqueued exactly as the tunnel does
+it, a real arq worker (in-process `serve`, and real `protege-relay egress` processes), real
+Redis, DNS and MX sinks; the outcome is read from the persona's results stream."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import dkim
+import pytest
+import redis.asyncio as aioredis
+from arq import create_pool
+from arq.connections import ArqRedis
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from protege_relay.embedded_redis import EmbeddedRedis
+from services.egress.main import serve
+from shared import keys
+from shared.config import RelayConfig, load_config
+from shared.identity import Passport
+from shared.payloads import DeliveryResult, OutboundJob
+from shared.redis import arq_settings
+from shared.wakeup import Wakeup, WakeupKind
+from tests.support.dns_server import DnsServer
+from tests.support.mx_sink import MxSink
+from tests.support.processes import free_port, poll_until
+
+T = TypeVar("T")
+BARE_LF_MESSAGE = b"From: p@relay.test\nTo: user@example.test\nSubject: hi\n\nline one\r\n.dot line\rend\n"
+CRLF_MESSAGE = b"From: p@relay.test\r\nTo: user@example.test\r\nSubject: hi\r\n\r\nline one\r\n.dot line\r\nend\r\n"
+
+
+async def eventually(probe: Callable[[], Awaitable[T]], timeout_s: float = 15.0, message: str = "") -> T:
+    """Await `probe` until it returns something truthy (polling with a deadline)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = await probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(message or f"condition not met within {timeout_s}s")
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+def smtp_port() -> int:
+    return free_port()
+
+
+@pytest.fixture
+def dns_server() -> Iterator[DnsServer]:
+    zones = {
+        "example.test": {"MX": ["10 mx1.example.test.", "20 mx2.example.test."]},
+        "mx1.example.test": {"A": ["127.0.0.2"]},
+        "mx2.example.test": {"A": ["127.0.0.3"]},
+        "nullmx.test": {"MX": ["0 ."]},
+    }
+    with DnsServer(zones, servfail={"broken.test"}) as server:
+        yield server
+
+
+@pytest.fixture
+def persona_key() -> str:
+    return Passport.generate().persona_key
+
+
+def egress_env(redis_server: EmbeddedRedis, dns_server: DnsServer, smtp_port: int, **overrides: str) -> dict[str, str]:
+    env = {
+        "RELAY_REDIS_URL": redis_server.url,
+        "RELAY_EGRESS_NAMESERVERS": json.dumps([dns_server.nameserver]),
+        "RELAY_EGRESS_SMTP_PORT": str(smtp_port),
+        "RELAY_EGRESS_HTTP_PORT": "0",
+        "RELAY_EGRESS_RETRY_BASE_SECONDS": "1",
+        "RELAY_EGRESS_CONNECT_TIMEOUT_SECONDS": "5",
+        "RELAY_EGRESS_HELO_NAME": "egress.relay.test",
+    }
+    env.update(overrides)
+    return env
+
+
+def egress_config(tmp_path: Path, env: dict[str, str]) -> RelayConfig:
+    config_file = tmp_path / "egress-config.json"
+    config_file.write_text("{}")
+    return load_config(environ={"RELAY_CONFIG": str(config_file), **env})
+
+
+class Harness:
+    """In-process egress plus the tunnel's side of the contract (enqueue, read results)."""
+
+    def __init__(self, config: RelayConfig, pool: ArqRedis, redis: aioredis.Redis, persona_key: str) -> None:
+        self.config, self.pool, self.redis, self.persona_key = config, pool, redis, persona_key
+
+    def job(self, stream_id: str, rcpt_to: str = "user@example.test", data: bytes = BARE_LF_MESSAGE) -> OutboundJob:
+        mail_from = f"{self.persona_key}@relay.test"
+        return OutboundJob(self.persona_key, stream_id, mail_from, [rcpt_to], data, int(time.time() * 1000))
+
+    async def enqueue(self, job: OutboundJob) -> Any:
+        return await self.pool.enqueue_job(
+            "deliver", job.pack(), _job_id=keys.egress_job_id(job.persona_key, job.stream_id),
+            _queue_name=keys.EGRESS_QUEUE,
+        )
+
+    async def results(self) -> list[DeliveryResult]:
+        entries = await self.redis.xrange(keys.results(self.persona_key))
+        return [DeliveryResult.unpack(fields[b"r"]) for _, fields in entries]
+
+    async def result(self, timeout_s: float = 15.0) -> DeliveryResult:
+        results = await eventually(self.results, timeout_s, "no delivery result")
+        assert len(results) == 1, results
+        return results[0]
+
+
+@pytest.fixture
+async def start_egress(
+    tmp_path: Path, redis_server: EmbeddedRedis, dns_server: DnsServer, smtp_port: int, persona_key: str
+) -> AsyncIterator[Callable[..., Awaitable[Harness]]]:
+    running: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
+    clients: list[Any] = []
+
+    async def start(**overrides: str) -> Harness:
+        config = egress_config(tmp_path, egress_env(redis_server, dns_server, smtp_port, **overrides))
+        stopping = asyncio.Event()
+        running.append((stopping, asyncio.create_task(serve(config, stopping))))
+        pool = await create_pool(arq_settings(config))
+        redis = aioredis.Redis.from_url(redis_server.url)
+        clients.extend([pool, redis])
+        return Harness(config, pool, redis, persona_key)
+
+    yield start
+    for stopping, task in running:
+        stopping.set()
+        await asyncio.wait_for(task, 30)
+    for client in clients:
+        await client.aclose()
+
+
+async def test_message_is_delivered_with_crlf_and_the_sink_queue_id(
+    start_egress: Callable[..., Awaitable[Harness]], smtp_port: int, persona_key: str
+) -> None:
+    egress = await start_egress()
+    await egress.redis.set(keys.owner(persona_key), "node-a")
+    wakeups = egress.redis.pubsub()
+    await wakeups.subscribe(keys.node_channel("node-a"))
+    with MxSink("127.0.0.2", smtp_port) as mx1:
+        started = time.monotonic()
+        await egress.enqueue(egress.job("stream-1"))
+        result = await egress.result()
+        elapsed = time.monotonic() - started
+    [received] = mx1.received()
+    assert received.data == CRLF_MESSAGE
+    assert received.rcpt_tos == ["user@example.test"] and received.mail_from == f"{persona_key}@relay.test"
+    assert (result.stream_id, result.status, result.message_id, result.error) == (
+        "stream-1", "sent", received.queue_id, None)
+    assert (result.recipient, result.smtp_code, result.enhanced_code, result.attempts) == (
+        "user@example.test", 250, "2.0.0", 1)
+    assert elapsed < 5
+    message = await eventually(lambda: wakeups.get_message(ignore_subscribe_messages=True, timeout=0.1))
+    assert Wakeup.decode(message["data"]) == Wakeup(WakeupKind.RESULT, persona_key)
+    await wakeups.aclose()
+
+
+async def test_permanent_refusal_is_a_failed_result_without_retry(
+    start_egress: Callable[..., Awaitable[Harness]], smtp_port: int
+) -> None:
+    egress = await start_egress()
+    with MxSink("127.0.0.2", smtp_port, rcpt_reply="550 5.1.1 user unknown") as mx1:
+        await egress.enqueue(egress.job("stream-5xx", rcpt_to="nobody@example.test"))
+        result = await egress.result()
+    assert (result.status, result.permanent, result.smtp_code, result.enhanced_code, result.attempts) == (
+        "failed", True, 550, "5.1.1", 1)
+    assert result.error == "smtp_5xx: 550 5.1.1 user unknown" and result.recipient == "nobody@example.test"
+    assert mx1.received() == []
+
+
+async def test_temporary_failures_are_retried_until_sent(
+    start_egress: Callable[..., Awaitable[Harness]], smtp_port: int
+) -> None:
+    egress = await start_egress()
+    deferrals = ["451 4.3.0 try again later"] * 2
+    with MxSink("127.0.0.2", smtp_port, data_replies=deferrals) as mx1:
+        await egress.enqueue(egress.job("stream-4xx"))
+        result = await egress.result(timeout_s=20)
+    assert (result.status, result.attempts, result.message_id) == ("sent", 3, mx1.received()[0].queue_id)
+    assert len(mx1.data_payloads) == 3 and len(mx1.received()) == 1
+
+
+async def test_retries_stop_at_max_attempts_with_the_last_temporary_error(
+    start_egress: Callable[..., Awaitable[Harness]], smtp_port: int
+) -> None:
+    egress = await start_egress(RELAY_EGRESS_MAX_ATTEMPTS="2", RELAY_EGRESS_RETRY_BASE_SECONDS="0")
+    with MxSink("127.0.0.2", smtp_port, data_replies=["452 4.2.2 mailbox full"] * 5) as mx1:
+        await egress.enqueue(egress.job("stream-full"))
+        result = await egress.result()
+    assert (result.status, result.permanent, result.attempts, result.smtp_code) == ("failed", False, 2, 452)
+    assert result.error == "smtp_4xx: 452 4.2.2 mailbox full"
+    assert len(mx1.data_payloads) == 2
+
+
+async def test_first_mx_down_delivers_via_the_second(
+    start_egress: Callable[..., Awaitable[Harness]], smtp_port: int
+) -> None:
+    egress = await start_egress()
+    with MxSink("127.0.0.3", smtp_port) as mx2:
+        await egress.enqueue(egress.job("stream-mx2"))
+        result = await egress.result()
+    assert result.status == "sent" and result.message_id == mx2.received()[0].queue_id
+
+
+@pytest.mark.parametrize(("domain", "error", "permanent"), [
+    ("nullmx.test", "null_mx", True),
+    ("nowhere.test", "nxdomain", True),
+    ("broken.test", "dns_temporary", False),
+])
+async def test_dns_failures_become_failed_results(
+    start_egress: Callable[..., Awaitable[Harness]], domain: str, error: str, permanent: bool
+) -> None:
+    egress = await start_egress(RELAY_EGRESS_MAX_ATTEMPTS="1")
+    await egress.enqueue(egress.job("stream-dns", rcpt_to=f"user@{domain}"))
+    result = await egress.result()
+    assert (result.status, result.error, result.permanent, result.attempts) == ("failed", error, permanent, 1)
+
+
+async def test_same_job_id_is_delivered_once(
+    start_egress: Callable[..., Awaitable[Harness]], smtp_port: int
+) -> None:
+    egress = await start_egress()
+    with MxSink("127.0.0.2", smtp_port) as mx1:
+        job = egress.job("stream-dup")
+        await egress.enqueue(job)
+        await egress.enqueue(job)  # while queued: arq refuses the duplicate id
+        await egress.result()
+        assert await egress.enqueue(job) is not None  # after completion arq takes it again...
+        await eventually(lambda: _queue_empty(egress))
+        assert len(await egress.results()) == 1  # ...but the job sees the published result
+    assert len(mx1.received()) == 1
+
+
+async def _queue_empty(egress: Harness) -> bool:
+    return await egress.pool.zcard(keys.EGRESS_QUEUE) == 0
+
+
+async def test_dkim_signature_of_the_delivered_message_verifies(
+    start_egress: Callable[..., Awaitable[Harness]], smtp_port: int, tmp_path: Path
+) -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    key_path = tmp_path / "dkim.pem"
+    key_path.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    public = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    record = b"v=DKIM1; k=rsa; p=" + base64.b64encode(public)
+    egress = await start_egress(
+        RELAY_DKIM_ENABLED="true", RELAY_DKIM_DOMAIN_NAME="relay.test", RELAY_DKIM_KEY_SELECTOR="s1",
+        RELAY_DKIM_PRIVATE_KEY_PATH=str(key_path), RELAY_DKIM_HEADER_FIELD_NAMES="from:to:subject",
+    )
+    with MxSink("127.0.0.2", smtp_port) as mx1:
+        await egress.enqueue(egress.job("stream-dkim"))
+        assert (await egress.result()).status == "sent"
+    delivered = mx1.received()[0].data
+    assert delivered.startswith(b"DKIM-Signature:") and delivered.endswith(CRLF_MESSAGE)
+
+    def dnsfunc(name: bytes, timeout: int = 5) -> bytes:
+        return record if name == b"s1._domainkey.relay.test." else b""
+
+    assert dkim.verify(delivered, dnsfunc=dnsfunc)
+    assert b"h=from : to : subject;" in delivered
+
+
+# --- real `protege-relay egress` processes ---------------------------------------------------
+
+
+def sync_results(redis_client: Any, persona_key: str) -> list[DeliveryResult]:
+    return [DeliveryResult.unpack(f[b"r"]) for _, f in redis_client.xrange(keys.results(persona_key))]
+
+
+async def enqueue_once(redis_url: str, job: OutboundJob) -> None:
+    pool = await create_pool(arq_settings(load_config(environ={"RELAY_REDIS_URL": redis_url})))
+    try:
+        await pool.enqueue_job("deliver", job.pack(), _job_id=keys.egress_job_id(job.persona_key, job.stream_id),
+                               _queue_name=keys.EGRESS_QUEUE)
+    finally:
+        await pool.aclose()
+
+
+def test_egress_process_delivers_and_serves_health(
+    spawn: Any, redis_server: EmbeddedRedis, redis_client: Any, dns_server: DnsServer, smtp_port: int,
+    persona_key: str,
+) -> None:
+    http_port = free_port()
+    env = egress_env(redis_server, dns_server, smtp_port, RELAY_EGRESS_HTTP_PORT=str(http_port))
+    process = spawn("egress", port=http_port, **env)
+    job = OutboundJob(persona_key, "stream-proc", f"{persona_key}@relay.test", ["user@example.test"],
+                      BARE_LF_MESSAGE, int(time.time() * 1000))
+    with MxSink("127.0.0.2", smtp_port) as mx1:
+        asyncio.run(enqueue_once(redis_server.url, job))
+        [result] = poll_until(lambda: sync_results(redis_client, persona_key), 15, message="no result from the process")
+        assert (result.status, result.message_id) == ("sent", mx1.received()[0].queue_id)
+    assert mx1.received()[0].data == CRLF_MESSAGE
+    ready = urllib.request.urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=5)
+    assert ready.status == 200
+    metrics_text = urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5).read().decode()
+    assert 'relay_egress_jobs_total{outcome="sent"} 1.0' in metrics_text
+    assert redis_client.sismember(keys.NODES_KEY, redis_client.smembers(keys.NODES_KEY).pop())
+    assert process.terminate(timeout_s=15) == 0
+
+
+def test_job_of_a_killed_worker_runs_again_on_another_and_publishes_once(
+    spawn: Any, redis_server: EmbeddedRedis, redis_client: Any, dns_server: DnsServer, smtp_port: int,
+    persona_key: str,
+) -> None:
+    env = egress_env(redis_server, dns_server, smtp_port, RELAY_EGRESS_JOB_TIMEOUT_SECONDS="3")
+    job = OutboundJob(persona_key, "stream-crash", f"{persona_key}@relay.test", ["user@example.test"],
+                      BARE_LF_MESSAGE, int(time.time() * 1000))
+    with MxSink("127.0.0.2", smtp_port, hold_data=1) as mx1:
+        first = spawn("egress", **env, RELAY_NODE_ID="egress-first")
+        asyncio.run(enqueue_once(redis_server.url, job))
+        assert mx1.holding.wait(15), first.logs()
+        first.kill()
+        mx1.release()
+        started = time.monotonic()
+        spawn("egress", **env, RELAY_NODE_ID="egress-second")
+        [result] = poll_until(lambda: sync_results(redis_client, persona_key), 20, message="no result after the re-run")
+        rerun_s = time.monotonic() - started
+        assert len(mx1.data_payloads) == 2  # at-least-once: the killed attempt had sent DATA
+        assert (result.status, result.attempts) == ("sent", 2)
+        assert result.message_id == mx1.received()[-1].queue_id
+        poll_until(lambda: redis_client.zcard(keys.EGRESS_QUEUE) == 0, 10, message="job still queued")
+        assert len(sync_results(redis_client, persona_key)) == 1
+    assert rerun_s < 12
