@@ -22,6 +22,7 @@ from typing import Any
 import dkim
 import redis.asyncio as aioredis
 from arq import Retry
+from redis.exceptions import RedisError
 
 from services.egress import metrics
 from services.egress.delivery import Deliverer, SmtpSettings, split_recipient
@@ -38,6 +39,7 @@ logger = logging.getLogger("egress.worker")
 
 MAX_BACKOFF_S = 3600.0
 DNS_LIFETIME_S = 10.0
+REDIS_RETRY_DEFER_S = 2.0
 
 
 def backoff_s(attempt: int, base_s: float, remaining_s: float) -> float:
@@ -224,5 +226,10 @@ async def deliver(ctx: dict[str, Any], packed_job: bytes) -> str:
     metrics.JOBS_IN_PROGRESS.inc()
     try:
         return await egress.run(job, attempt=int(ctx.get("job_try", 1)))
+    except RedisError as exc:  # final outcomes already recorded are not sent again on the retry
+        log(logger, logging.WARNING, "redis error; job retried", persona=job.persona_key,
+            stream_id=job.stream_id, error=type(exc).__name__)
+        metrics.JOBS.labels("retry").inc()
+        raise Retry(defer=REDIS_RETRY_DEFER_S) from exc
     finally:
         metrics.JOBS_IN_PROGRESS.dec()
