@@ -7,6 +7,7 @@ subprocesses, exactly as an operator starts them."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ from typing import Any
 
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
 
 from protege_relay.gateway.assembler import InboundAssembler
 from protege_relay.gateway.client import AuthFailed, open_session
@@ -331,3 +333,39 @@ async def test_send_exits_1_and_prints_failures_and_timeouts(tmp_path: Path) -> 
     assert by_recipient["bad@example.com"]["status"] == "failed"
     assert by_recipient["bad@example.com"]["error"] == "550 5.1.1 no such user"
     assert by_recipient["slow@example.com"]["status"] == "timeout"
+
+
+async def test_a_message_that_cannot_be_stored_is_not_acked_and_comes_again(tmp_path: Path) -> None:
+    maildir = tmp_path / "mail"
+    message = b"Subject: retry\r\n\r\nbody\r\n"
+    closes: list[int | None] = []
+    all_done = asyncio.Event()
+
+    async def relay(ws: ServerConnection) -> None:
+        await authenticate(ws, capabilities=["inbound_ack"])
+        if not closes:
+            (maildir / "tmp").rmdir()
+            (maildir / "tmp").write_text("not a directory any more")  # the next write fails
+            await push_message(ws, "q9.0", message)
+            with contextlib.suppress(ConnectionClosed):
+                async for text in ws:
+                    raise AssertionError(f"nothing may be acked when storing failed: {text!r}")
+            closes.append(ws.close_code)
+            (maildir / "tmp").unlink()
+            (maildir / "tmp").mkdir()
+            return
+        await push_message(ws, "q9.0", message)
+        assert (await recv_control(ws))["streamId"] == "q9.0"
+        all_done.set()
+        await ws.wait_closed()
+
+    _, key_path = new_key(tmp_path)
+    async with scripted_relay(relay) as url:
+        gateway = await start_command(tmp_path, "gateway", "--key", str(key_path), "--url", url,
+                                      "--maildir", str(maildir))  # fmt: skip
+        async with asyncio.timeout(STEP_TIMEOUT_S):
+            await all_done.wait()
+        gateway.terminate()
+        assert await wait_exit(gateway) == 0
+    assert closes == [1011]
+    assert stored(maildir) == [message]

@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import signal
+import time
 from dataclasses import dataclass
 
 from websockets.exceptions import ConnectionClosed
@@ -37,6 +38,7 @@ from shared.protocol import (
 CAPABILITY_INBOUND_ACK = "inbound_ack"
 RECONNECT_BASE_S = 0.25
 RECONNECT_CAP_S = 30.0
+STABLE_SESSION_S = 10.0
 CLOSE_INTERNAL_ERROR = 1011
 EXIT_OK = 0
 EXIT_AUTH_REFUSED = 3
@@ -143,8 +145,12 @@ class InboundReceiver:
             except GatewayError as exc:
                 log(logger, logging.WARNING, "relay unreachable", url=url, error=str(exc))
             else:
+                connected_at = time.monotonic()
                 replaced = await self._serve(session)
-                attempt = attempt + 1 if replaced else 0
+                # Only a session that lasted resets the backoff: a relay that accepts us and
+                # drops us at once (or another gateway with our key) must not cause a hot loop.
+                if not replaced and time.monotonic() - connected_at >= STABLE_SESSION_S:
+                    attempt = 0
             url_index += 1
             delay_s = reconnect_delay_s(attempt, cap_s=self._reconnect_cap_s)
             attempt += 1
