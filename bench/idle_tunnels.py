@@ -36,14 +36,14 @@ def settled_rss_kib(pid: int) -> int:
     return previous
 
 
-def open_clients(bench: Bench, url: str, count: int, salt: str) -> list[subprocess.Popen[bytes]]:
+def open_clients(bench: Bench, url: str, count: int, salt: str, *extra: str) -> list[subprocess.Popen[bytes]]:
     clients = []
     remaining, index = count, 0
     while remaining > 0:
         share = min(CONNECTIONS_PER_CLIENT, remaining)
         clients.append(subprocess.Popen(
             [sys.executable, "-m", "bench.loadgen_idle", "--url", url, "--count", str(share),
-             "--salt", f"{salt}-{index}"],
+             "--salt", f"{salt}-{index}", *extra],
             env=bench.env(), cwd=REPO_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL, preexec_fn=raise_fd_limit,
         ))

@@ -28,11 +28,12 @@ async def run(args: argparse.Namespace) -> None:
     connections: list[ClientConnection] = []
     pending = iter(range(args.count))
     started = time.perf_counter()
+    options: dict[str, object] = {"compression": None} if args.no_compression else {}
 
     async def opener() -> None:
         for index in pending:
             try:
-                connection, _ = await open_gateway(args.url, bench_passport(index, args.salt))
+                connection, _ = await open_gateway(args.url, bench_passport(index, args.salt), **options)
             except AuthRefused as exc:
                 counters[f"refused_{exc}"] += 1
                 continue
@@ -60,6 +61,8 @@ def main() -> None:
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--salt", default="idle")
+    parser.add_argument("--no-compression", action="store_true",
+                        help="do not offer permessage-deflate (diagnostic: its per-socket zlib state)")
     args = parser.parse_args()
     import uvloop
 
