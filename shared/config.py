@@ -68,6 +68,9 @@ class SmtpConfig:
     commandTimeoutSeconds: int = _field(300, minimum=1)
     tls: TlsFilesConfig = _field(TlsFilesConfig())
     httpPort: int = _field(9025, minimum=0)
+    evaluateSenderAuth: bool = False  # SPF/DKIM/DMARC + Authentication-Results; implied by attestation.enabled
+    authNameservers: list[str] = _field([])  # "ip:port" for sender-auth DNS; empty = system resolver
+    senderAuthTimeoutMs: int = _field(4000, minimum=100)  # whole SPF+DKIM+DMARC budget; over it = unknown
 
 
 @dataclasses.dataclass(frozen=True)
