@@ -78,7 +78,10 @@ def check_response(
         return CHALLENGE_ALREADY_USED
     if now_ms >= record.expires_at_ms:
         return CHALLENGE_EXPIRED
-    signature = decode_signature(signature_base64)
+    try:
+        signature = decode_signature(signature_base64)
+    except ValueError:  # non-ASCII text: shared.identity only maps binascii errors to b""
+        signature = b""
     if not signature:
         return INVALID_SIGNATURE_ENCODING
     public_key = decode_public_key(record.persona_key)

@@ -50,10 +50,12 @@ def check_sender(mail_from: str, persona_key: str, mail_domains: list[str]) -> s
 
 def check_recipient(rcpt_to: str) -> str | None:
     """One `local@domain` address, nothing that could smuggle SMTP syntax."""
+    if any(ch in rcpt_to for ch in "\r\n\0"):
+        return INVALID_RECIPIENT
     address = _bare(rcpt_to)
     if "," in address and all(part.strip() for part in address.split(",")):
         return TOO_MANY_RECIPIENTS
-    if any(ch in address for ch in "\r\n\0") or not _ADDRESS.fullmatch(address):
+    if not _ADDRESS.fullmatch(address):
         return INVALID_RECIPIENT
     local_part, _, domain = address.rpartition("@")
     if not local_part or not domain or len(address) > 320:
