@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -99,14 +99,29 @@ def stored(maildir: Path) -> list[bytes]:
     return [(folder / name).read_bytes() for name in sorted(os.listdir(folder))] if folder.exists() else []
 
 
-async def start_command(tmp_path: Path, *args: str) -> asyncio.subprocess.Process:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "PROTEGE_GATEWAY_"))}
-    env.update(PYTHONPATH=str(REPO_ROOT), PROTEGE_GATEWAY_RECONNECT_CAP_S="0.5")
-    log = (tmp_path / "command.log").open("ab")
-    return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "protege_relay.cli", *args,
-        cwd=REPO_ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=log,
-    )  # fmt: skip
+Launch = Callable[..., Awaitable[asyncio.subprocess.Process]]
+
+
+@pytest.fixture
+def launch(tmp_path: Path) -> Iterator[Launch]:
+    """launch(*args) starts `protege-relay *args`; anything still running is killed at teardown."""
+    started: list[asyncio.subprocess.Process] = []
+
+    async def start(*args: str) -> asyncio.subprocess.Process:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "PROTEGE_GATEWAY_"))}
+        env.update(PYTHONPATH=str(REPO_ROOT), PROTEGE_GATEWAY_RECONNECT_CAP_S="0.5")
+        with (tmp_path / "command.log").open("ab") as log:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "protege_relay.cli", *args,
+                cwd=REPO_ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=log,
+            )  # fmt: skip
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGKILL)
 
 
 async def poll_async(predicate: Callable[[], bool], interval_s: float = 0.02) -> None:
@@ -157,7 +172,7 @@ async def test_auth_error_is_fatal_only_when_retrying_cannot_help(code: str, fat
     assert (refused.value.code, refused.value.fatal) == (code, fatal)
 
 
-async def test_gateway_exits_non_zero_when_the_relay_refuses_its_key(tmp_path: Path) -> None:
+async def test_gateway_exits_non_zero_when_the_relay_refuses_its_key(tmp_path: Path, launch: Launch) -> None:
     async def relay(ws: ServerConnection) -> None:
         await recv_control(ws)
         await ws.send(auth_error("invalid_signature"))
@@ -165,14 +180,14 @@ async def test_gateway_exits_non_zero_when_the_relay_refuses_its_key(tmp_path: P
 
     _, key_path = new_key(tmp_path)
     async with scripted_relay(relay) as url:
-        gateway = await start_command(tmp_path, "gateway", "--key", str(key_path), "--url", url,
+        gateway = await launch("gateway", "--key", str(key_path), "--url", url,
                                       "--maildir", str(tmp_path / "mail"))  # fmt: skip
         assert await wait_exit(gateway) == EXIT_AUTH_REFUSED
 
 
-async def test_gateway_with_an_unreadable_key_exits_2(tmp_path: Path) -> None:
+async def test_gateway_with_an_unreadable_key_exits_2(tmp_path: Path, launch: Launch) -> None:
     (tmp_path / "bad.key").write_text("not a key")
-    gateway = await start_command(tmp_path, "gateway", "--key", str(tmp_path / "bad.key"),
+    gateway = await launch("gateway", "--key", str(tmp_path / "bad.key"),
                                   "--maildir", str(tmp_path / "mail"))  # fmt: skip
     assert await wait_exit(gateway) == 2
 
@@ -180,7 +195,9 @@ async def test_gateway_with_an_unreadable_key_exits_2(tmp_path: Path) -> None:
 # --- receiving ----------------------------------------------------------------------------------
 
 
-async def test_gateway_acks_only_stored_messages_dedupes_and_reconnects_when_replaced(tmp_path: Path) -> None:
+async def test_gateway_acks_only_stored_messages_dedupes_and_reconnects_when_replaced(
+    tmp_path: Path, launch: Launch
+) -> None:
     maildir = tmp_path / "mail"
     first, second = b"Subject: one\r\n\r\n" + b"1" * (MAX_CHUNK_BYTES + 5), b"Subject: two\r\n\r\nshort\r\n"
     sessions: list[dict[str, Any]] = []
@@ -214,7 +231,7 @@ async def test_gateway_acks_only_stored_messages_dedupes_and_reconnects_when_rep
 
     _, key_path = new_key(tmp_path)
     async with scripted_relay(relay) as url:
-        gateway = await start_command(tmp_path, "gateway", "--key", str(key_path), "--url", url,
+        gateway = await launch("gateway", "--key", str(key_path), "--url", url,
                                       "--maildir", str(maildir))  # fmt: skip
         async with asyncio.timeout(STEP_TIMEOUT_S):
             await all_done.wait()
@@ -227,7 +244,7 @@ async def test_gateway_acks_only_stored_messages_dedupes_and_reconnects_when_rep
     assert "replaced by a newer session" in log and "duplicate message skipped" in log
 
 
-async def test_gateway_sends_no_acks_unless_the_relay_agreed_to_them(tmp_path: Path) -> None:
+async def test_gateway_sends_no_acks_unless_the_relay_agreed_to_them(tmp_path: Path, launch: Launch) -> None:
     """Covers --no-ack and an original relay that ignores capabilities: both must never see an
     smtp_ack (the original closes a socket that sends text after auth)."""
     maildir = tmp_path / "mail"
@@ -254,7 +271,7 @@ async def test_gateway_sends_no_acks_unless_the_relay_agreed_to_them(tmp_path: P
 
     _, key_path = new_key(tmp_path)
     async with scripted_relay(relay) as url:
-        gateway = await start_command(tmp_path, "gateway", "--key", str(key_path), "--url", url,
+        gateway = await launch("gateway", "--key", str(key_path), "--url", url,
                                       "--maildir", str(maildir), "--no-ack")  # fmt: skip
         async with asyncio.timeout(STEP_TIMEOUT_S):
             await all_done.wait()
@@ -269,7 +286,7 @@ async def test_gateway_sends_no_acks_unless_the_relay_agreed_to_them(tmp_path: P
 
 
 async def run_send_against(
-    tmp_path: Path, outcomes: dict[str, str | None], message: bytes, *extra: str
+    tmp_path: Path, launch: Launch, outcomes: dict[str, str | None], message: bytes, *extra: str
 ) -> tuple[int, list[dict[str, Any]], list[dict[str, Any]]]:
     """Run `protege-relay send` to the recipients in `outcomes` (recipient -> "sent", "failed",
     or None for no answer); returns (exit code, printed lines, streams the relay received)."""
@@ -300,7 +317,7 @@ async def run_send_against(
     (tmp_path / "out.eml").write_bytes(message)
     recipients = [arg for rcpt in outcomes for arg in ("--to", rcpt)]
     async with scripted_relay(relay) as url:
-        sender = await start_command(tmp_path, "send", "--key", str(key_path), "--url", url, "--from",
+        sender = await launch("send", "--key", str(key_path), "--url", url, "--from",
                                      "me@localhost", *recipients, *extra, str(tmp_path / "out.eml"))  # fmt: skip
         assert sender.stdout is not None
         async with asyncio.timeout(STEP_TIMEOUT_S):
@@ -309,10 +326,12 @@ async def run_send_against(
     return code, [json.loads(line) for line in output.decode().splitlines()], received
 
 
-async def test_send_uses_one_uuid_stream_per_recipient_with_lf_endings_and_exits_0(tmp_path: Path) -> None:
+async def test_send_uses_one_uuid_stream_per_recipient_with_lf_endings_and_exits_0(
+    tmp_path: Path, launch: Launch
+) -> None:
     message = b"Subject: out\r\n\r\n" + b"x" * (2 * MAX_CHUNK_BYTES) + b"\r\nend\r\n"
     code, lines, received = await run_send_against(
-        tmp_path, {"bob@example.com": "sent", "carol@example.com": "sent"}, message
+        tmp_path, launch, {"bob@example.com": "sent", "carol@example.com": "sent"}, message
     )
     assert code == 0
     assert [r["rcpt_to"] for r in received] == ["bob@example.com", "carol@example.com"]
@@ -323,9 +342,9 @@ async def test_send_uses_one_uuid_stream_per_recipient_with_lf_endings_and_exits
     ]
 
 
-async def test_send_exits_1_and_prints_failures_and_timeouts(tmp_path: Path) -> None:
+async def test_send_exits_1_and_prints_failures_and_timeouts(tmp_path: Path, launch: Launch) -> None:
     code, lines, _ = await run_send_against(
-        tmp_path, {"bad@example.com": "failed", "slow@example.com": None}, b"Subject: x\n\nbody\n",
+        tmp_path, launch, {"bad@example.com": "failed", "slow@example.com": None}, b"Subject: x\n\nbody\n",
         "--timeout", "1",
     )  # fmt: skip
     assert code == 1
@@ -335,7 +354,7 @@ async def test_send_exits_1_and_prints_failures_and_timeouts(tmp_path: Path) -> 
     assert by_recipient["slow@example.com"]["status"] == "timeout"
 
 
-async def test_a_message_that_cannot_be_stored_is_not_acked_and_comes_again(tmp_path: Path) -> None:
+async def test_a_message_that_cannot_be_stored_is_not_acked_and_comes_again(tmp_path: Path, launch: Launch) -> None:
     maildir = tmp_path / "mail"
     message = b"Subject: retry\r\n\r\nbody\r\n"
     closes: list[int | None] = []
@@ -361,7 +380,7 @@ async def test_a_message_that_cannot_be_stored_is_not_acked_and_comes_again(tmp_
 
     _, key_path = new_key(tmp_path)
     async with scripted_relay(relay) as url:
-        gateway = await start_command(tmp_path, "gateway", "--key", str(key_path), "--url", url,
+        gateway = await launch("gateway", "--key", str(key_path), "--url", url,
                                       "--maildir", str(maildir))  # fmt: skip
         async with asyncio.timeout(STEP_TIMEOUT_S):
             await all_done.wait()
