@@ -4,6 +4,7 @@ gateway has them (smtp_ack, or the pong after smtp_end for legacy gateways)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 
@@ -202,3 +203,45 @@ async def test_outbound_role_socket_gets_no_inbound_mail(tunnel: RunningTunnel, 
     assert outbound.inbound.empty()
     await inbound.close()
     await outbound.close()
+
+
+async def test_unacked_message_is_sent_again_after_ack_timeout(redis_server: EmbeddedRedis) -> None:
+    running = await RunningTunnel(redis_server.url, RELAY_WS_ACK_TIMEOUT_MS="300").start()
+    try:
+        passport = Passport.generate()
+        redis_client = redis.Redis.from_url(redis_server.url)
+        entry = add_inbox_entry(redis_client, passport.persona_key, b"again\r\n")
+        client = await GatewayClient.open(running.url)
+        await client.authenticate(passport, capabilities=ACK)
+        assert (await client.next_inbound()).stream_id == entry.stream_id
+        again = await client.next_inbound(timeout_s=5)  # no ack sent: same socket, same stream id
+        assert again.stream_id == entry.stream_id
+        await client.ack(again.stream_id)
+        await eventually(lambda: inbox_empty(redis_client, passport.persona_key))
+        await client.close()
+        redis_client.close()
+    finally:
+        await running.stop()
+
+
+async def test_silent_socket_is_closed_1001_and_ponging_one_is_kept(redis_server: EmbeddedRedis) -> None:
+    running = await RunningTunnel(
+        redis_server.url, RELAY_WS_HEARTBEAT_INTERVAL_MS="100", RELAY_WS_IDLE_TIMEOUT_MS="400"
+    ).start()
+    try:
+        silent = await RawWsClient.open("127.0.0.1", running.port)
+        lively = await GatewayClient.open(running.url)  # websockets answers pings by itself
+        while True:
+            opcode, payload = await silent.next_frame(timeout_s=5)
+            if opcode == Opcode.CLOSE:
+                break
+            assert opcode == Opcode.PING  # heartbeat pings, which this client never answers
+        assert int.from_bytes(payload[:2], "big") == 1001
+        # Three idle periods later the ponging client is still served.
+        await asyncio.sleep(1.2)
+        await lively.send_json({"type": "auth_challenge_request", "publicKeyBase32": Passport.generate().persona_key})
+        assert (await lively.next_text())["type"] == "auth_challenge"
+        await lively.close()
+        silent.close()
+    finally:
+        await running.stop()
