@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import signal
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -204,6 +205,34 @@ async def test_retries_stop_at_max_attempts_with_the_last_temporary_error(
     assert len(mx1.data_payloads) == 2
 
 
+async def test_no_retry_past_the_max_age(start_egress: Callable[..., Awaitable[Harness]], smtp_port: int) -> None:
+    egress = await start_egress(RELAY_EGRESS_MAX_AGE_SECONDS="60")
+    with MxSink("127.0.0.2", smtp_port, data_replies=["421 4.4.2 closing"] * 5) as mx1:
+        job = egress.job("stream-old")
+        stale = OutboundJob(job.persona_key, job.stream_id, job.mail_from, job.rcpt_to, job.data,
+                            int((time.time() - 61) * 1000))
+        await egress.enqueue(stale)
+        result = await egress.result()
+    assert (result.status, result.permanent, result.attempts, result.smtp_code) == ("failed", False, 1, 421)
+    assert len(mx1.data_payloads) == 1
+
+
+async def test_rerun_beyond_max_attempts_publishes_a_failure_without_sending(
+    start_egress: Callable[..., Awaitable[Harness]], smtp_port: int
+) -> None:
+    egress = await start_egress(RELAY_EGRESS_MAX_ATTEMPTS="2")
+    job = egress.job("stream-crashed-often")
+    with MxSink("127.0.0.2", smtp_port) as mx1:
+        await egress.pool.enqueue_job(  # as if two earlier tries had died with their workers
+            "deliver", job.pack(), _job_id=keys.egress_job_id(job.persona_key, job.stream_id),
+            _queue_name=keys.EGRESS_QUEUE, _job_try=3,
+        )
+        result = await egress.result()
+    assert (result.status, result.error, result.permanent, result.attempts) == (
+        "failed", "max_attempts_exceeded", False, 3)
+    assert mx1.data_payloads == []
+
+
 async def test_first_mx_down_delivers_via_the_second(
     start_egress: Callable[..., Awaitable[Harness]], smtp_port: int
 ) -> None:
@@ -334,3 +363,23 @@ def test_job_of_a_killed_worker_runs_again_on_another_and_publishes_once(
         poll_until(lambda: redis_client.zcard(keys.EGRESS_QUEUE) == 0, 10, message="job still queued")
         assert len(sync_results(redis_client, persona_key)) == 1
     assert rerun_s < 12
+
+
+def test_sigterm_lets_a_running_delivery_finish_before_exit(
+    spawn: Any, redis_server: EmbeddedRedis, redis_client: Any, dns_server: DnsServer, smtp_port: int,
+    persona_key: str,
+) -> None:
+    job = OutboundJob(persona_key, "stream-drain", f"{persona_key}@relay.test", ["user@example.test"],
+                      BARE_LF_MESSAGE, int(time.time() * 1000))
+    with MxSink("127.0.0.2", smtp_port, hold_data=1) as mx1:
+        egress = spawn("egress", **egress_env(redis_server, dns_server, smtp_port))
+        asyncio.run(enqueue_once(redis_server.url, job))
+        assert mx1.holding.wait(15), egress.logs()
+        assert egress.process is not None
+        egress.process.send_signal(signal.SIGTERM)
+        poll_until(lambda: '"running":1' in egress.logs(), 10, message="no drain started")
+        assert egress.process.poll() is None  # still draining the held delivery
+        mx1.release()
+        assert egress.process.wait(timeout=15) == 0
+    [result] = sync_results(redis_client, persona_key)
+    assert (result.status, result.attempts, result.message_id) == ("sent", 1, mx1.received()[0].queue_id)

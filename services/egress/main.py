@@ -5,7 +5,8 @@ heartbeat. Timing: one attempt may take `egress.jobTimeoutSeconds`; arq cancels 
 after that, and the job's in-progress key lives a little longer still, so a job whose worker
 died is picked up again by another worker about `jobTimeoutSeconds + 3 s` after it started
 (arq's default would add 10 s more). Shutdown: stop taking jobs, let running ones finish for up
-to `DRAIN_TIMEOUT_S`, then cancel the rest, which arq hands back to the queue.
+to one whole attempt (`jobTimeoutSeconds` + the publish margin: deploy/ sizes the stop grace
+period on this), then cancel the rest, which arq hands back to the queue.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ POLL_DELAY_S = 0.1
 PUBLISH_MARGIN_S = 2  # after the attempt budget: time to record and publish the result
 IN_PROGRESS_GRACE_S = 1
 CRASH_RERUNS_ALLOWED = 3  # arq tries beyond maxAttempts, so a crashed last try still publishes
-DRAIN_TIMEOUT_S = 20.0
 RESTART_DELAY_S = 1.0
 
 
@@ -90,7 +90,10 @@ class EgressService:
 
     async def _drain(self, worker: Worker) -> None:
         worker.allow_pick_jobs = False
-        deadline = asyncio.get_running_loop().time() + DRAIN_TIMEOUT_S
+        log(logger, logging.INFO, "stopping: draining running jobs",
+            running=sum(not task.done() for task in worker.tasks.values()))
+        drain_timeout_s = self._config.egress.jobTimeoutSeconds + PUBLISH_MARGIN_S
+        deadline = asyncio.get_running_loop().time() + drain_timeout_s
         while any(not task.done() for task in worker.tasks.values()):
             if asyncio.get_running_loop().time() > deadline:
                 log(logger, logging.WARNING, "drain timeout; handing running jobs back to the queue")
