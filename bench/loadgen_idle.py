@@ -14,6 +14,7 @@ import collections
 import json
 import sys
 import time
+from typing import Any
 
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import WebSocketException
@@ -28,7 +29,7 @@ async def run(args: argparse.Namespace) -> None:
     connections: list[ClientConnection] = []
     pending = iter(range(args.count))
     started = time.perf_counter()
-    options: dict[str, object] = {"compression": None} if args.no_compression else {}
+    options: dict[str, Any] = {"compression": None} if args.no_compression else {}
 
     async def opener() -> None:
         for index in pending:

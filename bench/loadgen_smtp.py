@@ -34,7 +34,7 @@ async def session(
     connection = await asyncio.wait_for(SmtpConnection.open("127.0.0.1", args.port), CONNECT_TIMEOUT_S)
     counters["connected"] += 1
     await go.wait()
-    start, end = window
+    end = window[1]
     rcpt_to = recipients[index % len(recipients)]
     try:
         while time.perf_counter() < end:

@@ -12,11 +12,19 @@ import argparse
 import json
 import sys
 import time
+from typing import Any
 
 import redis.asyncio as aioredis
 from websockets.asyncio.client import connect
 
-from bench.gateway import INBOUND_ACK, MAX_MESSAGE_BYTES, ack_message, bench_passport, negotiated_extensions, open_gateway
+from bench.gateway import (
+    INBOUND_ACK,
+    MAX_MESSAGE_BYTES,
+    ack_message,
+    bench_passport,
+    negotiated_extensions,
+    open_gateway,
+)
 from bench.smtp_client import make_message
 from shared import keys
 from shared.identity import persona_address
@@ -29,7 +37,7 @@ async def run_relay(args: argparse.Namespace) -> dict[str, object]:
     passport = bench_passport(0, args.salt)
     persona_key = passport.persona_key
     message = make_message(args.bytes)
-    options: dict[str, object] = {"compression": None} if args.no_compression else {}
+    options: dict[str, Any] = {"compression": None} if args.no_compression else {}
     connection, _ = await open_gateway(args.url, passport, [INBOUND_ACK], **options)
     redis = aioredis.Redis.from_url(args.redis_url)
     try:
