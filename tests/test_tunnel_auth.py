@@ -369,3 +369,22 @@ async def test_raw_client_sees_the_same_auth_flow(tunnel: RunningTunnel) -> None
 
 def test_close_codes_match_the_protocol() -> None:
     assert (protocol.CLOSE_AUTH_FAILED, protocol.CLOSE_RATE_LIMITED, protocol.CLOSE_REPLACED) == (4401, 4408, 4400)
+
+
+async def test_auth_rate_is_per_forwarded_client_behind_a_trusted_proxy(redis_server: EmbeddedRedis) -> None:
+    running = await RunningTunnel(
+        redis_server.url,
+        RELAY_RATE_LIMITS_WS_AUTH_ATTEMPTS_PER_MINUTE_PER_IP="1",
+        RELAY_WS_TRUSTED_PROXIES="127.0.0.1",
+    ).start()
+    try:
+        key = Passport.generate().persona_key
+        for forwarded_for in ("198.51.100.1", "198.51.100.2"):
+            client = await GatewayClient.open(running.url, additional_headers={"X-Forwarded-For": forwarded_for})
+            assert (await client.request_challenge(key))["type"] == "auth_challenge"
+            await client.close()
+        again = await GatewayClient.open(running.url, additional_headers={"X-Forwarded-For": "198.51.100.1"})
+        await again.send_json({"type": "auth_challenge_request", "publicKeyBase32": key})
+        await expect_auth_error(again, "rate_limited", close_code=4408)
+    finally:
+        await running.stop()

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("relay.tunnel.connection")
 
 GOING_AWAY_REASON = "going_away"
+INTERNAL_ERROR_CODE = 1011
 IDLE_REASON = "idle_timeout"
 
 
@@ -73,6 +74,7 @@ class TunnelConnection:
         self._last_heard = time.monotonic()
         self._challenge_requested = False
         self.claimed_inbound = False
+        self._attempted_key: str | None = None
         self._closing = False
 
     @property
@@ -100,6 +102,12 @@ class TunnelConnection:
                     break
         except ConnectionClosed:
             pass
+        except Exception as exc:  # e.g. Redis unreachable mid-auth: the gateway retries later
+            log(
+                logger, logging.ERROR, "connection failed",
+                socket_id=self.socket_id, persona=self.persona_key, error=repr(exc),
+            )
+            await self.close(INTERNAL_ERROR_CODE, "internal_error")
         finally:
             metrics.CONNECTIONS_OPEN.dec()
             for task in list(self._tasks):
@@ -194,6 +202,8 @@ class TunnelConnection:
             if isinstance(action, SendText):
                 await self.ws.send(action.text)
             elif isinstance(action, Close):
+                if action.code in (protocol.CLOSE_AUTH_FAILED, protocol.CLOSE_RATE_LIMITED):
+                    self._auth_outcome(action.reason)
                 await self.close(action.code, action.reason)
             elif isinstance(action, IssueChallenge):
                 await self._issue_challenge(action)
@@ -210,12 +220,16 @@ class TunnelConnection:
             elif isinstance(action, OutboundDropped):
                 self._outbound_outcome(action.stream_id, action.reason)
 
-    async def _auth_failed(self, code: str, persona_key: str | None = None) -> None:
+    def _auth_outcome(self, code: str) -> None:
         metrics.AUTH_OUTCOMES.labels(code=code).inc()
         log(
-            logger, logging.INFO, "auth refused",
-            code=code, socket_id=self.socket_id, persona=persona_key, client_ip=self.client_ip,
+            logger, logging.INFO, "auth refused" if self.persona_key is None else "socket refused",
+            code=code, socket_id=self.socket_id, persona=self.persona_key or self._attempted_key,
+            client_ip=self.client_ip,
         )
+
+    async def _auth_failed(self, code: str, persona_key: str | None = None) -> None:
+        self._attempted_key = persona_key
         await self._perform(self.session.auth_failed(code))
 
     async def _issue_challenge(self, action: IssueChallenge) -> None:

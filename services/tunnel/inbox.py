@@ -181,7 +181,8 @@ class InboxDelivery:
         next_cursor = reply[0]
         self._claim_cursor = None if next_cursor in (b"0-0", "0-0") else next_cursor
         in_flight = {item.entry_id for item in self._in_flight}
-        return await self._parse([item for item in reply[1] if item and item[0] not in in_flight])
+        claimed = [item for item in reply[1] if item and item[0] is not None and item[0] not in in_flight]
+        return await self._parse(claimed)
 
     async def _parse(self, raw: list[Any]) -> list[tuple[bytes, InboxEntry]]:
         """Decode entries; drop (ack and delete) ones that were deleted or cannot be read."""
