@@ -245,3 +245,22 @@ async def test_silent_socket_is_closed_1001_and_ponging_one_is_kept(redis_server
         silent.close()
     finally:
         await running.stop()
+
+
+async def test_unreadable_entry_is_dropped_and_does_not_block_the_inbox(
+    tunnel: RunningTunnel, redis_client: redis.Redis
+) -> None:
+    passport = Passport.generate()
+    pk = passport.persona_key
+    redis_client.xadd(keys.inbox(pk), {b"m": b"\xc1 not msgpack"})
+    redis_client.xadd(keys.inbox(pk), {b"other": b"field"})
+    poison = InboxEntry("q" * 300, 0, "a@b.c", f"{pk}@relay.test", b"x", 1, "192.0.2.1")
+    redis_client.xadd(keys.inbox(pk), {b"m": poison.pack()})
+    good = add_inbox_entry(redis_client, pk, b"still delivered")
+    client = await GatewayClient.open(tunnel.url)
+    await client.authenticate(passport, capabilities=ACK)
+    message = await client.next_inbound()
+    assert message.stream_id == good.stream_id
+    await client.ack(message.stream_id)
+    await eventually(lambda: inbox_empty(redis_client, pk))
+    await client.close()

@@ -189,7 +189,10 @@ class InboxDelivery:
         parsed: list[tuple[bytes, InboxEntry]] = []
         for entry_id, fields in raw:
             try:
-                parsed.append((entry_id, InboxEntry.unpack(fields[b"m"])))
+                entry = InboxEntry.unpack(fields[b"m"])
+                if len(entry.stream_id.encode("utf-8")) > protocol.MAX_STREAM_ID_BYTES:
+                    raise ValueError("stream id too long for a frame")
+                parsed.append((entry_id, entry))
             except (KeyError, TypeError, ValueError, msgpack.UnpackException):
                 log(logger, logging.WARNING, "unreadable inbox entry dropped", persona=self.persona_key)
                 async with self._redis.pipeline(transaction=True) as pipe:
