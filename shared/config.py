@@ -261,10 +261,11 @@ def _parse_env_value(raw: str, hint: Any, path: tuple[str, ...]) -> Any:
                 return json.loads(stripped)
             except ValueError:
                 raise ConfigError(f"{_env_name(path)} is not valid JSON") from None
+        if str in kinds:
+            return raw
         if list in kinds:
             return [item.strip() for item in stripped.split(",") if item.strip()]
-        if str not in kinds:
-            raise ConfigError(f"{_env_name(path)} must be a JSON object")
+        raise ConfigError(f"{_env_name(path)} must be a JSON object")
     return raw
 
 

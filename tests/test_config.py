@@ -114,6 +114,7 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
         "RELAY_EGRESS_ROUTES": '{"sink.test":"127.0.0.1:2525"}',
         "RELAY_EGRESS_TLS_VERIFY": "true",
         "RELAY_SMTP_ENABLED": "0",
+        "RELAY_DKIM_HEADER_FIELD_NAMES": "from:to:subject",
     }
     config = load_config(write(tmp_path, ORIGINAL_FULL_CONFIG), environ=environ)
     assert config.smtp.port == 2600 and config.smtp.enabled is False
@@ -121,6 +122,7 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
     assert config.mailDomains == ["relay.test", "other.test"]
     assert config.egress.routes == {"sink.test": "127.0.0.1:2525"}
     assert config.egress.tls.verify is True
+    assert config.dkim.headerFieldNames == "from:to:subject"
 
 
 @pytest.mark.parametrize(
