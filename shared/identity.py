@@ -72,7 +72,7 @@ def decode_signature(text: str) -> bytes:
     cleaned += "=" * (-len(cleaned) % 4)
     try:
         return base64.b64decode(cleaned, validate=True)
-    except binascii.Error:
+    except ValueError:  # binascii.Error, and non-ASCII text
         return b""
 
 

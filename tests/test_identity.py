@@ -49,7 +49,7 @@ def test_unpadded_and_urlsafe_signatures_are_accepted() -> None:
     assert decode_signature(base64.urlsafe_b64encode(raw).decode().rstrip("=")) == raw
 
 
-@pytest.mark.parametrize("signature", ["", "!!!!", "AAAA", CHALLENGE_SIGNATURE[:-4]])
+@pytest.mark.parametrize("signature", ["", "!!!!", "AAAA", CHALLENGE_SIGNATURE[:-4], "é" * 88])
 def test_bad_signatures_do_not_verify(signature: str) -> None:
     assert not verify_signature(RFC8032_PUBLIC, CHALLENGE_TEXT, decode_signature(signature))
 
