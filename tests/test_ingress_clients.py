@@ -55,6 +55,7 @@ def tls_ingress(start_ingress: StartIngress, certificate_authority: trustme.CA, 
     cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
     server_cert.cert_chain_pems[0].write_to_path(str(cert_path))
     server_cert.private_key_pem.write_to_path(str(key_path))
+    key_path.chmod(0o600)  # shared.secrets refuses a key others can read
     return start_ingress(RELAY_SMTP_TLS_CERT_PATH=str(cert_path), RELAY_SMTP_TLS_KEY_PATH=str(key_path))
 
 

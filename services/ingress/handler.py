@@ -5,6 +5,11 @@ aiosmtpd parses commands, dot-unstuffs DATA and enforces line and size limits; i
 counters), decisions from `policy`, and a message is answered 250 only after `enqueue`
 confirmed the MULTI/EXEC. Any Redis trouble is `451 4.3.0`, never a 250.
 
+When sender authentication is on (`smtp.evaluateSenderAuth`, implied by `attestation.enabled`)
+DATA also runs SPF/DKIM/DMARC (`sender_auth`), adds an Authentication-Results header below
+the Received header, and, with an attestation key, signs the signals for each recipient's
+smtp_start (PROTOCOL.md part E).
+
 Several RCPTs routing to the same persona each get their own inbox entry (recipient index
 `n` in the stream id `<queue_id>.<n>`), exactly as written: a gateway sees one delivery per
 address the sender used, e.g. both `key+a@` and `key+b@`, which is what `+tag` users expect.
@@ -27,8 +32,17 @@ from services.ingress import metrics, policy, ratelimit
 from services.ingress.enqueue import Delivery, EnqueueFailed, enqueue, new_queue_id
 from services.ingress.policy import InboxState, Reply
 from services.ingress.received import TraceInfo, received_header
+from services.ingress.sender_auth import (
+    SenderAuthenticator,
+    SenderAuthVerdict,
+    SenderFacts,
+    authentication_results,
+    strip_our_authentication_results,
+)
 from shared import keys
+from shared.attestation import AttestationContext, create_attestation
 from shared.config import RelayConfig
+from shared.identity import Passport
 from shared.logs import log
 from shared.payloads import InboxEntry
 from shared.wakeup import WakeupKind, wake_owner
@@ -50,6 +64,11 @@ class IngressSession(Session):
         self.reverse_looked_up = False
 
 
+def _mail_from(envelope: Envelope) -> str:
+    """MAIL FROM as stored and framed: "" for the null sender."""
+    return "" if envelope.mail_from in (None, NULL_SENDER) else str(envelope.mail_from)
+
+
 def client_ip_of(session: Session) -> str:
     peer: Any = session.peer
     if isinstance(peer, tuple) and peer:
@@ -58,10 +77,20 @@ def client_ip_of(session: Session) -> str:
 
 
 class IngressHandler:
-    def __init__(self, redis: aioredis.Redis, config: RelayConfig, hostname: str) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        config: RelayConfig,
+        hostname: str,
+        *,
+        sender_auth: SenderAuthenticator | None = None,
+        attestation_signer: Passport | None = None,
+    ) -> None:
         self._redis = redis
         self._config = config
         self._hostname = hostname
+        self._sender_auth = sender_auth
+        self._attestation_signer = attestation_signer
         self._connection_limit = ratelimit.RateLimit(
             ratelimit.RateKind.SMTP_CONNECTION,
             config.rateLimits.smtpConnectionsPerMinutePerIp,
@@ -150,7 +179,10 @@ class IngressHandler:
             return str(self._refuse(policy.MESSAGE_TOO_LARGE, client_ip=client_ip))
 
         queue_id = new_queue_id()
-        deliveries = self._deliveries(queue_id, session, envelope, content, await self._reverse_name(session))
+        verdict = await self._authenticate_sender(session, envelope, content)
+        deliveries = self._deliveries(
+            queue_id, session, envelope, content, await self._reverse_name(session), verdict
+        )
         started_s = time.perf_counter()
         try:
             await enqueue(self._redis, deliveries)
@@ -179,9 +211,30 @@ class IngressHandler:
         """Let pending best-effort wake-ups finish (briefly) before Redis is closed."""
         if self._background:
             await asyncio.wait(self._background, timeout=2)
+        if self._sender_auth is not None:
+            self._sender_auth.close()
+
+    async def _authenticate_sender(
+        self, session: Session, envelope: Envelope, content: bytes
+    ) -> SenderAuthVerdict | None:
+        if self._sender_auth is None:
+            return None
+        facts = SenderFacts(client_ip_of(session), session.host_name or "", _mail_from(envelope), content)
+        verdict = await self._sender_auth.evaluate(facts)
+        signals = verdict.signals()
+        for mechanism, signal in signals.items():
+            metrics.SENDER_AUTH.labels(mechanism=mechanism, signal=signal).inc()
+        log(logger, logging.INFO, "sender authenticated", client_ip=facts.client_ip, **signals)
+        return verdict
 
     def _deliveries(
-        self, queue_id: str, session: Session, envelope: Envelope, content: bytes, reverse_name: str | None
+        self,
+        queue_id: str,
+        session: Session,
+        envelope: Envelope,
+        content: bytes,
+        reverse_name: str | None,
+        verdict: SenderAuthVerdict | None = None,
     ) -> list[Delivery]:
         now = datetime.now(UTC)
         trace = TraceInfo(
@@ -192,7 +245,11 @@ class IngressHandler:
             tls=session.ssl is not None,
             smtputf8=envelope.smtp_utf8,
         )
-        mail_from = "" if envelope.mail_from in (None, NULL_SENDER) else str(envelope.mail_from)
+        mail_from = _mail_from(envelope)
+        auth_header = b""
+        if verdict is not None:
+            auth_header = authentication_results(self._hostname, verdict)
+            content = strip_our_authentication_results(content, self._hostname)
         deliveries: list[Delivery] = []
         for index, rcpt_to in enumerate(envelope.rcpt_tos):
             route = policy.route_recipient(rcpt_to, self._config.mailDomains)
@@ -203,12 +260,24 @@ class IngressHandler:
                 recipient_index=index,
                 mail_from=mail_from,
                 rcpt_to=rcpt_to,
-                data=received_header(trace, self._hostname, queue_id, rcpt_to, now) + content,
+                data=received_header(trace, self._hostname, queue_id, rcpt_to, now) + auth_header + content,
                 received_at_ms=int(now.timestamp() * 1000),
                 client_ip=trace.client_ip,
+                auth_attestation=self._attest(f"{queue_id}.{index}", mail_from, rcpt_to, verdict),
             )
             deliveries.append(Delivery(route, entry))
         return deliveries
+
+    def _attest(
+        self, stream_id: str, mail_from: str, rcpt_to: str, verdict: SenderAuthVerdict | None
+    ) -> dict[str, str] | None:
+        """The signed signals for one smtp_start: its stream id, mailFrom and rcptTo exactly."""
+        if self._attestation_signer is None or verdict is None:
+            return None
+        context = AttestationContext(stream_id, mail_from, rcpt_to)
+        return create_attestation(
+            self._attestation_signer, self._config.attestation.keyId, context, verdict.signals()
+        )
 
     async def _inbox_state(self, persona_key: str) -> InboxState:
         async with self._redis.pipeline(transaction=False) as pipe:

@@ -1,5 +1,10 @@
 """`protege-relay ingress`: wires config, Redis, the SMTP listener and the health port.
 
+Private keys (the STARTTLS key, the attestation signing key) are read through
+`shared.secrets`, which refuses files others could read. A key that is configured but
+missing, too open or malformed stops the start with a one-line reason and a non-zero exit:
+running without it would silently drop TLS or attestation.
+
 Runs until `stopping` is set, then drains (DESIGN.md "Running it"): stop accepting, let
 transactions in flight finish up to `DRAIN_TIMEOUT_S`, answer the rest `421`, then exit.
 """
@@ -16,12 +21,15 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from services.ingress.handler import IngressHandler
+from services.ingress.sender_auth import SenderAuthenticator
 from services.ingress.server import SmtpListener
 from shared.config import RelayConfig, SmtpConfig
 from shared.health import HealthServer
+from shared.identity import Passport
 from shared.logs import log
 from shared.nodeinfo import HEARTBEAT_INTERVAL_S, publish_node_info, remove_node_info
 from shared.redis import connect
+from shared.secrets import SecretFileError, load_signing_key, read_secret_file
 
 logger = logging.getLogger("relay.ingress")
 
@@ -30,19 +38,51 @@ ROLE = "ingress"
 
 
 def tls_context(smtp: SmtpConfig) -> ssl.SSLContext | None:
-    """Server context for STARTTLS when a certificate and key are configured."""
+    """Server context for STARTTLS when a certificate and key are configured.
+
+    The key file passes the `shared.secrets` checks first; ssl then loads it by path (it takes
+    no bytes), a window in which only the file's owner could swap it.
+    """
     if not smtp.tls.enabled:
         return None
+    read_secret_file(smtp.tls.keyPath, purpose="smtp.tls.keyPath")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(smtp.tls.certPath, smtp.tls.keyPath)
+    try:
+        context.load_cert_chain(smtp.tls.certPath, smtp.tls.keyPath)
+    except (OSError, ssl.SSLError) as exc:
+        raise SecretFileError(f"smtp.tls: cannot load {smtp.tls.certPath} with its key: {exc}") from None
     return context
 
 
+def attestation_signer(config: RelayConfig) -> Passport | None:
+    """The relay's Ed25519 attestation key when `attestation.enabled`, else None."""
+    if not config.attestation.enabled:
+        return None
+    if not config.attestation.keyId:
+        raise SecretFileError("attestation.keyId: must be set when attestation is enabled")
+    return load_signing_key(config.attestation.signingPrivateKeyPath, purpose="attestation.signingPrivateKeyPath")
+
+
+def sender_authenticator(config: RelayConfig) -> SenderAuthenticator | None:
+    """SPF/DKIM/DMARC evaluation when asked for, and always when attesting (it signs them)."""
+    if not (config.smtp.evaluateSenderAuth or config.attestation.enabled):
+        return None
+    return SenderAuthenticator(config.smtp.authNameservers, config.smtp.senderAuthTimeoutMs / 1000)
+
+
 async def serve(config: RelayConfig, stopping: asyncio.Event, *, drain_timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+    try:
+        signer = attestation_signer(config)
+        tls = tls_context(config.smtp)
+    except SecretFileError as exc:
+        log(logger, logging.ERROR, "cannot start: key file refused", error=str(exc))
+        raise SystemExit(f"protege-relay ingress: {exc}") from None
     redis = connect(config)
     hostname = config.smtp.hostname or socket.gethostname()
-    handler = IngressHandler(redis, config, hostname)
-    listener = SmtpListener(handler, config.smtp, hostname, tls_context(config.smtp))
+    handler = IngressHandler(
+        redis, config, hostname, sender_auth=sender_authenticator(config), attestation_signer=signer
+    )
+    listener = SmtpListener(handler, config.smtp, hostname, tls)
 
     async def ready() -> bool:
         return (listener.listening or not config.smtp.enabled) and bool(await redis.ping())
@@ -59,7 +99,9 @@ async def serve(config: RelayConfig, stopping: asyncio.Event, *, drain_timeout_s
         log(logger, logging.INFO, "ready",
             smtp_port=listener.port if config.smtp.enabled else None,
             http_port=health.port if health else None,
-            node_id=config.node_id, tls=config.smtp.tls.enabled)
+            node_id=config.node_id, tls=config.smtp.tls.enabled,
+            sender_auth=config.smtp.evaluateSenderAuth or config.attestation.enabled,
+            attestation_key_id=config.attestation.keyId if signer else None)
         await stopping.wait()
         log(logger, logging.INFO, "stopping", open_connections=len(listener.connections))
         cut = await listener.drain(drain_timeout_s)

@@ -23,3 +23,8 @@ ENQUEUE_SECONDS = Histogram(
     "Time of the MULTI/EXEC that makes a message durable",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
+SENDER_AUTH = Counter(
+    "relay_ingress_sender_auth_total",
+    "Sender authentication outcomes per mechanism, as attestation signals",
+    ["mechanism", "signal"],
+)

@@ -1,0 +1,158 @@
+"""The `Authentication-Results:` header (RFC 8601) we add, and the forged ones we remove.
+
+Placement: the ingress prepends its `Received:` header first and this header directly below
+it, both before the sender's first header line; the two are our hop's trace (RFC 8601 §2.1
+treats Authentication-Results as trace information added by the receiving ADMD).
+
+RFC 8601 §5: a header claiming OUR authserv-id can only be a forgery (we add ours after
+evaluating, so any such header already in the message came from the sender), and downstream
+readers would trust it. We delete every `Authentication-Results:` field in the sender's
+header section whose authserv-id equals ours (case-insensitive). That is the one change to
+the sender's bytes beyond prepending; every other byte, including other hosts'
+Authentication-Results, is kept.
+
+Values taken from the sender (MAIL FROM, HELO, d=, From domain) are printed only when they
+are plain atoms/domains, so a crafted address cannot add properties, a `;` or a new line.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from email.utils import getaddresses
+
+from services.ingress.sender_auth.verdict import SenderAuthVerdict
+
+HEADER_NAME = b"authentication-results"
+_LINE = re.compile(rb"[^\n]*\n|[^\n]+\Z")
+_DOMAIN = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9\-_.]{0,252}[A-Za-z0-9])?$")
+_LOCAL_PART = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-]{1,64}$")
+_COMMENT_OR_SPACE = re.compile(r"^(?:\s+|\([^()]*\))*")
+_AUTHSERV_ID = re.compile(r'^"([^"]*)"|^[^\s;()]+')
+_FIELD_NAME = re.compile(rb"^[\x21-\x39\x3b-\x7e]+$")
+
+
+def header_fields(message: bytes) -> Iterator[tuple[int, int, bytes, bytes]]:
+    """(start, end, lowercased name, unfolded value) of each field of the header section.
+
+    The header section ends at the first empty line (CRLF or bare LF). A line that is neither
+    a field nor a continuation is yielded with an empty name, so callers keep it untouched.
+    """
+    position = 0
+    field_start = -1
+    lines = list(_LINE.finditer(message))
+    index = 0
+    while index < len(lines):
+        line = lines[index].group()
+        if line in (b"\r\n", b"\n"):
+            return
+        field_start = position
+        position += len(line)
+        index += 1
+        while index < len(lines) and lines[index].group()[:1] in (b" ", b"\t"):
+            line += lines[index].group()
+            position += len(lines[index].group())
+            index += 1
+        name, colon, value = line.partition(b":")
+        name = name.rstrip(b" \t")  # obsolete syntax allows WSP before the colon (RFC 5322 §4.5)
+        if not colon or not _FIELD_NAME.match(name):
+            yield field_start, position, b"", b""
+            continue
+        unfolded = re.sub(rb"\r?\n(?=[ \t])", b"", value).strip()
+        yield field_start, position, name.lower(), unfolded
+
+
+def authserv_id_of(value: bytes) -> str:
+    text = value.decode("utf-8", "replace")
+    text = _COMMENT_OR_SPACE.sub("", text)
+    match = _AUTHSERV_ID.match(text)
+    if match is None:
+        return ""
+    return match.group(1) if match.group(1) is not None else match.group()
+
+
+def strip_our_authentication_results(message: bytes, authserv_id: str) -> bytes:
+    """`message` without Authentication-Results fields that claim `authserv_id`."""
+    ours = authserv_id.lower()
+    forged = [
+        (start, end)
+        for start, end, name, value in header_fields(message)
+        if name == HEADER_NAME and authserv_id_of(value).lower() == ours
+    ]
+    if not forged:
+        return message
+    kept: list[bytes] = []
+    position = 0
+    for start, end in forged:
+        kept.append(message[position:start])
+        position = end
+    kept.append(message[position:])
+    return b"".join(kept)
+
+
+def from_domains(message: bytes) -> list[str]:
+    """The domains of every address in every From: field (RFC 5322 author), lowercased."""
+    domains: list[str] = []
+    for _, _, name, value in header_fields(message):
+        if name != b"from":
+            continue
+        for _, addr in getaddresses([value.decode("utf-8", "replace")]):
+            domain = addr.rpartition("@")[2].strip().rstrip(".").lower()
+            domains.append(domain)
+    return domains
+
+
+def authentication_results(authserv_id: str, verdict: SenderAuthVerdict) -> bytes:
+    """The folded header, CRLF-terminated, one method result per continuation line."""
+    results = [_spf_result(verdict), *_dkim_results(verdict), _dmarc_result(verdict)]
+    server = safe_domain(authserv_id) or "unknown"
+    return (f"Authentication-Results: {server};\r\n\t" + ";\r\n\t".join(results) + "\r\n").encode("ascii")
+
+
+def safe_domain(text: str) -> str:
+    text = text.strip().rstrip(".")
+    return text if _DOMAIN.match(text) else ""
+
+
+def safe_address(text: str) -> str:
+    local_part, at_sign, domain = text.rpartition("@")
+    if at_sign and _LOCAL_PART.match(local_part) and safe_domain(domain):
+        return f"{local_part}@{domain}"
+    return safe_domain(domain) if at_sign else ""
+
+
+def _token(result: str, timed_out: bool) -> str:
+    return "temperror" if timed_out else result
+
+
+def _spf_result(verdict: SenderAuthVerdict) -> str:
+    spf = verdict.spf
+    text = f"spf={_token(spf.result, spf.timed_out)}"
+    if spf.identity == "helo":
+        helo = safe_domain(spf.domain)
+        return f"{text} smtp.helo={helo}" if helo else text
+    mail_from = safe_address(spf.mail_from) or safe_domain(spf.domain)
+    return f"{text} smtp.mailfrom={mail_from}" if mail_from else text
+
+
+def _dkim_results(verdict: SenderAuthVerdict) -> list[str]:
+    if not verdict.dkim:
+        return ["dkim=none"]
+    results = []
+    for item in verdict.dkim:
+        text = f"dkim={_token(item.result, item.timed_out)}"
+        if safe_domain(item.domain):
+            text += f" header.d={safe_domain(item.domain)}"
+        if safe_domain(item.selector):
+            text += f" header.s={safe_domain(item.selector)}"
+        results.append(text)
+    return results
+
+
+def _dmarc_result(verdict: SenderAuthVerdict) -> str:
+    dmarc = verdict.dmarc
+    text = f"dmarc={_token(dmarc.result, dmarc.timed_out)}"
+    if dmarc.policy in ("none", "quarantine", "reject"):
+        text += f" (p={dmarc.policy})"
+    from_domain = safe_domain(dmarc.from_domain)
+    return f"{text} header.from={from_domain}" if from_domain else text
