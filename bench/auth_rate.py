@@ -7,7 +7,7 @@ with a different persona key each time.
 
 from __future__ import annotations
 
-from bench.harness import Bench, free_port, service_available
+from bench.harness import Bench, Child, free_port, service_available
 from bench.modes import Mode
 from bench.report import FigureResult, Target, print_line
 
@@ -16,11 +16,11 @@ TARGET_RATIO = 0.5
 CLIENT_PROCESSES = 2
 
 
-def start_tunnel(bench: Bench, node_id: str = "bench-tunnel") -> tuple[str, int]:
+def start_tunnel(bench: Bench, node_id: str = "bench-tunnel") -> tuple[str, Child]:
     port = free_port()
     child = bench.start_service("tunnel", port=port, ready_http_port=port, RELAY_PORT=str(port),
                                 RELAY_NODE_ID=node_id)
-    return f"ws://127.0.0.1:{port}/ws", child.pid
+    return f"ws://127.0.0.1:{port}/ws", child
 
 
 def run(bench: Bench, mode: Mode) -> FigureResult:
@@ -36,15 +36,30 @@ def run(bench: Bench, mode: Mode) -> FigureResult:
         figure.skipped = "services/tunnel/main.py not present yet"
     metric = figure.metric("handshakes", "auth/s", baseline_name="PyNaCl verify/s, one process",
                            target=Target("ratio_at_least", TARGET_RATIO))
+    ceiling = figure.metric("bare websockets open+close (ceiling)", "conn/s",
+                            baseline_name="PyNaCl verify/s, one process",
+                            notes="diagnostic: the same clients only opening and closing a WebSocket on a bare "
+                                  "websockets server (uvloop, no auth, no Redis): what any Python tunnel could reach")
+    ws_port = free_port()
+    bench.start_program("bench.baseline_ws", ["--port", str(ws_port), "--bytes", "1"], ready_port=ws_port)
     other: dict[str, int] = {}
     for round_index in range(mode.rounds):
         baseline = bench.run_program("bench.baseline_nacl", ["--seconds", str(mode.nacl_seconds)], 60)
         metric.baseline_rounds.append(baseline["rate"])
         print_line(f"  round {round_index + 1}: baseline {baseline['rate']:.0f} verify/s")
+        raw = bench.run_parallel(
+            [("bench.loadgen_auth", ["--url", f"ws://127.0.0.1:{ws_port}/", "--raw",
+                                     "--seconds", str(mode.auth_seconds),
+                                     "--concurrency", str(max(1, mode.auth_concurrency // CLIENT_PROCESSES))])
+             for _ in range(CLIENT_PROCESSES)],
+            timeout_s=mode.auth_seconds + 90,
+        )
+        ceiling.rounds.append(sum(result["rate"] for result in raw))
+        ceiling.baseline_rounds.append(baseline["rate"])
         if not available:
             continue
         bench.flush()
-        url, _ = start_tunnel(bench)
+        url, tunnel = start_tunnel(bench)
         per_process = max(1, mode.auth_concurrency // CLIENT_PROCESSES)
         results = bench.run_parallel(
             [("bench.loadgen_auth", ["--url", url, "--seconds", str(mode.auth_seconds),
@@ -53,7 +68,7 @@ def run(bench: Bench, mode: Mode) -> FigureResult:
              for index in range(CLIENT_PROCESSES)],
             timeout_s=mode.auth_seconds + 90,
         )
-        bench.stop_all()
+        bench.stop(tunnel)
         rate = sum(result["rate"] for result in results)
         for result in results:
             for key, value in result["other"].items():

@@ -21,7 +21,7 @@ class DiscardHandler:
         return "250 OK"
 
 
-async def serve(port: int) -> None:
+async def serve(port: int, reuse_port: bool = False) -> None:
     handler = DiscardHandler()
     loop = asyncio.get_running_loop()
 
@@ -29,7 +29,7 @@ async def serve(port: int) -> None:
         # An explicit hostname: otherwise every session pays for socket.getfqdn().
         return SMTP(handler, hostname="baseline.bench", data_size_limit=64 * 1024 * 1024)
 
-    server = await loop.create_server(factory, "127.0.0.1", port)
+    server = await loop.create_server(factory, "127.0.0.1", port, reuse_port=reuse_port)
     stopping = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
@@ -40,8 +40,16 @@ async def serve(port: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio",
+                        help="diagnostics only: the baseline is the default loop")
+    parser.add_argument("--reuse-port", action="store_true", help="diagnostics: several processes on one port")
     args = parser.parse_args()
-    asyncio.run(serve(args.port))
+    if args.loop == "uvloop":
+        import uvloop
+
+        uvloop.run(serve(args.port, args.reuse_port))
+    else:
+        asyncio.run(serve(args.port, args.reuse_port))
 
 
 if __name__ == "__main__":

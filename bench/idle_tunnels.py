@@ -65,7 +65,8 @@ def measure(bench: Bench, count: int, round_index: int) -> tuple[float, dict[str
     from bench.auth_rate import start_tunnel
 
     bench.flush()
-    url, tunnel_pid = start_tunnel(bench, "bench-idle")
+    url, tunnel = start_tunnel(bench, "bench-idle")
+    tunnel_pid = tunnel.pid
     warmup = open_clients(bench, url, 1, f"warm{round_index}")
     read_json_line(warmup[0])
     warmup[0].communicate(b"", timeout=30)

@@ -8,9 +8,12 @@ and every 250 is a durable XADD.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
+from pathlib import Path
 
-from bench.harness import MAIL_DOMAIN, Bench, BenchError, free_port, service_available
+from bench.harness import MAIL_DOMAIN, Bench, BenchError, Child, free_port, service_available
 from bench.modes import Mode
 from bench.report import FigureResult, Target, print_line
 from shared import keys
@@ -59,6 +62,51 @@ def measure_baseline(bench: Bench, mode: Mode, recipients: list[str]) -> float:
         bench.stop(server)
 
 
+def measure_ceiling(bench: Bench, mode: Mode, workers: int, recipients: list[str]) -> float:
+    """Bare aiosmtpd on uvloop in `workers` SO_REUSEPORT processes: the most any aiosmtpd-based
+    ingress could accept on this machine with no Redis work at all (diagnostic)."""
+    port = free_port()
+    servers = [bench.start_program("bench.baseline_smtp", ["--port", str(port), "--loop", "uvloop", "--reuse-port"])
+               for _ in range(workers)]
+    try:
+        for server in servers:
+            wait_for_listener(bench, server, port)
+        return loadgen(bench, mode, port, recipients)
+    finally:
+        for server in servers:
+            bench.stop(server)
+
+
+def wait_for_listener(bench: Bench, server: Child, port: int) -> None:
+    """A process bound to a shared port: poll its listening sockets in /proc until it has one."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise BenchError(f"baseline server exited: {server.tail()}")
+        if listening_on(server.pid, port):
+            return
+        time.sleep(0.05)
+    raise BenchError(f"baseline server {server.pid} did not listen on {port}")
+
+
+def listening_on(pid: int, port: int) -> bool:
+    inodes = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        table = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    except OSError:
+        return False
+    wanted = f":{port:04X}"
+    return any(
+        fields[1].endswith(wanted) and fields[3] == "0A" and fields[9] in inodes
+        for fields in (line.split() for line in table)
+    )
+
+
 def measure_relay(bench: Bench, mode: Mode, workers: int, persona_keys: list[str], recipients: list[str]) -> float:
     bench.flush()
     mark_seen(bench, persona_keys)
@@ -99,9 +147,18 @@ def run(bench: Bench, mode: Mode) -> FigureResult:
         )
         for workers in mode.ingress_worker_counts
     }
+    ceiling_workers = max(mode.ingress_worker_counts)
+    ceiling = figure.metric(
+        f"bare aiosmtpd x{ceiling_workers}, uvloop (ceiling)", "msg/s", baseline_name="bare aiosmtpd",
+        notes="diagnostic: the baseline server on uvloop in as many SO_REUSEPORT processes as the "
+              "largest relay configuration, no Redis: the most an aiosmtpd-based ingress can reach here",
+    )
     for round_index in range(mode.rounds):
         baseline = measure_baseline(bench, mode, recipients)
         print_line(f"  round {round_index + 1}: baseline {baseline:.0f} msg/s")
+        ceiling.baseline_rounds.append(baseline)
+        ceiling.rounds.append(measure_ceiling(bench, mode, ceiling_workers, recipients))
+        print_line(f"  round {round_index + 1}: ceiling {ceiling.rounds[-1]:.0f} msg/s")
         for workers, metric in metrics.items():
             metric.baseline_rounds.append(baseline)
             if not available:
@@ -111,7 +168,7 @@ def run(bench: Bench, mode: Mode) -> FigureResult:
             metric.rounds.append(rate)
             print_line(f"  round {round_index + 1}: relay x{workers} {rate:.0f} msg/s "
                        f"({time.perf_counter() - started:.1f} s)")
-    if available and metrics:
+    if available and metrics and all(metric.rounds for metric in metrics.values()):
         best = max(metrics.items(), key=lambda item: sorted(item[1].rounds)[len(item[1].rounds) // 2])
         figure.details["best configuration"] = f"{best[0]} ingress process(es)"
     bench.flush()

@@ -17,6 +17,7 @@ import json
 import sys
 import time
 
+from websockets.asyncio.client import connect
 from websockets.exceptions import WebSocketException
 
 from bench.gateway import AuthRefused, bench_passport, open_gateway
@@ -36,7 +37,10 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         while time.perf_counter() < window_end:
             passport = next(next_passport)
             try:
-                connection, _ = await open_gateway(args.url, passport)
+                if args.raw:
+                    connection = await connect(args.url, open_timeout=30)
+                else:
+                    connection, _ = await open_gateway(args.url, passport)
             except AuthRefused as exc:
                 counters[f"refused_{exc}"] += 1
                 continue
@@ -61,6 +65,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--keys", type=int, default=2000)
+    parser.add_argument("--raw", action="store_true",
+                        help="only open and close a WebSocket (a bare websockets server's ceiling)")
     parser.add_argument("--salt", default="auth", help="key family; differ per process so keys never collide")
     args = parser.parse_args()
     import uvloop
