@@ -87,3 +87,9 @@ def egress_result_published(persona_key: str, stream_id: str) -> str:
 def egress_delivered(persona_key: str, stream_id: str) -> str:
     """Hash recipient -> final outcome (sent / refused), written right after the remote reply."""
     return f"relay:{{{persona_key}}}:egress_sent:{stream_id}"
+
+
+def outbound_holders(persona_key: str) -> str:
+    """Sorted set: node ids holding an outbound-role socket of the persona, scored by expiry
+    (epoch ms, renewed like `owner`), so a result wake-up reaches a `send`-only socket too."""
+    return f"relay:{{{persona_key}}}:outbound_holders"
