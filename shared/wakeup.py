@@ -6,6 +6,7 @@ Messages are `<kind> <persona_key> [<detail>]` in ASCII.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -39,10 +40,26 @@ class Wakeup:
 
 
 async def wake_owner(redis: aioredis.Redis, persona_key: str, kind: WakeupKind) -> bool:
-    """Publish a wake-up to the node that owns the persona, if any; True if one was sent."""
-    owner = await redis.get(keys.owner(persona_key))
-    if owner is None:
-        return False
-    node_id = owner.decode() if isinstance(owner, bytes) else str(owner)
-    await redis.publish(keys.node_channel(node_id), Wakeup(kind, persona_key).encode())
-    return True
+    """Publish a wake-up to the node that owns the persona, if any; True if one was sent.
+
+    A RESULT also goes to the nodes holding an outbound-role socket of the persona
+    (`keys.outbound_holders`, e.g. `protege-relay send` with no inbound socket anywhere), read in
+    the same round trip; each distinct node is woken once.
+    """
+    if kind is WakeupKind.RESULT:
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.get(keys.owner(persona_key))
+            pipe.zrangebyscore(keys.outbound_holders(persona_key), int(time.time() * 1000), "+inf")
+            owner, holders = await pipe.execute()
+        nodes = [_text(node) for node in [owner, *holders] if node is not None]
+    else:
+        owner = await redis.get(keys.owner(persona_key))
+        nodes = [_text(owner)] if owner is not None else []
+    message = Wakeup(kind, persona_key).encode()
+    for node_id in dict.fromkeys(nodes):
+        await redis.publish(keys.node_channel(node_id), message)
+    return bool(nodes)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
