@@ -99,6 +99,9 @@ class WsConfig:
     outboundStreamTimeoutMs: int = _field(60_000, minimum=1)
     trustedProxies: list[str] = _field([])
     tls: TlsFilesConfig = _field(TlsFilesConfig())
+    authTimeoutMs: int = _field(10_000, minimum=1)  # upgrade to auth_ok; over it: auth_error auth_timeout, 4401
+    maxUnauthenticatedPerIp: int = _field(256, minimum=1)  # open sockets not yet authenticated, per client IP
+    resultsSweepIntervalMs: int = _field(5_000, minimum=1)  # periodic results sweep (wake-ups are the fast path)
 
 
 @dataclasses.dataclass(frozen=True)
