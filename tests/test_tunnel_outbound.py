@@ -5,19 +5,21 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import redis
+import redis.asyncio as aioredis
 from arq.connections import ArqRedis, RedisSettings, create_pool
 
 from protege_relay.embedded_redis import EmbeddedRedis
 from shared import keys, protocol
 from shared.identity import Passport
 from shared.payloads import DeliveryResult, OutboundJob
-from shared.wakeup import Wakeup, WakeupKind
+from shared.wakeup import Wakeup, WakeupKind, wake_owner
 from tests.support.ws_client import GatewayClient, RunningTunnel, eventually
 
 DOMAIN = "relay.test"
@@ -205,3 +207,66 @@ async def test_result_goes_to_outbound_role_socket_when_no_inbound(
     result = await client.next_of_type("relay_delivery_result", timeout_s=15)
     assert result == {"type": "relay_delivery_result", "streamId": "s-3", "status": "sent", "messageId": None}
     await client.close()
+
+
+async def test_outbound_only_sender_is_woken_for_its_result_without_the_sweep(
+    redis_server: EmbeddedRedis, redis_client: redis.Redis
+) -> None:
+    """The egress's `wake_owner(RESULT)` reaches a node holding only an outbound-role socket; the
+    sweep is 30 s here, so only the wake-up can deliver within the 2 s deadline."""
+    tunnel = await RunningTunnel(redis_server.url, RELAY_WS_RESULTS_SWEEP_INTERVAL_MS="30000").start()
+    wakeups = aioredis.Redis.from_url(redis_server.url)
+    try:
+        client, passport = await connected(tunnel, role="outbound")
+        pk = passport.persona_key
+        assert redis_client.zscore(keys.outbound_holders(pk), tunnel.config.node_id) is not None
+        assert redis_client.get(keys.owner(pk)) is None
+        add_result(redis_client, pk, DeliveryResult("s-4", "sent", message_id="<m4@relay.test>"))
+        written_at = time.monotonic()
+        assert await wake_owner(wakeups, pk, WakeupKind.RESULT)
+        result = await client.next_of_type("relay_delivery_result", timeout_s=2)
+        latency_s = time.monotonic() - written_at
+        assert (result["streamId"], result["status"]) == ("s-4", "sent")
+        assert latency_s < 2
+        await client.close()
+        await eventually(
+            lambda: redis_client.zscore(keys.outbound_holders(pk), tunnel.config.node_id) is None,
+            message="outbound holder not removed on close",
+        )
+        assert not await wake_owner(wakeups, pk, WakeupKind.RESULT)
+    finally:
+        await wakeups.aclose()
+        await tunnel.stop()
+
+
+async def test_result_wakeup_reaches_owner_and_outbound_holder_nodes_once_each(
+    redis_server: EmbeddedRedis, redis_client: redis.Redis
+) -> None:
+    pk = Passport.generate().persona_key
+    far_future_ms = int(time.time() * 1000) + 60_000
+    redis_client.set(keys.owner(pk), "node-a")
+    redis_client.zadd(keys.outbound_holders(pk), {"node-a": far_future_ms, "node-b": far_future_ms, "gone": 1})
+    listener = redis_client.pubsub(ignore_subscribe_messages=True)
+    listener.subscribe(*(keys.node_channel(node) for node in ("node-a", "node-b", "gone")))
+    wakeups = aioredis.Redis.from_url(redis_server.url)
+    try:
+        assert await wake_owner(wakeups, pk, WakeupKind.RESULT)
+        assert await wake_owner(wakeups, pk, WakeupKind.INBOX)
+        received: list[tuple[str, bytes]] = []
+
+        def collect() -> bool:
+            message = listener.get_message(timeout=0.05)
+            if message is not None:
+                received.append((message["channel"].decode(), message["data"]))
+            return len(received) >= 3
+
+        await eventually(collect, message=f"wake-ups seen: {received}")
+        assert sorted(received) == sorted([
+            (keys.node_channel("node-a"), Wakeup(WakeupKind.RESULT, pk).encode()),
+            (keys.node_channel("node-b"), Wakeup(WakeupKind.RESULT, pk).encode()),
+            (keys.node_channel("node-a"), Wakeup(WakeupKind.INBOX, pk).encode()),
+        ])
+        assert listener.get_message(timeout=0.2) is None  # nothing for the expired holder, no duplicate
+    finally:
+        listener.close()
+        await wakeups.aclose()

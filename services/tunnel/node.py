@@ -32,7 +32,6 @@ from shared.wakeup import Wakeup, WakeupKind
 
 logger = logging.getLogger("relay.tunnel.node")
 
-RESULTS_SWEEP_INTERVAL_S = 5.0
 PUBSUB_POLL_S = 1.0
 PUBSUB_RETRY_S = 1.0
 SHUTDOWN_CLOSE_TIMEOUT_S = 5.0
@@ -52,6 +51,9 @@ class TunnelNode:
         self.connections: set[TunnelConnection] = set()
         self.inbound: dict[str, TunnelConnection] = {}
         self.outbound_only: dict[str, set[TunnelConnection]] = defaultdict(set)
+        # Outbound-role sockets registered in `outbound_holders(pk)`, from claim (before auth_ok)
+        # to detach; a superset of `outbound_only`, which they join only once auth_ok is sent.
+        self.outbound_registered: dict[str, set[TunnelConnection]] = defaultdict(set)
         self._result_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._tasks: list[asyncio.Task[Any]] = []
 
@@ -97,6 +99,8 @@ class TunnelNode:
             pipe.set(keys.seen(persona_key), "1", ex=self.config.queue.retentionSeconds)
             await pipe.execute()
         if not inbound:
+            self.outbound_registered[persona_key].add(connection)
+            await self.ownership.hold_outbound([persona_key])
             return None
         local = self.inbound.pop(persona_key, None)
         if local is not None and local is not connection:
@@ -133,6 +137,13 @@ class TunnelNode:
             holders.discard(connection)
             if not holders:
                 del self.outbound_only[persona_key]
+        registered = self.outbound_registered.get(persona_key)
+        if registered is not None and connection in registered:
+            registered.discard(connection)
+            if not registered:
+                del self.outbound_registered[persona_key]
+                with contextlib.suppress(RedisError):
+                    await self.ownership.drop_outbound(persona_key)
         lock = self._result_locks.get(persona_key)
         if persona_key not in self.inbound and persona_key not in self.outbound_only and lock and not lock.locked():
             del self._result_locks[persona_key]
@@ -214,10 +225,15 @@ class TunnelNode:
                 if not still_ours and self.inbound.get(persona_key) is connection:
                     del self.inbound[persona_key]
                     connection.evict()
+            try:
+                await self.ownership.hold_outbound(list(self.outbound_registered))
+            except RedisError as exc:
+                log(logger, logging.WARNING, "outbound holder renewal failed", error=repr(exc))
 
     async def _sweep_results(self) -> None:
+        sweep_interval_s = self.config.ws.resultsSweepIntervalMs / 1000
         while True:
-            await asyncio.sleep(RESULTS_SWEEP_INTERVAL_S)
+            await asyncio.sleep(sweep_interval_s)
             for persona_key in {*self.inbound, *self.outbound_only}:
                 try:
                     await self.forward_results(persona_key)

@@ -5,10 +5,16 @@ node) and `socket(pk)` = the socket id (so a replacement anywhere can name the s
 replaced, and so a closing socket deletes the keys only if it still holds them: two sockets of
 one persona on the same node share the node id, not the socket id). All three operations are
 Lua scripts, atomic against a racing node.
+
+Outbound-role sockets own nothing, but a node holding one registers itself in
+`outbound_holders(pk)` (member = node id, score = expiry in epoch ms, renewed with the owner
+keys) so that `shared.wakeup.wake_owner` can wake it for a delivery result at once instead of
+leaving it to the periodic sweep. A dead node's member simply expires.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -91,3 +97,21 @@ class Ownership:
 
     async def current_owner(self, persona_key: str) -> str | None:
         return _text(await self._redis.get(keys.owner(persona_key)))
+
+    async def hold_outbound(self, persona_keys: list[str]) -> None:
+        """Register (or renew) this node as a holder of outbound-role sockets of the personas."""
+        if not persona_keys:
+            return
+        now_ms = int(time.time() * 1000)
+        expires_at_ms = now_ms + OWNER_TTL_S * 1000
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for persona_key in persona_keys:
+                holders = keys.outbound_holders(persona_key)
+                pipe.zadd(holders, {self.node_id: expires_at_ms})
+                pipe.zremrangebyscore(holders, "-inf", now_ms)
+                pipe.expire(holders, OWNER_TTL_S)
+            await pipe.execute()
+
+    async def drop_outbound(self, persona_key: str) -> None:
+        """This node holds no outbound-role socket of the persona any more."""
+        await self._redis.zrem(keys.outbound_holders(persona_key), self.node_id)
