@@ -41,6 +41,12 @@ MESSAGE_RATE_LIMITED = Reply(451, "4.7.0", "relay_rejected_rate_limited", "messa
 TEMPORARY_FAILURE = Reply(451, "4.3.0", "temporary failure, try again later", "temporary_failure")
 SENDER_INVALID = Reply(553, "5.1.7", "sender address is not valid UTF-8", "sender_invalid")
 SHUTTING_DOWN = Reply(421, "4.3.2", "service shutting down, try again later", "shutting_down")
+COMMAND_TIMEOUT = Reply(421, "4.4.2", "timeout exceeded, closing connection", "command_timeout")
+EARLY_TALKER = Reply(554, "5.5.1", "protocol error: command sent before the greeting", "early_talker")
+BAD_SEQUENCE = Reply(503, "5.5.1", "bad sequence of commands", "bad_sequence")
+COMMAND_LINE_TOO_LONG = Reply(500, "5.5.2", "command line too long", "command_line_too_long")
+DATA_LINE_TOO_LONG = Reply(500, "5.5.2", "message line too long (RFC 5321 4.5.3.1.6)", "data_line_too_long")
+CLOSING = Reply(221, "2.0.0", "closing connection")
 
 SENDER_OK = Reply(250, "2.1.0", "OK")
 RECIPIENT_OK = Reply(250, "2.1.5", "OK")

@@ -11,8 +11,21 @@ three things aiosmtpd has no hook for:
 * graceful drain: on shutdown an idle connection gets `421 4.3.2` at once; one inside a
   transaction may finish it (up to a bound) and gets the 421 right after its reply.
 
-The first and last rely on two private members of aiosmtpd 1.4 (`_handle_client`,
-`_smtp_methods`); tests cover both, so an upgrade that changes them fails loudly.
+And the abuse defences of tests/test_abuse_smtp.py (docs/SECURITY.md):
+
+* early talkers: a client that sends anything before our greeting (RFC 5321 §4.3.1 forbids
+  it; spam bots do it) gets `554 5.5.1` instead of `220`, then `503 5.5.1` to every command
+  until QUIT (RFC 5321 §3.1), at most `MAX_COMMANDS_AFTER_REFUSAL` of them or the command
+  timeout;
+* the command timeout (`smtp.commandTimeoutSeconds`, measured from the last complete
+  command, so a client dripping one byte at a time gains nothing; it also bounds a whole
+  DATA transfer) closes with `421 4.4.2` instead of aiosmtpd's silent close;
+* aiosmtpd's line-too-long replies get enhanced status codes (`500 5.5.2`), and control
+  characters in any reply line are replaced, so an echoed command cannot put a CR, LF or NUL
+  into our reply stream.
+
+These rely on private members of aiosmtpd 1.4 (`_handle_client`, `_smtp_methods`,
+`_timeout_cb`, `_reader`); tests cover each, so an upgrade that changes them fails loudly.
 """
 
 from __future__ import annotations
@@ -20,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any, AnyStr
@@ -35,6 +49,10 @@ logger = logging.getLogger("relay.ingress")
 
 IDENT = "ESMTP Protege Relay"
 AIOSMTPD_SIZE_REFUSALS = (b"552 Error: message size exceeds", b"552 Error: Too much mail data")
+AIOSMTPD_COMMAND_LINE_TOO_LONG = b"500 Command line too long"
+AIOSMTPD_DATA_LINE_TOO_LONG = b"500 Line too long"
+MAX_COMMANDS_AFTER_REFUSAL = 10
+_REPLY_CONTROL_CHARS = re.compile(rb"[\x00-\x1f\x7f]")
 
 
 class IngressSMTP(SMTP):
@@ -44,6 +62,8 @@ class IngressSMTP(SMTP):
         self._listener = listener
         self._busy = False
         self._registered = False
+        self._greeted = False
+        self._early_talker = False
         self._smtp_methods = {name: self._tracked(method) for name, method in self._smtp_methods.items()}
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -63,6 +83,11 @@ class IngressSMTP(SMTP):
             self._listener.forget(self)
         super().connection_lost(error)
 
+    def data_received(self, data: bytes) -> None:
+        if not self._greeted:
+            self._early_talker = True
+        super().data_received(data)
+
     async def _handle_client(self) -> None:
         self._busy = True
         try:
@@ -75,16 +100,50 @@ class IngressSMTP(SMTP):
         if self._listener.draining:
             self.close_with(policy.SHUTTING_DOWN)
             return
+        if self._early_talker:
+            self._ingress_handler.refused_by_protocol(policy.EARLY_TALKER, self.session)
+            await self._refuse_until_quit(policy.EARLY_TALKER)
+            return
+        self._greeted = True  # no await before super() writes the 220: nothing can slip in between
         await super()._handle_client()
+
+    async def _refuse_until_quit(self, reply: policy.Reply) -> None:
+        """RFC 5321 §3.1: after a 554 greeting, wait for QUIT, answering 503 meanwhile."""
+        await self.push(str(reply))
+        for _ in range(MAX_COMMANDS_AFTER_REFUSAL):
+            try:
+                line = await self._reader.readuntil()
+            except asyncio.LimitOverrunError as overrun:
+                await self._reader.read(overrun.consumed)
+                continue
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            if line.strip().upper() == b"QUIT":
+                self.close_with(policy.CLOSING)
+                return
+            await self.push(str(policy.BAD_SEQUENCE))
+        self.close_with(policy.BAD_SEQUENCE)
+
+    def _timeout_cb(self) -> None:
+        """aiosmtpd closes silently; RFC 5321 §4.5.3.2 wants a 421 first."""
+        self._ingress_handler.refused_by_protocol(policy.COMMAND_TIMEOUT, self.session)
+        self.close_with(policy.COMMAND_TIMEOUT)
 
     # --- replies ---------------------------------------------------------------------------
 
     async def push(self, status: AnyStr) -> None:
-        raw = status.encode("utf-8") if isinstance(status, str) else status
+        raw = status.encode("utf-8", "surrogateescape") if isinstance(status, str) else status
+        replacement = None
         if raw.startswith(AIOSMTPD_SIZE_REFUSALS):
-            self._ingress_handler.refused_by_protocol(policy.MESSAGE_TOO_LARGE, self.session)
-            raw = str(policy.MESSAGE_TOO_LARGE).encode("ascii")
-        await super().push(raw)
+            replacement = policy.MESSAGE_TOO_LARGE
+        elif raw.startswith(AIOSMTPD_COMMAND_LINE_TOO_LONG):
+            replacement = policy.COMMAND_LINE_TOO_LONG
+        elif raw.startswith(AIOSMTPD_DATA_LINE_TOO_LONG):
+            replacement = policy.DATA_LINE_TOO_LONG
+        if replacement is not None:
+            self._ingress_handler.refused_by_protocol(replacement, self.session)
+            raw = str(replacement).encode("ascii")
+        await super().push(_REPLY_CONTROL_CHARS.sub(b"?", raw))
 
     def close_with(self, reply: policy.Reply) -> None:
         """Send one final reply and close, without waiting on the client."""
