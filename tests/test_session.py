@@ -484,3 +484,14 @@ def test_check_response_never_raises(signature: bytes, signature_text: str) -> N
         assert check_response(record(), RFC8032_KEY, candidate, NOW_MS) in (
             None, "invalid_signature_encoding", "invalid_signature",
         )
+
+
+# --- auth deadline -----------------------------------------------------------------------------
+
+
+def test_auth_timeout_is_an_auth_error_with_4401_only_before_auth() -> None:
+    session = make_session()
+    assert session.auth_timed_out() == auth_error("auth_timeout")
+    assert session.state is State.CLOSED
+    assert session.auth_timed_out() == []
+    assert authenticated_session().auth_timed_out() == []

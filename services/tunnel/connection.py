@@ -76,6 +76,8 @@ class TunnelConnection:
         self.claimed_inbound = False
         self._attempted_key: str | None = None
         self._closing = False
+        self._verifying = False
+        self.counted_unauthenticated = False  # in the node's per-IP unauthenticated count
 
     @property
     def persona_key(self) -> str | None:
@@ -90,6 +92,7 @@ class TunnelConnection:
     async def run(self) -> None:
         metrics.CONNECTIONS_OPEN.inc()
         self._spawn(self._heartbeat())
+        self._spawn(self._auth_deadline())
         try:
             async for message in self.ws:
                 self._last_heard = time.monotonic()
@@ -191,6 +194,15 @@ class TunnelConnection:
             for action in self.session.expire_streams():
                 await self._perform([action])
 
+    async def _auth_deadline(self) -> None:
+        """Close a socket still unauthenticated `ws.authTimeoutMs` after the upgrade (4401).
+
+        A verification already under way is left to finish: it ends in auth_ok or a refusal.
+        """
+        await asyncio.sleep(self.node.config.ws.authTimeoutMs / 1000)
+        if not self._verifying:
+            await self._perform(self.session.auth_timed_out())
+
     def _pong_received(self, pong: asyncio.Future[Any]) -> None:
         if not pong.cancelled() and pong.exception() is None:
             self._last_heard = time.monotonic()
@@ -241,6 +253,13 @@ class TunnelConnection:
         await self.ws.send(action.reply)
 
     async def _verify_challenge(self, action: VerifyChallenge) -> None:
+        self._verifying = True
+        try:
+            await self._verify_challenge_steps(action)
+        finally:
+            self._verifying = False
+
+    async def _verify_challenge_steps(self, action: VerifyChallenge) -> None:
         if not self._challenge_requested and not await self.node.auth_rate.allow(self.client_ip):
             await self._auth_failed(RATE_LIMITED, action.persona_key)
             return

@@ -10,9 +10,11 @@ from arq import create_pool
 
 from services.tunnel.node import TunnelNode
 from services.tunnel.server import bound_port, start_server
+from services.tunnel.startup import raise_open_files_limit, tls_context
 from shared.config import RelayConfig
 from shared.logs import log
 from shared.redis import arq_settings, connect
+from shared.secrets import SecretFileError
 
 logger = logging.getLogger("relay.tunnel")
 
@@ -20,12 +22,22 @@ SERVER_DRAIN_TIMEOUT_S = 10.0
 
 
 async def serve(config: RelayConfig, stopping: asyncio.Event) -> None:
+    try:
+        tls = tls_context(config.ws.tls)
+    except SecretFileError as exc:
+        log(logger, logging.ERROR, "cannot start: key file refused", error=str(exc))
+        raise SystemExit(f"protege-relay tunnel: {exc}") from None
+    soft_before, open_files = raise_open_files_limit()
+    log(logger, logging.INFO, "open files limit", soft_before=soft_before, soft=open_files)
     redis = connect(config)
     arq = await create_pool(arq_settings(config))
     node = TunnelNode(config, redis, arq)
     await node.start()
-    server = await start_server(node)
-    log(logger, logging.INFO, "ready", node_id=node.node_id, host=config.host, port=bound_port(server))
+    server = await start_server(node, tls)
+    log(
+        logger, logging.INFO, "ready",
+        node_id=node.node_id, host=config.host, port=bound_port(server), tls=tls is not None,
+    )
     try:
         await stopping.wait()
     finally:

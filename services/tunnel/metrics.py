@@ -23,3 +23,6 @@ OUTBOUND_OUTCOMES = Counter(
     "relay_tunnel_outbound_total", "Outbound streams by outcome (accepted, duplicate, or the refusal)", ["outcome"]
 )
 RESULTS_FORWARDED = Counter("relay_tunnel_results_forwarded_total", "Delivery results sent to gateways")
+CONNECTIONS_REFUSED = Counter(
+    "relay_tunnel_connections_refused_total", "WebSocket upgrades refused before auth, by reason", ["reason"]
+)

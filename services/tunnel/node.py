@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -54,6 +54,7 @@ class TunnelNode:
         # Outbound-role sockets registered in `outbound_holders(pk)`, from claim (before auth_ok)
         # to detach; a superset of `outbound_only`, which they join only once auth_ok is sent.
         self.outbound_registered: dict[str, set[TunnelConnection]] = defaultdict(set)
+        self.unauthenticated_by_ip: Counter[str] = Counter()
         self._result_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._tasks: list[asyncio.Task[Any]] = []
 
@@ -90,8 +91,29 @@ class TunnelNode:
 
     # --- sockets -----------------------------------------------------------------------------
 
-    def connected(self, connection: TunnelConnection) -> None:
+    def unauthenticated_full(self, client_ip: str) -> bool:
+        """True when `client_ip` already has `ws.maxUnauthenticatedPerIp` sockets not yet
+        authenticated here: a new one would only hold a file descriptor and memory."""
+        return self.unauthenticated_by_ip[client_ip] >= self.config.ws.maxUnauthenticatedPerIp
+
+    def connected(self, connection: TunnelConnection) -> bool:
+        """Take a new socket, counted as unauthenticated; False (not taken) over the per-IP cap."""
+        if self.unauthenticated_full(connection.client_ip):
+            return False
         self.connections.add(connection)
+        self.unauthenticated_by_ip[connection.client_ip] += 1
+        connection.counted_unauthenticated = True
+        return True
+
+    def _uncount_unauthenticated(self, connection: TunnelConnection) -> None:
+        if not connection.counted_unauthenticated:
+            return
+        connection.counted_unauthenticated = False
+        remaining = self.unauthenticated_by_ip[connection.client_ip] - 1
+        if remaining > 0:
+            self.unauthenticated_by_ip[connection.client_ip] = remaining
+        else:
+            del self.unauthenticated_by_ip[connection.client_ip]
 
     async def claim(self, connection: TunnelConnection, persona_key: str, *, inbound: bool) -> str | None:
         """Ownership at auth time; returns the replaced socket id (inbound sockets only)."""
@@ -113,6 +135,7 @@ class TunnelNode:
 
     def attach(self, connection: TunnelConnection) -> None:
         """After auth_ok was sent: start serving the persona on this socket."""
+        self._uncount_unauthenticated(connection)
         persona_key = connection.persona_key
         assert persona_key is not None
         if connection.is_inbound:
@@ -124,6 +147,7 @@ class TunnelNode:
 
     async def detach(self, connection: TunnelConnection) -> None:
         self.connections.discard(connection)
+        self._uncount_unauthenticated(connection)
         persona_key = connection.persona_key
         if persona_key is None:
             return

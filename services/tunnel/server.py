@@ -1,16 +1,24 @@
 """The tunnel's one HTTP port: WebSocket upgrades on `/ws`, health and metrics on the rest
 (PROTOCOL.md A1, B), and the handler that owns each connection's lifecycle.
+
+Before a socket authenticates it costs a descriptor and memory and proves nothing, so each
+client IP may hold at most `ws.maxUnauthenticatedPerIp` of them: one more upgrade is answered
+`429` (or closed 1013 if it raced past that check). Silent TCP connections are bounded by the
+handshake timeout (TLS handshake included), upgraded silent sockets by `ws.authTimeoutMs`.
 """
 
 from __future__ import annotations
 
 import http
 import logging
+import ssl
+from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
+from services.tunnel import metrics
 from services.tunnel.connection import TunnelConnection
 from services.tunnel.node import TunnelNode
 from services.tunnel.ratelimit import client_ip, parse_trusted_proxies
@@ -19,6 +27,8 @@ from shared.health import health_response
 logger = logging.getLogger("relay.tunnel.server")
 
 WS_PATH = "/ws"
+TOO_MANY_UNAUTHENTICATED = "too_many_unauthenticated"
+CLOSE_TRY_AGAIN_LATER = 1013
 WRITE_LIMIT_BYTES = 256 * 1024
 CLOSE_TIMEOUT_S = 5.0
 MAX_QUEUED_MESSAGES = 16
@@ -35,29 +45,44 @@ def http_response(status: int, content_type: str, body: bytes) -> Response:
     return Response(status, http.HTTPStatus(status).phrase, headers, body)
 
 
-async def start_server(node: TunnelNode) -> Server:
+async def start_server(node: TunnelNode, tls: ssl.SSLContext | None = None) -> Server:
     config = node.config
     trusted_proxies = parse_trusted_proxies(config.ws.trustedProxies)
+
+    def request_client_ip(ws: ServerConnection, request: Request) -> str:
+        peer = ws.remote_address[0] if ws.remote_address else ""
+        return client_ip(str(peer), request.headers.get("X-Forwarded-For"), trusted_proxies)
 
     async def route(connection: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
         if path == WS_PATH:
+            if node.unauthenticated_full(request_client_ip(connection, request)):
+                metrics.CONNECTIONS_REFUSED.labels(reason=TOO_MANY_UNAUTHENTICATED).inc()
+                return http_response(429, "application/json", b'{"error":"too_many_unauthenticated"}')
             return None
         ready = await node.ready() if path == "/readyz" else None
         return http_response(*health_response(path, ready))
 
     async def handle(ws: ServerConnection) -> None:
-        peer = ws.remote_address[0] if ws.remote_address else ""
-        forwarded_for = ws.request.headers.get("X-Forwarded-For") if ws.request else None
-        connection = TunnelConnection(node, ws, client_ip(str(peer), forwarded_for, trusted_proxies))
-        node.connected(connection)
+        assert ws.request is not None
+        connection = TunnelConnection(node, ws, request_client_ip(ws, ws.request))
+        if not node.connected(connection):  # upgrades racing past `route`'s check
+            metrics.CONNECTIONS_REFUSED.labels(reason=TOO_MANY_UNAUTHENTICATED).inc()
+            await ws.close(CLOSE_TRY_AGAIN_LATER, TOO_MANY_UNAUTHENTICATED)
+            return
         await connection.run()
 
+    # asyncio's own TLS handshake timeout (60 s) runs before websockets' open_timeout starts.
+    tls_options: dict[str, Any] = {}
+    if tls is not None:
+        tls_options["ssl_handshake_timeout"] = config.ws.handshakeTimeoutMs / 1000
     server: Server = await serve(
         handle,
         config.host,
         config.port,
         process_request=route,
+        ssl=tls,
+        **tls_options,
         max_size=config.ws.maxMessageBytes,
         max_queue=MAX_QUEUED_MESSAGES,
         write_limit=WRITE_LIMIT_BYTES,

@@ -14,6 +14,14 @@ Choices the protocol leaves open:
 - `sessionRole` of the response wins over the request's (the original reads the response's).
 - Frames of a refused outbound stream (too large) are ignored until its smtp_end, so the
   gateway gets exactly one result for it.
+- A socket that has not authenticated `ws.authTimeoutMs` after the upgrade gets auth_error
+  `auth_timeout` and close 4401: A3 makes every auth failure auth_error + 4401, so an unmodified
+  gateway treats it like any refused attempt and reconnects. (A silent TCP connection that never
+  completes the upgrade is closed earlier, by the handshake timeout, with no WebSocket code.)
+- A challenge is bound to the persona key, not to the socket or node that issued it (as in the
+  original): the response may arrive on another socket, even on another tunnel node (the record
+  is in Redis). Binding adds nothing: only the key's holder can sign the challenge text, and it
+  is still single-use and expires.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ RATE_LIMITED = "rate_limited"
 REPLACED = "replaced_by_new_session"
 UNKNOWN_TYPE = "unknown_type"
 ALREADY_AUTHENTICATED = "already_authenticated"
+AUTH_TIMEOUT = "auth_timeout"
 
 ROLE_INBOUND = "inbound"
 ROLE_OUTBOUND = "outbound"
@@ -197,6 +206,12 @@ class TunnelSession:
 
     def auth_failed(self, code: str) -> list[Action]:
         return self._fail(code)
+
+    def auth_timed_out(self) -> list[Action]:
+        """The auth deadline passed: refuse if the socket is still unauthenticated."""
+        if self.state is not State.UNAUTHENTICATED:
+            return []
+        return self._fail(AUTH_TIMEOUT)
 
     def auth_succeeded(self, persona_key: str, role: str, replaced_socket_id: str | None) -> list[Action]:
         if self.state is not State.UNAUTHENTICATED:
