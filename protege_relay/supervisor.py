@@ -7,6 +7,7 @@ works here works in docker-compose and Kubernetes. Redis is embedded (AOF on, da
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import signal
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from protege_relay.embedded_redis import EmbeddedRedis
+from protege_relay.embedded_redis import EmbeddedRedis, data_dir
 from shared.config import RelayConfig
 from shared.logs import log
 
@@ -34,10 +35,20 @@ def run_all(config: RelayConfig, *, config_path: str | None, ingress_workers: in
     env = dict(os.environ)
     if config_path:
         env["RELAY_CONFIG"] = str(Path(config_path).resolve())
+    state_dir = data_dir()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    lock_file = (state_dir / "relay.lock").open("w")
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log(logger, logging.ERROR, "another protege-relay run uses this data directory", data_dir=str(state_dir))
+        return 1
+    url_file = state_dir / "redis.url"
     if not config.redis.url:
-        redis = EmbeddedRedis(Path(os.environ.get("RELAY_DATA_DIR", "var")) / "redis")
+        redis = EmbeddedRedis(state_dir / "redis")
         redis.start()
         env["RELAY_REDIS_URL"] = redis.url
+        url_file.write_text(redis.url + "\n")
         log(logger, logging.INFO, "embedded redis ready", redis_url=redis.url, data_dir=str(redis.data_dir))
     node_base = config.node_id
     children: list[subprocess.Popen[bytes]] = []
@@ -78,4 +89,6 @@ def run_all(config: RelayConfig, *, config_path: str | None, ingress_workers: in
                 child.kill()
         if redis is not None:
             redis.stop()
+            url_file.unlink(missing_ok=True)
+        lock_file.close()
         log(logger, logging.INFO, "relay stopped")

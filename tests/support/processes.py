@@ -16,9 +16,14 @@ from protege_relay.embedded_redis import free_port
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def wait_for_port(port: int, host: str = "127.0.0.1", timeout_s: float = 15.0) -> None:
+def wait_for_port(
+    port: int, host: str = "127.0.0.1", timeout_s: float = 15.0, process: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Wait until `port` accepts; give up early if `process` (the would-be listener) exited."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise TimeoutError(f"process exited with {process.returncode} before {host}:{port} listened")
         try:
             with socket.create_connection((host, port), timeout=0.5):
                 return
@@ -60,7 +65,7 @@ class ServiceProcess:
         )
         if self.port is not None:
             try:
-                wait_for_port(self.port, timeout_s=timeout_s)
+                wait_for_port(self.port, timeout_s=timeout_s, process=self.process)
             except TimeoutError:
                 raise AssertionError(f"{self.service} did not start:\n{self.logs()}") from None
         return self
