@@ -495,3 +495,24 @@ def test_auth_timeout_is_an_auth_error_with_4401_only_before_auth() -> None:
     assert session.state is State.CLOSED
     assert session.auth_timed_out() == []
     assert authenticated_session().auth_timed_out() == []
+
+
+@pytest.mark.parametrize(
+    ("mail_from", "rcpt_to", "reason"),
+    [
+        (f"{RFC8032_KEY}@evil.example\r\nRSET", "a@example.org", "sender_not_allowed"),
+        (f"{RFC8032_KEY}@anything.example\r\n", "a@example.org", "sender_not_allowed"),
+        (f"{RFC8032_KEY}@anything.example\0", "a@example.org", "sender_not_allowed"),
+        (f"{RFC8032_KEY}@any thing.example", "a@example.org", "sender_not_allowed"),
+        (f"{RFC8032_KEY}@anything.example>", "a@example.org", "sender_not_allowed"),
+        (f"{RFC8032_KEY}@", "a@example.org", "sender_not_allowed"),
+        (f"{RFC8032_KEY}@anything.example", "a@example.org\0", "invalid_recipient"),
+        (f"{RFC8032_KEY}@anything.example", "a@example.org\x01", "invalid_recipient"),
+        (f"{RFC8032_KEY}@anything.example", "a@example.org\rDATA", "invalid_recipient"),
+    ],
+)
+def test_envelope_smuggling_is_refused_even_without_mail_domains(mail_from: str, rcpt_to: str, reason: str) -> None:
+    """With no mail domains configured the sender's domain is free, but never a place to hide
+    CR, LF, NUL or other SMTP syntax."""
+    session = authenticated_session(mail_domains=())
+    assert feed(session, frames("s", mail_from, rcpt_to, b"x")) == [RefuseOutbound("s", reason)]

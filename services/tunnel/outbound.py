@@ -28,20 +28,31 @@ DELIVER_FUNCTION = "deliver"
 RATE_WINDOW_S = 60
 
 _ADDRESS = re.compile(r'[^\s<>@,;"]+@[^\s<>@,;"]+')
+# A domain of dot-separated labels (ASCII letters, digits, hyphens, or non-ASCII for IDNs),
+# optionally fully qualified: nothing an SMTP client could be made to send as a command.
+_DOMAIN = re.compile(r"(?:(?:[A-Za-z0-9-]|[^\x00-\x7f])+\.)*(?:[A-Za-z0-9-]|[^\x00-\x7f])+\.?")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def has_control_characters(address: str) -> bool:
+    """CR, LF, NUL or any other control character: envelope smuggling, refused wherever it is."""
+    return _CONTROL.search(address) is not None
 
 
 def _bare(address: str) -> str:
-    address = address.strip()
+    address = address.strip(" ")
     if address.startswith("<") and address.endswith(">"):
-        address = address[1:-1].strip()
+        address = address[1:-1].strip(" ")
     return address
 
 
 def check_sender(mail_from: str, persona_key: str, mail_domains: list[str]) -> str | None:
     """The sender must be the persona's own address: local part is its key (any case), and the
-    domain one of ours when domains are configured."""
+    domain one of ours when domains are configured, else at least a well-formed domain."""
+    if has_control_characters(mail_from):
+        return SENDER_NOT_ALLOWED
     local_part, at, domain = _bare(mail_from).rpartition("@")
-    if not at or local_part.lower() != persona_key or not domain:
+    if not at or local_part.lower() != persona_key or not _DOMAIN.fullmatch(domain):
         return SENDER_NOT_ALLOWED
     if mail_domains and domain.lower().rstrip(".") not in {d.lower().rstrip(".") for d in mail_domains}:
         return SENDER_NOT_ALLOWED
@@ -50,7 +61,7 @@ def check_sender(mail_from: str, persona_key: str, mail_domains: list[str]) -> s
 
 def check_recipient(rcpt_to: str) -> str | None:
     """One `local@domain` address, nothing that could smuggle SMTP syntax."""
-    if any(ch in rcpt_to for ch in "\r\n\0"):
+    if has_control_characters(rcpt_to):
         return INVALID_RECIPIENT
     address = _bare(rcpt_to)
     if "," in address and all(part.strip() for part in address.split(",")):
