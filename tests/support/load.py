@@ -18,6 +18,7 @@ import json
 import os
 import re
 import time
+import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -115,6 +116,7 @@ class SendLedger:
     rejected: dict[str, str] = field(default_factory=dict)  # token -> permanent reply
     connection_errors: int = 0
     ambiguous: set[str] = field(default_factory=set)  # the reply to the final dot never came
+    refused_after_data: set[str] = field(default_factory=set)  # a 4xx to the final dot, then retried
     attempts: int = 0
 
     @property
@@ -143,14 +145,17 @@ class SmtpLoad:
         self.on_accepted: Callable[[int], None] = lambda count: None
 
     @staticmethod
-    def plan(recipients: list[str], count: int, prefix: str = "t", size_bytes: int = 600) -> list[Outgoing]:
+    def plan(
+        recipients: list[str], count: int, prefix: str = "t", size_of: Callable[[int], int] = lambda index: 600
+    ) -> list[Outgoing]:
+        """`count` messages round-robin over `recipients`; message n is about `size_of(n)` bytes."""
         run = os.urandom(3).hex()
         return [
             Outgoing(
                 token=(token := f"{prefix}{run}-{index:06d}"),
                 mail_from="load@sender.test",
                 rcpt_to=recipients[index % len(recipients)],
-                message=make_message(token, size_bytes),
+                message=make_message(token, size_of(index)),
                 port_index=index,
             )
             for index in range(count)
@@ -197,6 +202,8 @@ class SmtpLoad:
                 ledger.rejected[item.token] = f"{reply.step} {reply.code} {reply.text}"
                 raise AssertionError(f"permanent SMTP refusal for {item.token}: {reply}") from None
             ledger.temporary[f"{reply.step} {reply.code}"] += 1
+            if reply.step == "DATA-end":
+                ledger.refused_after_data.add(item.token)
             await self._reset(port, connections, closed=reply.code == 421)
             await asyncio.sleep(RETRY_DELAY_S)
             return
@@ -278,16 +285,20 @@ class GatewayFleet:
         passports: list[Passport],
         *,
         drop_before_ack: Callable[[FleetGateway, str], bool] | None = None,
+        on_chunk: Callable[[FleetGateway, str], None] | None = None,
     ) -> None:
         self.urls = urls
         self.gateways = [FleetGateway(passport, index) for index, passport in enumerate(passports)]
         self.drop_before_ack = drop_before_ack
+        self.on_chunk = on_chunk  # (gateway, stream id) on every smtp_chunk: a hook to act mid-stream
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def start(self, timeout_s: float = 30.0) -> GatewayFleet:
+        """Connect every gateway (again, after `stop`: what they hold and sent is kept)."""
+        self._stopping = False
         for gateway in self.gateways:
             gateway.node_index = gateway.start_index
             self._tasks.append(asyncio.get_running_loop().create_task(self._run(gateway)))
@@ -371,6 +382,8 @@ class GatewayFleet:
             return True
         if frame.frame_type is protocol.FrameType.SMTP_CHUNK:
             partial[frame.stream_id] += frame.body
+            if self.on_chunk is not None:
+                self.on_chunk(gateway, frame.stream_id)
             return True
         data = bytes(partial.pop(frame.stream_id))
         gateway.deliveries.append((frame.stream_id, token_of(data)))  # stored before the ack
@@ -454,6 +467,57 @@ class Books:
         assert not unexplained, f"messages delivered that were never accepted: {unexplained[:10]}"
 
 
+@dataclass(frozen=True)
+class OutboundBooks:
+    sent: int
+    received: int  # distinct outbound streams the MX holds
+    lost: list[str]
+    duplicates: int  # copies at the MX beyond the first, all of an outbound stream id
+    foreign: list[str | None]  # MX messages that are no outbound stream of ours
+    missing_results: list[str]
+    failed_results: list[dict[str, Any]]
+
+    def line(self) -> str:
+        return f"sent={self.sent} received={self.received} lost={len(self.lost)} duplicates={self.duplicates}"
+
+    def assert_clean(self) -> None:
+        assert not self.lost, f"outbound streams that never reached the MX: {self.lost[:10]}"
+        assert not self.foreign, f"MX messages that are no outbound stream: {self.foreign[:10]}"
+        assert not self.missing_results, f"outbound streams without a result: {self.missing_results[:10]}"
+        assert not self.failed_results, f"failed results: {self.failed_results[:5]}"
+
+
+def reconcile_outbound(
+    sends: list[OutboundSend], mx_messages: list[bytes], results: dict[str, list[dict[str, Any]]]
+) -> OutboundBooks:
+    """Outbound streams (each message carries its stream id in a header) against the MX."""
+    stream_ids = {send.stream_id for send in sends}
+    at_mx = Counter(stream_header_of(message) for message in mx_messages)
+    return OutboundBooks(
+        sent=len(stream_ids),
+        received=len(stream_ids & set(at_mx)),
+        lost=sorted(stream_ids - set(at_mx)),
+        duplicates=sum(count - 1 for stream_id, count in at_mx.items() if stream_id in stream_ids),
+        foreign=[stream_id for stream_id in at_mx if stream_id not in stream_ids],
+        missing_results=sorted(stream_ids - results.keys()),
+        failed_results=[results[sid][0] for sid in stream_ids & results.keys() if results[sid][0]["status"] != "sent"],
+    )
+
+
+def outbound_sends(gateways: list[FleetGateway], count: int, domain: str, remote_domain: str) -> list[OutboundSend]:
+    """`count` outbound streams round-robin over the gateways, bare-LF as a gateway writes them,
+    each carrying its stream id so that a copy at the MX can be traced to it."""
+    sends = []
+    for index in range(count):
+        gateway = gateways[index % len(gateways)]
+        stream_id = str(uuid.uuid4())
+        message = make_message(f"out-{index:05d}", extra_headers={STREAM_HEADER: stream_id}).replace(b"\r\n", b"\n")
+        sends.append(
+            OutboundSend(stream_id, f"{gateway.persona_key}@{domain}", f"user{index}@{remote_domain}", message)
+        )
+    return sends
+
+
 def reconcile(ledger: SendLedger, deliveries: list[tuple[str, str | None]]) -> Books:
     """Check the gateways' deliveries against the senders' 250s (see the module docstring)."""
     expected = ledger.stream_ids
@@ -482,11 +546,14 @@ __all__ = [
     "Books",
     "FleetGateway",
     "GatewayFleet",
+    "OutboundBooks",
     "OutboundSend",
     "SendLedger",
     "SmtpLoad",
     "make_message",
+    "outbound_sends",
     "reconcile",
+    "reconcile_outbound",
     "stream_header_of",
     "token_of",
 ]
