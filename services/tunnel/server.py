@@ -32,6 +32,9 @@ CLOSE_TRY_AGAIN_LATER = 1013
 WRITE_LIMIT_BYTES = 256 * 1024
 CLOSE_TIMEOUT_S = 5.0
 MAX_QUEUED_MESSAGES = 16
+# Pending TCP connections the kernel queues for accept (asyncio's default is 100): after a node
+# restart every gateway reconnects at once. The kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 4096
 
 
 def http_response(status: int, content_type: str, body: bytes) -> Response:
@@ -73,16 +76,16 @@ async def start_server(node: TunnelNode, tls: ssl.SSLContext | None = None) -> S
         await connection.run()
 
     # asyncio's own TLS handshake timeout (60 s) runs before websockets' open_timeout starts.
-    tls_options: dict[str, Any] = {}
+    listen_options: dict[str, Any] = {"backlog": LISTEN_BACKLOG}
     if tls is not None:
-        tls_options["ssl_handshake_timeout"] = config.ws.handshakeTimeoutMs / 1000
+        listen_options["ssl_handshake_timeout"] = config.ws.handshakeTimeoutMs / 1000
     server: Server = await serve(
         handle,
         config.host,
         config.port,
         process_request=route,
         ssl=tls,
-        **tls_options,
+        **listen_options,
         max_size=config.ws.maxMessageBytes,
         max_queue=MAX_QUEUED_MESSAGES,
         write_limit=WRITE_LIMIT_BYTES,
