@@ -26,5 +26,10 @@ lint: install
 bench: install
 	$(BIN)/python -m bench $(if $(QUICK),--quick,)
 
+# The fault and multi-node tests with 10x the messages (10,000 per fault scenario); SOAK=<n> for n x.
+soak: install
+	RELAY_SOAK=$(or $(SOAK),1) $(BIN)/python -m pytest -q -s -p no:cacheprovider -o timeout=1800 \
+		tests/test_faults.py tests/test_faults_backpressure.py tests/test_multinode.py
+
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

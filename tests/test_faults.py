@@ -45,7 +45,7 @@ REMOTE_DOMAIN = "example.test"
 PERSONAS = 10
 MESSAGES = int(os.environ.get("RELAY_FAULT_MESSAGES", "1000")) * soak_factor()
 OUTBOUND = int(os.environ.get("RELAY_FAULT_OUTBOUND", "200")) * soak_factor()
-SETTLE_TIMEOUT_S = 60.0
+SETTLE_TIMEOUT_S = 60.0 * soak_factor()
 EGRESS_JOB_TIMEOUT_S = 2  # a job of a killed worker runs again about this + 3 s later
 
 CLUSTER_ENV = {

@@ -34,7 +34,7 @@ INBOUND_MESSAGES = 500 * soak_factor()
 OUTBOUND_MESSAGES = 100 * soak_factor()
 KILL_AT_FRACTION = 0.3  # SIGKILL tunnel-0 once this share of the inbound mail has arrived
 TERM_AT_FRACTION = 0.6  # SIGTERM tunnel-1 here
-SETTLE_TIMEOUT_S = 60.0
+SETTLE_TIMEOUT_S = 60.0 * soak_factor()
 OUTBOUND_CONCURRENCY = 5
 
 # Limits raised for load from one loopback address; timeouts shortened so the stranded
@@ -110,16 +110,17 @@ async def test_three_tunnel_nodes_lose_nothing_when_one_is_killed_and_one_stoppe
             while queue:
                 index, send = queue.pop(0)
                 due = index * inbound_per_outbound * 0.9
-                await until(lambda: fleet.received_count() >= due, 60, "no progress")  # noqa: B023
+                await until(lambda: fleet.received_count() >= due, SETTLE_TIMEOUT_S, "no progress")  # noqa: B023
                 await fleet.send_outbound(fleet.gateways[index % PERSONAS], send)
 
         await asyncio.gather(*(worker() for _ in range(OUTBOUND_CONCURRENCY)))
 
     async def faults() -> tuple[int, int]:
-        await until(lambda: fleet.received_count() >= INBOUND_MESSAGES * KILL_AT_FRACTION, 60, "no inbound progress")
+        kill_at, term_at = INBOUND_MESSAGES * KILL_AT_FRACTION, INBOUND_MESSAGES * TERM_AT_FRACTION
+        await until(lambda: fleet.received_count() >= kill_at, SETTLE_TIMEOUT_S, "no inbound progress")
         killed_at = fleet.received_count()
         tunnels[0].kill()
-        await until(lambda: fleet.received_count() >= INBOUND_MESSAGES * TERM_AT_FRACTION, 60, "stalled after SIGKILL")
+        await until(lambda: fleet.received_count() >= term_at, SETTLE_TIMEOUT_S, "stalled after SIGKILL")
         terminated_at = fleet.received_count()
         assert await asyncio.to_thread(tunnels[1].terminate) == 0
         return killed_at, terminated_at

@@ -228,11 +228,14 @@ class Cluster:
 
 
 def soak_factor() -> int:
-    """`RELAY_SOAK=<n>` (make soak) multiplies the message counts of the load tests."""
-    raw = os.environ.get("RELAY_SOAK", "")
-    if not raw:
+    """How many times the default message counts the load tests send: 1 normally; with
+    `RELAY_SOAK=1` (or true/yes, as `make soak` sets) 10; with `RELAY_SOAK=<n>` for n >= 2, n."""
+    raw = os.environ.get("RELAY_SOAK", "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
         return 1
-    return max(1, int(raw)) if raw.isdigit() else 10
+    if raw.isdigit() and int(raw) >= 2:
+        return int(raw)
+    return 10
 
 
 __all__ = ["Cluster", "Node", "ServiceSpec", "http_status", "load_matrix", "soak_factor"]

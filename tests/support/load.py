@@ -29,6 +29,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from shared import protocol
 from shared.identity import Passport
+from tests.support.cluster import soak_factor
 
 TOKEN_HEADER = "X-Load-Token"
 STREAM_HEADER = "X-Load-Stream"
@@ -137,7 +138,7 @@ class Outgoing:
 class SmtpLoad:
     """Senders on `concurrency` connections; message n goes to `ports[n % len(ports)]`."""
 
-    def __init__(self, ports: list[int], concurrency: int = 8, deadline_s: float = 90.0) -> None:
+    def __init__(self, ports: list[int], concurrency: int = 8, deadline_s: float = 90.0 * soak_factor()) -> None:
         self.ports = ports
         self.concurrency = concurrency
         self.deadline_s = deadline_s
