@@ -438,14 +438,27 @@ async def test_silent_connection_flood_is_bounded(spawn: Any, redis_client: redi
 
     async def flood() -> Counter[str]:
         started = time.monotonic()
+        peak_fds = 0
+
+        async def sample_fds() -> None:
+            nonlocal peak_fds
+            while True:
+                peak_fds = max(peak_fds, target.open_fds())
+                await asyncio.sleep(0.25)  # a sampling period, not synchronisation
+
+        sampler = asyncio.ensure_future(sample_fds())
         outcomes = await asyncio.gather(
             *(
                 silent_connection(target.port, SILENT_SOURCE_IPS[n % len(SILENT_SOURCE_IPS)], n % 2 == 1, opening)
                 for n in range(SILENT_CONNECTIONS)
             )
         )
+        sampler.cancel()
         tally = Counter(outcomes)
-        print(f"{SILENT_CONNECTIONS} silent connections ended in {time.monotonic() - started:.1f} s: {dict(tally)}")
+        print(
+            f"{SILENT_CONNECTIONS} silent connections ended in {time.monotonic() - started:.1f} s: {dict(tally)}; "
+            f"tunnel fds baseline {baseline_fds}, peak {peak_fds}"
+        )
         return tally
 
     async def attack() -> Counter[str]:
