@@ -27,7 +27,7 @@ MESSAGE_BYTES = 1024 * 1024
 MESSAGES = 50 * soak_factor()  # 50 MiB queued for one persona by default
 IN_FLIGHT_WINDOW = 8  # services/tunnel/inbox.py WINDOW: entries sent but not acknowledged
 OBSERVE_S = 3.0  # RSS is sampled this long once the tunnel is stuck on the unread socket
-RSS_GROWTH_BOUND_MIB = 24  # the window (8 x 1 MiB) with its frame copies (11 MiB measured)
+RSS_GROWTH_BOUND_MIB = 32  # the window (8 x 1 MiB) with its frame copies: 11-17 MiB measured
 
 
 @pytest.fixture
