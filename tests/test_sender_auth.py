@@ -122,6 +122,16 @@ def test_forged_results_claiming_our_authserv_id_are_removed_and_others_kept() -
     )
 
 
+def test_bare_lf_messages_are_stripped_too_and_the_body_is_never_touched() -> None:
+    message = (
+        b"Authentication-Results: mx.relay.test; dkim=pass\nSubject: lf\n\n"
+        b"Authentication-Results: mx.relay.test; body\r\n\r\nmore\n"
+    )
+    assert strip_our_authentication_results(message, AUTHSERV_ID) == (
+        b"Subject: lf\n\nAuthentication-Results: mx.relay.test; body\r\n\r\nmore\n"
+    )
+
+
 def test_a_message_without_our_results_is_returned_unchanged() -> None:
     message = b"Subject: x\r\nAuthentication-Results: mx.relay.test.evil; spf=pass\r\n\r\nbody\r\n"
     assert strip_our_authentication_results(message, AUTHSERV_ID) is message

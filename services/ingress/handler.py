@@ -37,7 +37,6 @@ from services.ingress.sender_auth import (
     SenderAuthVerdict,
     SenderFacts,
     authentication_results,
-    strip_our_authentication_results,
 )
 from shared import keys
 from shared.attestation import AttestationContext, create_attestation
@@ -180,6 +179,9 @@ class IngressHandler:
 
         queue_id = new_queue_id()
         verdict = await self._authenticate_sender(session, envelope, content)
+        if verdict is not None and self._sender_auth is not None:
+            # RFC 8601 §5: headers claiming our authserv-id are forgeries; ours follows the Received
+            content = await self._sender_auth.strip_forged_results(content, self._hostname)
         deliveries = self._deliveries(
             queue_id, session, envelope, content, await self._reverse_name(session), verdict
         )
@@ -249,7 +251,6 @@ class IngressHandler:
         auth_header = b""
         if verdict is not None:
             auth_header = authentication_results(self._hostname, verdict)
-            content = strip_our_authentication_results(content, self._hostname)
         deliveries: list[Delivery] = []
         for index, rcpt_to in enumerate(envelope.rcpt_tos):
             route = policy.route_recipient(rcpt_to, self._config.mailDomains)

@@ -24,42 +24,58 @@ from email.utils import getaddresses
 from services.ingress.sender_auth.verdict import SenderAuthVerdict
 
 HEADER_NAME = b"authentication-results"
-_LINE = re.compile(rb"[^\n]*\n|[^\n]+\Z")
 _DOMAIN = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9\-_.]{0,252}[A-Za-z0-9])?$")
 _LOCAL_PART = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-]{1,64}$")
 _COMMENT_OR_SPACE = re.compile(r"^(?:\s+|\([^()]*\))*")
 _AUTHSERV_ID = re.compile(r'^"([^"]*)"|^[^\s;()]+')
+_RESULTS_FIELD = re.compile(rb"^authentication-results[ \t]*:", re.IGNORECASE | re.MULTILINE)
 _FIELD_NAME = re.compile(rb"^[\x21-\x39\x3b-\x7e]+$")
 
 
 def header_fields(message: bytes) -> Iterator[tuple[int, int, bytes, bytes]]:
     """(start, end, lowercased name, unfolded value) of each field of the header section.
 
-    The header section ends at the first empty line (CRLF or bare LF). A line that is neither
-    a field nor a continuation is yielded with an empty name, so callers keep it untouched.
+    The header section ends at the first empty line (CRLF or bare LF); the body is never
+    scanned. A line that is neither a field nor a continuation is yielded with an empty name,
+    so callers keep it untouched.
     """
-    position = 0
-    field_start = -1
-    lines = list(_LINE.finditer(message))
-    index = 0
-    while index < len(lines):
-        line = lines[index].group()
-        if line in (b"\r\n", b"\n"):
+    lines = _line_spans(message)
+    current = next(lines, None)
+    while current is not None:
+        field_start, field_end = current
+        if message[field_start:field_end] in (b"\r\n", b"\n"):
             return
-        field_start = position
-        position += len(line)
-        index += 1
-        while index < len(lines) and lines[index].group()[:1] in (b" ", b"\t"):
-            line += lines[index].group()
-            position += len(lines[index].group())
-            index += 1
-        name, colon, value = line.partition(b":")
+        current = next(lines, None)
+        while current is not None and message[current[0] : current[0] + 1] in (b" ", b"\t"):
+            field_end = current[1]
+            current = next(lines, None)
+        field = message[field_start:field_end]
+        name, colon, value = field.partition(b":")
         name = name.rstrip(b" \t")  # obsolete syntax allows WSP before the colon (RFC 5322 §4.5)
         if not colon or not _FIELD_NAME.match(name):
-            yield field_start, position, b"", b""
+            yield field_start, field_end, b"", b""
             continue
         unfolded = re.sub(rb"\r?\n(?=[ \t])", b"", value).strip()
-        yield field_start, position, name.lower(), unfolded
+        yield field_start, field_end, name.lower(), unfolded
+
+
+def header_section_end(message: bytes) -> int:
+    """Offset of the empty line that ends the header section (or the message's length)."""
+    crlf_blank = message.find(b"\n\r\n")
+    limit = crlf_blank if crlf_blank >= 0 else len(message)
+    lf_blank = message.find(b"\n\n", 0, limit + 1)  # only before it: never scan a whole body
+    ends = [index for index in (crlf_blank, lf_blank) if index >= 0]
+    return min(ends) + 1 if ends else len(message)
+
+
+def _line_spans(message: bytes) -> Iterator[tuple[int, int]]:
+    """(start, end) of each line, its LF included."""
+    position = 0
+    while position < len(message):
+        newline = message.find(b"\n", position)
+        end = len(message) if newline < 0 else newline + 1
+        yield position, end
+        position = end
 
 
 def authserv_id_of(value: bytes) -> str:
@@ -73,6 +89,8 @@ def authserv_id_of(value: bytes) -> str:
 
 def strip_our_authentication_results(message: bytes, authserv_id: str) -> bytes:
     """`message` without Authentication-Results fields that claim `authserv_id`."""
+    if not _RESULTS_FIELD.search(message, 0, header_section_end(message)):
+        return message  # the common case, found by one C-speed scan
     ours = authserv_id.lower()
     forged = [
         (start, end)
