@@ -87,7 +87,7 @@ def encode_start_body(start: SmtpStart) -> bytes:
 def decode_start_body(body: bytes) -> SmtpStart:
     try:
         fields = json.loads(body)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: deeply nested JSON
         raise FrameError("smtp_start body is not JSON") from None
     if not isinstance(fields, dict):
         raise FrameError("smtp_start body is not a JSON object")
@@ -132,7 +132,7 @@ def decode_control(message: str | bytes) -> dict[str, Any]:
     """Parse a JSON object with a string `type`; anything else is invalid_message."""
     try:
         fields = json.loads(message)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: deeply nested JSON
         raise ControlMessageError("not JSON") from None
     if not isinstance(fields, dict) or not isinstance(fields.get("type"), str):
         raise ControlMessageError("not a JSON object with a string type")
