@@ -114,7 +114,7 @@ def run(bench: Bench, mode: Mode) -> FigureResult:
     metric = figure.metric(f"RSS per connection at {count}", "KB",
                            target=Target("value_at_most", TARGET_KB_PER_CONNECTION))
     rounds = []
-    for round_index in range(mode.rounds):
+    for round_index in range(mode.idle_rounds):
         per_connection_kib, details = measure(bench, count, round_index)
         # KiB from /proc reported as KB (x1.024) to compare with the "30 KB".
         metric.rounds.append(per_connection_kib * 1.024)

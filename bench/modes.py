@@ -24,6 +24,7 @@ class Mode:
     tunnel_rounds: int
     egress_messages: int
     idle_connections: int
+    idle_rounds: int
     auth_seconds: float
     auth_concurrency: int
     nacl_seconds: float
@@ -44,6 +45,7 @@ FULL = Mode(
     tunnel_rounds=5,
     egress_messages=1000,
     idle_connections=10_000,
+    idle_rounds=2,  # 10,000 handshakes per round take minutes on a busy 2-core machine
     auth_seconds=5.0,
     auth_concurrency=64,
     nacl_seconds=2.0,
@@ -61,6 +63,7 @@ QUICK = Mode(
     tunnel_rounds=2,
     egress_messages=300,
     idle_connections=1000,
+    idle_rounds=2,
     auth_seconds=2.0,
     auth_concurrency=64,
     nacl_seconds=1.0,
@@ -78,6 +81,7 @@ SMOKE = Mode(
     tunnel_rounds=1,
     egress_messages=20,
     idle_connections=20,
+    idle_rounds=1,
     auth_seconds=0.5,
     auth_concurrency=8,
     nacl_seconds=0.2,
