@@ -40,10 +40,9 @@ def test_smoke_run_measures_every_figure_and_writes_both_reports(tmp_path: Path)
     assert set(figures) == FIGURES
     for name, figure in figures.items():
         assert figure["errors"] == [], name
-        assert figure["metrics"], name
+        assert any(metric["target"] for metric in figure["metrics"]), name  # others are diagnostics
         for metric in figure["metrics"]:
             assert metric["value"] is not None and metric["value"]["median"] > 0, (name, metric["name"])
-            assert metric["target"], (name, metric["name"])
             if metric["baseline_name"]:
                 assert metric["baseline"]["median"] > 0 and metric["ratio"] > 0, (name, metric["name"])
     markdown = (tmp_path / "report.md").read_text()
