@@ -31,5 +31,10 @@ soak: install
 	RELAY_SOAK=$(or $(SOAK),1) $(BIN)/python -m pytest -q -s -p no:cacheprovider -o timeout=1800 \
 		tests/test_faults.py tests/test_faults_backpressure.py tests/test_multinode.py
 
+# atheris is installed here, not in the test extras: it may need a compiler where no wheel exists.
+fuzz: install
+	$(BIN)/pip install --quiet atheris
+	$(BIN)/python fuzz/run.py
+
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

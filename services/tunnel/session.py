@@ -232,6 +232,8 @@ class TunnelSession:
         return [SendText(protocol.encode_control(fields))]
 
     def outbound_refused(self, stream_id: str, reason: str) -> list[Action]:
+        if self.state is not State.AUTHENTICATED:
+            return []
         return [RefuseOutbound(stream_id, reason)]
 
     def replaced(self) -> list[Action]:
@@ -255,6 +257,9 @@ class TunnelSession:
     # --- auth --------------------------------------------------------------------------------
 
     def _fail(self, code: str) -> list[Action]:
+        """auth_error then close; nothing once closed (a Redis step may finish after a deadline)."""
+        if self.state is State.CLOSED:
+            return []
         self.state = State.CLOSED
         self._streams.clear()
         close_code = protocol.CLOSE_RATE_LIMITED if code == RATE_LIMITED else protocol.CLOSE_AUTH_FAILED
