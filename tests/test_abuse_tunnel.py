@@ -245,9 +245,24 @@ async def test_garbage_binary_before_and_after_auth(spawn: Any, redis_client: re
         await client.ws.send(blob)
         await expect_auth_error(client, "invalid_tunnel_frame")
 
+    async def deep_json() -> None:
+        """500 KB of nesting: invalid like any other garbage, not an internal error (1011)."""
+        deep = "[" * 500_000
+        await before_auth(deep.encode())
+        client = await open_client(target)
+        await client.send_json({"type": "auth_challenge_request", "publicKeyBase32": deep})
+        await expect_auth_error(client, "invalid_message")
+        await after_auth(protocol.encode_frame(protocol.FrameType.SMTP_START, "s", deep.encode()))
+        client = await open_client(target)
+        await client.authenticate(Passport.generate())
+        await client.ws.send(deep)
+        assert await client.next_text() == {"type": "error", "code": "invalid_message"}
+        await client.close()
+
     async def attack() -> None:
         await bounded_gather([before_auth(blob) for blob in garbage_blobs(1, 40)])
         await bounded_gather([after_auth(blob) for blob in garbage_blobs(2, 40)])
+        await deep_json()
 
     await while_serving_honest(target, redis_client, attack)
 

@@ -516,3 +516,15 @@ def test_envelope_smuggling_is_refused_even_without_mail_domains(mail_from: str,
     CR, LF, NUL or other SMTP syntax."""
     session = authenticated_session(mail_domains=())
     assert feed(session, frames("s", mail_from, rcpt_to, b"x")) == [RefuseOutbound("s", reason)]
+
+
+DEEP_JSON = "[" * 100_000
+
+
+def test_deeply_nested_json_is_invalid_not_a_recursion_error() -> None:
+    assert make_session().receive_text(DEEP_JSON) == auth_error("invalid_message")
+    assert make_session().receive_binary(('{"type":' + DEEP_JSON).encode()) == auth_error("invalid_message")
+    session = authenticated_session()
+    assert session.receive_text(DEEP_JSON) == [SendText('{"type":"error","code":"invalid_message"}')]
+    deep_start = protocol.encode_frame(protocol.FrameType.SMTP_START, "s", DEEP_JSON.encode())
+    assert session.receive_binary(deep_start) == auth_error("invalid_tunnel_frame")
