@@ -228,6 +228,7 @@ async def test_outbound_only_sender_is_woken_for_its_result_without_the_sweep(
         latency_s = time.monotonic() - written_at
         assert (result["streamId"], result["status"]) == ("s-4", "sent")
         assert latency_s < 2
+        print(f"outbound-only result latency after the wake-up: {latency_s * 1000:.1f} ms")
         await client.close()
         await eventually(
             lambda: redis_client.zscore(keys.outbound_holders(pk), tunnel.config.node_id) is None,

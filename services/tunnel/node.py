@@ -1,8 +1,10 @@
 """This tunnel node's sockets and its background duties towards them.
 
 Holds which persona has which socket here, claims and releases ownership in Redis, listens on
-the node's wake-up channel (new inbox entry, new result, evict), renews owner keys, sweeps
-results (pub/sub is only a wake-up) and publishes the node's liveness record.
+the node's wake-up channel (new inbox entry, new result, evict), renews owner keys and its
+outbound-holder registrations (so result wake-ups reach `send`-only sockets too), sweeps
+results (pub/sub is only a wake-up) and publishes the node's liveness record. It also counts
+each client IP's unauthenticated sockets for `ws.maxUnauthenticatedPerIp`.
 """
 
 from __future__ import annotations
