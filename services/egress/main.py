@@ -18,6 +18,7 @@ import logging
 import redis.asyncio as aioredis
 from arq.worker import Worker, func
 
+from services.egress.prompt_worker import PromptWorker
 from services.egress.worker import Egress, deliver
 from shared import keys
 from shared.config import RelayConfig
@@ -28,7 +29,7 @@ from shared.redis import arq_settings, connect
 
 logger = logging.getLogger("egress")
 
-POLL_DELAY_S = 0.1
+POLL_DELAY_S = 0.1  # idle only: a finishing job starts the next at once (prompt_worker)
 PUBLISH_MARGIN_S = 2  # after the attempt budget: time to record and publish the result
 IN_PROGRESS_GRACE_S = 1
 CRASH_RERUNS_ALLOWED = 3  # arq tries beyond maxAttempts, so a crashed last try still publishes
@@ -37,7 +38,7 @@ RESTART_DELAY_S = 1.0
 
 def build_worker(config: RelayConfig, egress: Egress) -> Worker:
     job_timeout_s = config.egress.jobTimeoutSeconds + PUBLISH_MARGIN_S
-    worker = Worker(
+    worker = PromptWorker(
         functions=[func(deliver, name="deliver")],
         redis_settings=arq_settings(config),
         queue_name=keys.EGRESS_QUEUE,

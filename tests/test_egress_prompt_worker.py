@@ -1,0 +1,134 @@
+"""`PromptWorker` against a real Redis: freed slots start the next job without waiting for the
+poll interval, each job runs exactly once across competing workers, and retries still work."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from arq import Retry, create_pool
+from arq.connections import ArqRedis, RedisSettings
+from arq.worker import func
+
+from protege_relay.embedded_redis import EmbeddedRedis
+from services.egress.prompt_worker import PromptWorker
+
+QUEUE = "test:prompt"
+IDLE_POLL_S = 5.0  # far longer than the whole test may take: only the wake-up can start jobs
+
+
+async def wait_for(predicate: Callable[[], bool], timeout_s: float, message: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(message)
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def pool(redis_server: EmbeddedRedis) -> AsyncIterator[ArqRedis]:
+    arq_pool = await create_pool(RedisSettings.from_dsn(redis_server.url))
+    yield arq_pool
+    await arq_pool.aclose()
+
+
+class Workers:
+    def __init__(self, redis_url: str) -> None:
+        self.redis_url = redis_url
+        self.runs: list[tuple[str, int]] = []  # (label, job_try) per run, in start order
+        self.running: list[tuple[PromptWorker, asyncio.Task[None]]] = []
+
+    async def job(self, ctx: dict[str, Any], label: str, retries: int = 0, hold_s: float = 0.0) -> None:
+        self.runs.append((label, ctx["job_try"]))
+        await asyncio.sleep(hold_s)
+        if ctx["job_try"] <= retries:
+            raise Retry(defer=0.05)
+
+    def start(self, max_jobs: int, poll_delay_s: float = IDLE_POLL_S) -> PromptWorker:
+        worker = PromptWorker(
+            functions=[func(self.job, name="job")], redis_settings=RedisSettings.from_dsn(self.redis_url),
+            queue_name=QUEUE, max_jobs=max_jobs, poll_delay=poll_delay_s, handle_signals=False, keep_result=0,
+        )
+        self.running.append((worker, asyncio.ensure_future(worker.async_run())))
+        return worker
+
+    async def stop(self) -> None:
+        for worker, task in self.running:
+            await worker.close()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest.fixture
+async def workers(redis_server: EmbeddedRedis) -> AsyncIterator[Workers]:
+    running = Workers(redis_server.url)
+    yield running
+    await running.stop()
+
+
+async def enqueue(pool: ArqRedis, count: int, **kwargs: Any) -> None:
+    for index in range(count):
+        assert await pool.enqueue_job("job", f"j{index}", _job_id=f"j{index}", _queue_name=QUEUE, **kwargs)
+
+
+async def test_a_finished_job_starts_the_next_without_waiting_for_the_poll(
+    pool: ArqRedis, workers: Workers
+) -> None:
+    await enqueue(pool, 40, hold_s=0.005)
+    started = time.monotonic()
+    workers.start(max_jobs=2)
+    await wait_for(lambda: len(workers.runs) == 40, 10, f"only {len(workers.runs)} of 40 jobs ran")
+    await wait_for(lambda: workers.running[0][0].jobs_complete == 40, 5, "jobs not completed")
+    # stock arq would need 20 polls of IDLE_POLL_S here (2 jobs per poll)
+    assert time.monotonic() - started < IDLE_POLL_S
+    assert sorted(label for label, _ in workers.runs) == sorted(f"j{index}" for index in range(40))
+    assert await pool.zcard(QUEUE) == 0
+
+
+async def test_never_more_than_max_jobs_at_once(pool: ArqRedis, workers: Workers) -> None:
+    await enqueue(pool, 12, hold_s=0.05)
+    worker = workers.start(max_jobs=3)
+    peak = 0
+    deadline = time.monotonic() + 10
+    while worker.jobs_complete < 12:
+        assert time.monotonic() < deadline, f"only {worker.jobs_complete} of 12 completed"
+        peak = max(peak, sum(not task.done() for task in worker.job_tasks.values()))
+        await asyncio.sleep(0.005)
+    assert 1 <= peak <= 3
+
+
+async def test_competing_workers_run_each_job_exactly_once(pool: ArqRedis, workers: Workers) -> None:
+    await enqueue(pool, 60, hold_s=0.002)
+    first, second = workers.start(max_jobs=4, poll_delay_s=0.01), workers.start(max_jobs=4, poll_delay_s=0.01)
+    await wait_for(lambda: first.jobs_complete + second.jobs_complete == 60, 20,
+                   f"{first.jobs_complete} + {second.jobs_complete} of 60 completed")
+    labels = [label for label, _ in workers.runs]
+    assert len(labels) == 60 and len(set(labels)) == 60
+    assert first.jobs_complete > 0 and second.jobs_complete > 0
+
+
+async def test_retried_job_runs_again_and_completes(pool: ArqRedis, workers: Workers) -> None:
+    await enqueue(pool, 1, retries=2)
+    worker = workers.start(max_jobs=2, poll_delay_s=0.05)  # a deferred retry is due only after its defer
+    await wait_for(lambda: worker.jobs_complete == 1, 5, "retried job did not complete")
+    assert workers.runs == [("j0", 1), ("j0", 2), ("j0", 3)] and worker.jobs_retried == 2
+
+
+async def test_idle_worker_notices_a_new_job_within_the_poll_delay(pool: ArqRedis, workers: Workers) -> None:
+    poll_delay_s = 0.1
+    worker = workers.start(max_jobs=2, poll_delay_s=poll_delay_s)
+    await enqueue(pool, 1)
+    await wait_for(lambda: worker.jobs_complete == 1, 5, "warm-up job not run")
+    def completed(count: int) -> Callable[[], bool]:
+        return lambda: worker.jobs_complete >= count
+
+    latencies = []
+    for index in range(1, 6):
+        started = time.monotonic()
+        assert await pool.enqueue_job("job", f"late{index}", _job_id=f"late{index}", _queue_name=QUEUE)
+        await wait_for(completed(index + 1), 5, "new job not picked up")
+        latencies.append(time.monotonic() - started)
+    assert max(latencies) < poll_delay_s + 0.4, latencies
