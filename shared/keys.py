@@ -93,3 +93,9 @@ def outbound_holders(persona_key: str) -> str:
     """Sorted set: node ids holding an outbound-role socket of the persona, scored by expiry
     (epoch ms, renewed like `owner`), so a result wake-up reaches a `send`-only socket too."""
     return f"relay:{{{persona_key}}}:outbound_holders"
+
+
+def accepted(persona_key: str, message_digest: str) -> str:
+    """Queue id under which the ingress accepted a message (digest of envelope + content, TTL),
+    so the sender's retry after a lost EXEC reply is answered with it instead of stored again."""
+    return f"relay:{{{persona_key}}}:accepted:{message_digest}"
