@@ -77,6 +77,7 @@ class SmtpConfig:
 class RateLimitsConfig:
     smtpConnectionsPerMinutePerIp: int = _field(60, minimum=1)
     smtpMessagesPerMinutePerIp: int = _field(30, minimum=1)
+    smtpConcurrentConnectionsPerIp: int = _field(20, minimum=1)  # open SMTP sessions per client IP, per ingress process
     wsAuthAttemptsPerMinutePerIp: int = _field(20, minimum=1)
     denyWindowMs: int = _field(300_000, minimum=1)
     outboundMessagesPerMinutePerPersona: int = _field(60, minimum=1)
