@@ -168,6 +168,32 @@ async def test_message_is_delivered_with_crlf_and_the_sink_queue_id(
     await wakeups.aclose()
 
 
+async def test_result_wakes_the_owner_and_live_outbound_holders_once_each(
+    start_egress: Callable[..., Awaitable[Harness]], smtp_port: int, persona_key: str
+) -> None:
+    egress = await start_egress()
+    now_ms = int(time.time() * 1000)
+    await egress.redis.set(keys.owner(persona_key), "node-a")
+    await egress.redis.zadd(keys.outbound_holders(persona_key),
+                            {"node-a": now_ms + 60_000, "node-b": now_ms + 60_000, "node-gone": now_ms - 1})
+    wakeups = egress.redis.pubsub()
+    await wakeups.subscribe(*(keys.node_channel(node) for node in ("node-a", "node-b", "node-gone")))
+    await eventually(lambda: wakeups.get_message(timeout=0.1))  # subscribe confirmations
+    with MxSink("127.0.0.2", smtp_port):
+        await egress.enqueue(egress.job("stream-wake"))
+        assert (await egress.result()).status == "sent"
+    received: list[tuple[bytes, bytes]] = []
+    deadline = time.monotonic() + 1  # collect for a moment: a duplicate would arrive with the first
+    while time.monotonic() < deadline:
+        message = await wakeups.get_message(ignore_subscribe_messages=True, timeout=0.1)
+        if message is not None:
+            received.append((message["channel"], message["data"]))
+    expected = Wakeup(WakeupKind.RESULT, persona_key).encode()
+    assert sorted(received) == [(keys.node_channel("node-a").encode(), expected),
+                                (keys.node_channel("node-b").encode(), expected)]
+    await wakeups.aclose()
+
+
 async def test_permanent_refusal_is_a_failed_result_without_retry(
     start_egress: Callable[..., Awaitable[Harness]], smtp_port: int
 ) -> None:
@@ -231,6 +257,25 @@ async def test_rerun_beyond_max_attempts_publishes_a_failure_without_sending(
     assert (result.status, result.error, result.permanent, result.attempts) == (
         "failed", "max_attempts_exceeded", False, 3)
     assert mx1.data_payloads == []
+
+
+async def test_retry_sends_only_to_the_domain_still_open_and_the_record_is_dropped_on_publish(
+    start_egress: Callable[..., Awaitable[Harness]], smtp_port: int, persona_key: str
+) -> None:
+    egress = await start_egress(RELAY_EGRESS_ROUTES=json.dumps({"other.test": f"127.0.0.4:{smtp_port}"}))
+    job = egress.job("stream-two-domains")
+    # the deferring domain first: the last domain's acceptance is recorded only when the retry is scheduled
+    job = OutboundJob(job.persona_key, job.stream_id, job.mail_from, ["b@other.test", "a@example.test"],
+                      job.data, job.enqueued_at_ms)
+    with MxSink("127.0.0.2", smtp_port) as mx1, \
+            MxSink("127.0.0.4", smtp_port, data_replies=["451 4.3.0 later"]) as other:
+        await egress.enqueue(job)
+        result = await egress.result(timeout_s=20)
+    assert (result.status, result.attempts) == ("sent", 2)
+    assert [m.rcpt_tos for m in mx1.received()] == [["a@example.test"]]  # not sent again on the retry
+    assert len(other.data_payloads) == 2 and [m.rcpt_tos for m in other.received()] == [["b@other.test"]]
+    assert not await egress.redis.exists(keys.egress_delivered(persona_key, job.stream_id))
+    assert await egress.redis.exists(keys.egress_result_published(persona_key, job.stream_id))
 
 
 async def test_first_mx_down_delivers_via_the_second(
@@ -363,6 +408,27 @@ def test_job_of_a_killed_worker_runs_again_on_another_and_publishes_once(
         poll_until(lambda: redis_client.zcard(keys.EGRESS_QUEUE) == 0, 10, message="job still queued")
         assert len(sync_results(redis_client, persona_key)) == 1
     assert rerun_s < 12
+
+
+def test_domain_delivered_before_a_crash_is_not_sent_again_by_the_rerun(
+    spawn: Any, redis_server: EmbeddedRedis, redis_client: Any, dns_server: DnsServer, smtp_port: int,
+    persona_key: str,
+) -> None:
+    env = egress_env(redis_server, dns_server, smtp_port, RELAY_EGRESS_JOB_TIMEOUT_SECONDS="3",
+                     RELAY_EGRESS_ROUTES=json.dumps({"other.test": f"127.0.0.4:{smtp_port}"}))
+    job = OutboundJob(persona_key, "stream-crash-2nd", f"{persona_key}@relay.test",
+                      ["a@example.test", "b@other.test"], BARE_LF_MESSAGE, int(time.time() * 1000))
+    with MxSink("127.0.0.2", smtp_port) as mx1, MxSink("127.0.0.4", smtp_port, hold_data=1) as other:
+        first = spawn("egress", **env, RELAY_NODE_ID="egress-first")
+        asyncio.run(enqueue_once(redis_server.url, job))
+        assert other.holding.wait(15), first.logs()  # example.test done, other.test in DATA
+        first.kill()
+        other.release()
+        spawn("egress", **env, RELAY_NODE_ID="egress-second")
+        [result] = poll_until(lambda: sync_results(redis_client, persona_key), 20, message="no result after the re-run")
+        assert (result.status, result.attempts) == ("sent", 2)
+        assert len(mx1.data_payloads) == 1  # recorded before the second domain's session began
+        assert len(other.data_payloads) == 2
 
 
 def test_sigterm_lets_a_running_delivery_finish_before_exit(

@@ -6,38 +6,60 @@ that from sending mail twice:
 - `keys.egress_result_published(pk, stream_id)` is set (NX, with a TTL) in the same Lua script
   that XADDs the result, so a result is published once, and a job that finds it set returns
   without touching SMTP.
-- `keys.egress_delivered(pk, stream_id)` maps each recipient to its final outcome, written right
-  after the remote server's reply, so a retry or re-run only handles recipients still open.
-What remains is the gap between the remote `250` and that write: a crash exactly there sends
-the message again on the re-run (SMTP is at-least-once; the recipient sees a duplicate).
+- `keys.egress_delivered(pk, stream_id)` maps each recipient to its final outcome, so a retry or
+  re-run only handles recipients still open. It is written before anything else can go wrong
+  after a remote reply: before the next domain's SMTP session starts and before a retry is
+  scheduled. An attempt that ends the job publishes instead (the marker supersedes the hash,
+  which the publish deletes): one round trip, not two.
+What remains is the gap between the remote `250` and that write or publish: a crash exactly
+there sends the message again on the re-run (SMTP is at-least-once; the recipient sees a
+duplicate).
+
+The publish script also wakes the persona's tunnel nodes (as `shared.wakeup.wake_owner` does
+for a RESULT), so publishing a result is one round trip.
 """
 
 from __future__ import annotations
 
 import json
-import logging
+import time
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
 from services.egress.outcome import Disposition, Outcome
 from shared import keys
-from shared.logs import log
 from shared.payloads import DeliveryResult
-from shared.wakeup import WakeupKind, wake_owner
-
-logger = logging.getLogger("egress.results")
+from shared.wakeup import Wakeup, WakeupKind
 
 IDEMPOTENCY_TTL_S = 2 * 24 * 3600  # longer than arq keeps a job (1 day + its deferral)
 RESULTS_STREAM_MAX_ENTRIES = 10_000  # bounds a persona that never reconnects
 
+# KEYS: published marker, results stream, delivered hash, owner, outbound holders.
+# ARGV: status, marker TTL, packed result, stream max length, stream TTL, now (ms), node channel
+# prefix, wake-up message. The wake-up mirrors `shared.wakeup.wake_owner(..., RESULT)`: the
+# owner and every unexpired outbound holder, each node once.
 _PUBLISH_ONCE = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'r', ARGV[3])
-  redis.call('EXPIRE', KEYS[2], ARGV[5])
-  return 1
-end
-return 0
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 0 end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'r', ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+redis.call('DEL', KEYS[3])
+local nodes = {}
+local owner = redis.call('GET', KEYS[4])
+if owner then nodes[owner] = true end
+for _, node in ipairs(redis.call('ZRANGEBYSCORE', KEYS[5], ARGV[6], '+inf')) do nodes[node] = true end
+for node in pairs(nodes) do redis.call('PUBLISH', ARGV[7] .. node, ARGV[8]) end
+return 1
 """
+NODE_CHANNEL_PREFIX = keys.node_channel("")
+
+
+@dataclass(frozen=True, slots=True)
+class PriorState:
+    """What earlier runs of the same outbound stream left behind."""
+
+    published: bool
+    final_outcomes: dict[str, Outcome]
 
 
 class ResultStore:
@@ -46,29 +68,32 @@ class ResultStore:
         self._retention_s = retention_s
         self._publish_once = redis.register_script(_PUBLISH_ONCE)
 
-    async def already_published(self, persona_key: str, stream_id: str) -> bool:
-        return bool(await self._redis.exists(keys.egress_result_published(persona_key, stream_id)))
+    async def prior_state(self, persona_key: str, stream_id: str) -> PriorState:
+        """The published marker and the recorded final outcomes, in one round trip."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.exists(keys.egress_result_published(persona_key, stream_id))
+            pipe.hgetall(keys.egress_delivered(persona_key, stream_id))
+            published, stored = await pipe.execute()
+        outcomes = {recipient.decode(): _decode_outcome(value) for recipient, value in stored.items()}
+        return PriorState(bool(published), outcomes)
 
     async def publish(self, persona_key: str, result: DeliveryResult) -> bool:
-        """Append the result and wake the owning tunnel node; False if one was already published."""
+        """Append the result, drop the per-recipient record (the marker supersedes it) and wake
+        the tunnel nodes holding the persona, atomically; False if one was already published."""
         published = await self._publish_once(
-            keys=[keys.egress_result_published(persona_key, result.stream_id), keys.results(persona_key)],
-            args=[result.status, IDEMPOTENCY_TTL_S, result.pack(), RESULTS_STREAM_MAX_ENTRIES, self._retention_s],
+            keys=[
+                keys.egress_result_published(persona_key, result.stream_id),
+                keys.results(persona_key),
+                keys.egress_delivered(persona_key, result.stream_id),
+                keys.owner(persona_key),
+                keys.outbound_holders(persona_key),
+            ],
+            args=[
+                result.status, IDEMPOTENCY_TTL_S, result.pack(), RESULTS_STREAM_MAX_ENTRIES, self._retention_s,
+                int(time.time() * 1000), NODE_CHANNEL_PREFIX, Wakeup(WakeupKind.RESULT, persona_key).encode(),
+            ],
         )
-        if not published:
-            return False
-        try:
-            await wake_owner(self._redis, persona_key, WakeupKind.RESULT)
-        except Exception as exc:  # the tunnel's periodic sweep delivers it anyway
-            log(logger, logging.WARNING, "result wake-up failed", persona=persona_key,
-                stream_id=result.stream_id, error=type(exc).__name__)
-        return True
-
-    async def final_outcomes(self, persona_key: str, stream_id: str) -> dict[str, Outcome]:
-        stored: dict[bytes, bytes] = await self._redis.hgetall(  # type: ignore[misc]
-            keys.egress_delivered(persona_key, stream_id)
-        )
-        return {recipient.decode(): _decode_outcome(value) for recipient, value in stored.items()}
+        return bool(published)
 
     async def record_final(self, persona_key: str, stream_id: str, outcomes: dict[str, Outcome]) -> None:
         if not outcomes:

@@ -101,7 +101,8 @@ class Egress:
 
     async def run(self, job: OutboundJob, attempt: int) -> str:
         ids = {"persona": job.persona_key, "stream_id": job.stream_id, "attempt": attempt}
-        if await self._results.already_published(job.persona_key, job.stream_id):
+        prior = await self._results.prior_state(job.persona_key, job.stream_id)
+        if prior.published:
             log(logger, logging.INFO, "result already published; not sending again", **ids)
             metrics.JOBS.labels("duplicate").inc()
             return "duplicate"
@@ -110,28 +111,32 @@ class Egress:
             return await self._finish(job, attempt, {r: exceeded for r in job.rcpt_to}, ids)
 
         started = time.monotonic()
-        outcomes = await self._attempt(job, ids)
+        recorded = dict(prior.final_outcomes)  # grows as this attempt records outcomes
+        outcomes = await self._attempt(job, recorded, ids)
         metrics.ATTEMPT_SECONDS.observe(time.monotonic() - started)
 
         open_recipients = [recipient for recipient in job.rcpt_to if outcomes[recipient].temporary]
         age_s = time.time() - job.enqueued_at_ms / 1000
         if open_recipients and self._policy.may_retry(attempt, age_s):
             defer_s = backoff_s(attempt, self._policy.base_s, self._policy.max_age_s - age_s)
+            await self._results.record_final(job.persona_key, job.stream_id, _unrecorded(outcomes, recorded))
             log(logger, logging.INFO, "delivery deferred", **ids, defer_s=round(defer_s, 3),
                 error=outcomes[open_recipients[0]].error)
             metrics.JOBS.labels("retry").inc()
             raise Retry(defer=defer_s)
         return await self._finish(job, attempt, outcomes, ids)
 
-    async def _attempt(self, job: OutboundJob, ids: dict[str, Any]) -> dict[str, Outcome]:
-        """Final outcomes from earlier runs plus this attempt's outcome for the open recipients."""
-        outcomes = await self._results.final_outcomes(job.persona_key, job.stream_id)
+    async def _attempt(
+        self, job: OutboundJob, recorded: dict[str, Outcome], ids: dict[str, Any]
+    ) -> dict[str, Outcome]:
+        """Final outcomes from earlier runs (`recorded`) plus this attempt's for the open recipients."""
+        outcomes = dict(recorded)
         pending = [recipient for recipient in job.rcpt_to if recipient not in outcomes]
         if not pending:
             return outcomes
         try:
             async with asyncio.timeout(self._attempt_budget_s):
-                await self._send(job, pending, outcomes, ids)
+                await self._send(job, pending, outcomes, recorded, ids)
         except TimeoutError:
             log(logger, logging.WARNING, "delivery attempt timed out", **ids)
         except Exception:
@@ -143,28 +148,32 @@ class Egress:
         return outcomes
 
     async def _send(
-        self, job: OutboundJob, pending: list[str], outcomes: dict[str, Outcome], ids: dict[str, Any]
+        self,
+        job: OutboundJob,
+        pending: list[str],
+        outcomes: dict[str, Outcome],
+        recorded: dict[str, Outcome],
+        ids: dict[str, Any],
     ) -> None:
-        """Deliver to each domain in turn, recording final outcomes as soon as they are known."""
+        """Deliver to each domain in turn; final outcomes so far are recorded before the next
+        domain's session starts (the caller records or publishes the last ones)."""
         by_domain: dict[str, list[str]] = defaultdict(list)
-        invalid: dict[str, Outcome] = {}
         for recipient in pending:
             parts = split_recipient(recipient)
             if parts is None:
-                invalid[recipient] = Outcome.failure("invalid_recipient", permanent=True)
+                outcomes[recipient] = Outcome.failure("invalid_recipient", permanent=True)
             else:
                 by_domain[parts[1]].append(recipient)
-        await self._results.record_final(job.persona_key, job.stream_id, invalid)
-        outcomes.update(invalid)
         if not by_domain:
             return
         message = self._prepare(job, ids)
         for domain, recipients in by_domain.items():
+            unrecorded = _unrecorded(outcomes, recorded)
+            await self._results.record_final(job.persona_key, job.stream_id, unrecorded)
+            recorded.update(unrecorded)
             report = await self._deliverer.deliver(domain, job.mail_from, recipients, message)
             if report.host is not None:
                 metrics.SMTP_SESSIONS.labels("true" if report.tls else "false").inc()
-            final = {r: outcome for r, outcome in report.outcomes.items() if not outcome.temporary}
-            await self._results.record_final(job.persona_key, job.stream_id, final)
             outcomes.update(report.outcomes)
             log(logger, logging.INFO, "domain attempt finished", **ids, domain=domain, host=report.host,
                 tls=report.tls, connections=report.connections, skipped=report.skipped,
@@ -192,6 +201,11 @@ class Egress:
             **ids, status=result.status, error=result.error, smtp_code=result.smtp_code,
             message_id=result.message_id)
         return result.status
+
+
+def _unrecorded(outcomes: dict[str, Outcome], recorded: dict[str, Outcome]) -> dict[str, Outcome]:
+    """Final outcomes not yet in the per-recipient record."""
+    return {r: o for r, o in outcomes.items() if not o.temporary and r not in recorded}
 
 
 def summarize(job: OutboundJob, outcomes: dict[str, Outcome], attempt: int) -> DeliveryResult:
