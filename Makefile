@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast lint bench soak fuzz clean
+.PHONY: install run test lint bench soak fuzz clean
 
 install: $(STAMP)
 
@@ -20,7 +20,7 @@ test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: install
-	$(BIN)/ruff check shared services protege_relay tests
+	$(BIN)/ruff check shared services protege_relay tests bench fuzz
 	$(BIN)/mypy
 
 bench: install

@@ -197,7 +197,7 @@ def _fmt(value: float | None) -> str:
 def _fmt_spread(spread: dict[str, float] | None) -> str:
     if not spread:
         return "—"
-    return f"{_fmt(spread['median'])} ({_fmt(spread['min'])}–{_fmt(spread['max'])}, n={int(spread['n'])})"
+    return f"{_fmt(spread['median'])} ({_fmt(spread['min'])}-{_fmt(spread['max'])}, n={int(spread['n'])})"
 
 
 def render_markdown(document: dict[str, Any]) -> str:
@@ -213,7 +213,7 @@ def render_markdown(document: dict[str, Any]) -> str:
         f"load average at start {', '.join(f'{x:.2f}' for x in machine['load_average_at_start'])}; "
         f"commit {machine.get('git_commit') or '?'}.",
         "",
-        "Values are the median over rounds with (min–max, rounds). The ratio is median value over "
+        "Values are the median over rounds with (min-max, rounds). The ratio is median value over "
         "median baseline; 'paired' is the range of per-round ratios (baseline and relay measured "
         "back to back in each round).",
         "",
@@ -227,7 +227,7 @@ def render_markdown(document: dict[str, Any]) -> str:
             paired = metric["paired_ratios"]
             ratio = "—" if metric["ratio"] is None else f"{metric['ratio']:.2f}x"
             if len(paired) > 1:
-                ratio += f" ({min(paired):.2f}–{max(paired):.2f})"
+                ratio += f" ({min(paired):.2f}-{max(paired):.2f})"
             value = _fmt_spread(metric["value"])
             if metric["value"] is None and figure["skipped"]:
                 value = f"not measured: {figure['skipped']}"
