@@ -99,3 +99,9 @@ def accepted(persona_key: str, message_digest: str) -> str:
     """Queue id under which the ingress accepted a message (digest of envelope + content, TTL),
     so the sender's retry after a lost EXEC reply is answered with it instead of stored again."""
     return f"relay:{{{persona_key}}}:accepted:{message_digest}"
+
+
+def outbound_origin(persona_key: str, stream_id: str) -> str:
+    """`<node id>/<socket id>` of the socket that sent an outbound stream (TTL), so its delivery
+    result goes back to that socket while it is connected; deleted when the socket closes."""
+    return f"relay:{{{persona_key}}}:origin:{stream_id}"
