@@ -400,8 +400,6 @@ class ExecReplyCutter:
         server_writer.close()
 
 
-@pytest.mark.xfail(strict=True, reason="ingress: a retry after a 451 whose MULTI/EXEC committed is accepted again "
-                   "under a new queue id (services/ingress/enqueue.py); see the reliability report")
 async def test_lost_exec_reply_then_retry_is_one_message_not_two(
     tmp_path: Path, durable_redis: EmbeddedRedis, redis_sync: redis.Redis
 ) -> None:

@@ -36,6 +36,11 @@ StartIngress = Callable[..., InProcessIngress]
 MESSAGE = b"From: a@example.org\r\nTo: b@relay.test\r\nSubject: hello\r\n\r\nbody line\r\n"
 
 
+def numbered(n: int) -> bytes:
+    """A distinct message: the same envelope and bytes again is a retry, stored once."""
+    return MESSAGE.replace(b"Subject: hello", f"Subject: hello {n}".encode())
+
+
 @pytest.fixture
 def start_ingress(redis_server: EmbeddedRedis) -> Iterator[StartIngress]:
     yield from ingress_starter(redis_server)
@@ -270,8 +275,8 @@ def test_inbox_at_message_cap_is_452_4_2_2(
     start_ingress: StartIngress, persona: str, redis_client: redis.Redis
 ) -> None:
     ingress = start_ingress(RELAY_QUEUE_MAX_MESSAGES="2")
-    for _ in range(2):
-        assert send_raw(ingress.port, "s@example.org", [address(persona)], MESSAGE)[0] == 250
+    for n in range(2):
+        assert send_raw(ingress.port, "s@example.org", [address(persona)], numbered(n))[0] == 250
     with open_session(ingress.port) as client:
         client.mail("s@example.org")
         assert client.rcpt(address(persona)) == (452, b"4.2.2 mailbox full")
@@ -363,13 +368,13 @@ def test_messages_over_the_per_ip_rate_get_451_4_7_0_at_data(
     ingress = start_ingress(RELAY_RATE_LIMITS_SMTP_MESSAGES_PER_MINUTE_PER_IP="2")
     wait_clear_of_minute_boundary()
     with open_session(ingress.port) as client:
-        for _ in range(2):
+        for n in range(2):
             client.mail("s@example.org")
             client.rcpt(address(persona))
-            assert client.data(MESSAGE)[0] == 250
+            assert client.data(numbered(n))[0] == 250
         client.mail("s@example.org")
         client.rcpt(address(persona))
-        assert client.data(MESSAGE) == (451, b"4.7.0 relay_rejected_rate_limited")
+        assert client.data(numbered(2)) == (451, b"4.7.0 relay_rejected_rate_limited")
     assert len(inbox_entries(redis_client, persona)) == 2
     assert redis_client.pttl(keys.deny("smtp_msg", "127.0.0.1")) > 0
 

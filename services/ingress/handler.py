@@ -3,7 +3,9 @@
 aiosmtpd parses commands, dot-unstuffs DATA and enforces line and size limits; it calls the
 `handle_*` hooks here for the decisions. Facts come from Redis (seen key, inbox size, rate
 counters), decisions from `policy`, and a message is answered 250 only after `enqueue`
-confirmed the MULTI/EXEC. Any Redis trouble is `451 4.3.0`, never a 250.
+confirmed the MULTI/EXEC, or found the same message (envelope and bytes) accepted before: the
+sender's retry after a reply lost on the way back gets the first queue id, not a second copy.
+Any Redis trouble is `451 4.3.0`, never a 250.
 
 When sender authentication is on (`smtp.evaluateSenderAuth`, implied by `attestation.enabled`)
 DATA also runs SPF/DKIM/DMARC (`sender_auth`), adds an Authentication-Results header below
@@ -29,7 +31,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from redis.exceptions import RedisError
 
 from services.ingress import metrics, policy, ratelimit
-from services.ingress.enqueue import Delivery, EnqueueFailed, enqueue, new_queue_id
+from services.ingress.enqueue import Delivery, EnqueueFailed, enqueue, message_digest, new_queue_id
 from services.ingress.policy import InboxState, Reply
 from services.ingress.received import TraceInfo, received_header
 from services.ingress.sender_auth import (
@@ -177,29 +179,39 @@ class IngressHandler:
         if len(content) > self._config.smtp.maxMessageBytes:
             return str(self._refuse(policy.MESSAGE_TOO_LARGE, client_ip=client_ip))
 
+        # before anything of ours is added: a retry of the same message must hash the same
+        digest = message_digest(_mail_from(envelope), list(envelope.rcpt_tos), content)
         queue_id = new_queue_id()
         verdict = await self._authenticate_sender(session, envelope, content)
         if verdict is not None and self._sender_auth is not None:
             # RFC 8601 §5: headers claiming our authserv-id are forgeries; ours follows the Received
             content = await self._sender_auth.strip_forged_results(content, self._hostname)
-        deliveries = self._deliveries(
-            queue_id, session, envelope, content, await self._reverse_name(session), verdict
-        )
+        reverse_name = await self._reverse_name(session)
+
+        def deliveries_for(chosen_queue_id: str) -> list[Delivery]:
+            return self._deliveries(chosen_queue_id, session, envelope, content, reverse_name, verdict)
+
         started_s = time.perf_counter()
         try:
-            await enqueue(self._redis, deliveries)
+            enqueued = await enqueue(self._redis, digest, queue_id, deliveries_for)
         except EnqueueFailed as exc:
             return str(self._refuse(policy.TEMPORARY_FAILURE, client_ip=client_ip, queue_id=queue_id,
                                     error=str(exc)))
         metrics.ENQUEUE_SECONDS.observe(time.perf_counter() - started_s)
-        metrics.MESSAGES_ACCEPTED.inc()
-        metrics.RECIPIENTS_ACCEPTED.inc(len(deliveries))
-        metrics.BYTES_ACCEPTED.inc(len(content))
-        log(logger, logging.INFO, "accepted", queue_id=queue_id, client_ip=client_ip,
-            recipients=len(deliveries), bytes=len(content))
-        for persona_key in dict.fromkeys(delivery.persona_key for delivery in deliveries):
+        if enqueued.entries_written:
+            metrics.MESSAGES_ACCEPTED.inc()
+            metrics.RECIPIENTS_ACCEPTED.inc(enqueued.entries_written)
+            metrics.BYTES_ACCEPTED.inc(len(content))
+            log(logger, logging.INFO, "accepted", queue_id=enqueued.queue_id, client_ip=client_ip,
+                recipients=enqueued.entries_written, bytes=len(content))
+        else:
+            metrics.DUPLICATES.inc()
+            log(logger, logging.INFO, "accepted before; not stored again", queue_id=enqueued.queue_id,
+                client_ip=client_ip)
+        # also after a duplicate: the first attempt may have committed without waking anyone
+        for persona_key in dict.fromkeys(route for route in map(self._route, envelope.rcpt_tos) if route):
             self._in_background(self._wake(persona_key))
-        return str(policy.queued(queue_id))
+        return str(policy.queued(enqueued.queue_id))
 
     async def handle_exception(self, error: Exception) -> str:
         """Anything unexpected in a hook: logged with its traceback, answered 451, never 250."""
@@ -279,6 +291,10 @@ class IngressHandler:
         return create_attestation(
             self._attestation_signer, self._config.attestation.keyId, context, verdict.signals()
         )
+
+    def _route(self, rcpt_to: str) -> str | None:
+        route = policy.route_recipient(rcpt_to, self._config.mailDomains)
+        return None if isinstance(route, Reply) else route
 
     async def _inbox_state(self, persona_key: str) -> InboxState:
         async with self._redis.pipeline(transaction=False) as pipe:

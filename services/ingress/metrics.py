@@ -15,12 +15,17 @@ RECIPIENTS_ACCEPTED = Counter(
 BYTES_ACCEPTED = Counter(
     "relay_ingress_bytes_accepted_total", "Message bytes accepted, trace header excluded, per message"
 )
+DUPLICATES = Counter(
+    "relay_ingress_duplicates_total",
+    "Messages answered 250 with the queue id of an earlier acceptance of the same envelope and "
+    "bytes (a retry after a lost reply), nothing stored again",
+)
 REJECTIONS = Counter(
     "relay_ingress_rejections_total", "Refusals by reason (PROTOCOL.md part C)", ["reason"]
 )
 ENQUEUE_SECONDS = Histogram(
     "relay_ingress_enqueue_seconds",
-    "Time of the MULTI/EXEC that makes a message durable",
+    "Time of the idempotent write (WATCH + MULTI/EXEC per persona) that makes a message durable",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
 SENDER_AUTH = Counter(
