@@ -9,8 +9,6 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
 from protege_relay.embedded_redis import EmbeddedRedis
 from shared.identity import Passport
 from tests.support.mx_sink import MxSink
@@ -19,11 +17,6 @@ from tests.support.processes import REPO_ROOT, ServiceProcess, free_port, poll_u
 RESULT_TIMEOUT_S = 5.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: the tunnel hands results to the persona's inbound socket, not to the outbound-role "
-    "socket that sent the stream (the original relay answers on the originating socket)",
-)
 def test_send_gets_its_result_while_a_receiving_gateway_is_connected(
     tmp_path: Path, spawn: Callable[..., ServiceProcess], redis_server: EmbeddedRedis
 ) -> None:

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.server import ServerConnection
@@ -78,6 +79,7 @@ class TunnelConnection:
         self._closing = False
         self._verifying = False
         self.counted_unauthenticated = False  # in the node's per-IP unauthenticated count
+        self.origin_streams: set[str] = set()  # accepted outbound streams whose result is not delivered
 
     @property
     def persona_key(self) -> str | None:
@@ -136,6 +138,9 @@ class TunnelConnection:
 
     async def send_text(self, text: str) -> None:
         await self.ws.send(text)
+
+    async def ping(self) -> Awaitable[Any]:
+        return await self.ws.ping()
 
     def start_delivery(self) -> None:
         assert self.persona_key is not None
@@ -286,10 +291,12 @@ class TunnelConnection:
 
     async def _enqueue_outbound(self, action: EnqueueOutbound) -> None:
         job = action.job
-        if not await self.node.outbound.within_rate(job.persona_key):
+        origin = f"{self.node.node_id}/{self.socket_id}"
+        if not await self.node.outbound.admit(job.persona_key, job.stream_id, origin):
             await self._perform(self.session.outbound_refused(job.stream_id, RATE_LIMITED))
             self._outbound_outcome(job.stream_id, RATE_LIMITED)
             return
+        self.origin_streams.add(job.stream_id)
         queued = await self.node.outbound.enqueue(job)
         self._outbound_outcome(job.stream_id, "accepted" if queued else "duplicate", size=len(job.data))
 

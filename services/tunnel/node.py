@@ -18,19 +18,17 @@ from typing import Any
 import redis.asyncio as aioredis
 from arq.connections import ArqRedis
 from redis.exceptions import RedisError
-from websockets.exceptions import ConnectionClosed
 
-from services.tunnel import ownership
+from services.tunnel import ownership, results
 from services.tunnel.challenges import ChallengeStore
 from services.tunnel.connection import GOING_AWAY_REASON, TunnelConnection
 from services.tunnel.outbound import OutboundQueue
 from services.tunnel.ratelimit import AuthRateLimiter
-from services.tunnel.results import forward_results
 from shared import keys, protocol
 from shared.config import RelayConfig
 from shared.logs import log
 from shared.nodeinfo import HEARTBEAT_INTERVAL_S, publish_node_info, remove_node_info
-from shared.wakeup import Wakeup, WakeupKind
+from shared.wakeup import Wakeup, WakeupKind, wake_owner
 
 logger = logging.getLogger("relay.tunnel.node")
 
@@ -49,8 +47,12 @@ class TunnelNode:
         self.auth_rate = AuthRateLimiter(
             redis, config.rateLimits.wsAuthAttemptsPerMinutePerIp, config.rateLimits.denyWindowMs
         )
-        self.outbound = OutboundQueue(redis, arq, config.rateLimits.outboundMessagesPerMinutePerPersona)
+        self.outbound = OutboundQueue(
+            redis, arq, config.rateLimits.outboundMessagesPerMinutePerPersona, config.queue.retentionSeconds
+        )
         self.connections: set[TunnelConnection] = set()
+        self.sockets: dict[str, TunnelConnection] = {}  # authenticated ones, by socket id
+        self.origins = results.OriginRecords(redis)
         self.inbound: dict[str, TunnelConnection] = {}
         self.outbound_only: dict[str, set[TunnelConnection]] = defaultdict(set)
         # Outbound-role sockets registered in `outbound_holders(pk)`, from claim (before auth_ok)
@@ -140,6 +142,7 @@ class TunnelNode:
         self._uncount_unauthenticated(connection)
         persona_key = connection.persona_key
         assert persona_key is not None
+        self.sockets[connection.socket_id] = connection
         if connection.is_inbound:
             self.inbound[persona_key] = connection
             connection.start_delivery()
@@ -153,6 +156,8 @@ class TunnelNode:
         persona_key = connection.persona_key
         if persona_key is None:
             return
+        if self.sockets.get(connection.socket_id) is connection:
+            del self.sockets[connection.socket_id]
         if self.inbound.get(persona_key) is connection:
             del self.inbound[persona_key]
         if connection.claimed_inbound:
@@ -170,6 +175,7 @@ class TunnelNode:
                 del self.outbound_registered[persona_key]
                 with contextlib.suppress(RedisError):
                     await self.ownership.drop_outbound(persona_key)
+        await self._forget_origins(connection, persona_key)
         lock = self._result_locks.get(persona_key)
         if persona_key not in self.inbound and persona_key not in self.outbound_only and lock and not lock.locked():
             del self._result_locks[persona_key]
@@ -181,20 +187,77 @@ class TunnelNode:
         task.add_done_callback(_ignore_outcome)
 
     async def forward_results(self, persona_key: str) -> int:
-        """Send the persona's pending results on its inbound socket here, else on an outbound-role
-        socket here if no node holds an inbound one."""
+        """Send the persona's pending results this node is responsible for (services/tunnel/results.py):
+        to the socket that sent the stream if it is connected here, nothing if it is connected on
+        another live node, else to the persona's inbound socket here, else to an outbound-role
+        socket here if no node holds an inbound one. The number delivered."""
         async with self._result_locks[persona_key]:
-            target = self.inbound.get(persona_key)
+            delivered = 0
+            after: bytes | None = None
+            while True:
+                batch = await results.read_batch(self.redis, persona_key, after)
+                if not batch:
+                    return delivered
+                after = batch[-1].entry_id
+                plan = await self._plan_results(persona_key, batch)
+                await results.drop_unreadable(self.redis, persona_key, [p.entry_id for p in batch if p.result is None])
+                if plan:
+                    delivered += await results.deliver(
+                        self.redis, persona_key, plan, self.config.ws.ackTimeoutMs / 1000, self._result_delivered
+                    )
+                if len(batch) < results.RESULTS_BATCH:
+                    return delivered
+
+    async def _plan_results(
+        self, persona_key: str, batch: list[results.PendingResult]
+    ) -> dict[results.ResultTarget, list[results.PendingResult]]:
+        foreign = {p.origin.node_id for p in batch if p.origin is not None and p.origin.node_id != self.node_id}
+        alive = await results.live_nodes(self.redis, foreign)
+        fallback: TunnelConnection | None = None
+        fallback_known = False
+        plan: dict[results.ResultTarget, list[results.PendingResult]] = {}
+        for pending in batch:
+            if pending.result is None:
+                continue
+            origin = pending.origin
+            target: TunnelConnection | None = None
+            if origin is not None:
+                if origin.node_id == self.node_id:
+                    target = self.sockets.get(origin.socket_id)
+                elif origin.node_id in alive:
+                    continue  # the origin's node sends it (or forgets the origin on close)
             if target is None:
-                holders = self.outbound_only.get(persona_key)
-                if not holders or await self.ownership.current_owner(persona_key) is not None:
-                    return 0
-                target = next(iter(holders))
-            try:
-                return await forward_results(self.redis, persona_key, target.send_text)
-            except (ConnectionClosed, OSError) as exc:  # the rest waits for the next socket
-                log(logger, logging.INFO, "result forwarding stopped", persona=persona_key, error=repr(exc))
-                return 0
+                if not fallback_known:
+                    fallback, fallback_known = await self._fallback_target(persona_key), True
+                target = fallback
+            if target is not None:
+                plan.setdefault(target, []).append(pending)
+        return plan
+
+    async def _fallback_target(self, persona_key: str) -> TunnelConnection | None:
+        target = self.inbound.get(persona_key)
+        if target is not None:
+            return target
+        holders = self.outbound_only.get(persona_key)
+        if not holders or await self.ownership.current_owner(persona_key) is not None:
+            return None
+        return next(iter(holders))
+
+    def _result_delivered(self, target: results.ResultTarget, stream_id: str) -> None:
+        if isinstance(target, TunnelConnection):
+            target.origin_streams.discard(stream_id)
+
+    async def _forget_origins(self, connection: TunnelConnection, persona_key: str) -> None:
+        """A closing socket's unanswered streams: their results go to another socket now, so
+        wake whoever may hold one."""
+        stream_ids = list(connection.origin_streams)
+        connection.origin_streams.clear()
+        origin = results.Origin(self.node_id, connection.socket_id)
+        try:
+            if await self.origins.forget(persona_key, origin, stream_ids):
+                await wake_owner(self.redis, persona_key, WakeupKind.RESULT)
+        except RedisError as exc:
+            log(logger, logging.WARNING, "origin records not forgotten", persona=persona_key, error=repr(exc))
 
     # --- background duties -------------------------------------------------------------------
 

@@ -79,22 +79,36 @@ def bare_address(address: str) -> str:
     return _bare(address)
 
 
-class OutboundQueue:
-    """Per-persona outbound rate (fixed one-minute windows) and the arq `deliver` job."""
+# Counts one message in the persona's minute window; within the rate, records which socket
+# sent the stream (services/tunnel/results.py) in the same round trip.
+_ADMIT = """
+local count = redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+if count > tonumber(ARGV[2]) then return 0 end
+redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
+return 1
+"""
 
-    def __init__(self, redis: aioredis.Redis, arq: ArqRedis, messages_per_minute: int) -> None:
+
+class OutboundQueue:
+    """Per-persona outbound rate (fixed one-minute windows), the socket each accepted stream
+    came from, and the arq `deliver` job."""
+
+    def __init__(self, redis: aioredis.Redis, arq: ArqRedis, messages_per_minute: int, origin_ttl_s: int) -> None:
         self._redis = redis
         self._arq = arq
         self._messages_per_minute = messages_per_minute
+        self._origin_ttl_s = origin_ttl_s
+        self._admit = redis.register_script(_ADMIT)
 
-    async def within_rate(self, persona_key: str) -> bool:
+    async def admit(self, persona_key: str, stream_id: str, origin: str) -> bool:
+        """False when the persona is over its outbound rate; else `origin` is recorded."""
         window = int(time.time()) // RATE_WINDOW_S
-        key = keys.outbound_rate(persona_key, window)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.incr(key)
-            pipe.expire(key, RATE_WINDOW_S * 2)
-            count, _ = await pipe.execute()
-        return int(count) <= self._messages_per_minute
+        admitted = await self._admit(
+            keys=[keys.outbound_rate(persona_key, window), keys.outbound_origin(persona_key, stream_id)],
+            args=[RATE_WINDOW_S * 2, self._messages_per_minute, origin, self._origin_ttl_s],
+        )
+        return bool(admitted)
 
     async def enqueue(self, job: OutboundJob) -> bool:
         """True if a new job was queued; False if this stream id was already accepted."""
