@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ import trustme
 from services.egress.delivery import Deliverer, SmtpSettings
 from services.egress.mx import MxResolver
 from services.egress.outcome import Disposition
+from services.egress.smtp_pool import SmtpPool
 from tests.support.dns_server import DnsServer
 from tests.support.mx_sink import HangingServer, MxSink
 from tests.support.processes import free_port
@@ -35,9 +37,11 @@ def dns_server() -> Iterator[DnsServer]:
         yield server
 
 
-def deliverer(dns_server: DnsServer, smtp_port: int, *, timeout_s: float = 5, verify: bool = False) -> Deliverer:
+def deliverer(
+    dns_server: DnsServer, smtp_port: int, *, timeout_s: float = 5, verify: bool = False, pool: SmtpPool | None = None
+) -> Deliverer:
     resolver = MxResolver(nameservers=[dns_server.nameserver], smtp_port=smtp_port, lifetime_s=2)
-    return Deliverer(resolver, SmtpSettings("egress.relay.test", timeout_s, timeout_s, verify_tls=verify))
+    return Deliverer(resolver, SmtpSettings("egress.relay.test", timeout_s, timeout_s, verify_tls=verify), pool)
 
 
 async def test_message_is_sent_to_the_preferred_mx(dns_server: DnsServer, smtp_port: int) -> None:
@@ -144,3 +148,94 @@ async def test_verified_tls_checks_the_mx_name(
     assert report.outcomes["user@example.test"].sent
     assert mx1.received() == [] and mx2.received()[0].tls
     assert report.skipped == ["mx1.example.test[127.0.0.2]:tls_failed"]
+
+
+# --- cached connections (SmtpPool) -----------------------------------------------------------
+
+
+async def send_n(sender: Deliverer, count: int) -> list[bool]:
+    sent = []
+    for index in range(count):
+        report = await sender.deliver("example.test", "p@relay.test", [f"u{index}@example.test"], MESSAGE)
+        sent.append(report.outcomes[f"u{index}@example.test"].sent)
+    return sent
+
+
+async def test_messages_to_one_host_share_a_cached_connection(dns_server: DnsServer, smtp_port: int) -> None:
+    pool = SmtpPool(idle_s=30, max_uses=100)
+    sender = deliverer(dns_server, smtp_port, pool=pool)
+    with MxSink("127.0.0.2", smtp_port) as mx1:
+        assert await send_n(sender, 3) == [True, True, True]
+        assert pool.idle_count() == 1
+        await sender.close()
+        assert pool.idle_count() == 0
+    received = mx1.received()
+    assert [m.rcpt_tos for m in received] == [["u0@example.test"], ["u1@example.test"], ["u2@example.test"]]
+    assert len({m.peer for m in received}) == 1 and all(m.data == MESSAGE for m in received)
+
+
+async def test_without_a_pool_every_message_has_its_own_connection(dns_server: DnsServer, smtp_port: int) -> None:
+    with MxSink("127.0.0.2", smtp_port) as mx1:
+        assert await send_n(deliverer(dns_server, smtp_port), 2) == [True, True]
+    assert len({m.peer for m in mx1.received()}) == 2
+
+
+async def test_cached_connection_refused_at_mail_is_replaced_by_a_new_one(
+    dns_server: DnsServer, smtp_port: int
+) -> None:
+    sender = deliverer(dns_server, smtp_port, pool=SmtpPool(idle_s=30, max_uses=100))
+    with MxSink("127.0.0.2", smtp_port, reused_mail_reply="421 4.4.2 idle too long") as mx1, \
+            MxSink("127.0.0.3", smtp_port) as mx2:
+        assert await send_n(sender, 2) == [True, True]
+        await sender.close()
+    first, second = mx1.received()
+    assert first.peer != second.peer and mx2.received() == []  # same host again, not the next MX
+
+
+async def test_connection_closed_by_the_server_while_cached_is_not_used(
+    dns_server: DnsServer, smtp_port: int
+) -> None:
+    sender = deliverer(dns_server, smtp_port, pool=SmtpPool(idle_s=30, max_uses=100))
+    with MxSink("127.0.0.2", smtp_port) as mx1:
+        assert await send_n(sender, 1) == [True]
+        mx1.drop_connections()
+        assert await send_n(sender, 1) == [True]
+        await sender.close()
+    assert len({m.peer for m in mx1.received()}) == 2
+
+
+async def test_idle_connection_expires_and_uses_are_capped(dns_server: DnsServer, smtp_port: int) -> None:
+    pool = SmtpPool(idle_s=0.2, max_uses=2)
+    sender = deliverer(dns_server, smtp_port, pool=pool)
+    with MxSink("127.0.0.2", smtp_port) as mx1:
+        assert await send_n(sender, 3) == [True, True, True]  # uses: a, a (retired), b
+        deadline = time.monotonic() + 5
+        while pool.idle_count():
+            assert time.monotonic() < deadline, "idle connection not expired"
+            await asyncio.sleep(0.05)
+        assert await send_n(sender, 1) == [True]  # c: b expired
+        await sender.close()
+    peers = [m.peer for m in mx1.received()]
+    assert peers[0] == peers[1] and len(set(peers)) == 3
+
+
+async def test_connection_is_not_cached_after_a_refused_message(dns_server: DnsServer, smtp_port: int) -> None:
+    pool = SmtpPool(idle_s=30, max_uses=100)
+    sender = deliverer(dns_server, smtp_port, pool=pool)
+    with MxSink("127.0.0.2", smtp_port, data_replies=["554 5.6.0 rejected"]) as mx1:
+        assert await send_n(sender, 1) == [False]
+        assert pool.idle_count() == 0
+        assert await send_n(sender, 1) == [True]
+        await sender.close()
+    assert len(mx1.data_payloads) == 2
+
+
+async def test_cached_tls_connection_stays_tls(dns_server: DnsServer, smtp_port: int, ca: trustme.CA) -> None:
+    sender = deliverer(dns_server, smtp_port, pool=SmtpPool(idle_s=30, max_uses=100))
+    with MxSink("127.0.0.2", smtp_port, tls_cert=ca.issue_cert("mx1.example.test")) as mx1:
+        first = await sender.deliver("example.test", "p@relay.test", ["a@example.test"], MESSAGE)
+        second = await sender.deliver("example.test", "p@relay.test", ["b@example.test"], MESSAGE)
+        await sender.close()
+    assert first.tls and second.tls
+    received = mx1.received()
+    assert all(m.tls for m in received) and received[0].peer == received[1].peer

@@ -7,6 +7,10 @@ answers are final for this attempt: each recipient gets its RCPT reply, and the 
 share one DATA on the same connection. A connection lost after the message was sent is
 temporary (the message may or may not have arrived: SMTP is at-least-once).
 
+With a `SmtpPool`, a connection whose transaction ended cleanly is kept for the next message to
+the same host; if a cached connection fails before anything was handed over (it went stale),
+the host is tried once more on a new connection.
+
 STARTTLS is used whenever offered. With `egress.tls.verify` off (the default, as for most
 MTAs) the certificate is not checked and a failed handshake falls back to plain text; with it
 on, the certificate must match the MX host name, and a failed handshake skips the host.
@@ -22,8 +26,10 @@ from dataclasses import dataclass, field
 
 import aiosmtplib
 
+from services.egress import metrics
 from services.egress.mx import LookupFailed, MailHost, MxResolver
 from services.egress.outcome import Disposition, Outcome
+from services.egress.smtp_pool import PooledConnection, PoolKey, SmtpPool
 from shared.logs import log
 
 logger = logging.getLogger("egress.delivery")
@@ -69,10 +75,15 @@ def tls_context(verify: bool) -> ssl.SSLContext:
 
 
 class Deliverer:
-    def __init__(self, resolver: MxResolver, settings: SmtpSettings) -> None:
+    def __init__(self, resolver: MxResolver, settings: SmtpSettings, pool: SmtpPool | None = None) -> None:
         self._resolver = resolver
         self._settings = settings
         self._tls_context = tls_context(settings.verify_tls)
+        self._pool = pool  # None: one connection per transaction
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
 
     async def deliver(
         self, domain: str, mail_from: str, recipients: Sequence[str], message: bytes
@@ -119,36 +130,67 @@ class Deliverer:
     async def _session(
         self, host: MailHost, address: str, mail_from: str, recipients: Sequence[str], message: bytes
     ) -> tuple[dict[str, Outcome], bool]:
+        key = PoolKey(address, host.port, host.name)
+        pooled = self._pool.take(key) if self._pool is not None else None
+        if pooled is not None:
+            try:
+                outcomes = await self._send_and_release(key, pooled, mail_from, recipients, message)
+            except _SkipHost as skip:  # nothing handed over; the cached connection may have gone stale
+                log(logger, logging.INFO, "cached connection failed; reconnecting", host=host.name,
+                    address=address, error=skip.outcome.error)
+            else:
+                metrics.SMTP_CONNECTIONS.labels("reused").inc()
+                return outcomes, pooled.tls
         try:
-            return await self._connect_and_send(host, address, mail_from, recipients, message, True)
+            return await self._connect_and_send(key, host, mail_from, recipients, message, True)
         except _RetryWithoutTls:
-            return await self._connect_and_send(host, address, mail_from, recipients, message, False)
+            return await self._connect_and_send(key, host, mail_from, recipients, message, False)
 
     async def _connect_and_send(
         self,
+        key: PoolKey,
         host: MailHost,
-        address: str,
         mail_from: str,
         recipients: Sequence[str],
         message: bytes,
         try_tls: bool,
     ) -> tuple[dict[str, Outcome], bool]:
         smtp = aiosmtplib.SMTP(
-            hostname=address,
-            port=host.port,
+            hostname=key.address,
+            port=key.port,
             local_hostname=self._settings.helo_name,
             timeout=self._settings.timeout_s,
             start_tls=False,
         )
         try:
             await self._open(smtp, host, try_tls)
-            used_tls = smtp.get_transport_info("sslcontext") is not None
-            outcomes = await self._transaction(smtp, mail_from, recipients, message)
+        except BaseException:
+            smtp.close()
+            raise
+        metrics.SMTP_CONNECTIONS.labels("new").inc()
+        connection = PooledConnection(smtp, tls=smtp.get_transport_info("sslcontext") is not None)
+        return await self._send_and_release(key, connection, mail_from, recipients, message), connection.tls
+
+    async def _send_and_release(
+        self, key: PoolKey, connection: PooledConnection, mail_from: str, recipients: Sequence[str], message: bytes
+    ) -> dict[str, Outcome]:
+        """One transaction; then the connection goes back to the pool if it ended cleanly,
+        else it is closed (with QUIT when the transaction got that far)."""
+        smtp = connection.smtp
+        try:
+            outcomes, clean = await self._transaction(smtp, mail_from, recipients, message)
+        except BaseException:
+            smtp.close()
+            raise
+        if clean and self._pool is not None and smtp.is_connected:
+            self._pool.give_back(key, connection)
+            return outcomes
+        try:
             with contextlib.suppress(aiosmtplib.SMTPException, OSError):
                 await smtp.quit(timeout=self._settings.timeout_s)
-            return outcomes, used_tls
         finally:
             smtp.close()
+        return outcomes
 
     async def _open(self, smtp: aiosmtplib.SMTP, host: MailHost, try_tls: bool) -> None:
         """Connect, greet, EHLO and STARTTLS; any failure here skips the host."""
@@ -179,11 +221,13 @@ class Deliverer:
 
     async def _transaction(
         self, smtp: aiosmtplib.SMTP, mail_from: str, recipients: Sequence[str], message: bytes
-    ) -> dict[str, Outcome]:
+    ) -> tuple[dict[str, Outcome], bool]:
+        """Outcomes, and whether the session is in a known state for another transaction (no
+        transaction open, nothing unanswered); raises `_SkipHost` before anything was handed over."""
         needs_utf8 = not all(address.isascii() for address in (mail_from, *recipients))
         if needs_utf8 and not smtp.supports_extension("smtputf8"):
             unsupported = Outcome.failure("smtputf8_not_supported", permanent=True)
-            return {recipient: unsupported for recipient in recipients}
+            return {recipient: unsupported for recipient in recipients}, True
         encoding = "utf-8" if needs_utf8 else "ascii"
         mail_options = ["SMTPUTF8"] if needs_utf8 else []
         if smtp.supports_extension("size"):
@@ -197,7 +241,7 @@ class Deliverer:
             refused = Outcome.from_reply(exc.code, exc.message)
             if refused.temporary:
                 raise _SkipHost(refused) from None
-            return {recipient: refused for recipient in recipients}
+            return {recipient: refused for recipient in recipients}, False
         except (aiosmtplib.SMTPException, OSError):
             raise _SkipHost(Outcome.failure("connection_lost", permanent=False)) from None
 
@@ -213,19 +257,23 @@ class Deliverer:
             else:
                 accepted.append(recipient)
         if not accepted:
-            with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+            try:
                 await smtp.rset()
-            return outcomes
+            except (aiosmtplib.SMTPException, OSError):
+                return outcomes, False
+            return outcomes, True
 
+        clean = False
         try:
             reply = await smtp.data(message, timeout=self._settings.data_timeout_s)
             final = Outcome.from_reply(reply.code, reply.message)
+            clean = True
         except aiosmtplib.SMTPResponseException as exc:
             final = Outcome.from_reply(exc.code, exc.message)
         except (aiosmtplib.SMTPException, OSError):
             final = Outcome.failure("connection_lost", permanent=False)
         outcomes.update({recipient: final for recipient in accepted})
-        return outcomes
+        return outcomes, clean
 
 
 def split_recipient(address: str) -> tuple[str, str] | None:

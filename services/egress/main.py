@@ -118,6 +118,8 @@ class EgressService:
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
+            await self._egress.close()
+        with contextlib.suppress(Exception):
             await remove_node_info(self._redis, self._node_id)
         await self._redis.aclose()
 

@@ -20,3 +20,8 @@ SMTP_SESSIONS = Counter(
     ["tls"],
 )
 JOBS_IN_PROGRESS = Gauge("relay_egress_jobs_in_progress", "Delivery jobs running in this process")
+SMTP_CONNECTIONS = Counter(
+    "relay_egress_smtp_connections_total",
+    "SMTP transactions by whether they opened a new connection or reused a cached one",
+    ["connection"],  # new | reused
+)

@@ -31,6 +31,7 @@ from services.egress.normalize import normalize_line_endings
 from services.egress.outcome import Outcome
 from services.egress.results import ResultStore
 from services.egress.signing import DkimSigner
+from services.egress.smtp_pool import SmtpPool
 from shared.config import RelayConfig
 from shared.logs import log
 from shared.payloads import DeliveryResult, OutboundJob
@@ -40,6 +41,8 @@ logger = logging.getLogger("egress.worker")
 MAX_BACKOFF_S = 3600.0
 DNS_LIFETIME_S = 10.0
 REDIS_RETRY_DEFER_S = 2.0
+SMTP_CONNECTION_IDLE_S = 5.0  # cached MX connections: well inside RFC 5321's 5 min server timeout
+SMTP_CONNECTION_MAX_USES = 100
 
 
 def backoff_s(attempt: int, base_s: float, remaining_s: float) -> float:
@@ -92,12 +95,17 @@ class Egress:
             verify_tls=egress.tls.verify,
         )
         return cls(
-            deliverer=Deliverer(resolver, settings),
+            deliverer=Deliverer(resolver, settings, SmtpPool(idle_s=SMTP_CONNECTION_IDLE_S,
+                                                             max_uses=SMTP_CONNECTION_MAX_USES)),
             results=ResultStore(redis, retention_s=config.queue.retentionSeconds),
             policy=RetryPolicy(egress.maxAttempts, float(egress.maxAgeSeconds), float(egress.retryBaseSeconds)),
             attempt_budget_s=float(egress.jobTimeoutSeconds),
             signer=DkimSigner.from_config(config.dkim),
         )
+
+    async def close(self) -> None:
+        """QUIT cached SMTP connections (shutdown, after the last job)."""
+        await self._deliverer.close()
 
     async def run(self, job: OutboundJob, attempt: int) -> str:
         ids = {"persona": job.persona_key, "stream_id": job.stream_id, "attempt": attempt}

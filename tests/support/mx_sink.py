@@ -32,11 +32,25 @@ class ReceivedMessage:
     tls: bool
     helo: str
     queue_id: str
+    peer: str = ""  # the client's address and port: equal for messages sent on one connection
 
 
 class _Handler:
     def __init__(self, sink: MxSink) -> None:
         self._sink = sink
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
+    ) -> str:
+        sink = self._sink
+        with sink.lock:
+            sink.connections[str(session.peer)] = server
+            reused = any(message.peer == str(session.peer) for message in sink.messages)
+        if reused and sink.reused_mail_reply is not None:
+            return sink.reused_mail_reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
@@ -69,6 +83,7 @@ class _Handler:
             tls=session.ssl is not None,
             helo=session.host_name or "",
             queue_id=queue_id,
+            peer=str(session.peer),
         )
         with sink.lock:
             sink.messages.append(message)
@@ -84,6 +99,9 @@ class MxSink:
       "451 4.3.0 try again later"), after which messages are accepted.
     - `hold_data`: how many DATA commands to hold (content recorded, no reply) until `release()`.
     - `tls_cert`: offer STARTTLS with this trustme certificate.
+    - `reused_mail_reply`: reply MAIL FROM with this on a connection that already carried a
+      message (e.g. "421 4.4.2 idle too long"), as a server closing a cached connection does.
+    `drop_connections()` closes every client connection from the server side.
     """
 
     def __init__(
@@ -96,12 +114,15 @@ class MxSink:
         data_replies: Iterable[str] = (),
         hold_data: int = 0,
         tls_cert: trustme.LeafCert | None = None,
+        reused_mail_reply: str | None = None,
     ) -> None:
         self.host, self.port = host, port
         self.rcpt_reply = rcpt_reply
         self.rcpt_replies = {address.lower(): reply for address, reply in (rcpt_replies or {}).items()}
         self.data_replies = list(data_replies)
         self.hold_data = hold_data
+        self.reused_mail_reply = reused_mail_reply
+        self.connections: dict[str, SMTP] = {}  # peer -> session, from its first MAIL FROM
         self.lock = threading.Lock()
         self.messages: list[ReceivedMessage] = []
         self.data_payloads: list[bytes] = []
@@ -130,6 +151,14 @@ class MxSink:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+    def drop_connections(self) -> None:
+        with self.lock:
+            sessions = list(self.connections.values())
+        loop = self._controller.loop
+        for session in sessions:
+            if session.transport is not None:
+                loop.call_soon_threadsafe(session.transport.close)
 
     def received(self) -> list[ReceivedMessage]:
         with self.lock:
