@@ -16,19 +16,30 @@ import json
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
-from arq.constants import in_progress_key_prefix
 
 from protege_relay.embedded_redis import running_embedded_url
 from shared import keys
+from shared.backlog import (
+    EgressQueue,
+    StreamBacklog,
+    age_s,
+    as_text,
+    batched,
+    egress_queue,
+    inbox_backlog,
+    int_or_none,
+    key_tail,
+    results_backlog,
+    scan_keys,
+)
 from shared.config import RelayConfig
 from shared.redis import redis_url
 
-SCAN_BATCH = 1000
 REDIS_TIMEOUT_S = 5.0
 NODE_FIELDS = ("role", "updated_ms")
 
@@ -40,26 +51,6 @@ class NodeStatus:
     last_seen_age_s: float
     personas_owned: int
     counters: dict[str, int | str]
-
-
-@dataclasses.dataclass(frozen=True)
-class StreamBacklog:
-    """Entries waiting in one family of per-persona streams (inboxes or results)."""
-
-    entries: int = 0
-    personas: int = 0
-    in_flight: int = 0
-    total_bytes: int = 0
-    oldest_age_s: float | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class EgressQueue:
-    queued: int
-    ready: int
-    deferred: int
-    running: int
-    oldest_age_s: float | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,16 +106,16 @@ def collect_status(client: redis.Redis, redis_label: str, now_ms: int) -> RelayS
         pruned_nodes=pruned,
         personas_connected=sum(owners.values()),
         owners_on_unknown_nodes={node: count for node, count in owners.items() if node not in live_ids},
-        inbox=_stream_backlog(client, keys.inbox("*"), now_ms, group=keys.INBOX_GROUP),
-        egress=_egress_queue(client, now_ms),
-        results=_stream_backlog(client, keys.results("*"), now_ms, group=None),
+        inbox=inbox_backlog(client, now_ms),
+        egress=egress_queue(client, now_ms),
+        results=results_backlog(client, now_ms),
     )
 
 
 def _live_nodes(client: redis.Redis, owners: dict[str, int], now_ms: int) -> tuple[list[NodeStatus], list[str]]:
     """Nodes whose liveness hash still exists; the others are removed from the node set."""
     members = cast(set[bytes], client.smembers(keys.NODES_KEY))  # sync client: never an Awaitable
-    node_ids = sorted(_text(member) for member in members)
+    node_ids = sorted(as_text(member) for member in members)
     pipe = client.pipeline(transaction=False)
     for node_id in node_ids:
         pipe.hgetall(keys.node_alive(node_id))
@@ -135,15 +126,15 @@ def _live_nodes(client: redis.Redis, owners: dict[str, int], now_ms: int) -> tup
         if not record:
             pruned.append(node_id)
             continue
-        fields = {_text(name): _text(value) for name, value in record.items()}
+        fields = {as_text(name): as_text(value) for name, value in record.items()}
         nodes.append(
             NodeStatus(
                 node_id=node_id,
                 role=fields.get("role", "?"),
-                last_seen_age_s=_age_s(now_ms, _int_or_none(fields.get("updated_ms"))) or 0.0,
+                last_seen_age_s=age_s(now_ms, int_or_none(fields.get("updated_ms"))) or 0.0,
                 personas_owned=owners.get(node_id, 0),
                 counters={
-                    name: _int_or_text(value) for name, value in sorted(fields.items()) if name not in NODE_FIELDS
+                    name: _int_oras_text(value) for name, value in sorted(fields.items()) if name not in NODE_FIELDS
                 },
             )
         )
@@ -156,109 +147,16 @@ def _live_nodes(client: redis.Redis, owners: dict[str, int], now_ms: int) -> tup
 def _owners_by_node(client: redis.Redis) -> dict[str, int]:
     counts: Counter[str] = Counter()
     pattern = keys.owner("*")
-    for batch in _batched(_scan(client, pattern, suffix=_tail(pattern))):
+    for batch in batched(scan_keys(client, pattern, suffix=key_tail(pattern))):
         for owner_node in cast(list[bytes | None], client.mget(batch)):
             if owner_node is not None:  # expired between SCAN and MGET
-                counts[_text(owner_node)] += 1
+                counts[as_text(owner_node)] += 1
     return dict(counts)
 
 
-def _stream_backlog(client: redis.Redis, pattern: str, now_ms: int, group: str | None) -> StreamBacklog:
-    suffix = _tail(pattern)
-    entries = personas = in_flight = total_bytes = 0
-    oldest_ms: int | None = None
-    for batch in _batched(_scan(client, pattern, suffix=suffix)):
-        pipe = client.pipeline(transaction=False)
-        for stream_key in batch:
-            pipe.xlen(stream_key)
-            pipe.xrange(stream_key, count=1)
-            if group is not None:
-                pipe.xpending(stream_key, group)
-                pipe.get(keys.inbox_bytes(_persona_of(stream_key)))
-        replies = pipe.execute(raise_on_error=False)
-        stride = 4 if group is not None else 2
-        for offset in range(0, len(replies), stride):
-            length, first = replies[offset], replies[offset + 1]
-            if isinstance(length, Exception) or not length:
-                continue  # not a stream (wrong type) or emptied meanwhile
-            entries += int(length)
-            personas += 1
-            if first and not isinstance(first, Exception):
-                first_ms = int(_text(first[0][0]).split("-", 1)[0])
-                oldest_ms = first_ms if oldest_ms is None else min(oldest_ms, first_ms)
-            if group is not None:
-                pending, stored_bytes = replies[offset + 2], replies[offset + 3]
-                if isinstance(pending, dict):  # NOGROUP (no tunnel read it yet) is an exception
-                    in_flight += int(pending.get("pending", 0))
-                total_bytes += _int_or_none(stored_bytes) or 0
-    return StreamBacklog(entries, personas, in_flight, total_bytes, _age_s(now_ms, oldest_ms))
-
-
-def _egress_queue(client: redis.Redis, now_ms: int) -> EgressQueue:
-    """arq keeps a job in the queue's sorted set (score = when it may run) until it finishes."""
-    pipe = client.pipeline(transaction=False)
-    pipe.zcard(keys.EGRESS_QUEUE)
-    pipe.zcount(keys.EGRESS_QUEUE, "-inf", now_ms)
-    pipe.zrange(keys.EGRESS_QUEUE, 0, 0, withscores=True)
-    queued, ready, oldest = pipe.execute()
-    running = sum(1 for _ in _scan(client, f"{in_progress_key_prefix}*"))
-    # Age of the job that has been runnable longest; a deferred retry's score lies in the future.
-    oldest_ms = int(oldest[0][1]) if oldest and oldest[0][1] <= now_ms else None
-    return EgressQueue(
-        queued=int(queued),
-        ready=int(ready),
-        deferred=int(queued) - int(ready),
-        running=running,
-        oldest_age_s=_age_s(now_ms, oldest_ms),
-    )
-
-
-def _scan(client: redis.Redis, pattern: str, suffix: str = "") -> Iterator[bytes]:
-    """Keys matching `pattern`; `suffix` drops keys whose `*` swallowed a longer tail."""
-    for key in client.scan_iter(match=pattern, count=SCAN_BATCH):
-        if not suffix or _text(key).endswith(suffix):
-            yield key
-
-
-def _tail(pattern: str) -> str:
-    """What follows the hash tag in a per-persona key pattern: `relay:{*}:inbox` -> `}:inbox`."""
-    return pattern[pattern.index("}") :]
-
-
-def _batched(items: Iterable[bytes], size: int = SCAN_BATCH) -> Iterator[list[bytes]]:
-    batch: list[bytes] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def _persona_of(stream_key: bytes) -> str:
-    text = _text(stream_key)
-    return text[text.index("{") + 1 : text.index("}")]
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-
-
-def _int_or_none(value: bytes | str | None) -> int | None:
-    try:
-        return int(value) if value is not None else None
-    except ValueError:
-        return None
-
-
-def _int_or_text(value: str) -> int | str:
-    parsed = _int_or_none(value)
+def _int_oras_text(value: str) -> int | str:
+    parsed = int_or_none(value)
     return value if parsed is None else parsed
-
-
-def _age_s(now_ms: int, then_ms: int | None) -> float | None:
-    return None if then_ms is None else round(max(0, now_ms - then_ms) / 1000, 3)
 
 
 # --- presenting ------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ from collections.abc import Awaitable, Callable
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 ReadinessCheck = Callable[[], Awaitable[bool]]
+MetricsRefresh = Callable[[], Awaitable[None]]
+METRICS_REFRESH_TIMEOUT_S = 5.0
 MAX_REQUEST_HEAD_BYTES = 8192
 
 
@@ -31,8 +33,11 @@ def health_response(path: str, ready: bool | None) -> tuple[int, str, bytes]:
 
 
 class HealthServer:
-    def __init__(self, host: str, port: int, readiness: ReadinessCheck) -> None:
+    def __init__(
+        self, host: str, port: int, readiness: ReadinessCheck, refresh_metrics: MetricsRefresh | None = None
+    ) -> None:
         self._host, self._port, self._readiness = host, port, readiness
+        self._refresh_metrics = refresh_metrics
         self._server: asyncio.Server | None = None
 
     @property
@@ -55,6 +60,8 @@ class HealthServer:
             parts = head[:MAX_REQUEST_HEAD_BYTES].split(b" ", 2)
             path = parts[1].decode("latin-1").split("?", 1)[0] if len(parts) > 1 else "/"
             ready = await self._check_ready() if path == "/readyz" else None
+            if path == "/metrics":
+                await refresh_before_scrape(self._refresh_metrics)
             status, content_type, body = health_response(path, ready)
             reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
             writer.write(
@@ -74,3 +81,11 @@ class HealthServer:
             return await asyncio.wait_for(self._readiness(), timeout=2)
         except Exception:
             return False
+
+
+async def refresh_before_scrape(refresh: MetricsRefresh | None) -> None:
+    """Bring computed gauges up to date; a slow or failing Redis leaves the last values."""
+    if refresh is None:
+        return
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(refresh(), timeout=METRICS_REFRESH_TIMEOUT_S)
