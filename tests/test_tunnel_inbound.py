@@ -264,3 +264,11 @@ async def test_unreadable_entry_is_dropped_and_does_not_block_the_inbox(
     await client.ack(message.stream_id)
     await eventually(lambda: inbox_empty(redis_client, pk))
     await client.close()
+
+
+async def test_permessage_deflate_is_declined_when_the_gateway_offers_it(tunnel: RunningTunnel) -> None:
+    client = await GatewayClient.open(tunnel.url, compression="deflate")
+    assert client.ws.response is not None
+    assert "Sec-WebSocket-Extensions" not in client.ws.response.headers
+    await client.authenticate(Passport.generate())
+    await client.close()

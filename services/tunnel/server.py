@@ -91,6 +91,11 @@ async def start_server(node: TunnelNode, tls: ssl.SSLContext | None = None) -> S
         write_limit=WRITE_LIMIT_BYTES,
         open_timeout=config.ws.handshakeTimeoutMs / 1000,
         close_timeout=CLOSE_TIMEOUT_S,
+        # No permessage-deflate even when the gateway offers it (the reference gateway does), as
+        # the original relay's node `ws` server (off by default there): zlib state costs ~43 KB
+        # per socket and compressing mail (mostly base64 or already compressed) caps a transfer
+        # at ~30 MB/s (bench/README.md, "Tunnel").
+        compression=None,
         ping_interval=None,  # our own heartbeat: intervals from config, close code 1001
         ping_timeout=None,
         server_header=None,
