@@ -82,7 +82,8 @@ async def serve(config: RelayConfig, stopping: asyncio.Event, *, drain_timeout_s
     handler = IngressHandler(
         redis, config, hostname, sender_auth=sender_authenticator(config), attestation_signer=signer
     )
-    listener = SmtpListener(handler, config.smtp, hostname, tls)
+    listener = SmtpListener(handler, config.smtp, hostname, tls,
+                            max_connections_per_ip=config.rateLimits.smtpConcurrentConnectionsPerIp)
 
     async def ready() -> bool:
         return (listener.listening or not config.smtp.enabled) and bool(await redis.ping())

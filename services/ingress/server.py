@@ -4,8 +4,10 @@ aiosmtpd's thread-based `Controller` cannot share a port between processes, so w
 `SMTP` protocol on our own `loop.create_server(..., reuse_port=True)`. The subclass adds
 three things aiosmtpd has no hook for:
 
-* the per-IP connection rate check before the greeting (a refused client gets `421` instead
-  of `220`, then the connection is closed);
+* the per-IP caps checked before the greeting: open connections from one IP in this process
+  (`rateLimits.smtpConcurrentConnectionsPerIp`, counted here, no Redis round trip) and the
+  connection rate across processes (Redis); a refused client gets `421 4.7.0` instead of
+  `220`, then the connection is closed;
 * our reply text for aiosmtpd's own size refusals (`552 5.3.4 relay_rejected_message_too_large`
   carries the original's reason token);
 * graceful drain: on shutdown an idle connection gets `421 4.3.2` at once; one inside a
@@ -35,6 +37,7 @@ import contextlib
 import logging
 import re
 import ssl
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, AnyStr
 
@@ -42,7 +45,7 @@ from aiosmtpd.smtp import SMTP, Session
 
 from services.ingress import metrics, policy
 from services.ingress.handler import IngressHandler, IngressSession
-from shared.config import SmtpConfig
+from shared.config import RateLimitsConfig, SmtpConfig
 from shared.logs import log
 
 logger = logging.getLogger("relay.ingress")
@@ -53,6 +56,7 @@ AIOSMTPD_COMMAND_LINE_TOO_LONG = b"500 Command line too long"
 AIOSMTPD_DATA_LINE_TOO_LONG = b"500 Line too long"
 MAX_COMMANDS_AFTER_REFUSAL = 10
 _REPLY_CONTROL_CHARS = re.compile(rb"[\x00-\x1f\x7f]")
+DEFAULT_CONNECTIONS_PER_IP = RateLimitsConfig().smtpConcurrentConnectionsPerIp
 
 
 class IngressSMTP(SMTP):
@@ -64,6 +68,7 @@ class IngressSMTP(SMTP):
         self._registered = False
         self._greeted = False
         self._early_talker = False
+        self.client_ip = "unknown"
         self._smtp_methods = {name: self._tracked(method) for name, method in self._smtp_methods.items()}
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -74,8 +79,9 @@ class IngressSMTP(SMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if not self._registered:  # called again on the same protocol after STARTTLS
             self._registered = True
-            self._listener.connections.add(self)
-            metrics.OPEN_CONNECTIONS.inc()
+            peer = transport.get_extra_info("peername")
+            self.client_ip = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer or "unknown")
+            self._listener.track(self)
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -89,6 +95,21 @@ class IngressSMTP(SMTP):
         super().data_received(data)
 
     async def _handle_client(self) -> None:
+        try:
+            await self._serve_client()
+        except asyncio.CancelledError:
+            # aiosmtpd cancels this task on EOF but closes the transport only inside its own
+            # command loop: a client gone during our pre-greeting checks (a TCP health check
+            # connects and closes) would hold its slot and descriptor until the command timeout
+            if self.transport is not None:
+                self.transport.close()
+            raise
+
+    async def _serve_client(self) -> None:
+        if self._listener.over_ip_cap(self.client_ip):
+            self._ingress_handler.refused_by_protocol(policy.TOO_MANY_CONNECTIONS, self.session)
+            self.close_with(policy.TOO_MANY_CONNECTIONS)
+            return
         self._busy = True
         try:
             refusal = await self._ingress_handler.admit_connection(self.session)  # type: ignore[arg-type]
@@ -96,6 +117,11 @@ class IngressSMTP(SMTP):
             self._busy = False
         if refusal is not None:
             self.close_with(refusal)
+            return
+        if self._reader.at_eof() and self.transport is not None:
+            # gone during the check, and the EOF's cancellation was lost (Python 3.11's
+            # asyncio.wait_for returns a result that completed as it was cancelled)
+            self.transport.close()
             return
         if self._listener.draining:
             self.close_with(policy.SHUTTING_DOWN)
@@ -185,6 +211,8 @@ class SmtpListener:
         smtp: SmtpConfig,
         hostname: str,
         tls_context: ssl.SSLContext | None,
+        *,
+        max_connections_per_ip: int = DEFAULT_CONNECTIONS_PER_IP,
     ) -> None:
         self._handler = handler
         self._smtp = smtp
@@ -192,6 +220,8 @@ class SmtpListener:
         self._tls_context = tls_context
         self._server: asyncio.Server | None = None
         self.connections: set[IngressSMTP] = set()
+        self._max_connections_per_ip = max_connections_per_ip
+        self._connections_per_ip: Counter[str] = Counter()
         self.draining = False
         self._all_closed = asyncio.Event()
 
@@ -226,8 +256,20 @@ class SmtpListener:
             loop=asyncio.get_running_loop(),
         )
 
+    def track(self, connection: IngressSMTP) -> None:
+        self.connections.add(connection)
+        self._connections_per_ip[connection.client_ip] += 1
+        metrics.OPEN_CONNECTIONS.inc()
+
+    def over_ip_cap(self, client_ip: str) -> bool:
+        """True when this IP holds more open connections here than allowed (this one included)."""
+        return self._connections_per_ip[client_ip] > self._max_connections_per_ip
+
     def forget(self, connection: IngressSMTP) -> None:
         self.connections.discard(connection)
+        self._connections_per_ip[connection.client_ip] -= 1
+        if self._connections_per_ip[connection.client_ip] <= 0:
+            del self._connections_per_ip[connection.client_ip]
         metrics.OPEN_CONNECTIONS.dec()
         if not self.connections:
             self._all_closed.set()
