@@ -272,3 +272,22 @@ async def test_permessage_deflate_is_declined_when_the_gateway_offers_it(tunnel:
     assert "Sec-WebSocket-Extensions" not in client.ws.response.headers
     await client.authenticate(Passport.generate())
     await client.close()
+
+
+async def test_an_idle_authenticated_socket_keeps_at_most_two_tasks(tunnel: RunningTunnel) -> None:
+    """Keepalive and sweeps are node-wide loops: an idle socket holds only websockets' handler
+    task and its (parked) inbox delivery, no timer of its own."""
+    sockets = 20
+    before = len(asyncio.all_tasks())
+    clients = []
+    for _ in range(sockets):
+        client = await GatewayClient.open(tunnel.url)
+        await client.authenticate(Passport.generate(), capabilities=ACK)
+        clients.append(client)
+    await asyncio.sleep(0)  # lets cancelled auth deadlines finish
+    client_tasks = sockets  # each test client's reader (websockets' client runs none without keepalive)
+    per_socket = (len(asyncio.all_tasks()) - before - client_tasks) / sockets
+    print(f"tasks per idle socket: {per_socket}")
+    assert per_socket < 2.5, per_socket  # a timer task per socket would make it >= 3
+    for client in clients:
+        await client.close()

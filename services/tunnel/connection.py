@@ -2,8 +2,8 @@
 its actions (the thin I/O layer, like websockets' own connection over its protocol).
 
 The reader loop handles one message at a time, so every Redis step of authentication happens
-in order; inbound delivery and the heartbeat run as tasks owned by this connection and end
-with it.
+in order; inbound delivery runs as a task owned by this connection and ends with it. The
+heartbeat is one node-wide loop (`TunnelNode._heartbeats`) calling `heartbeat` on every socket.
 """
 
 from __future__ import annotations
@@ -71,8 +71,10 @@ class TunnelConnection:
         self.session = TunnelSession(self.socket_id, session_limits(node), clock_ms)
         self.delivery: InboxDelivery | None = None
         self._delivery_task: asyncio.Task[Any] | None = None
+        self._deadline_task: asyncio.Task[Any] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._last_heard = time.monotonic()
+        self._last_ping = self._last_heard
         self._challenge_requested = False
         self.claimed_inbound = False
         self._attempted_key: str | None = None
@@ -93,8 +95,7 @@ class TunnelConnection:
 
     async def run(self) -> None:
         metrics.CONNECTIONS_OPEN.inc()
-        self._spawn(self._heartbeat())
-        self._spawn(self._auth_deadline())
+        self._deadline_task = self._spawn(self._auth_deadline())
         try:
             async for message in self.ws:
                 self._last_heard = time.monotonic()
@@ -179,25 +180,25 @@ class TunnelConnection:
             )
             self._spawn(self.close(protocol.CLOSE_GOING_AWAY, GOING_AWAY_REASON))
 
-    async def _heartbeat(self) -> None:
-        """Ping every heartbeatIntervalMs; close 1001 after idleTimeoutMs without hearing anything."""
-        heartbeat_s = self.node.config.ws.heartbeatIntervalMs / 1000
-        idle_s = self.node.config.ws.idleTimeoutMs / 1000
-        tick_s = min(heartbeat_s, idle_s / 4)
-        last_ping = time.monotonic()
-        while True:
-            await asyncio.sleep(tick_s)
-            now = time.monotonic()
-            if now - self._last_heard >= idle_s:
-                log(logger, logging.INFO, "idle socket closed", socket_id=self.socket_id, persona=self.persona_key)
-                await self.close(protocol.CLOSE_GOING_AWAY, IDLE_REASON)
-                return
-            if now - last_ping >= heartbeat_s:
-                last_ping = now
-                pong = asyncio.ensure_future(await self.ws.ping())
-                pong.add_done_callback(self._pong_received)
-            for action in self.session.expire_streams():
-                await self._perform([action])
+    def heartbeat(self, now: float, heartbeat_s: float, idle_s: float) -> None:
+        """One tick of the node-wide heartbeat (no timer per socket): close 1001 after `idle_s`
+        without hearing anything, ping every `heartbeat_s`, drop timed-out outbound streams."""
+        if self._closing:
+            return
+        if now - self._last_heard >= idle_s:
+            log(logger, logging.INFO, "idle socket closed", socket_id=self.socket_id, persona=self.persona_key)
+            self._spawn(self.close(protocol.CLOSE_GOING_AWAY, IDLE_REASON))
+            return
+        if now - self._last_ping >= heartbeat_s:
+            self._last_ping = now
+            self._spawn(self._keepalive_ping())
+        expired = self.session.expire_streams()
+        if expired:
+            self._spawn(self._perform(list(expired)))
+
+    async def _keepalive_ping(self) -> None:
+        pong = asyncio.ensure_future(await self.ws.ping())
+        pong.add_done_callback(self._pong_received)
 
     async def _auth_deadline(self) -> None:
         """Close a socket still unauthenticated `ws.authTimeoutMs` after the upgrade (4401).
@@ -287,6 +288,8 @@ class TunnelConnection:
             replaced_socket_id=replaced_socket_id, capabilities=list(self.session.capabilities),
             client_ip=self.client_ip,
         )
+        if self._deadline_task is not None:
+            self._deadline_task.cancel()  # an idle authenticated socket keeps no timer
         self.node.attach(self)
 
     async def _enqueue_outbound(self, action: EnqueueOutbound) -> None:

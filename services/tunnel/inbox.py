@@ -6,15 +6,16 @@ stays pending in the consumer group, so a dropped socket or a dead node loses no
 authentication re-claims every pending entry (XAUTOCLAIM, min-idle 0) and sends it again under
 the same stream id. Up to `WINDOW` messages are in flight; they are sent, and removed, in order.
 
-Pub/sub wake-ups only shorten the wait: the loop also looks at the stream every
-`SWEEP_INTERVAL_S`, and re-claims entries stranded by another consumer every
-`RECLAIM_INTERVAL_S`.
+An idle delivery costs no timer and no Redis call: it waits to be woken, by the pub/sub
+wake-up (the fast path) or by the node's periodic sweep, which looks at every owned inbox in
+one pipelined pass (`TunnelNode.sweep_once`), so a lost wake-up only delays. A wake-up at least
+`RECLAIM_INTERVAL_S` after the last one also re-claims entries stranded by another consumer and
+trims expired ones.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -34,7 +35,6 @@ from shared.payloads import InboxEntry
 logger = logging.getLogger("relay.tunnel.inbox")
 
 WINDOW = 8
-SWEEP_INTERVAL_S = 2.0
 RECLAIM_INTERVAL_S = 30.0
 TRIM_BATCH = 100
 
@@ -117,6 +117,10 @@ class InboxDelivery:
 
     def wake(self) -> None:
         self._wakeup.set()
+
+    def behind(self, stream_length: int) -> bool:
+        """True when the inbox holds entries beyond those in flight here (the sweep's test)."""
+        return stream_length > len(self._in_flight)
 
     def acked(self, stream_id: str) -> None:
         waiter = self._acks.get(stream_id)
@@ -202,8 +206,7 @@ class InboxDelivery:
         return parsed
 
     async def _idle(self) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wakeup.wait(), SWEEP_INTERVAL_S)
+        await self._wakeup.wait()
         if time.monotonic() - self._last_reclaim >= RECLAIM_INTERVAL_S:
             self._last_reclaim = time.monotonic()
             await trim_expired(self._redis, self.persona_key, self._retention_s)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import Counter, defaultdict
 from typing import Any
 
@@ -33,6 +34,7 @@ from shared.wakeup import Wakeup, WakeupKind, wake_owner
 logger = logging.getLogger("relay.tunnel.node")
 
 PUBSUB_POLL_S = 1.0
+SWEEP_BATCH = 500  # personas per pipelined round trip of the sweep and the owner renewal
 PUBSUB_RETRY_S = 1.0
 SHUTDOWN_CLOSE_TIMEOUT_S = 5.0
 
@@ -66,7 +68,8 @@ class TunnelNode:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        for duty in (self._listen_wakeups, self._renew_owned, self._sweep_results, self._publish_liveness):
+        duties = (self._listen_wakeups, self._renew_owned, self._sweep, self._heartbeats, self._publish_liveness)
+        for duty in duties:
             self._tasks.append(loop.create_task(duty()))
 
     async def shutdown(self) -> None:
@@ -304,30 +307,64 @@ class TunnelNode:
     async def _renew_owned(self) -> None:
         while True:
             await asyncio.sleep(ownership.OWNER_RENEW_INTERVAL_S)
-            for persona_key, connection in list(self.inbound.items()):
+            owned = list(self.inbound.items())
+            for start in range(0, len(owned), SWEEP_BATCH):
+                batch = owned[start : start + SWEEP_BATCH]
                 try:
-                    still_ours = await self.ownership.renew(persona_key, connection.socket_id)
-                    await self.redis.set(keys.seen(persona_key), "1", ex=self.config.queue.retentionSeconds)
+                    renewed = await self.ownership.renew_many(
+                        [(pk, connection.socket_id) for pk, connection in batch], self.config.queue.retentionSeconds
+                    )
                 except RedisError as exc:
-                    log(logger, logging.WARNING, "owner renewal failed", persona=persona_key, error=repr(exc))
+                    log(logger, logging.WARNING, "owner renewal failed", personas=len(batch), error=repr(exc))
                     continue
-                if not still_ours and self.inbound.get(persona_key) is connection:
-                    del self.inbound[persona_key]
-                    connection.evict()
+                for (persona_key, connection), still_ours in zip(batch, renewed, strict=True):
+                    if not still_ours and self.inbound.get(persona_key) is connection:
+                        del self.inbound[persona_key]
+                        connection.evict()
             try:
                 await self.ownership.hold_outbound(list(self.outbound_registered))
             except RedisError as exc:
                 log(logger, logging.WARNING, "outbound holder renewal failed", error=repr(exc))
 
-    async def _sweep_results(self) -> None:
+    async def _sweep(self) -> None:
+        """Correctness never depends on pub/sub: every `ws.resultsSweepIntervalMs` one pipelined
+        pass looks at all inboxes and results streams of the personas served here."""
         sweep_interval_s = self.config.ws.resultsSweepIntervalMs / 1000
         while True:
             await asyncio.sleep(sweep_interval_s)
-            for persona_key in {*self.inbound, *self.outbound_only}:
-                try:
-                    await self.forward_results(persona_key)
-                except RedisError as exc:
-                    log(logger, logging.WARNING, "result sweep failed", persona=persona_key, error=repr(exc))
+            try:
+                await self.sweep_once()
+            except RedisError as exc:
+                log(logger, logging.WARNING, "sweep failed", error=repr(exc))
+
+    async def sweep_once(self) -> None:
+        personas = list({**dict.fromkeys(self.inbound), **dict.fromkeys(self.outbound_only)})
+        for start in range(0, len(personas), SWEEP_BATCH):
+            batch = personas[start : start + SWEEP_BATCH]
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for persona_key in batch:
+                    pipe.xlen(keys.inbox(persona_key))
+                    pipe.xlen(keys.results(persona_key))
+                lengths = await pipe.execute()
+            for index, persona_key in enumerate(batch):
+                inbox_length, results_length = lengths[2 * index], lengths[2 * index + 1]
+                connection = self.inbound.get(persona_key)
+                if connection is not None and connection.delivery is not None:
+                    if connection.delivery.behind(inbox_length):
+                        connection.delivery.wake()
+                if results_length:
+                    self._spawn_results(persona_key)
+
+    async def _heartbeats(self) -> None:
+        """One loop for every socket's keepalive, instead of a sleeping task per socket."""
+        heartbeat_s = self.config.ws.heartbeatIntervalMs / 1000
+        idle_s = self.config.ws.idleTimeoutMs / 1000
+        tick_s = min(heartbeat_s, idle_s / 4)
+        while True:
+            await asyncio.sleep(tick_s)
+            now = time.monotonic()
+            for connection in list(self.connections):
+                connection.heartbeat(now, heartbeat_s, idle_s)
 
     async def _publish_liveness(self) -> None:
         while True:

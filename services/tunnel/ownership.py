@@ -89,6 +89,22 @@ class Ownership:
         )
         return bool(renewed)
 
+    async def renew_many(self, sockets: list[tuple[str, str]], seen_ttl_s: int) -> list[bool]:
+        """`renew` for many (persona, socket) pairs in one round trip, refreshing each persona's
+        seen key too; one flag per pair."""
+        if not sockets:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for persona_key, socket_id in sockets:
+                await self._renew(
+                    keys=[keys.owner(persona_key), keys.socket(persona_key)],
+                    args=[self.node_id, socket_id, OWNER_TTL_S],
+                    client=pipe,
+                )
+                pipe.set(keys.seen(persona_key), "1", ex=seen_ttl_s)
+            replies = await pipe.execute()
+        return [bool(renewed) for renewed in replies[::2]]
+
     async def release(self, persona_key: str, socket_id: str) -> bool:
         released = await self._release(
             keys=[keys.owner(persona_key), keys.socket(persona_key)], args=[self.node_id, socket_id]
