@@ -20,13 +20,14 @@ import time
 from bench.smtp_client import SmtpConnection, SmtpReplyError, make_message
 
 CONNECT_TIMEOUT_S = 15.0
+SEQ_PLACEHOLDER = b"0" * 9
 
 
 async def session(
     index: int,
     args: argparse.Namespace,
     recipients: list[str],
-    message: bytes,
+    template: bytes,
     go: asyncio.Event,
     window: list[float],
     counters: collections.Counter[str],
@@ -39,8 +40,10 @@ async def session(
     try:
         while time.perf_counter() < end:
             try:
+                counters["sequence"] += 1
                 await connection.start_message(args.mail_from, rcpt_to)
-                connection.write_message(message)
+                # Every message distinct: the ingress stores a byte-identical retry only once.
+                connection.write_message(template.replace(SEQ_PLACEHOLDER, b"%09d" % counters["sequence"], 1))
                 await connection.end_reply()
             except SmtpReplyError as exc:
                 counters[f"refused_{exc.code}"] += 1
@@ -56,7 +59,7 @@ async def session(
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
     recipients = [r for r in args.recipients.split(",") if r]
-    message = make_message(args.size)
+    message = make_message(args.size, {"X-Bench-Seq": SEQ_PLACEHOLDER.decode()})
     counters: collections.Counter[str] = collections.Counter()
     go = asyncio.Event()
     window = [0.0, 0.0]
@@ -80,6 +83,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     await asyncio.gather(*tasks, return_exceptions=True)
     accepted = counters.pop("accepted", 0)
     counters.pop("connected", None)
+    counters.pop("sequence", None)
     return {
         "accepted": accepted,
         "seconds": args.seconds,
