@@ -21,11 +21,12 @@ from arq.worker import Worker, func
 from services.egress.prompt_worker import PromptWorker
 from services.egress.worker import Egress, deliver
 from shared import keys
+from shared.backlog import refresh_backlog_metrics
 from shared.config import RelayConfig
 from shared.health import HealthServer
 from shared.logs import log
 from shared.nodeinfo import HEARTBEAT_INTERVAL_S, publish_node_info, remove_node_info
-from shared.redis import arq_settings, connect
+from shared.redis import arq_settings, connect, redis_url
 
 logger = logging.getLogger("egress")
 
@@ -128,7 +129,10 @@ async def serve(config: RelayConfig, stopping: asyncio.Event) -> None:
     service = EgressService(config)
     health: HealthServer | None = None
     if config.egress.httpPort:
-        health = HealthServer(config.host, config.egress.httpPort, service.ready)
+        health = HealthServer(
+            config.host, config.egress.httpPort, service.ready,
+            refresh_metrics=lambda: refresh_backlog_metrics(redis_url(config), "egress"),
+        )
         await health.start()
     tasks = [asyncio.ensure_future(service.run_worker(stopping)),
              asyncio.ensure_future(service.heartbeat(stopping))]

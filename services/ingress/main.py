@@ -23,12 +23,13 @@ from redis.exceptions import RedisError
 from services.ingress.handler import IngressHandler
 from services.ingress.sender_auth import SenderAuthenticator
 from services.ingress.server import SmtpListener
+from shared.backlog import refresh_backlog_metrics
 from shared.config import RelayConfig, SmtpConfig
 from shared.health import HealthServer
 from shared.identity import Passport
 from shared.logs import log
 from shared.nodeinfo import HEARTBEAT_INTERVAL_S, publish_node_info, remove_node_info
-from shared.redis import connect
+from shared.redis import connect, redis_url
 from shared.secrets import SecretFileError, load_signing_key, read_secret_file
 
 logger = logging.getLogger("relay.ingress")
@@ -92,7 +93,10 @@ async def serve(config: RelayConfig, stopping: asyncio.Event, *, drain_timeout_s
     heartbeat: asyncio.Task[None] | None = None
     try:
         if config.smtp.httpPort:
-            health = HealthServer(config.smtp.host, config.smtp.httpPort, ready)
+            health = HealthServer(
+                config.smtp.host, config.smtp.httpPort, ready,
+                refresh_metrics=lambda: refresh_backlog_metrics(redis_url(config), "ingress"),
+            )
             await health.start()
         if config.smtp.enabled:
             await listener.start()
