@@ -23,6 +23,8 @@ import dns.rdata
 import dns.rdatatype
 import dns.resolver
 
+from shared.hostport import parse_host_port
+
 DNS_PORT = 53
 LOOKUP_TIMEOUT_S = 2.0
 
@@ -37,14 +39,7 @@ class DnsFailed(Exception):
 
 def parse_nameserver(text: str) -> tuple[str, int]:
     """("192.0.2.1", 53) from "192.0.2.1", "192.0.2.1:5353" or "[2001:db8::1]:5353"."""
-    text = text.strip()
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        return host, int(rest[1:]) if rest.startswith(":") else DNS_PORT
-    if text.count(":") == 1:
-        host, _, port = text.partition(":")
-        return host, int(port)
-    return text, DNS_PORT
+    return parse_host_port(text, DNS_PORT)
 
 
 def build_resolver(nameservers: Sequence[str]) -> dns.resolver.Resolver | None:
