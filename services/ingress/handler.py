@@ -30,7 +30,7 @@ import redis.asyncio as aioredis
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from redis.exceptions import RedisError
 
-from services.ingress import metrics, policy, ratelimit
+from services.ingress import metrics, policy
 from services.ingress.enqueue import Delivery, EnqueueFailed, enqueue, message_digest, new_queue_id
 from services.ingress.policy import InboxState, Reply
 from services.ingress.received import TraceInfo, received_header
@@ -40,7 +40,7 @@ from services.ingress.sender_auth import (
     SenderFacts,
     authentication_results,
 )
-from shared import keys
+from shared import keys, ratelimit
 from shared.attestation import AttestationContext, create_attestation
 from shared.config import RelayConfig
 from shared.identity import Passport

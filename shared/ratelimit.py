@@ -1,7 +1,8 @@
-"""Per-IP fixed-window rate limits kept in Redis, so they hold across ingress replicas.
+"""Per-subject fixed-window rate limits kept in Redis, so they hold across replicas.
 
-Each (kind, client IP) has one counter per minute window. The first hit over the limit sets a
-deny key for `rateLimits.denyWindowMs`; while it exists the IP is refused whatever the count.
+Each (kind, subject — usually a client IP) has one counter per minute window. The first hit
+over the limit sets a deny key for `rateLimits.denyWindowMs`; while it exists the subject is
+refused whatever the count.
 Counter and deny key are separate keys (they are not hash-tagged together), so the check is a
 non-transactional pipeline: two concurrent hits may both pass at the boundary, which is an
 acceptable imprecision for a flood limit.
@@ -24,6 +25,7 @@ COUNTER_TTL_MS = 2 * WINDOW_MS
 class RateKind(StrEnum):
     SMTP_CONNECTION = "smtp_conn"
     SMTP_MESSAGE = "smtp_msg"
+    WS_AUTH = "ws_auth"
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,14 +35,14 @@ class RateLimit:
     deny_window_ms: int
 
 
-async def allow(redis: aioredis.Redis, limit: RateLimit, client_ip: str, *, now_ms: int | None = None) -> bool:
-    """Count one hit for `client_ip`; False if it is over the limit or inside a deny window.
+async def allow(redis: aioredis.Redis, limit: RateLimit, subject: str, *, now_ms: int | None = None) -> bool:
+    """Count one hit for `subject`; False if it is over the limit or inside a deny window.
 
     Raises redis errors: the caller decides whether to fail open or refuse.
     """
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-    counter_key = keys.rate_counter(limit.kind, client_ip, now_ms // WINDOW_MS)
-    deny_key = keys.deny(limit.kind, client_ip)
+    counter_key = keys.rate_counter(limit.kind, subject, now_ms // WINDOW_MS)
+    deny_key = keys.deny(limit.kind, subject)
     async with redis.pipeline(transaction=False) as pipe:
         pipe.exists(deny_key)
         pipe.incr(counter_key)
