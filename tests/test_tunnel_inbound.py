@@ -291,3 +291,12 @@ async def test_an_idle_authenticated_socket_keeps_at_most_two_tasks(tunnel: Runn
     assert per_socket < 2.5, per_socket  # a timer task per socket would make it >= 3
     for client in clients:
         await client.close()
+
+
+@pytest.mark.parametrize("size", [0, 1, protocol.MAX_CHUNK_BYTES, protocol.MAX_CHUNK_BYTES + 1, 200_000])
+def test_lazy_frames_are_the_codec_frames(size: int) -> None:
+    from services.tunnel.inbox import message_frames
+
+    start = protocol.SmtpStart("a@example.org", "b@relay.test", {"v": 1})
+    message = os.urandom(size)
+    assert list(message_frames("q1.0", start, message)) == protocol.encode_message_frames("q1.0", start, message)

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,6 +84,19 @@ def _entry_size(fields: dict[bytes, bytes]) -> int:
         return len(InboxEntry.unpack(fields[b"m"]).data)
     except (KeyError, TypeError, ValueError, msgpack.UnpackException):
         return 0
+
+
+def message_frames(stream_id: str, start: protocol.SmtpStart, message: bytes) -> Iterator[bytes]:
+    """The frames of `protocol.encode_message_frames`, made one at a time as they are sent, each
+    chunk copied once (from a memoryview slice straight into its frame): a large message is
+    not held a second and third time in memory before its first byte goes out."""
+    yield protocol.encode_start(stream_id, start)
+    view = memoryview(message)
+    for offset in range(0, len(message), protocol.MAX_CHUNK_BYTES) if message else [0]:
+        yield protocol.encode_frame(
+            protocol.FrameType.SMTP_CHUNK, stream_id, view[offset : offset + protocol.MAX_CHUNK_BYTES]  # type: ignore[arg-type]
+        )
+    yield protocol.encode_frame(protocol.FrameType.SMTP_END, stream_id)
 
 
 class InboxDelivery:
@@ -224,7 +237,7 @@ class InboxDelivery:
             # Registered before the first frame: the ack may be read before our send returns.
             waiter = self._acks.get(stream_id) or asyncio.get_running_loop().create_future()
             self._acks[stream_id] = waiter
-        for frame in protocol.encode_message_frames(stream_id, start, entry.data):
+        for frame in message_frames(stream_id, start, entry.data):
             await self._send(frame)
         if not self._use_ack:
             waiter = asyncio.ensure_future(await self._ping())

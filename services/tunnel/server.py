@@ -29,7 +29,7 @@ logger = logging.getLogger("relay.tunnel.server")
 WS_PATH = "/ws"
 TOO_MANY_UNAUTHENTICATED = "too_many_unauthenticated"
 CLOSE_TRY_AGAIN_LATER = 1013
-WRITE_LIMIT_BYTES = 256 * 1024
+WRITE_LIMIT_BYTES = 1024 * 1024
 CLOSE_TIMEOUT_S = 5.0
 MAX_QUEUED_MESSAGES = 16
 # Pending TCP connections the kernel queues for accept (asyncio's default is 100): after a node
