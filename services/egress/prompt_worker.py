@@ -1,17 +1,22 @@
-"""An arq `Worker` that starts the next job as soon as one finishes, and claims a job in one
-Redis round trip.
+"""An arq `Worker` that starts the next job as soon as one finishes, and finds and claims due
+jobs in one Redis round trip.
 
 Stock arq (0.26-0.28) starts jobs only at its next poll: with `max_jobs` short jobs running,
 `start_jobs` stops and the freed slots wait out `poll_delay`, so a worker delivers at most
 `max_jobs / poll_delay` messages per second however fast the MX answers. Here a finishing job
-wakes the poll loop, and `poll_delay` is only the idle interval (how soon a newly queued job is
-noticed). Claiming a job (not running anywhere, due, then mark it in progress) is one Lua
-script instead of arq's WATCH / EXISTS / ZSCORE / MULTI-PSETEX-EXEC (plus UNWATCH for a job
-that is skipped); jobs this worker is running itself are skipped without asking Redis. The
-claim has the same effect and atomicity as arq's: a job is started by at most one worker.
+wakes the poll loop, and `poll_delay` is only the idle interval (how soon a newly queued job,
+or a deferred retry that fell due, is noticed).
 
-Overrides `main` and `start_jobs`, which arq documents as neither public nor private; the
-egress tests exercise both (delivery, retries, duplicate ids, killed workers, drain).
+Each poll is one Lua script: read the due job ids (oldest first, at most `queue_read_limit`)
+and claim up to the free slots among those not in progress anywhere, setting their
+in-progress keys. arq instead reads the ids, then per id WATCH / EXISTS / ZSCORE /
+MULTI-PSETEX-EXEC (and UNWATCH for each id that is running already, e.g. this worker's own
+jobs, which stay queued until they finish). The effect and atomicity are the same: a job is
+started by at most one worker. Running a claimed job is arq's own `run_job`.
+
+Overrides `main`, `_poll_iteration` and `_release_sem_dec_counter_on_complete`, which arq does
+not document as public: `tests/test_egress_prompt_worker.py` and the egress tests (delivery,
+retries, duplicate ids, killed workers, drain) pin the behaviour to the installed arq.
 """
 
 from __future__ import annotations
@@ -26,14 +31,24 @@ from arq.utils import timestamp_ms
 from arq.worker import Worker
 from redis.commands.core import AsyncScript
 
-# KEYS: in-progress key, queue; ARGV: job id, now (ms), in-progress TTL (ms).
-# Returns the job's score when claimed, else false (running elsewhere, finished, or deferred).
+# KEYS: queue. ARGV: now (ms), most jobs to claim, most queue entries to look at, in-progress key
+# prefix, in-progress TTL (ms). Claims due jobs not in progress anywhere, oldest first, and
+# returns [id, score, id, score, ...]. The in-progress keys are not declared (their names come
+# from the queue), as with arq's own keys: a single Redis, not a cluster.
 _CLAIM = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return false end
-local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
-if not score or tonumber(score) > tonumber(ARGV[2]) then return false end
-redis.call('PSETEX', KEYS[1], ARGV[3], '1')
-return score
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, ARGV[3])
+local claimed = {}
+local wanted = tonumber(ARGV[2]) * 2
+for i = 1, #due, 2 do
+  local in_progress = ARGV[4] .. due[i]
+  if redis.call('EXISTS', in_progress) == 0 then
+    redis.call('PSETEX', in_progress, ARGV[5], '1')
+    claimed[#claimed + 1] = due[i]
+    claimed[#claimed + 1] = due[i + 1]
+    if #claimed >= wanted then break end
+  end
+end
+return claimed
 """
 
 
@@ -66,34 +81,31 @@ class PromptWorker(Worker):
                     await self._slot_freed.wait()
 
     def _release_sem_dec_counter_on_complete(self) -> None:
-        super()._release_sem_dec_counter_on_complete()
+        self.job_counter -= 1  # arq's semaphore is left alone: only its start_jobs used it
         self._slot_freed.set()
 
-    async def start_jobs(self, job_ids: list[bytes]) -> None:
-        for job_id_bytes in job_ids:
-            job_id = job_id_bytes.decode()
-            running = self.tasks.get(job_id)
-            if running is not None and not running.done():
-                continue  # ours, still in its queue entry until it finishes
-            await self.sem.acquire()
-            if self.job_counter >= self.max_jobs:
-                self.sem.release()
-                return
-            self.job_counter += 1
+    async def _poll_iteration(self) -> None:
+        """arq's `_poll_iteration` with the read of due job ids and the claims as one script."""
+        free_slots = self.max_jobs - self.job_counter
+        if self.allow_pick_jobs and free_slots > 0:
             assert self._claim is not None, "main() registers the claim script"
-            try:
-                score = await self._claim(
-                    keys=[in_progress_key_prefix + job_id, self.queue_name],
-                    args=[job_id, timestamp_ms(), int(self.in_progress_timeout_s * 1000)],
-                )
-            except BaseException:
-                self.job_counter -= 1
-                self.sem.release()
-                raise
-            if not score:
-                self.job_counter -= 1
-                self.sem.release()
-                continue
-            task = self.loop.create_task(self.run_job(job_id, int(float(score))))
-            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
-            self.tasks[job_id] = task
+            claimed = await self._claim(
+                keys=[self.queue_name],
+                args=[timestamp_ms(), free_slots, self.queue_read_limit, in_progress_key_prefix,
+                      int(self.in_progress_timeout_s * 1000)],
+            )
+            for index in range(0, len(claimed), 2):
+                self._start(claimed[index].decode(), int(float(claimed[index + 1])))
+        if self.allow_abort_jobs:
+            await self._cancel_aborted_jobs()
+        for job_id, task in list(self.tasks.items()):
+            if task.done():
+                del self.tasks[job_id]
+                task.result()  # as arq: an error in run_job itself ends the worker
+        await self.heart_beat()
+
+    def _start(self, job_id: str, score: int) -> None:
+        self.job_counter += 1
+        task = self.loop.create_task(self.run_job(job_id, score))
+        task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+        self.tasks[job_id] = task
