@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import redis
+import redis.asyncio as aioredis
 
 from protege_relay.embedded_redis import EmbeddedRedis
 from shared import keys, protocol
@@ -388,3 +389,41 @@ async def test_auth_rate_is_per_forwarded_client_behind_a_trusted_proxy(redis_se
         await expect_auth_error(again, "rate_limited", close_code=4408)
     finally:
         await running.stop()
+
+
+async def test_a_handshake_costs_three_redis_round_trips_for_a_new_persona(
+    redis_server: EmbeddedRedis, redis_client: redis.Redis
+) -> None:
+    """Challenge request: rate count + record (one pipeline); response: consume (script), then
+    every post-auth write (one script), which also reports the empty inbox and results, so
+    neither is read. Top-level commands seen by MONITOR (script-internal ones excluded)."""
+    tunnel = await RunningTunnel(redis_server.url, RELAY_WS_RESULTS_SWEEP_INTERVAL_MS="600000").start()
+    monitor_client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        warm_up = await GatewayClient.open(tunnel.url)  # loads the scripts (SCRIPT LOAD once per process)
+        warm_up_passport = Passport.generate()
+        await warm_up.authenticate(warm_up_passport)
+        await warm_up.close()
+        # Its close (owner released) is over before MONITOR starts.
+        await eventually(lambda: not redis_client.exists(keys.owner(warm_up_passport.persona_key)))
+        async with monitor_client.monitor() as monitor:
+            client = await GatewayClient.open(tunnel.url)
+            await client.authenticate(Passport.generate())
+            await client.send_json({"type": "ping"})
+            await client.next_of_type("pong")
+            marker = aioredis.Redis.from_url(redis_server.url)
+            await marker.echo("end-of-handshake")
+            await marker.aclose()
+            commands: list[str] = []
+            while True:
+                info = await asyncio.wait_for(monitor.next_command(), 5)
+                if "end-of-handshake" in info["command"]:
+                    break
+                background = ("HSET RELAY:NODEINFO", "EXPIRE RELAY:NODEINFO", "SADD RELAY:NODES", "PING")
+                if info["client_type"] != "lua" and not info["command"].upper().startswith(background):
+                    commands.append(info["command"].split(" ", 1)[0].upper())
+        await client.close()
+    finally:
+        await monitor_client.aclose()
+        await tunnel.stop()
+    assert commands == ["EXISTS", "INCRBY", "EXPIRE", "HSET", "PEXPIRE", "EVALSHA", "EVALSHA"], commands

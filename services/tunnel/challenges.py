@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 
 from shared import keys
 from shared.identity import decode_public_key, decode_signature, verify_signature
@@ -113,20 +114,27 @@ class ChallengeStore:
         self._consume = redis.register_script(_CONSUME)
 
     async def save(self, record: ChallengeRecord) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            self.queue_save(pipe, record)
+            await pipe.execute()
+
+    def queue_save(self, pipe: Pipeline, record: ChallengeRecord) -> None:
+        """Queue the record's writes on `pipe` (two replies), to share a round trip."""
         key = keys.challenge(record.challenge_id)
         ttl_ms = max(record.expires_at_ms - now_ms(), 0) + RECORD_MARGIN_S * 1000
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(
-                key,
-                mapping={
-                    "pk": record.persona_key,
-                    "text": record.challenge_text,
-                    "exp": record.expires_at_ms,
-                    "used": "0",
-                },
-            )
-            pipe.pexpire(key, ttl_ms)
-            await pipe.execute()
+        pipe.hset(
+            key,
+            mapping={
+                "pk": record.persona_key,
+                "text": record.challenge_text,
+                "exp": record.expires_at_ms,
+                "used": "0",
+            },
+        )
+        pipe.pexpire(key, ttl_ms)
+
+    async def forget(self, challenge_id: str) -> None:
+        await self._redis.delete(keys.challenge(challenge_id))
 
     async def load(self, challenge_id: str) -> ChallengeRecord | None:
         fields: dict[bytes, bytes] = await self._redis.hgetall(keys.challenge(challenge_id))  # type: ignore[misc]

@@ -20,7 +20,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from services.tunnel import metrics
-from services.tunnel.challenges import check_response
+from services.tunnel.challenges import ChallengeRecord, check_response
 from services.tunnel.challenges import now_ms as clock_ms
 from services.tunnel.inbox import InboxDelivery
 from services.tunnel.session import (
@@ -76,11 +76,17 @@ class TunnelConnection:
         self._last_heard = time.monotonic()
         self._last_ping = self._last_heard
         self._challenge_requested = False
+        # The challenge issued on this socket: its response (almost always sent here) is checked
+        # without reading the record back; `consume` still decides used/expired in Redis.
+        self._issued: ChallengeRecord | None = None
         self.claimed_inbound = False
         self._attempted_key: str | None = None
         self._closing = False
         self._verifying = False
         self.counted_unauthenticated = False  # in the node's per-IP unauthenticated count
+        # Set from the auth-time claim (non-empty) and by wake-ups before attach: read at once.
+        self.inbox_woken = False
+        self.results_woken = False
         self.origin_streams: set[str] = set()  # accepted outbound streams whose result is not delivered
 
     @property
@@ -156,7 +162,7 @@ class TunnelConnection:
             ack_timeout_s=config.ws.ackTimeoutMs / 1000,
             retention_s=config.queue.retentionSeconds,
         )
-        self._delivery_task = self._spawn(self.delivery.run())
+        self._delivery_task = self._spawn(self.delivery.run(known_empty=not self.inbox_woken))
 
     def _cancel_delivery(self) -> None:
         if self._delivery_task is not None:
@@ -251,11 +257,18 @@ class TunnelConnection:
         await self._perform(self.session.auth_failed(code))
 
     async def _issue_challenge(self, action: IssueChallenge) -> None:
+        """Rate check and challenge record in one round trip; a refused attempt's record is
+        deleted again (one more round trip, only for refused attempts)."""
         self._challenge_requested = True
-        if not await self.node.auth_rate.allow(self.client_ip):
+        async with self.node.redis.pipeline(transaction=False) as pipe:
+            self.node.auth_rate.count(pipe, self.client_ip)
+            self.node.challenges.queue_save(pipe, action.challenge)
+            replies = await pipe.execute()
+        if not await self.node.auth_rate.judge(self.client_ip, replies):
+            await self.node.challenges.forget(action.challenge.challenge_id)
             await self._auth_failed(RATE_LIMITED, action.challenge.persona_key)
             return
-        await self.node.challenges.save(action.challenge)
+        self._issued = action.challenge
         await self.ws.send(action.reply)
 
     async def _verify_challenge(self, action: VerifyChallenge) -> None:
@@ -270,7 +283,9 @@ class TunnelConnection:
             await self._auth_failed(RATE_LIMITED, action.persona_key)
             return
         at_ms = clock_ms()
-        record = await self.node.challenges.load(action.challenge_id)
+        record = self._issued
+        if record is None or record.challenge_id != action.challenge_id:  # issued elsewhere
+            record = await self.node.challenges.load(action.challenge_id)
         code = check_response(record, action.persona_key, action.signature_base64, at_ms)
         if code is None:
             code = await self.node.challenges.consume(action.challenge_id, action.persona_key, at_ms)

@@ -140,10 +140,17 @@ class InboxDelivery:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def run(self) -> None:
-        await ensure_group(self._redis, self.persona_key)
-        await trim_expired(self._redis, self.persona_key, self._retention_s)
+    async def run(self, *, known_empty: bool = False) -> None:
+        """Deliver until cancelled. `known_empty`: the auth-time claim created the group and saw
+        an empty inbox, so nothing is read until a wake-up."""
+        if known_empty:
+            self._claim_cursor = None  # an empty stream has no pending entries either
+        else:
+            await ensure_group(self._redis, self.persona_key)
+            await trim_expired(self._redis, self.persona_key, self._retention_s)
         try:
+            if known_empty:
+                await self._idle()
             while True:
                 if len(self._in_flight) < WINDOW:
                     entries = await self._next_entries(WINDOW - len(self._in_flight))

@@ -54,6 +54,7 @@ class TunnelNode:
         )
         self.connections: set[TunnelConnection] = set()
         self.sockets: dict[str, TunnelConnection] = {}  # authenticated ones, by socket id
+        self.claiming: dict[str, TunnelConnection] = {}  # persona -> socket between claim and attach
         self.origins = results.OriginRecords(redis)
         self.inbound: dict[str, TunnelConnection] = {}
         self.outbound_only: dict[str, set[TunnelConnection]] = defaultdict(set)
@@ -123,22 +124,26 @@ class TunnelNode:
             del self.unauthenticated_by_ip[connection.client_ip]
 
     async def claim(self, connection: TunnelConnection, persona_key: str, *, inbound: bool) -> str | None:
-        """Ownership at auth time; returns the replaced socket id (inbound sockets only)."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(keys.seen(persona_key), "1", ex=self.config.queue.retentionSeconds)
-            await pipe.execute()
+        """Ownership at auth time, one round trip; returns the replaced socket id (inbound only).
+
+        Until `attach`, wake-ups for the persona are noted on the connection (`claiming`), so
+        one arriving between the claim and the start of delivery is not lost."""
+        self.claiming[persona_key] = connection
         if not inbound:
             self.outbound_registered[persona_key].add(connection)
-            await self.ownership.hold_outbound([persona_key])
+        else:
+            local = self.inbound.pop(persona_key, None)
+            if local is not None and local is not connection:
+                local.evict()
+            connection.claimed_inbound = True
+        claim = await self.ownership.claim_session(
+            persona_key, connection.socket_id, inbound=inbound, seen_ttl_s=self.config.queue.retentionSeconds
+        )
+        connection.inbox_woken |= claim.inbox_length > 0
+        connection.results_woken |= claim.results_length > 0
+        if not inbound or claim.previous.socket_id == connection.socket_id:
             return None
-        local = self.inbound.pop(persona_key, None)
-        if local is not None and local is not connection:
-            local.evict()
-        connection.claimed_inbound = True
-        previous = await self.ownership.claim(persona_key, connection.socket_id)
-        if previous.socket_id == connection.socket_id:
-            return None
-        return previous.socket_id or (local.socket_id if local is not None else None)
+        return claim.previous.socket_id or (local.socket_id if local is not None else None)
 
     def attach(self, connection: TunnelConnection) -> None:
         """After auth_ok was sent: start serving the persona on this socket."""
@@ -146,16 +151,22 @@ class TunnelNode:
         persona_key = connection.persona_key
         assert persona_key is not None
         self.sockets[connection.socket_id] = connection
+        if self.claiming.get(persona_key) is connection:
+            del self.claiming[persona_key]
         if connection.is_inbound:
             self.inbound[persona_key] = connection
             connection.start_delivery()
         else:
             self.outbound_only[persona_key].add(connection)
-        self._spawn_results(persona_key)
+        if connection.results_woken:
+            self._spawn_results(persona_key)
 
     async def detach(self, connection: TunnelConnection) -> None:
         self.connections.discard(connection)
         self._uncount_unauthenticated(connection)
+        for claimed_key, claimant in list(self.claiming.items()):
+            if claimant is connection:
+                del self.claiming[claimed_key]
         persona_key = connection.persona_key
         if persona_key is None:
             return
@@ -265,6 +276,10 @@ class TunnelNode:
     # --- background duties -------------------------------------------------------------------
 
     def _on_wakeup(self, wakeup: Wakeup) -> None:
+        claimant = self.claiming.get(wakeup.persona_key)
+        if claimant is not None:  # authenticating: attach looks at these flags
+            claimant.inbox_woken |= wakeup.kind is WakeupKind.INBOX
+            claimant.results_woken |= wakeup.kind is WakeupKind.RESULT
         connection = self.inbound.get(wakeup.persona_key)
         if wakeup.kind is WakeupKind.INBOX:
             if connection is not None and connection.delivery is not None:

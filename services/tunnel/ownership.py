@@ -3,7 +3,7 @@
 Two keys move together: `owner(pk)` = node id (what ingress and egress read to wake the right
 node) and `socket(pk)` = the socket id (so a replacement anywhere can name the socket it
 replaced, and so a closing socket deletes the keys only if it still holds them: two sockets of
-one persona on the same node share the node id, not the socket id). All three operations are
+one persona on the same node share the node id, not the socket id). Claim, renewal and release are
 Lua scripts, atomic against a racing node.
 
 Outbound-role sockets own nothing, but a node holding one registers itself in
@@ -25,12 +25,28 @@ from shared.wakeup import Wakeup, WakeupKind
 OWNER_TTL_S = 30
 OWNER_RENEW_INTERVAL_S = 10
 
-_CLAIM = """
-local previous_owner = redis.call('GET', KEYS[1])
-local previous_socket = redis.call('GET', KEYS[2])
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
-redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
-return {previous_owner, previous_socket}
+# Everything a successful authentication writes, in one round trip (all keys share the
+# persona's hash tag): the seen key; for an inbound socket the owner keys (returning the previous
+# ones) and the inbox consumer group; for an outbound one the holder registration. Returns the
+# inbox and results lengths too, so an empty inbox or results stream is not read again.
+# KEYS: seen, owner, socket, inbox, results, outbound_holders
+# ARGV: inbound (1/0), node id, socket id, owner TTL s, seen TTL s, now ms, group name
+_CLAIM_SESSION = """
+redis.call('SET', KEYS[1], '1', 'EX', ARGV[5])
+local previous_owner, previous_socket = false, false
+if ARGV[1] == '1' then
+  previous_owner = redis.call('GET', KEYS[2])
+  previous_socket = redis.call('GET', KEYS[3])
+  redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[4])
+  redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[4])
+  redis.pcall('XGROUP', 'CREATE', KEYS[4], ARGV[7], '0', 'MKSTREAM')
+else
+  local now_ms = tonumber(ARGV[6])
+  redis.call('ZADD', KEYS[6], now_ms + tonumber(ARGV[4]) * 1000, ARGV[2])
+  redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', now_ms)
+  redis.call('EXPIRE', KEYS[6], ARGV[4])
+end
+return {previous_owner, previous_socket, redis.call('XLEN', KEYS[4]), redis.call('XLEN', KEYS[5])}
 """
 
 _RENEW = """
@@ -55,6 +71,13 @@ class PreviousOwner:
     socket_id: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class SessionClaim:
+    previous: PreviousOwner
+    inbox_length: int
+    results_length: int
+
+
 def _text(value: object) -> str | None:
     if isinstance(value, bytes):
         return value.decode()
@@ -65,21 +88,30 @@ class Ownership:
     def __init__(self, redis: aioredis.Redis, node_id: str) -> None:
         self._redis = redis
         self.node_id = node_id
-        self._claim = redis.register_script(_CLAIM)
+        self._claim_session = redis.register_script(_CLAIM_SESSION)
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
 
-    async def claim(self, persona_key: str, socket_id: str) -> PreviousOwner:
-        """Take the persona for `socket_id` here; evict the previous socket if another node has it."""
-        previous = await self._claim(
-            keys=[keys.owner(persona_key), keys.socket(persona_key)],
-            args=[self.node_id, socket_id, OWNER_TTL_S],
+    async def claim_session(
+        self, persona_key: str, socket_id: str, *, inbound: bool, seen_ttl_s: int
+    ) -> SessionClaim:
+        """All of an authentication's writes in one round trip (`_CLAIM_SESSION`); an inbound
+        socket takes the persona and evicts a previous socket on another node."""
+        reply = await self._claim_session(
+            keys=[
+                keys.seen(persona_key), keys.owner(persona_key), keys.socket(persona_key),
+                keys.inbox(persona_key), keys.results(persona_key), keys.outbound_holders(persona_key),
+            ],
+            args=[
+                "1" if inbound else "0", self.node_id, socket_id, OWNER_TTL_S, seen_ttl_s,
+                int(time.time() * 1000), keys.INBOX_GROUP,
+            ],
         )
-        owner = PreviousOwner(_text(previous[0]), _text(previous[1]))
+        owner = PreviousOwner(_text(reply[0]), _text(reply[1]))
         if owner.node_id and owner.node_id != self.node_id and owner.socket_id:
             evict = Wakeup(WakeupKind.EVICT, persona_key, owner.socket_id)
             await self._redis.publish(keys.node_channel(owner.node_id), evict.encode())
-        return owner
+        return SessionClaim(owner, int(reply[2]), int(reply[3]))
 
     async def renew(self, persona_key: str, socket_id: str) -> bool:
         """Extend the TTLs; False if another socket has taken the persona meanwhile."""

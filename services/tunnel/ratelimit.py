@@ -12,8 +12,10 @@ from __future__ import annotations
 import ipaddress
 import time
 from collections.abc import Iterable
+from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 
 from shared import keys
 
@@ -61,16 +63,25 @@ class AuthRateLimiter:
 
     async def allow(self, ip: str) -> bool:
         """Count one attempt from `ip`; False when it is over the limit or denied."""
-        deny_key = keys.deny(RATE_KIND, ip)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            self.count(pipe, ip)
+            replies = await pipe.execute()
+        return await self.judge(ip, replies)
+
+    def count(self, pipe: Pipeline, ip: str) -> None:
+        """Queue one attempt on `pipe` (three replies, for `judge`), so that it can share a
+        round trip with the step it guards."""
         counter_key = keys.rate_counter(RATE_KIND, ip, int(time.time()) // RATE_WINDOW_S)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.exists(deny_key)
-            pipe.incr(counter_key)
-            pipe.expire(counter_key, RATE_WINDOW_S * 2)
-            denied, attempts, _ = await pipe.execute()
+        pipe.exists(keys.deny(RATE_KIND, ip))
+        pipe.incr(counter_key)
+        pipe.expire(counter_key, RATE_WINDOW_S * 2)
+
+    async def judge(self, ip: str, replies: list[Any]) -> bool:
+        """The verdict on the first three `replies` of `count`; sets the deny key when over."""
+        denied, attempts = replies[0], replies[1]
         if denied:
             return False
         if int(attempts) > self._attempts_per_minute:
-            await self._redis.set(deny_key, "1", px=self._deny_window_ms)
+            await self._redis.set(keys.deny(RATE_KIND, ip), "1", px=self._deny_window_ms)
             return False
         return True
