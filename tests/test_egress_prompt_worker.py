@@ -48,17 +48,28 @@ class Workers:
         self.redis_url = redis_url
         self.runs: list[tuple[str, int]] = []  # (label, job_try) per run, in start order
         self.running: list[tuple[PromptWorker, asyncio.Task[None]]] = []
+        self.concurrent = self.peak = 0
 
-    async def job(self, ctx: dict[str, Any], label: str, retries: int = 0, hold_s: float = 0.0) -> None:
+    async def job(
+        self, ctx: dict[str, Any], label: str, retries: int = 0, hold_s: float = 0.0, fail: bool = False
+    ) -> None:
         self.runs.append((label, ctx["job_try"]))
-        await asyncio.sleep(hold_s)
+        self.concurrent += 1
+        self.peak = max(self.peak, self.concurrent)
+        try:
+            await asyncio.sleep(hold_s)
+        finally:
+            self.concurrent -= 1
+        if fail:
+            raise ValueError("job raised")
         if ctx["job_try"] <= retries:
             raise Retry(defer=0.05)
 
-    def start(self, max_jobs: int, poll_delay_s: float = IDLE_POLL_S) -> PromptWorker:
+    def start(self, max_jobs: int, poll_delay_s: float = IDLE_POLL_S, max_tries: int = 5) -> PromptWorker:
         worker = PromptWorker(
             functions=[func(self.job, name="job")], redis_settings=RedisSettings.from_dsn(self.redis_url),
             queue_name=QUEUE, max_jobs=max_jobs, poll_delay=poll_delay_s, handle_signals=False, keep_result=0,
+            max_tries=max_tries,
         )
         self.running.append((worker, asyncio.ensure_future(worker.async_run())))
         return worker
@@ -99,14 +110,9 @@ async def test_a_finished_job_starts_the_next_without_waiting_for_the_poll(
 
 async def test_never_more_than_max_jobs_at_once(pool: ArqRedis, workers: Workers) -> None:
     await enqueue(pool, 12, hold_s=0.05)
-    worker = workers.start(max_jobs=3)
-    peak = 0
-    deadline = time.monotonic() + 10
-    while worker.jobs_complete < 12:
-        assert time.monotonic() < deadline, f"only {worker.jobs_complete} of 12 completed"
-        peak = max(peak, sum(not task.done() for task in worker.job_tasks.values()))
-        await asyncio.sleep(0.005)
-    assert 1 <= peak <= 3
+    worker = workers.start(max_jobs=3, poll_delay_s=0.01)
+    await wait_for(lambda: worker.jobs_complete == 12, 10, "jobs not completed")
+    assert workers.peak == 3
 
 
 async def test_competing_workers_run_each_job_exactly_once(pool: ArqRedis, workers: Workers) -> None:
@@ -152,3 +158,35 @@ async def test_deferred_job_is_not_claimed_before_it_is_due(pool: ArqRedis, work
     await wait_for(lambda: worker.jobs_complete == 2, 5, "deferred job never ran")
     ran_after_s = time.monotonic() - enqueued
     assert [label for label, _ in workers.runs] == ["j0", "later"] and ran_after_s >= defer_s - 0.05
+
+
+async def test_failing_expired_and_exhausted_jobs_end_and_leave_the_queue(
+    pool: ArqRedis, workers: Workers, redis_server: EmbeddedRedis
+) -> None:
+    assert await pool.enqueue_job("job", "boom", _job_id="boom", _queue_name=QUEUE, fail=True)
+    assert await pool.enqueue_job("job", "tired", _job_id="tired", _queue_name=QUEUE, _job_try=3)
+    assert await pool.enqueue_job("job", "gone", _job_id="gone", _queue_name=QUEUE)
+    await pool.delete("arq:job:gone")  # the job key expired while queued
+    worker = workers.start(max_jobs=2, max_tries=2)
+    await wait_queue_empty(pool)
+    assert workers.runs == [("boom", 1)] and worker.jobs_failed == 3
+    assert await pool.keys("arq:in-progress:*") == [] and await pool.keys("arq:retry:*") == []
+
+
+async def test_shutdown_hands_a_running_job_back_to_the_queue(pool: ArqRedis, workers: Workers) -> None:
+    assert await pool.enqueue_job("job", "long", _job_id="long", _queue_name=QUEUE, hold_s=30)
+    worker = workers.start(max_jobs=2)
+    await wait_for(lambda: workers.concurrent == 1, 5, "job not started")
+    await worker.close()
+    assert await pool.zcard(QUEUE) == 1 and not await pool.exists("arq:in-progress:long")
+    workers.start(max_jobs=2, poll_delay_s=0.02)
+    await wait_for(lambda: len(workers.runs) == 2, 5, "job not run again")
+    assert workers.runs == [("long", 1), ("long", 2)]
+
+
+def test_unsupported_settings_are_refused() -> None:
+    async def job(ctx: dict[str, Any]) -> None:
+        return None
+
+    with pytest.raises(ValueError, match="keep_result"):
+        PromptWorker(functions=[func(job, name="job")], queue_name=QUEUE, handle_signals=False, keep_result=60)
