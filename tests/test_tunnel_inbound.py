@@ -300,3 +300,40 @@ def test_lazy_frames_are_the_codec_frames(size: int) -> None:
     start = protocol.SmtpStart("a@example.org", "b@relay.test", {"v": 1})
     message = os.urandom(size)
     assert list(message_frames("q1.0", start, message)) == protocol.encode_message_frames("q1.0", start, message)
+
+
+async def test_a_woken_message_costs_one_read_and_one_ack_transaction(
+    redis_server: EmbeddedRedis, redis_client: redis.Redis
+) -> None:
+    """After a short read the delivery waits for the next wake-up instead of reading the (empty)
+    stream again: per message one XREADGROUP, then XACK + XDEL + DECRBY on the ack."""
+    import redis.asyncio as aioredis
+
+    tunnel = await RunningTunnel(redis_server.url, RELAY_WS_RESULTS_SWEEP_INTERVAL_MS="600000").start()
+    monitor_client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        passport = Passport.generate()
+        pk = passport.persona_key
+        client = await GatewayClient.open(tunnel.url)
+        await client.authenticate(passport, capabilities=ACK)
+        async with monitor_client.monitor() as monitor:
+            for n in range(3):
+                entry = add_inbox_entry(redis_client, pk, f"message {n}\r\n".encode())
+                redis_client.publish(keys.node_channel(tunnel.config.node_id), Wakeup(WakeupKind.INBOX, pk).encode())
+                assert (await client.next_inbound()).stream_id == entry.stream_id
+                await client.ack(entry.stream_id)
+                await eventually(lambda: inbox_empty(redis_client, pk))
+            redis_client.echo("end-of-deliveries")
+            commands: list[str] = []
+            while True:
+                info = await asyncio.wait_for(monitor.next_command(), 5)
+                if "end-of-deliveries" in info["command"]:
+                    break
+                name = info["command"].split(" ", 1)[0].upper()
+                if name in ("XREADGROUP", "XAUTOCLAIM", "XRANGE", "XACK", "XDEL", "DECRBY"):
+                    commands.append(name)
+        await client.close()
+    finally:
+        await monitor_client.aclose()
+        await tunnel.stop()
+    assert commands == ["XREADGROUP", "XACK", "XDEL", "DECRBY"] * 3, commands

@@ -127,6 +127,7 @@ class InboxDelivery:
         self._claim_cursor: bytes | None = b"0-0"
         self._claim_min_idle_ms = 0
         self._last_reclaim = time.monotonic()
+        self._drained = False  # the last read returned fewer entries than asked for
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -152,7 +153,7 @@ class InboxDelivery:
             if known_empty:
                 await self._idle()
             while True:
-                if len(self._in_flight) < WINDOW:
+                if len(self._in_flight) < WINDOW and self._may_have_more():
                     entries = await self._next_entries(WINDOW - len(self._in_flight))
                     if entries:
                         for entry_id, entry in entries:
@@ -167,6 +168,11 @@ class InboxDelivery:
                 waiter.cancel()
 
     # --- reading -----------------------------------------------------------------------------
+
+    def _may_have_more(self) -> bool:
+        """False once a read came back short and nothing woke us since: every later entry
+        brings a wake-up (or the sweep's), so reading again now would be a wasted round trip."""
+        return not self._drained or self._wakeup.is_set() or self._claim_cursor is not None
 
     async def _next_entries(self, count: int) -> list[tuple[bytes, InboxEntry]]:
         self._wakeup.clear()
@@ -184,6 +190,7 @@ class InboxDelivery:
             await ensure_group(self._redis, self.persona_key)
             return []
         raw = [item for _, stream_entries in reply or [] for item in stream_entries]
+        self._drained = len(raw) < count
         return await self._parse(raw)
 
     async def _claim(self, count: int) -> list[tuple[bytes, InboxEntry]]:
