@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -101,3 +103,25 @@ def test_host_port_parsing() -> None:
     assert parse_host_port("10.0.0.1", 53) == ("10.0.0.1", 53)
     assert parse_host_port("[::1]:5353", 53) == ("::1", 5353)
     assert parse_host_port("::1", 53) == ("::1", 53)
+
+
+async def test_answers_are_cached_for_their_ttl_and_server_failures_are_not() -> None:
+    zones = {"cached.test": {"MX": ["10 mx.cached.test."]}, "mx.cached.test": {"A": ["127.0.0.2"]}}
+    with DnsServer(zones, servfail={"servfail.test"}, ttl_s=1) as server:
+        mx = resolver(server)
+        for _ in range(3):
+            [host] = await mx.mail_hosts("cached.test")
+            assert await mx.addresses(host) == ["127.0.0.2"]
+        assert server.queries.count(("cached.test.", "MX")) == 1
+        assert server.queries.count(("mx.cached.test.", "A")) == 1
+        for _ in range(2):
+            assert await failure_of(mx.mail_hosts("servfail.test")) == ("dns_temporary", False)
+        assert server.queries.count(("servfail.test.", "MX")) >= 2
+        for _ in range(2):
+            assert await failure_of(mx.mail_hosts("missing.test")) == ("nxdomain", True)
+        assert server.queries.count(("missing.test.", "MX")) == 1  # negative caching (RFC 2308)
+        server.set_records("cached.test", {"MX": ["10 mx2.cached.test."]})
+        deadline = time.monotonic() + 5
+        while (await mx.mail_hosts("cached.test"))[0].name != "mx2.cached.test":
+            assert time.monotonic() < deadline, "cached answer outlived its TTL"
+            await asyncio.sleep(0.1)

@@ -7,7 +7,9 @@ does not exist is a permanent failure; SERVFAIL or a timeout is temporary.
 
 `egress.routes` maps a domain (or "*" for every domain) to a fixed "host:port" and skips DNS:
 the way to send through a smarthost, and how tests reach local sinks. `egress.nameservers`
-("ip" or "ip:port") replaces the system resolver.
+("ip" or "ip:port") replaces the system resolver. Answers, "no such domain" included
+(RFC 2308), are cached for their TTL; SERVFAIL and timeouts are not. A busy worker asks once
+per TTL per domain and MX host.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import dns.resolver
 from services.egress.outcome import Outcome
 
 DNS_PORT = 53
+DNS_CACHE_ENTRIES = 10_000  # answers kept for their TTL: many messages go to the same few domains
 ROUTE_ANY_DOMAIN = "*"
 
 
@@ -81,6 +84,7 @@ class MxResolver:
         self._resolver = dns.asyncresolver.Resolver(configure=not servers)
         if servers:
             self._resolver.nameservers = [dns.nameserver.Do53Nameserver(ip, port) for ip, port in servers]
+        self._resolver.cache = dns.resolver.LRUCache(DNS_CACHE_ENTRIES)
         self._resolver.lifetime = lifetime_s
         self._resolver.timeout = min(lifetime_s, 3.0)
         self._routes = {domain.lower().rstrip("."): target for domain, target in (routes or {}).items()}

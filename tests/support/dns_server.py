@@ -36,8 +36,10 @@ class DnsServer:
         *,
         servfail: set[str] | None = None,
         silent: set[str] | None = None,
+        ttl_s: int = TTL_S,
     ) -> None:
         self._lock = threading.Lock()
+        self.ttl_s = ttl_s
         self._zones: dict[str, dict[str, list[str]]] = {}
         for name, records in (zones or {}).items():
             self.set_records(name, records)
@@ -129,7 +131,7 @@ class DnsServer:
             response.set_rcode(dns.rcode.NXDOMAIN)
         elif texts:
             response.answer.append(
-                dns.rrset.from_text_list(question.name, TTL_S, dns.rdataclass.IN, rtype, texts)
+                dns.rrset.from_text_list(question.name, self.ttl_s, dns.rdataclass.IN, rtype, texts)
             )
         return response.to_wire()
 
