@@ -1,12 +1,13 @@
 """`protege-relay egress`: arq workers that deliver outbound mail (DESIGN.md "Outbound" 3-4).
 
-Wiring only: Redis, the arq `Worker` running `worker.deliver`, the health server and the node
-heartbeat. Timing: one attempt may take `egress.jobTimeoutSeconds`; arq cancels a job a little
-after that, and the job's in-progress key lives a little longer still, so a job whose worker
+Wiring only: Redis, the worker (`prompt_worker.PromptWorker`, an arq `Worker` that starts the
+next job as soon as one ends) running `worker.deliver`, the health server and the node
+heartbeat. Timing: one attempt may take `egress.jobTimeoutSeconds`; the worker cancels a job a
+little after that, and the job's in-progress key lives a little longer still, so a job whose worker
 died is picked up again by another worker about `jobTimeoutSeconds + 3 s` after it started
 (arq's default would add 10 s more). Shutdown: stop taking jobs, let running ones finish for up
 to one whole attempt (`jobTimeoutSeconds` + the publish margin: deploy/ sizes the stop grace
-period on this), then cancel the rest, which arq hands back to the queue.
+period on this), then cancel the rest, which the worker hands back to the queue.
 """
 
 from __future__ import annotations
