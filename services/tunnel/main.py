@@ -19,6 +19,7 @@ from shared.secrets import SecretFileError
 logger = logging.getLogger("relay.tunnel")
 
 SERVER_DRAIN_TIMEOUT_S = 10.0
+SOCKET_READ_BYTES = 1024 * 1024
 
 
 async def serve(config: RelayConfig, stopping: asyncio.Event) -> None:
@@ -30,6 +31,9 @@ async def serve(config: RelayConfig, stopping: asyncio.Event) -> None:
     soft_before, open_files = raise_open_files_limit()
     log(logger, logging.INFO, "open files limit", soft_before=soft_before, soft=open_files)
     redis = connect(config)
+    # Inbox entries are whole messages (up to smtp.maxMessageBytes): reading them 64 KiB per
+    # socket read (redis-py's default) costs ~25% more time on a 25 MB entry than 1 MiB reads.
+    redis.connection_pool.connection_kwargs["socket_read_size"] = SOCKET_READ_BYTES
     arq = await create_pool(arq_settings(config))
     node = TunnelNode(config, redis, arq)
     await node.start()
