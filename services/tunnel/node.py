@@ -2,9 +2,13 @@
 
 Holds which persona has which socket here, claims and releases ownership in Redis, listens on
 the node's wake-up channel (new inbox entry, new result, evict), renews owner keys and its
-outbound-holder registrations (so result wake-ups reach `send`-only sockets too), sweeps
-results (pub/sub is only a wake-up) and publishes the node's liveness record. It also counts
-each client IP's unauthenticated sockets for `ws.maxUnauthenticatedPerIp`.
+outbound-holder registrations (so result wake-ups reach `send`-only sockets too), sweeps every
+inbox and results stream it serves in one pipelined pass (pub/sub is only a wake-up), runs the
+one heartbeat loop of all its sockets, decides which socket gets each delivery result (the one
+that sent the stream, see services/tunnel/results.py) and publishes the node's liveness record.
+It also counts each client IP's unauthenticated sockets for `ws.maxUnauthenticatedPerIp`.
+Idle sockets cost no timer and no Redis call of their own: that is what lets one node hold
+many thousands of them.
 """
 
 from __future__ import annotations
