@@ -159,3 +159,23 @@ async def test_result_is_deleted_only_after_the_pong_that_follows_it(
     await again.pong(ping_payload)
     await eventually(lambda: redis_client.xlen(keys.results(pk)) == 0, message="result kept after the pong")
     again.close()
+
+
+async def test_origin_on_a_live_node_is_left_to_it_and_a_dead_nodes_origin_is_not(
+    tunnel: RunningTunnel, redis_client: redis.Redis, wakeups: aioredis.Redis
+) -> None:
+    passport = Passport.generate()
+    pk = passport.persona_key
+    receiver = await GatewayClient.open(tunnel.url)
+    await receiver.authenticate(passport, role="inbound")
+    redis_client.hset(keys.node_alive("other-node"), "role", "tunnel")
+    redis_client.set(keys.outbound_origin(pk, "s-elsewhere"), Origin("other-node", "sock-1").encode())
+    redis_client.set(keys.outbound_origin(pk, "s-orphaned"), Origin("dead-node", "sock-2").encode())
+    await publish_result(redis_client, wakeups, pk, "s-elsewhere")
+    await publish_result(redis_client, wakeups, pk, "s-orphaned")
+    result = await receiver.next_of_type("relay_delivery_result", timeout_s=3)
+    assert result["streamId"] == "s-orphaned"  # the first one, left to other-node, was skipped
+    await eventually(lambda: redis_client.xlen(keys.results(pk)) == 1)
+    [(_, fields)] = redis_client.xrange(keys.results(pk))
+    assert DeliveryResult.unpack(fields[b"r"]).stream_id == "s-elsewhere"
+    await receiver.close()
