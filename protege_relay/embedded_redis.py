@@ -41,11 +41,22 @@ def redis_server_binary() -> str:
     return found
 
 
+_HANDED_OUT_PORTS: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        port: int = probe.getsockname()[1]
-        return port
+    """A port nothing listens on now, never the same one twice in this process.
+
+    The kernel may hand a just-released port out again; two services told to use the same
+    port would fight over it, so remember what was given.
+    """
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind((host, 0))
+            port: int = probe.getsockname()[1]
+        if port not in _HANDED_OUT_PORTS:
+            _HANDED_OUT_PORTS.add(port)
+            return port
 
 
 class EmbeddedRedis:
