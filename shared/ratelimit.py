@@ -13,8 +13,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 
 from shared import keys
 
@@ -40,17 +42,28 @@ async def allow(redis: aioredis.Redis, limit: RateLimit, subject: str, *, now_ms
 
     Raises redis errors: the caller decides whether to fail open or refuse.
     """
+    async with redis.pipeline(transaction=False) as pipe:
+        count(pipe, limit, subject, now_ms=now_ms)
+        replies = await pipe.execute()
+    return await judge(redis, limit, subject, replies)
+
+
+def count(pipe: Pipeline, limit: RateLimit, subject: str, *, now_ms: int | None = None) -> None:
+    """Queue one hit on `pipe` (its first three replies are for `judge`), so that the count can
+    share a round trip with the step it guards."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     counter_key = keys.rate_counter(limit.kind, subject, now_ms // WINDOW_MS)
-    deny_key = keys.deny(limit.kind, subject)
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.exists(deny_key)
-        pipe.incr(counter_key)
-        pipe.pexpire(counter_key, COUNTER_TTL_MS)
-        denied, hits, _ = await pipe.execute()
+    pipe.exists(keys.deny(limit.kind, subject))
+    pipe.incr(counter_key)
+    pipe.pexpire(counter_key, COUNTER_TTL_MS)
+
+
+async def judge(redis: aioredis.Redis, limit: RateLimit, subject: str, replies: list[Any]) -> bool:
+    """The verdict on the first three `replies` queued by `count`; sets the deny key when over."""
+    denied, hits = replies[0], replies[1]
     if denied:
         return False
     if int(hits) > limit.per_minute:
-        await redis.set(deny_key, b"1", px=limit.deny_window_ms)
+        await redis.set(keys.deny(limit.kind, subject), b"1", px=limit.deny_window_ms)
         return False
     return True

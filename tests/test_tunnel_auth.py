@@ -426,4 +426,4 @@ async def test_a_handshake_costs_three_redis_round_trips_for_a_new_persona(
     finally:
         await monitor_client.aclose()
         await tunnel.stop()
-    assert commands == ["EXISTS", "INCRBY", "EXPIRE", "HSET", "PEXPIRE", "EVALSHA", "EVALSHA"], commands
+    assert commands == ["EXISTS", "INCRBY", "PEXPIRE", "HSET", "PEXPIRE", "EVALSHA", "EVALSHA"], commands

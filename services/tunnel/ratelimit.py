@@ -10,17 +10,13 @@ anyone can write it.
 from __future__ import annotations
 
 import ipaddress
-import time
 from collections.abc import Iterable
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 
-from shared import keys
-
-RATE_KIND = "ws_auth"
-RATE_WINDOW_S = 60
+from shared import ratelimit
 
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -56,32 +52,19 @@ def client_ip(peer_ip: str, forwarded_for: str | None, trusted: list[_Network]) 
 
 
 class AuthRateLimiter:
+    """`rateLimits.wsAuthAttemptsPerMinutePerIp`, on the shared Redis rate limiter."""
+
     def __init__(self, redis: aioredis.Redis, attempts_per_minute: int, deny_window_ms: int) -> None:
         self._redis = redis
-        self._attempts_per_minute = attempts_per_minute
-        self._deny_window_ms = deny_window_ms
+        self._limit = ratelimit.RateLimit(ratelimit.RateKind.WS_AUTH, attempts_per_minute, deny_window_ms)
 
     async def allow(self, ip: str) -> bool:
         """Count one attempt from `ip`; False when it is over the limit or denied."""
-        async with self._redis.pipeline(transaction=False) as pipe:
-            self.count(pipe, ip)
-            replies = await pipe.execute()
-        return await self.judge(ip, replies)
+        return await ratelimit.allow(self._redis, self._limit, ip)
 
     def count(self, pipe: Pipeline, ip: str) -> None:
-        """Queue one attempt on `pipe` (three replies, for `judge`), so that it can share a
-        round trip with the step it guards."""
-        counter_key = keys.rate_counter(RATE_KIND, ip, int(time.time()) // RATE_WINDOW_S)
-        pipe.exists(keys.deny(RATE_KIND, ip))
-        pipe.incr(counter_key)
-        pipe.expire(counter_key, RATE_WINDOW_S * 2)
+        """Queue one attempt on `pipe` (three replies, for `judge`)."""
+        ratelimit.count(pipe, self._limit, ip)
 
     async def judge(self, ip: str, replies: list[Any]) -> bool:
-        """The verdict on the first three `replies` of `count`; sets the deny key when over."""
-        denied, attempts = replies[0], replies[1]
-        if denied:
-            return False
-        if int(attempts) > self._attempts_per_minute:
-            await self._redis.set(keys.deny(RATE_KIND, ip), "1", px=self._deny_window_ms)
-            return False
-        return True
+        return await ratelimit.judge(self._redis, self._limit, ip, replies)
