@@ -8,7 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from services.egress.mx import LookupFailed, MailHost, MxResolver, parse_host_port
+from services.egress.mx import LookupFailed, MailHost, MxResolver
+from shared.hostport import parse_host_port
 from tests.support.dns_server import DnsServer
 
 ZONES = {

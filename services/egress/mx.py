@@ -28,6 +28,7 @@ import dns.rdtypes.ANY.MX
 import dns.resolver
 
 from services.egress.outcome import Outcome
+from shared.hostport import parse_host_port
 
 DNS_PORT = 53
 DNS_CACHE_ENTRIES = 10_000  # answers kept for their TTL: many messages go to the same few domains
@@ -49,18 +50,6 @@ class MailHost:
     name: str
     port: int
     addresses: tuple[str, ...] = ()
-
-
-def parse_host_port(text: str, default_port: int) -> tuple[str, int]:
-    """`host`, `host:port`, `[v6]:port` or a bare IPv6 address."""
-    text = text.strip()
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        return host, int(rest[1:]) if rest.startswith(":") else default_port
-    if text.count(":") == 1:
-        host, _, port = text.partition(":")
-        return host, int(port)
-    return text, default_port
 
 
 def _is_ip(host: str) -> bool:
