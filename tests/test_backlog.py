@@ -81,15 +81,19 @@ async def test_metrics_scrape_refreshes_the_gauges_first(redis_server: EmbeddedR
     assert "relay_inbox_entries 4.0" in body
 
 
-def test_ingress_and_egress_processes_export_their_backlogs(spawn, redis_client: redis.Redis) -> None:  # type: ignore[no-untyped-def]
+def test_every_service_process_exports_its_backlogs(spawn, redis_client: redis.Redis) -> None:  # type: ignore[no-untyped-def]
     now_ms = int(time.time() * 1000)
     fill(redis_client, now_ms)
     ingress_http, egress_http = free_port(), free_port()
     spawn("ingress", port=ingress_http, RELAY_SMTP_PORT=str(free_port()), RELAY_SMTP_HTTP_PORT=str(ingress_http))
     spawn("egress", port=egress_http, RELAY_EGRESS_HTTP_PORT=str(egress_http))
+    tunnel_port = free_port()
+    spawn("tunnel", port=tunnel_port, RELAY_PORT=str(tunnel_port))
+    tunnel_metrics = urllib.request.urlopen(f"http://127.0.0.1:{tunnel_port}/metrics", timeout=10).read().decode()
     ingress_metrics = urllib.request.urlopen(f"http://127.0.0.1:{ingress_http}/metrics", timeout=10).read().decode()
     egress_metrics = urllib.request.urlopen(f"http://127.0.0.1:{egress_http}/metrics", timeout=10).read().decode()
     assert "relay_inbox_entries 3.0" in ingress_metrics
     assert "relay_inbox_in_flight 1.0" in ingress_metrics
     assert "relay_results_pending 1.0" in egress_metrics
     assert 'relay_egress_queue_jobs{state="ready"} 0.0' in egress_metrics
+    assert "relay_inbox_entries 3.0" in tunnel_metrics and "relay_results_pending 1.0" in tunnel_metrics
