@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -50,7 +51,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="embedded Redis plus ingress, tunnel and egress")
     run.add_argument("--config")
-    run.add_argument("--ingress-workers", type=int, default=1, help="ingress processes sharing the port")
+    run.add_argument(
+        "--ingress-workers", type=int, default=os.cpu_count() or 1,
+        help="ingress processes sharing the SMTP port with SO_REUSEPORT (default: CPU count)",
+    )
     run.set_defaults(handler=_cmd_run)
 
     for name in SERVICES:
