@@ -350,9 +350,11 @@ async def test_gateway_dropping_between_smtp_end_and_ack_gets_the_same_stream_ag
 
 
 class ExecReplyCutter:
-    """A TCP proxy in front of Redis that forwards the MULTI/EXEC carrying an XADD, lets Redis
-    answer it (so it is committed), and then cuts the client's connection instead of passing
-    the reply on: what a Redis crash or a network cut right after the commit looks like."""
+    """A TCP proxy in front of Redis that forwards the ingress's enqueue (the EVALSHA of its
+    script, which names the persona's inbox key), lets Redis answer it (so it is committed),
+    and then cuts the client's connection instead of passing the reply on: what a Redis crash
+    or a network cut right after the commit looks like. An error reply (nothing committed, e.g.
+    NOSCRIPT) is passed on and the cutter stays armed."""
 
     def __init__(self, redis_port: int) -> None:
         self.redis_port = redis_port
@@ -375,10 +377,8 @@ class ExecReplyCutter:
         cutting = asyncio.Event()
 
         async def upstream() -> None:
-            saw_xadd = False
             while data := await client_reader.read(65536):
-                saw_xadd = saw_xadd or b"XADD" in data
-                if self.armed and saw_xadd and b"EXEC" in data:
+                if self.armed and b"EVALSHA" in data and b":inbox" in data:
                     self.armed = False
                     cutting.set()
                 server_writer.write(data)
@@ -386,7 +386,10 @@ class ExecReplyCutter:
 
         async def downstream() -> None:
             while data := await server_reader.read(65536):
-                if cutting.is_set():  # Redis has answered the EXEC: it is committed
+                if cutting.is_set() and data.startswith(b"-"):  # refused: nothing committed
+                    cutting.clear()
+                    self.armed = True
+                elif cutting.is_set():  # Redis has answered the enqueue: it is committed
                     self.cut += 1
                     client_writer.transport.abort()
                     server_writer.close()

@@ -1,27 +1,33 @@
 """Durable, idempotent enqueue of one accepted message: the step behind `250 2.0.0 queued as ...`.
 
 DESIGN.md "Inbound: accepted means durable": a persona's inbox entries and byte counter are
-written in ONE MULTI/EXEC, and the caller answers 250 only after EXEC returned. A Redis error or
+written atomically (one Lua script, which Redis runs as one transaction and logs to the AOF as
+one MULTI/EXEC), and the caller answers 250 only after the script returned. A Redis error or
 timeout reaches the caller as `EnqueueFailed`, which it answers with 451 so the sender retries.
 
-Idempotent, because a 451 does not prove that nothing was written: Redis may commit the EXEC
-and the reply be lost (Redis killed right after, a network cut). The retry must then be
-answered with the first queue id, not stored again under a new one, or the gateway would get
-one message under two stream ids. So each persona's transaction also sets
-`keys.accepted(pk, digest)` = queue id, with a TTL of `ACCEPTED_TTL_S`; the digest covers what
-the sender sends again unchanged on a retry (MAIL FROM, the RCPT list as written, the message
-bytes), nothing of ours (queue id, time, `Received:` header) and nothing of the connection
-(client IP or port: a retry may come from another host of the same sending cluster). The
-transaction is guarded by WATCH on that key: if it exists, its queue id is the answer and
-nothing is written; if another session sets it between our check and EXEC, EXEC aborts and
-this attempt is a 451 (whose retry then finds the key).
+Idempotent, because a 451 does not prove that nothing was written: Redis may commit and the
+reply be lost (Redis killed right after, a network cut). The retry must then be answered with
+the first queue id, not stored again under a new one, or the gateway would get one message
+under two stream ids. So each persona's script also sets `keys.accepted(pk, digest)` = queue id,
+with a TTL of `ACCEPTED_TTL_S`; the digest covers what the sender sends again unchanged on a
+retry (MAIL FROM, the RCPT list as written, the message bytes), nothing of ours (queue id, time,
+`Received:` header) and nothing of the connection (client IP or port: a retry may come from
+another host of the same sending cluster). The script checks that key first: if it exists, its
+queue id is the answer and nothing is written. Scripts run one at a time, so two concurrent
+submissions of one message cannot both write.
 
-Redis Cluster: a persona's keys share the `{pk}` hash tag, so each persona's WATCH+MULTI is one
-slot. A message for several personas is one transaction per persona, in recipient order; the
-first persona's transaction decides the queue id (ours, or the one it had stored), and the
-others are written with it. If one persona's transaction fails after another committed, the
-answer is 451 and the retry completes the rest under the same queue id: every persona ends up
-with exactly one copy, each stream id `<queue_id>.<n>` as on the first attempt.
+The same script wakes the tunnel node that owns the persona (GET owner, PUBLISH on its channel,
+also when the message was accepted before: the first attempt may have committed without waking
+anyone). So the common one-persona message costs one round trip here, and the wake-up is sent
+before the 250 rather than after it.
+
+Redis Cluster: the script touches only the persona's keys (accepted, inbox, inbox_bytes, owner),
+which share the `{pk}` hash tag, so each call is one slot; PUBLISH names a channel, not a key. A
+message for several personas is one call per persona: the first persona's call decides the queue
+id (ours, or the one it had stored), and the others are written with it, pipelined in one more
+round trip. If one persona's write fails after another committed, the answer is 451 and the retry
+completes the rest under the same queue id: every persona ends up with exactly one copy, each
+stream id `<queue_id>.<n>` as on the first attempt.
 """
 
 from __future__ import annotations
@@ -33,13 +39,15 @@ import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from shared import keys
 from shared.logs import log
 from shared.payloads import InboxEntry
+from shared.wakeup import Wakeup, WakeupKind
 
 logger = logging.getLogger("relay.ingress")
 
@@ -47,10 +55,32 @@ QUEUE_ID_RANDOM_BYTES = 15
 ENQUEUE_TIMEOUT_S = 10.0
 ACCEPTED_TTL_S = 24 * 3600
 INBOX_ENTRY_FIELD = b"m"
+NODE_CHANNEL_PREFIX = keys.node_channel("")
+assert keys.node_channel("n") == NODE_CHANNEL_PREFIX + "n", "the script builds channel names from the prefix"
+
+# KEYS: accepted marker, inbox, inbox_bytes, owner.
+# ARGV: queue id, marker TTL (s), total bytes, channel prefix, wake-up message, entry field, entries...
+# Returns the queue id stored by an earlier attempt, or nil when this call wrote the entries.
+ENQUEUE_SCRIPT = b"""
+local stored = redis.call('GET', KEYS[1])
+if not stored then
+  for i = 7, #ARGV do
+    redis.call('XADD', KEYS[2], '*', ARGV[6], ARGV[i])
+  end
+  redis.call('INCRBY', KEYS[3], ARGV[3])
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+end
+local owner = redis.call('GET', KEYS[4])
+if owner then
+  redis.call('PUBLISH', ARGV[4] .. owner, ARGV[5])
+end
+return stored
+"""
+ENQUEUE_SCRIPT_SHA = hashlib.sha1(ENQUEUE_SCRIPT).hexdigest()
 
 
 class EnqueueFailed(Exception):
-    """Redis did not confirm the transaction; nothing may be reported as accepted."""
+    """Redis did not confirm the write; nothing may be reported as accepted."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +101,7 @@ class Enqueued:
 
 
 DeliveriesFor = Callable[[str], list[Delivery]]
+ScriptCall = tuple[list[str], list[Any]]  # keys, arguments (bytes, str, int)
 
 
 def new_queue_id() -> str:
@@ -89,6 +120,11 @@ def message_digest(mail_from: str, rcpt_tos: list[str], content: bytes) -> str:
     return digest.hexdigest()
 
 
+async def load_script(redis: aioredis.Redis) -> None:
+    """SCRIPT LOAD at start, so the first message does not pay for a NOSCRIPT reply."""
+    await redis.script_load(ENQUEUE_SCRIPT)
+
+
 async def enqueue(
     redis: aioredis.Redis, digest: str, queue_id: str, deliveries_for: DeliveriesFor
 ) -> Enqueued:
@@ -98,44 +134,73 @@ async def enqueue(
     it), so a retry whose first persona was already stored is rebuilt with the stored id.
     """
     try:
-        return await asyncio.wait_for(_enqueue(redis, digest, queue_id, deliveries_for), ENQUEUE_TIMEOUT_S)
+        async with asyncio.timeout(ENQUEUE_TIMEOUT_S):
+            return await _enqueue(redis, digest, queue_id, deliveries_for)
     except (RedisError, OSError, TimeoutError) as exc:
         raise EnqueueFailed(type(exc).__name__) from exc
 
 
 async def _enqueue(redis: aioredis.Redis, digest: str, queue_id: str, deliveries_for: DeliveriesFor) -> Enqueued:
     deliveries = deliveries_for(queue_id)
-    written = 0
-    for position, persona_key in enumerate(dict.fromkeys(delivery.persona_key for delivery in deliveries)):
-        own = [delivery for delivery in deliveries if delivery.persona_key == persona_key]
-        stored = await _write_once(redis, keys.accepted(persona_key, digest), queue_id, own)
-        if stored is None:
-            written += len(own)
-        elif stored != queue_id and position == 0:
+    by_persona = _group(deliveries)
+    first_persona, *other_personas = by_persona
+    stored = _text(await _run_script(redis, _script_call(digest, queue_id, by_persona[first_persona])))
+    if stored is None:
+        written = len(by_persona[first_persona])
+    else:
+        written = 0
+        if stored != queue_id:
             queue_id = stored
-            deliveries = deliveries_for(queue_id)
-        elif stored != queue_id:  # only if the first persona's marker expired before this one's
-            log(logger, logging.WARNING, "retry stored under two queue ids",
-                queue_id=queue_id, stored_queue_id=stored, persona=persona_key)
+            by_persona = _group(deliveries_for(queue_id))
+    if other_personas:
+        async with redis.pipeline(transaction=False) as pipe:
+            for persona_key in other_personas:
+                persona_keys, args = _script_call(digest, queue_id, by_persona[persona_key])
+                pipe.evalsha(ENQUEUE_SCRIPT_SHA, len(persona_keys), *persona_keys, *args)
+            replies = await pipe.execute(raise_on_error=True)
+        for persona_key, reply in zip(other_personas, replies, strict=True):
+            stored = _text(reply)
+            if stored is None:
+                written += len(by_persona[persona_key])
+            elif stored != queue_id:  # only if the first persona's marker expired before this one's
+                log(logger, logging.WARNING, "retry stored under two queue ids",
+                    queue_id=queue_id, stored_queue_id=stored, persona=persona_key)
     return Enqueued(queue_id, written)
 
 
-async def _write_once(
-    redis: aioredis.Redis, accepted_key: str, queue_id: str, deliveries: list[Delivery]
-) -> str | None:
-    """None when this call wrote the entries, else the queue id stored by an earlier attempt."""
+def _group(deliveries: list[Delivery]) -> dict[str, list[Delivery]]:
+    """Deliveries per persona, personas in recipient order."""
+    by_persona: dict[str, list[Delivery]] = {}
+    for delivery in deliveries:
+        by_persona.setdefault(delivery.persona_key, []).append(delivery)
+    return by_persona
+
+
+def _script_call(digest: str, queue_id: str, deliveries: list[Delivery]) -> ScriptCall:
     persona_key = deliveries[0].persona_key
-    async with redis.pipeline(transaction=True) as pipe:
-        await pipe.watch(accepted_key)
-        stored = await pipe.get(accepted_key)
-        if stored is not None:
-            return bytes(stored).decode("ascii")
-        pipe.multi()  # type: ignore[no-untyped-call]
-        for delivery in deliveries:
-            pipe.xadd(keys.inbox(persona_key), {INBOX_ENTRY_FIELD: delivery.entry.pack()})
-        pipe.incrby(keys.inbox_bytes(persona_key), sum(len(delivery.entry.data) for delivery in deliveries))
-        pipe.set(accepted_key, queue_id.encode("ascii"), ex=ACCEPTED_TTL_S)
-        replies = await pipe.execute(raise_on_error=True)  # WatchError if the key appeared meanwhile
-    if len(replies) != len(deliveries) + 2 or any(reply is None for reply in replies):
-        raise EnqueueFailed("transaction not confirmed")
-    return None
+    packed = [delivery.entry.pack() for delivery in deliveries]
+    script_keys = [
+        keys.accepted(persona_key, digest), keys.inbox(persona_key),
+        keys.inbox_bytes(persona_key), keys.owner(persona_key),
+    ]
+    args: list[Any] = [
+        queue_id, ACCEPTED_TTL_S, sum(len(delivery.entry.data) for delivery in deliveries),
+        NODE_CHANNEL_PREFIX, Wakeup(WakeupKind.INBOX, persona_key).encode(), INBOX_ENTRY_FIELD, *packed,
+    ]
+    return script_keys, args
+
+
+async def _run_script(redis: aioredis.Redis, call: ScriptCall) -> object:
+    """EVALSHA, loading the script once if this Redis does not have it (restarted, flushed)."""
+    script_keys, args = call
+    try:
+        return await redis.evalsha(ENQUEUE_SCRIPT_SHA, len(script_keys), *script_keys, *args)  # type: ignore[misc]
+    except NoScriptError:
+        await redis.script_load(ENQUEUE_SCRIPT)
+        return await redis.evalsha(ENQUEUE_SCRIPT_SHA, len(script_keys), *script_keys, *args)  # type: ignore[misc]
+
+
+def _text(reply: object) -> str | None:
+    if reply is None:
+        return None
+    return bytes(reply).decode("ascii") if isinstance(reply, bytes | bytearray) else str(reply)

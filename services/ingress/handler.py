@@ -3,9 +3,14 @@
 aiosmtpd parses commands, dot-unstuffs DATA and enforces line and size limits; it calls the
 `handle_*` hooks here for the decisions. Facts come from Redis (seen key, inbox size, rate
 counters), decisions from `policy`, and a message is answered 250 only after `enqueue`
-confirmed the MULTI/EXEC, or found the same message (envelope and bytes) accepted before: the
+confirmed the atomic write, or found the same message (envelope and bytes) accepted before: the
 sender's retry after a reply lost on the way back gets the first queue id, not a second copy.
 Any Redis trouble is `451 4.3.0`, never a 250.
+
+Redis round trips of a message to one persona: one per RCPT (seen, inbox length and bytes, and
+at the transaction's first RCPT the per-IP message count, in one pipeline) and one at the final
+dot (the enqueue script, which also wakes the owning tunnel node); one more per connection (the
+connection rate, before the greeting). tests/test_ingress_roundtrips.py holds that budget.
 
 When sender authentication is on (`smtp.evaluateSenderAuth`, implied by `attestation.enabled`)
 DATA also runs SPF/DKIM/DMARC (`sender_auth`), adds an Authentication-Results header below
@@ -46,7 +51,6 @@ from shared.config import RelayConfig
 from shared.identity import Passport
 from shared.logs import log
 from shared.payloads import InboxEntry
-from shared.wakeup import WakeupKind, wake_owner
 
 logger = logging.getLogger("relay.ingress")
 
@@ -63,6 +67,15 @@ class IngressSession(Session):
         super().__init__(loop)
         self.reverse_name: str | None = None
         self.reverse_looked_up = False
+
+
+class IngressEnvelope(Envelope):
+    """aiosmtpd's envelope plus the per-IP message rate verdict, counted at the first RCPT that
+    reaches Redis (in that RCPT's round trip) and answered at DATA."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.message_rate_allowed: bool | None = None
 
 
 def _mail_from(envelope: Envelope) -> str:
@@ -102,7 +115,6 @@ class IngressHandler:
             config.rateLimits.smtpMessagesPerMinutePerIp,
             config.rateLimits.denyWindowMs,
         )
-        self._background: set[asyncio.Task[None]] = set()
 
     # --- connection ------------------------------------------------------------------------
 
@@ -112,9 +124,8 @@ class IngressHandler:
         client_ip = client_ip_of(session)
         metrics.CONNECTIONS.inc()
         try:
-            allowed = await asyncio.wait_for(
-                ratelimit.allow(self._redis, self._connection_limit, client_ip), REDIS_CHECK_TIMEOUT_S
-            )
+            async with asyncio.timeout(REDIS_CHECK_TIMEOUT_S):
+                allowed = await ratelimit.allow(self._redis, self._connection_limit, client_ip)
         except (RedisError, OSError, TimeoutError) as exc:
             log(logger, logging.WARNING, "connection rate check failed; admitting",
                 client_ip=client_ip, error=type(exc).__name__)
@@ -154,7 +165,8 @@ class IngressHandler:
         refusal = policy.check_recipient_count(len(envelope.rcpt_tos), self._config.smtp.maxRecipients)
         if refusal is None:
             try:
-                state = await asyncio.wait_for(self._inbox_state(route), REDIS_CHECK_TIMEOUT_S)
+                async with asyncio.timeout(REDIS_CHECK_TIMEOUT_S):
+                    state = await self._inbox_state(route, envelope, client_ip)
             except (RedisError, OSError, TimeoutError) as exc:
                 return str(self._refuse(policy.TEMPORARY_FAILURE, client_ip=client_ip, persona=route,
                                         error=type(exc).__name__))
@@ -168,9 +180,7 @@ class IngressHandler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         client_ip = client_ip_of(session)
         try:
-            allowed = await asyncio.wait_for(
-                ratelimit.allow(self._redis, self._message_limit, client_ip), REDIS_CHECK_TIMEOUT_S
-            )
+            allowed = await self._message_allowed(envelope, client_ip)
         except (RedisError, OSError, TimeoutError) as exc:
             return str(self._refuse(policy.TEMPORARY_FAILURE, client_ip=client_ip, error=type(exc).__name__))
         if not allowed:
@@ -193,6 +203,7 @@ class IngressHandler:
 
         started_s = time.perf_counter()
         try:
+            # also wakes the owning tunnel node, after a duplicate too (enqueue.py)
             enqueued = await enqueue(self._redis, digest, queue_id, deliveries_for)
         except EnqueueFailed as exc:
             return str(self._refuse(policy.TEMPORARY_FAILURE, client_ip=client_ip, queue_id=queue_id,
@@ -202,15 +213,13 @@ class IngressHandler:
             metrics.MESSAGES_ACCEPTED.inc()
             metrics.RECIPIENTS_ACCEPTED.inc(enqueued.entries_written)
             metrics.BYTES_ACCEPTED.inc(len(content))
-            log(logger, logging.INFO, "accepted", queue_id=enqueued.queue_id, client_ip=client_ip,
-                recipients=enqueued.entries_written, bytes=len(content))
+            if logger.isEnabledFor(logging.INFO):
+                log(logger, logging.INFO, "accepted", queue_id=enqueued.queue_id, client_ip=client_ip,
+                    recipients=enqueued.entries_written, bytes=len(content))
         else:
             metrics.DUPLICATES.inc()
             log(logger, logging.INFO, "accepted before; not stored again", queue_id=enqueued.queue_id,
                 client_ip=client_ip)
-        # also after a duplicate: the first attempt may have committed without waking anyone
-        for persona_key in dict.fromkeys(route for route in map(self._route, envelope.rcpt_tos) if route):
-            self._in_background(self._wake(persona_key))
         return str(policy.queued(enqueued.queue_id))
 
     async def handle_exception(self, error: Exception) -> str:
@@ -222,9 +231,6 @@ class IngressHandler:
     # --- helpers ---------------------------------------------------------------------------
 
     async def close(self) -> None:
-        """Let pending best-effort wake-ups finish (briefly) before Redis is closed."""
-        if self._background:
-            await asyncio.wait(self._background, timeout=2)
         if self._sender_auth is not None:
             self._sender_auth.close()
 
@@ -296,13 +302,36 @@ class IngressHandler:
         route = policy.route_recipient(rcpt_to, self._config.mailDomains)
         return None if isinstance(route, Reply) else route
 
-    async def _inbox_state(self, persona_key: str) -> InboxState:
+    async def _inbox_state(self, persona_key: str, envelope: Envelope, client_ip: str) -> InboxState:
+        """The persona's facts for the RCPT policy, in one round trip that also counts the
+        transaction against the per-IP message rate (once, at its first RCPT to reach Redis).
+
+        The rate keys are not hash-tagged with the persona, so they cannot join the enqueue
+        script (one Cluster slot per script); a non-transactional pipeline may mix slots. The
+        verdict waits on the envelope and is answered at DATA, as before.
+        """
+        count_message = isinstance(envelope, IngressEnvelope) and envelope.message_rate_allowed is None
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.exists(keys.seen(persona_key))
             pipe.xlen(keys.inbox(persona_key))
             pipe.get(keys.inbox_bytes(persona_key))
-            seen, message_count, byte_count = await pipe.execute()
+            if count_message:
+                ratelimit.count(pipe, self._message_limit, client_ip)
+            replies = await pipe.execute()
+        if count_message:
+            assert isinstance(envelope, IngressEnvelope)
+            envelope.message_rate_allowed = await ratelimit.judge(
+                self._redis, self._message_limit, client_ip, replies[3:]
+            )
+        seen, message_count, byte_count = replies[:3]
         return InboxState(bool(seen), int(message_count), int(byte_count or 0))
+
+    async def _message_allowed(self, envelope: Envelope, client_ip: str) -> bool:
+        """The per-IP message rate verdict counted at RCPT; counted here only if it was not."""
+        if isinstance(envelope, IngressEnvelope) and envelope.message_rate_allowed is not None:
+            return envelope.message_rate_allowed
+        async with asyncio.timeout(REDIS_CHECK_TIMEOUT_S):
+            return await ratelimit.allow(self._redis, self._message_limit, client_ip)
 
     async def _reverse_name(self, session: Session) -> str | None:
         """The client's PTR name for the trace header, looked up once per connection, bounded."""
@@ -319,17 +348,6 @@ class IngressHandler:
             except (OSError, TimeoutError, ValueError):
                 session.reverse_name = None
         return session.reverse_name
-
-    async def _wake(self, persona_key: str) -> None:
-        try:
-            await asyncio.wait_for(wake_owner(self._redis, persona_key, WakeupKind.INBOX), REDIS_CHECK_TIMEOUT_S)
-        except (RedisError, OSError, TimeoutError) as exc:
-            log(logger, logging.DEBUG, "wake-up failed", persona=persona_key, error=type(exc).__name__)
-
-    def _in_background(self, coroutine: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coroutine)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
     def _refuse(self, reply: Reply, **fields: Any) -> Reply:
         metrics.REJECTIONS.labels(reason=reply.reason).inc()

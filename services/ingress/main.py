@@ -20,6 +20,7 @@ import ssl
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from services.ingress.enqueue import load_script
 from services.ingress.handler import IngressHandler
 from services.ingress.sender_auth import SenderAuthenticator
 from services.ingress.server import SmtpListener
@@ -125,9 +126,12 @@ async def serve(config: RelayConfig, stopping: asyncio.Event, *, drain_timeout_s
 
 
 async def _heartbeat(redis: aioredis.Redis, node_id: str, listener: SmtpListener) -> None:
-    """Liveness record for `protege-relay status`; Redis hiccups are logged, never fatal."""
+    """Liveness record for `protege-relay status`; Redis hiccups are logged, never fatal. Also
+    (re)loads the enqueue script, so neither the first message nor the first after a Redis
+    restart pays for a NOSCRIPT reply."""
     while True:
         try:
+            await load_script(redis)
             await publish_node_info(redis, node_id, ROLE, connections=len(listener.connections))
         except (RedisError, OSError, TimeoutError) as exc:
             log(logger, logging.DEBUG, "heartbeat failed", error=type(exc).__name__)

@@ -41,10 +41,10 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, AnyStr
 
-from aiosmtpd.smtp import SMTP, Session
+from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from services.ingress import metrics, policy
-from services.ingress.handler import IngressHandler, IngressSession
+from services.ingress.handler import IngressEnvelope, IngressHandler, IngressSession
 from shared.config import RateLimitsConfig, SmtpConfig
 from shared.logs import log
 
@@ -75,6 +75,9 @@ class IngressSMTP(SMTP):
 
     def _create_session(self) -> Session:
         return IngressSession(self.loop)
+
+    def _create_envelope(self) -> Envelope:
+        return IngressEnvelope()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if not self._registered:  # called again on the same protocol after STARTTLS
