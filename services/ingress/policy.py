@@ -8,6 +8,7 @@ turn them into either a route or a refusal.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from shared.identity import InvalidKey, persona_key_of_local_part
@@ -106,10 +107,13 @@ def check_sender(address: str) -> Reply | None:
     return None if _is_utf8(address) else SENDER_INVALID
 
 
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _is_utf8(text: str) -> bool:
     """False for text holding lone surrogates (aiosmtpd's surrogateescape of raw 8-bit bytes)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
         return False
-    return not any(ord(char) < 0x20 or ord(char) == 0x7F for char in text)
+    return _CONTROL_CHARS.search(text) is None

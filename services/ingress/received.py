@@ -17,7 +17,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from email.utils import format_datetime
 
 MAX_HELO_CHARS = 255
@@ -61,6 +61,18 @@ def address_literal(client_ip: str) -> str:
     return f"[{parsed}]"
 
 
+_date_cache: tuple[tuple[int, timedelta | None], str] | None = None
+
+
+def rfc5322_date(when: datetime) -> str:
+    """`format_datetime`, computed once per second and offset (one per message otherwise)."""
+    global _date_cache
+    key = (int(when.timestamp() // 1), when.utcoffset())
+    if _date_cache is None or _date_cache[0] != key:
+        _date_cache = (key, format_datetime(when.replace(microsecond=0)))
+    return _date_cache[1]
+
+
 def received_header(info: TraceInfo, hostname: str, queue_id: str, recipient: str, when: datetime) -> bytes:
     """The complete folded header, CRLF-terminated, as bytes to prepend to the message."""
     tcp_info = address_literal(info.client_ip)
@@ -70,7 +82,7 @@ def received_header(info: TraceInfo, hostname: str, queue_id: str, recipient: st
     header = (
         f"Received: from {helo} ({tcp_info})\r\n"
         f"\tby {_safe_helo(hostname)} with {protocol_name(info)} id {queue_id}\r\n"
-        f"\tfor <{_CONTROL.sub('', recipient)}>; {format_datetime(when)}\r\n"
+        f"\tfor <{_CONTROL.sub('', recipient)}>; {rfc5322_date(when)}\r\n"
     )
     return header.encode("utf-8", "replace")
 
