@@ -30,13 +30,26 @@ from shared.health import HealthServer
 from shared.identity import Passport
 from shared.logs import log
 from shared.nodeinfo import HEARTBEAT_INTERVAL_S, publish_node_info, remove_node_info
-from shared.redis import connect, redis_url
+from shared.redis import redis_url
 from shared.secrets import SecretFileError, load_signing_key, read_secret_file
 
 logger = logging.getLogger("relay.ingress")
 
 DRAIN_TIMEOUT_S = 20.0
 ROLE = "ingress"
+REDIS_CONNECT_TIMEOUT_S = 5.0
+REDIS_CALL_TIMEOUT_S = 5.0
+
+
+def redis_client(config: RelayConfig) -> aioredis.Redis:
+    """A pooled client like `shared.redis.connect`, minus its per-command `socket_timeout`: with
+    one set, redis-py wraps every command's send in `asyncio.wait_for`, a task per command on
+    the hot path. Every call the ingress makes runs under its own `asyncio.timeout` instead
+    (handler, enqueue, heartbeat, readiness), so a stalled Redis is still a 451, never a hang."""
+    client: aioredis.Redis = aioredis.Redis.from_url(
+        redis_url(config), socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S, health_check_interval=30
+    )
+    return client
 
 
 def tls_context(smtp: SmtpConfig) -> ssl.SSLContext | None:
@@ -79,7 +92,7 @@ async def serve(config: RelayConfig, stopping: asyncio.Event, *, drain_timeout_s
     except SecretFileError as exc:
         log(logger, logging.ERROR, "cannot start: key file refused", error=str(exc))
         raise SystemExit(f"protege-relay ingress: {exc}") from None
-    redis = connect(config)
+    redis = redis_client(config)
     hostname = config.smtp.hostname or socket.gethostname()
     handler = IngressHandler(
         redis, config, hostname, sender_auth=sender_authenticator(config), attestation_signer=signer
@@ -88,7 +101,8 @@ async def serve(config: RelayConfig, stopping: asyncio.Event, *, drain_timeout_s
                             max_connections_per_ip=config.rateLimits.smtpConcurrentConnectionsPerIp)
 
     async def ready() -> bool:
-        return (listener.listening or not config.smtp.enabled) and bool(await redis.ping())
+        async with asyncio.timeout(REDIS_CALL_TIMEOUT_S):
+            return (listener.listening or not config.smtp.enabled) and bool(await redis.ping())
 
     health: HealthServer | None = None
     heartbeat: asyncio.Task[None] | None = None
@@ -131,8 +145,9 @@ async def _heartbeat(redis: aioredis.Redis, node_id: str, listener: SmtpListener
     restart pays for a NOSCRIPT reply."""
     while True:
         try:
-            await load_script(redis)
-            await publish_node_info(redis, node_id, ROLE, connections=len(listener.connections))
+            async with asyncio.timeout(REDIS_CALL_TIMEOUT_S):
+                await load_script(redis)
+                await publish_node_info(redis, node_id, ROLE, connections=len(listener.connections))
         except (RedisError, OSError, TimeoutError) as exc:
             log(logger, logging.DEBUG, "heartbeat failed", error=type(exc).__name__)
         await asyncio.sleep(HEARTBEAT_INTERVAL_S)
