@@ -133,7 +133,7 @@ def run(bench: Bench, mode: Mode) -> FigureResult:
         f"{MESSAGE_BYTES // 1024} KB messages, {mode.ingress_seconds:g} s window; baseline: bare "
         "aiosmtpd (one process, default event loop, handler answers 250 and discards). Relay: N "
         "`protege-relay ingress` processes sharing the port with SO_REUSEPORT, AOF on "
-        "(appendfsync everysec), every 250 after the MULTI/EXEC.",
+        "(appendfsync everysec), every 250 after the enqueue script.",
     )
     persona_keys = personas()
     recipients = [f"{pk}@{MAIL_DOMAIN}" for pk in persona_keys]

@@ -346,7 +346,7 @@ async def test_gateway_dropping_between_smtp_end_and_ack_gets_the_same_stream_ag
     assert books.duplicates >= len(dropped)
 
 
-# --- known gap: a 451 after Redis committed makes the retry a second acceptance --------------
+# --- a 451 after Redis committed: the retry must find the first acceptance --------------------
 
 
 class ExecReplyCutter:
