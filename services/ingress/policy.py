@@ -8,9 +8,9 @@ turn them into either a route or a refusal.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
+from shared.envelope import has_control_characters
 from shared.identity import InvalidKey, persona_key_of_local_part
 
 
@@ -107,13 +107,10 @@ def check_sender(address: str) -> Reply | None:
     return None if _is_utf8(address) else SENDER_INVALID
 
 
-_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
-
-
 def _is_utf8(text: str) -> bool:
     """False for text holding lone surrogates (aiosmtpd's surrogateescape of raw 8-bit bytes)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
         return False
-    return _CONTROL_CHARS.search(text) is None
+    return not has_control_characters(text)

@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 from arq.connections import ArqRedis
 
 from shared import keys
+from shared.envelope import has_control_characters
 from shared.payloads import OutboundJob
 
 SENDER_NOT_ALLOWED = "sender_not_allowed"
@@ -31,14 +32,6 @@ _ADDRESS = re.compile(r'[^\s<>@,;"]+@[^\s<>@,;"]+')
 # A domain of dot-separated labels (ASCII letters, digits, hyphens, or non-ASCII for IDNs),
 # optionally fully qualified: nothing an SMTP client could be made to send as a command.
 _DOMAIN = re.compile(r"(?:(?:[A-Za-z0-9-]|[^\x00-\x7f])+\.)*(?:[A-Za-z0-9-]|[^\x00-\x7f])+\.?")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def has_control_characters(address: str) -> bool:
-    """CR, LF, NUL or any other control character: envelope smuggling, refused wherever it is."""
-    return _CONTROL.search(address) is not None
-
-
 def _bare(address: str) -> str:
     address = address.strip(" ")
     if address.startswith("<") and address.endswith(">"):
