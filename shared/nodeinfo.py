@@ -12,8 +12,11 @@ import redis.asyncio as aioredis
 
 from shared import keys
 
-NODE_TTL_S = 30
-HEARTBEAT_INTERVAL_S = 10
+# A node is dead once it missed three heartbeats. Short, because a tunnel node's liveness
+# decides when results of streams sent through it may go to the persona's other sockets:
+# a crashed node's results then move within ~10 s, inside a gateway's 20 s wait.
+HEARTBEAT_INTERVAL_S = 3
+NODE_TTL_S = 10
 
 
 async def publish_node_info(redis: aioredis.Redis, node_id: str, role: str, **counters: int) -> None:

@@ -147,3 +147,27 @@ async def test_sigterm_releases_ownership_and_closes_1001(spawn: Any, redis_clie
     assert redis_client.get(keys.owner(passport.persona_key)) is None
     assert redis_client.get(keys.socket(passport.persona_key)) is None
     assert not redis_client.exists(keys.node_alive("node-a"))
+
+
+async def test_result_of_a_stream_sent_through_a_killed_node_reaches_the_persona_elsewhere(
+    spawn: Any, redis_client: redis.Redis
+) -> None:
+    """The origin node's liveness record decides who may deliver; after a SIGKILL it expires
+    within NODE_TTL_S, inside the 20 s a gateway waits for a result."""
+    node_a, url_a = start_node(spawn, "node-a")
+    _, url_b = start_node(spawn, "node-b")
+    passport = Passport.generate()
+    pk = passport.persona_key
+    sender = await GatewayClient.open(url_a)
+    await sender.authenticate(passport, role="outbound")
+    await sender.send_outbound("out-1", f"{pk}@relay.test", "bob@example.org", b"Subject: hi\r\n\r\nhi\r\n")
+    await eventually(lambda: redis_client.get(keys.outbound_origin(pk, "out-1")) is not None)
+    node_a.kill()
+    await sender.abort()
+    receiver = await GatewayClient.open(url_b)
+    await receiver.authenticate(passport)
+    redis_client.xadd(keys.results(pk), {b"r": DeliveryResult("out-1", "sent", message_id="<q1@mx>").pack()})
+    wake_owner(redis_client, pk, WakeupKind.RESULT)
+    result = await receiver.next_of_type("relay_delivery_result", timeout_s=20)
+    assert (result["streamId"], result["status"], result["messageId"]) == ("out-1", "sent", "<q1@mx>")
+    await receiver.close()
