@@ -19,6 +19,7 @@ from services.egress.signing import DkimSigner, header_names
 from services.egress.worker import MAX_BACKOFF_S, backoff_s, summarize
 from shared.config import DkimConfig
 from shared.payloads import OutboundJob
+from shared.secrets import SecretFileError
 
 
 def test_bare_lf_becomes_crlf() -> None:
@@ -85,9 +86,19 @@ MESSAGE = (
 )
 
 
-def _write_key(path: Path, private_key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey) -> None:
+def _write_key(path: Path, private_key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey, mode: int = 0o600) -> None:
     path.write_bytes(private_key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    path.chmod(mode)
+
+
+def test_a_dkim_key_readable_by_others_is_refused(tmp_path: Path) -> None:
+    _write_key(tmp_path / "dkim.pem", ed25519.Ed25519PrivateKey.generate(), mode=0o644)
+    config = DkimConfig(
+        enabled=True, domainName="relay.test", keySelector="s1", privateKeyPath=str(tmp_path / "dkim.pem")
+    )
+    with pytest.raises(SecretFileError, match=r"dkim\.privateKeyPath"):
+        DkimSigner(config)
 
 
 @pytest.mark.parametrize("kind", ["rsa", "ed25519"])

@@ -328,6 +328,7 @@ async def test_dkim_signature_of_the_delivered_message_verifies(
     key_path = tmp_path / "dkim.pem"
     key_path.write_bytes(key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    key_path.chmod(0o600)
     public = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     record = b"v=DKIM1; k=rsa; p=" + base64.b64encode(public)
     egress = await start_egress(

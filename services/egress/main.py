@@ -28,6 +28,7 @@ from shared.health import HealthServer
 from shared.logs import log
 from shared.nodeinfo import HEARTBEAT_INTERVAL_S, publish_node_info, remove_node_info
 from shared.redis import arq_settings, connect, redis_url
+from shared.secrets import SecretFileError
 
 logger = logging.getLogger("egress")
 
@@ -127,7 +128,11 @@ class EgressService:
 
 
 async def serve(config: RelayConfig, stopping: asyncio.Event) -> None:
-    service = EgressService(config)
+    try:
+        service = EgressService(config)
+    except SecretFileError as exc:
+        log(logger, logging.ERROR, "cannot start: key file refused", error=str(exc))
+        raise SystemExit(f"protege-relay egress: {exc}") from None
     health: HealthServer | None = None
     if config.egress.httpPort:
         health = HealthServer(

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shared.config import DkimConfig
+from shared.secrets import read_secret_file
 
 CANONICALIZATION = (b"relaxed", b"relaxed")
 
@@ -75,7 +76,7 @@ class DkimSigner:
 
 def _load_key(path: Path) -> tuple[bytes, bytes]:
     """(key material as dkimpy wants it, signature algorithm)."""
-    pem = path.read_bytes()
+    pem = read_secret_file(path, purpose="dkim.privateKeyPath")
     private_key = serialization.load_pem_private_key(pem, password=None)
     if isinstance(private_key, Ed25519PrivateKey):
         seed = private_key.private_bytes(
