@@ -25,7 +25,7 @@ from typing import Any
 
 import redis
 
-from protege_relay.embedded_redis import EmbeddedRedis, free_port
+from protege_relay.embedded_redis import EmbeddedRedis, free_port, wait_for_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVICE_START_TIMEOUT_S = 30.0
@@ -66,19 +66,6 @@ def raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def wait_for_port(port: int, timeout_s: float, process: subprocess.Popen[bytes] | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise BenchError(f"process exited with {process.returncode} before listening on {port}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.02)
-    raise BenchError(f"nothing listening on 127.0.0.1:{port} after {timeout_s}s")
 
 
 def wait_http_ok(port: int, timeout_s: float, process: subprocess.Popen[bytes] | None = None,
@@ -182,10 +169,10 @@ class Bench:
         self.children.append(child)
         try:
             if port is not None:
-                wait_for_port(port, SERVICE_START_TIMEOUT_S, process)
+                wait_for_port(port, timeout_s=SERVICE_START_TIMEOUT_S, process=process)
             if ready_http_port is not None:
                 wait_http_ok(ready_http_port, SERVICE_START_TIMEOUT_S, process)
-        except BenchError as exc:
+        except (BenchError, TimeoutError) as exc:
             child.stop()
             raise BenchError(f"{service} did not start: {exc}\n{child.tail()}") from None
         return child
@@ -206,8 +193,8 @@ class Bench:
         self.children.append(child)
         if ready_port is not None:
             try:
-                wait_for_port(ready_port, SERVICE_START_TIMEOUT_S, process)
-            except BenchError as exc:
+                wait_for_port(ready_port, timeout_s=SERVICE_START_TIMEOUT_S, process=process)
+            except TimeoutError as exc:
                 child.stop()
                 raise BenchError(f"{module} did not start: {exc}\n{child.tail()}") from None
         return child

@@ -59,6 +59,22 @@ def free_port(host: str = "127.0.0.1") -> int:
             return port
 
 
+def wait_for_port(
+    port: int, host: str = "127.0.0.1", timeout_s: float = 15.0, process: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Wait until `port` accepts; give up early if `process` (the would-be listener) exited."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise TimeoutError(f"process exited with {process.returncode} before {host}:{port} listened")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout_s}s")
+
+
 class EmbeddedRedis:
     def __init__(self, data_dir: str | Path, port: int = 0, appendfsync: str = "everysec") -> None:
         self.data_dir = Path(data_dir)

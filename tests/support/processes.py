@@ -4,32 +4,15 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from protege_relay.embedded_redis import free_port
+from protege_relay.embedded_redis import free_port, wait_for_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def wait_for_port(
-    port: int, host: str = "127.0.0.1", timeout_s: float = 15.0, process: subprocess.Popen[bytes] | None = None
-) -> None:
-    """Wait until `port` accepts; give up early if `process` (the would-be listener) exited."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise TimeoutError(f"process exited with {process.returncode} before {host}:{port} listened")
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.02)
-    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout_s}s")
 
 
 def poll_until(predicate, timeout_s: float = 10.0, interval_s: float = 0.02, message: str = ""):  # type: ignore[no-untyped-def]
