@@ -45,11 +45,6 @@ def outbound_rate(persona_key: str, minute: int) -> str:
     return f"relay:{{{persona_key}}}:outrate:{minute}"
 
 
-def outbound_seen(persona_key: str, stream_id: str) -> str:
-    """Marks an outbound stream id as accepted, so a resend is not delivered twice."""
-    return f"relay:{{{persona_key}}}:out:{stream_id}"
-
-
 def node_channel(node_id: str) -> str:
     """Pub/sub wake-ups for one tunnel node: new inbox entry, new result, evict a socket."""
     return f"relay:node:{node_id}"
