@@ -21,6 +21,7 @@ test: install
 
 lint: install
 	$(BIN)/ruff check shared services protege_relay tests bench fuzz
+	$(BIN)/ruff format --check shared services protege_relay tests bench fuzz
 	$(BIN)/mypy
 
 bench: install

@@ -18,14 +18,14 @@ CLIENT_PROCESSES = 2
 
 def start_tunnel(bench: Bench, node_id: str = "bench-tunnel") -> tuple[str, Child]:
     port = free_port()
-    child = bench.start_service("tunnel", port=port, ready_http_port=port, RELAY_PORT=str(port),
-                                RELAY_NODE_ID=node_id)
+    child = bench.start_service("tunnel", port=port, ready_http_port=port, RELAY_PORT=str(port), RELAY_NODE_ID=node_id)
     return f"ws://127.0.0.1:{port}/ws", child
 
 
 def run(bench: Bench, mode: Mode) -> FigureResult:
     figure = FigureResult(
-        FIGURE, "Auth rate",
+        FIGURE,
+        "Auth rate",
         f"{CLIENT_PROCESSES} client processes x {mode.auth_concurrency // CLIENT_PROCESSES} concurrent "
         "gateways, each looping connect / challenge / signed response / auth_ok / close with a new "
         f"persona key, against one `protege-relay tunnel` process, {mode.auth_seconds:g} s window. "
@@ -34,12 +34,19 @@ def run(bench: Bench, mode: Mode) -> FigureResult:
     available = service_available("tunnel")
     if not available:
         figure.skipped = "services/tunnel/main.py not present yet"
-    metric = figure.metric("handshakes", "auth/s", baseline_name="PyNaCl verify/s, one process",
-                           target=Target("ratio_at_least", TARGET_RATIO))
-    ceiling = figure.metric("bare websockets open+close (ceiling)", "conn/s",
-                            baseline_name="PyNaCl verify/s, one process",
-                            notes="diagnostic: the same clients only opening and closing a WebSocket on a bare "
-                                  "websockets server (uvloop, no auth, no Redis): what any Python tunnel could reach")
+    metric = figure.metric(
+        "handshakes",
+        "auth/s",
+        baseline_name="PyNaCl verify/s, one process",
+        target=Target("ratio_at_least", TARGET_RATIO),
+    )
+    ceiling = figure.metric(
+        "bare websockets open+close (ceiling)",
+        "conn/s",
+        baseline_name="PyNaCl verify/s, one process",
+        notes="diagnostic: the same clients only opening and closing a WebSocket on a bare "
+        "websockets server (uvloop, no auth, no Redis): what any Python tunnel could reach",
+    )
     ws_port = free_port()
     bench.start_program("bench.baseline_ws", ["--port", str(ws_port), "--bytes", "1"], ready_port=ws_port)
     other: dict[str, int] = {}
@@ -48,10 +55,21 @@ def run(bench: Bench, mode: Mode) -> FigureResult:
         metric.baseline_rounds.append(baseline["rate"])
         print_line(f"  round {round_index + 1}: baseline {baseline['rate']:.0f} verify/s")
         raw = bench.run_parallel(
-            [("bench.loadgen_auth", ["--url", f"ws://127.0.0.1:{ws_port}/", "--raw",
-                                     "--seconds", str(mode.auth_seconds),
-                                     "--concurrency", str(max(1, mode.auth_concurrency // CLIENT_PROCESSES))])
-             for _ in range(CLIENT_PROCESSES)],
+            [
+                (
+                    "bench.loadgen_auth",
+                    [
+                        "--url",
+                        f"ws://127.0.0.1:{ws_port}/",
+                        "--raw",
+                        "--seconds",
+                        str(mode.auth_seconds),
+                        "--concurrency",
+                        str(max(1, mode.auth_concurrency // CLIENT_PROCESSES)),
+                    ],
+                )
+                for _ in range(CLIENT_PROCESSES)
+            ],
             timeout_s=mode.auth_seconds + 90,
         )
         ceiling.rounds.append(sum(result["rate"] for result in raw))
@@ -62,10 +80,24 @@ def run(bench: Bench, mode: Mode) -> FigureResult:
         url, tunnel = start_tunnel(bench)
         per_process = max(1, mode.auth_concurrency // CLIENT_PROCESSES)
         results = bench.run_parallel(
-            [("bench.loadgen_auth", ["--url", url, "--seconds", str(mode.auth_seconds),
-                                     "--concurrency", str(per_process), "--keys", "1000",
-                                     "--salt", f"auth{index}"])
-             for index in range(CLIENT_PROCESSES)],
+            [
+                (
+                    "bench.loadgen_auth",
+                    [
+                        "--url",
+                        url,
+                        "--seconds",
+                        str(mode.auth_seconds),
+                        "--concurrency",
+                        str(per_process),
+                        "--keys",
+                        "1000",
+                        "--salt",
+                        f"auth{index}",
+                    ],
+                )
+                for index in range(CLIENT_PROCESSES)
+            ],
             timeout_s=mode.auth_seconds + 90,
         )
         bench.stop(tunnel)

@@ -29,13 +29,23 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         nonlocal sent
         while (index := next(numbers)) < args.count:
             await aiosmtplib.send(
-                message, sender="persona@relay.bench", recipients=[f"rcpt{index}@{args.domain}"],
-                hostname="127.0.0.1", port=args.port, start_tls=False,
+                message,
+                sender="persona@relay.bench",
+                recipients=[f"rcpt{index}@{args.domain}"],
+                hostname="127.0.0.1",
+                port=args.port,
+                start_tls=False,
             )
             sent += 1
 
-    await aiosmtplib.send(message, sender="persona@relay.bench", recipients=[f"warmup@{args.domain}"],
-                          hostname="127.0.0.1", port=args.port, start_tls=False)
+    await aiosmtplib.send(
+        message,
+        sender="persona@relay.bench",
+        recipients=[f"warmup@{args.domain}"],
+        hostname="127.0.0.1",
+        port=args.port,
+        start_tls=False,
+    )
     started = time.perf_counter()
     await asyncio.gather(*(sender() for _ in range(args.concurrency)))
     elapsed_s = time.perf_counter() - started

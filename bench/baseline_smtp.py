@@ -40,8 +40,12 @@ async def serve(port: int, reuse_port: bool = False) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio",
-                        help="diagnostics only: the baseline is the default loop")
+    parser.add_argument(
+        "--loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="diagnostics only: the baseline is the default loop",
+    )
     parser.add_argument("--reuse-port", action="store_true", help="diagnostics: several processes on one port")
     args = parser.parse_args()
     if args.loop == "uvloop":

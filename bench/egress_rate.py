@@ -22,7 +22,8 @@ TARGET_RATIO = 0.8
 def run(bench: Bench, mode: Mode) -> FigureResult:
     count = mode.egress_messages
     figure = FigureResult(
-        FIGURE, "Egress rate",
+        FIGURE,
+        "Egress rate",
         f"{count} one-recipient 10 KB messages to a loopback aiosmtpd sink, {CONCURRENCY} at a time. Relay: "
         f"`protege-relay egress` with RELAY_EGRESS_MAX_JOBS={CONCURRENCY} and a route to the sink, jobs "
         "enqueued as the tunnel does, clock stops when every result is in the results stream. Baseline: "
@@ -31,15 +32,18 @@ def run(bench: Bench, mode: Mode) -> FigureResult:
     available = service_available("egress")
     if not available:
         figure.skipped = "services/egress/main.py not present yet"
-    metric = figure.metric(f"{CONCURRENCY} workers", "msg/s", baseline_name="aiosmtplib loop",
-                           target=Target("ratio_at_least", TARGET_RATIO))
+    metric = figure.metric(
+        f"{CONCURRENCY} workers",
+        "msg/s",
+        baseline_name="aiosmtplib loop",
+        target=Target("ratio_at_least", TARGET_RATIO),
+    )
     sink_port = free_port()
     bench.start_program("bench.baseline_smtp", ["--port", str(sink_port)], ready_port=sink_port)
     for round_index in range(mode.rounds):
         baseline = bench.run_program(
             "bench.baseline_egress",
-            ["--port", str(sink_port), "--count", str(count), "--concurrency", str(CONCURRENCY),
-             "--domain", DOMAIN],
+            ["--port", str(sink_port), "--count", str(count), "--concurrency", str(CONCURRENCY), "--domain", DOMAIN],
             timeout_s=120,
         )
         metric.baseline_rounds.append(baseline["rate"])
@@ -49,7 +53,8 @@ def run(bench: Bench, mode: Mode) -> FigureResult:
         bench.flush()
         http_port = free_port()
         worker = bench.start_service(
-            "egress", ready_http_port=http_port,
+            "egress",
+            ready_http_port=http_port,
             RELAY_EGRESS_HTTP_PORT=str(http_port),
             RELAY_EGRESS_MAX_JOBS=str(CONCURRENCY),
             RELAY_EGRESS_ROUTES=json.dumps({DOMAIN: f"127.0.0.1:{sink_port}"}),
@@ -66,7 +71,9 @@ def run(bench: Bench, mode: Mode) -> FigureResult:
         if relay["failed"]:
             raise BenchError(f"{relay['failed']} of {count} deliveries failed; see {worker.log_path}")
         metric.rounds.append(relay["rate"])
-        print_line(f"  round {round_index + 1}: relay {relay['rate']:.0f} msg/s "
-                   f"(enqueue took {relay['enqueue_seconds']:.2f} s)")
+        print_line(
+            f"  round {round_index + 1}: relay {relay['rate']:.0f} msg/s "
+            f"(enqueue took {relay['enqueue_seconds']:.2f} s)"
+        )
     bench.flush()
     return figure

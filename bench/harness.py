@@ -68,8 +68,9 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def wait_http_ok(port: int, timeout_s: float, process: subprocess.Popen[bytes] | None = None,
-                 path: str = "/readyz") -> None:
+def wait_http_ok(
+    port: int, timeout_s: float, process: subprocess.Popen[bytes] | None = None, path: str = "/readyz"
+) -> None:
     """Poll a health endpoint until it answers 200 (a service's listeners are bound)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -151,8 +152,9 @@ class Bench:
         self._counter += 1
         return self.work_dir / f"{self._counter:03d}-{name}.log"
 
-    def start_service(self, service: str, port: int | None = None, ready_http_port: int | None = None,
-                      **env: str) -> Child:
+    def start_service(
+        self, service: str, port: int | None = None, ready_http_port: int | None = None, **env: str
+    ) -> Child:
         """`protege-relay <service>`; waits until `port` accepts connections and/or
         `ready_http_port` answers /readyz with 200, when given."""
         log_path = self._log_path(service)
@@ -211,7 +213,10 @@ class Bench:
             with log_path.open("wb") as stderr_file:
                 process = subprocess.Popen(
                     [sys.executable, "-m", module, *args],
-                    env=self.env(), cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=stderr_file,
+                    env=self.env(),
+                    cwd=REPO_ROOT,
+                    stdout=subprocess.PIPE,
+                    stderr=stderr_file,
                     preexec_fn=raise_fd_limit,
                 )
             running.append((module, process, log_path))
@@ -275,5 +280,4 @@ def rss_kib(pid: int) -> int:
     raise BenchError(f"no VmRSS for pid {pid}")
 
 
-__all__ = ["MAIL_DOMAIN", "Bench", "BenchError", "Child", "bench_session", "free_port", "rss_kib",
-           "service_available"]
+__all__ = ["MAIL_DOMAIN", "Bench", "BenchError", "Child", "bench_session", "free_port", "rss_kib", "service_available"]

@@ -41,12 +41,28 @@ def open_clients(bench: Bench, url: str, count: int, salt: str, *extra: str) -> 
     remaining, index = count, 0
     while remaining > 0:
         share = min(CONNECTIONS_PER_CLIENT, remaining)
-        clients.append(subprocess.Popen(
-            [sys.executable, "-m", "bench.loadgen_idle", "--url", url, "--count", str(share),
-             "--salt", f"{salt}-{index}", *extra],
-            env=bench.env(), cwd=REPO_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL, preexec_fn=raise_fd_limit,
-        ))
+        clients.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.loadgen_idle",
+                    "--url",
+                    url,
+                    "--count",
+                    str(share),
+                    "--salt",
+                    f"{salt}-{index}",
+                    *extra,
+                ],
+                env=bench.env(),
+                cwd=REPO_ROOT,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                preexec_fn=raise_fd_limit,
+            )
+        )
         remaining -= share
         index += 1
     return clients
@@ -96,23 +112,31 @@ def measure(bench: Bench, count: int, round_index: int) -> tuple[float, dict[str
     for report in reports:
         for key, value in report["other"].items():  # type: ignore[attr-defined]
             errors[key] = errors.get(key, 0) + value
-    details = {"authenticated": authenticated, "still_open_at_end": still_open, "open_seconds": round(open_s, 1),
-               "rss_before_kib": before, "rss_after_kib": after, "errors": errors}
+    details = {
+        "authenticated": authenticated,
+        "still_open_at_end": still_open,
+        "open_seconds": round(open_s, 1),
+        "rss_before_kib": before,
+        "rss_after_kib": after,
+        "errors": errors,
+    }
     return (after - before) / authenticated, details
 
 
 def run(bench: Bench, mode: Mode) -> FigureResult:
     count = mode.idle_connections
     figure = FigureResult(
-        FIGURE, "Idle tunnels",
+        FIGURE,
+        "Idle tunnels",
         f"{count} authenticated idle gateways on one `protege-relay tunnel` process (clients in "
         f"processes of up to {CONNECTIONS_PER_CLIENT}); tunnel VmRSS growth divided by connections.",
     )
     if not service_available("tunnel"):
         figure.skipped = "services/tunnel/main.py not present yet"
         return figure
-    metric = figure.metric(f"RSS per connection at {count}", "KB",
-                           target=Target("value_at_most", TARGET_KB_PER_CONNECTION))
+    metric = figure.metric(
+        f"RSS per connection at {count}", "KB", target=Target("value_at_most", TARGET_KB_PER_CONNECTION)
+    )
     rounds = []
     for round_index in range(mode.idle_rounds):
         per_connection_kib, details = measure(bench, count, round_index)

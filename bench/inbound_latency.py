@@ -21,7 +21,8 @@ P99_TARGET_MS = 4.0
 def run(bench: Bench, mode: Mode) -> FigureResult:
     rate = mode.latency_rate_per_s
     figure = FigureResult(
-        FIGURE, "Inbound latency",
+        FIGURE,
+        "Inbound latency",
         f"10 KB messages at a steady {rate:g} msg/s over {CONNECTIONS} SMTP sessions for "
         f"{mode.latency_seconds:g} s into one `protege-relay ingress` process; one gateway (inbound_ack) "
         "on one `protege-relay tunnel` process; latency from writing the final `.` to the gateway "
@@ -38,24 +39,42 @@ def run(bench: Bench, mode: Mode) -> FigureResult:
         bench.flush()
         url, _ = start_tunnel(bench, "bench-latency")
         smtp_port, http_port = free_port(), free_port()
-        bench.start_service("ingress", ready_http_port=http_port, RELAY_SMTP_PORT=str(smtp_port),
-                            RELAY_SMTP_HTTP_PORT=str(http_port), RELAY_NODE_ID="bench-latency-ingress")
+        bench.start_service(
+            "ingress",
+            ready_http_port=http_port,
+            RELAY_SMTP_PORT=str(smtp_port),
+            RELAY_SMTP_HTTP_PORT=str(http_port),
+            RELAY_NODE_ID="bench-latency-ingress",
+        )
         try:
             result = bench.run_program(
                 "bench.loadgen_latency",
-                ["--smtp-port", str(smtp_port), "--url", url, "--seconds", str(mode.latency_seconds),
-                 "--rate", str(rate), "--connections", str(CONNECTIONS), "--salt", f"latency{round_index}"],
+                [
+                    "--smtp-port",
+                    str(smtp_port),
+                    "--url",
+                    url,
+                    "--seconds",
+                    str(mode.latency_seconds),
+                    "--rate",
+                    str(rate),
+                    "--connections",
+                    str(CONNECTIONS),
+                    "--salt",
+                    f"latency{round_index}",
+                ],
                 timeout_s=mode.latency_seconds + 60,
             )
         finally:
             bench.stop_all()
         p50.rounds.append(result["p50_ms"])
         p99.rounds.append(result["p99_ms"])
-        rounds.append({key: round(value, 3) if isinstance(value, float) else value
-                       for key, value in result.items()})
-        print_line(f"  round {round_index + 1}: p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms, "
-                   f"max {result['max_ms']:.1f} ms, {result['received']}/{result['messages']} received, "
-                   f"{result['achieved_rate']:.0f} msg/s")
+        rounds.append({key: round(value, 3) if isinstance(value, float) else value for key, value in result.items()})
+        print_line(
+            f"  round {round_index + 1}: p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms, "
+            f"max {result['max_ms']:.1f} ms, {result['received']}/{result['messages']} received, "
+            f"{result['achieved_rate']:.0f} msg/s"
+        )
     figure.details["rounds"] = rounds
     bench.flush()
     return figure

@@ -41,9 +41,18 @@ def mark_seen(bench: Bench, persona_keys: list[str]) -> None:
 def loadgen(bench: Bench, mode: Mode, port: int, recipients: list[str]) -> float:
     result = bench.run_program(
         "bench.loadgen_smtp",
-        ["--port", str(port), "--connections", str(mode.ingress_connections),
-         "--seconds", str(mode.ingress_seconds), "--size", str(MESSAGE_BYTES),
-         "--recipients", ",".join(recipients)],
+        [
+            "--port",
+            str(port),
+            "--connections",
+            str(mode.ingress_connections),
+            "--seconds",
+            str(mode.ingress_seconds),
+            "--size",
+            str(MESSAGE_BYTES),
+            "--recipients",
+            ",".join(recipients),
+        ],
         timeout_s=mode.ingress_seconds + 60,
     )
     if result["other"]:
@@ -66,8 +75,10 @@ def measure_ceiling(bench: Bench, mode: Mode, workers: int, recipients: list[str
     """Bare aiosmtpd on uvloop in `workers` SO_REUSEPORT processes: the most any aiosmtpd-based
     ingress could accept on this machine with no Redis work at all (diagnostic)."""
     port = free_port()
-    servers = [bench.start_program("bench.baseline_smtp", ["--port", str(port), "--loop", "uvloop", "--reuse-port"])
-               for _ in range(workers)]
+    servers = [
+        bench.start_program("bench.baseline_smtp", ["--port", str(port), "--loop", "uvloop", "--reuse-port"])
+        for _ in range(workers)
+    ]
     try:
         for server in servers:
             wait_for_listener(bench, server, port)
@@ -115,11 +126,15 @@ def measure_relay(bench: Bench, mode: Mode, workers: int, persona_keys: list[str
     try:
         for index in range(workers):
             http_port = free_port()
-            processes.append(bench.start_service(
-                "ingress", ready_http_port=http_port,
-                RELAY_SMTP_PORT=str(port), RELAY_SMTP_HTTP_PORT=str(http_port),
-                RELAY_NODE_ID=f"bench-ingress-{index}",
-            ))
+            processes.append(
+                bench.start_service(
+                    "ingress",
+                    ready_http_port=http_port,
+                    RELAY_SMTP_PORT=str(port),
+                    RELAY_SMTP_HTTP_PORT=str(http_port),
+                    RELAY_NODE_ID=f"bench-ingress-{index}",
+                )
+            )
         return loadgen(bench, mode, port, recipients)
     finally:
         for process in processes:
@@ -128,7 +143,8 @@ def measure_relay(bench: Bench, mode: Mode, workers: int, persona_keys: list[str
 
 def run(bench: Bench, mode: Mode) -> FigureResult:
     figure = FigureResult(
-        FIGURE, "Ingress accept rate",
+        FIGURE,
+        "Ingress accept rate",
         f"{mode.ingress_connections} concurrent SMTP sessions (one command at a time), "
         f"{MESSAGE_BYTES // 1024} KB messages, {mode.ingress_seconds:g} s window; baseline: bare "
         "aiosmtpd (one process, default event loop, handler answers 250 and discards). Relay: N "
@@ -142,16 +158,20 @@ def run(bench: Bench, mode: Mode) -> FigureResult:
         figure.skipped = "services/ingress/main.py not present yet"
     metrics = {
         workers: figure.metric(
-            f"{workers} ingress process{'es' if workers > 1 else ''}", "msg/s",
-            baseline_name="bare aiosmtpd", target=Target("ratio_at_least", TARGET_RATIO),
+            f"{workers} ingress process{'es' if workers > 1 else ''}",
+            "msg/s",
+            baseline_name="bare aiosmtpd",
+            target=Target("ratio_at_least", TARGET_RATIO),
         )
         for workers in mode.ingress_worker_counts
     }
     ceiling_workers = max(mode.ingress_worker_counts)
     ceiling = figure.metric(
-        f"bare aiosmtpd x{ceiling_workers}, uvloop (ceiling)", "msg/s", baseline_name="bare aiosmtpd",
+        f"bare aiosmtpd x{ceiling_workers}, uvloop (ceiling)",
+        "msg/s",
+        baseline_name="bare aiosmtpd",
         notes="diagnostic: the baseline server on uvloop in as many SO_REUSEPORT processes as the "
-              "largest relay configuration, no Redis: the most an aiosmtpd-based ingress can reach here",
+        "largest relay configuration, no Redis: the most an aiosmtpd-based ingress can reach here",
     )
     for round_index in range(mode.rounds):
         baseline = measure_baseline(bench, mode, recipients)
@@ -166,8 +186,9 @@ def run(bench: Bench, mode: Mode) -> FigureResult:
             started = time.perf_counter()
             rate = measure_relay(bench, mode, workers, persona_keys, recipients)
             metric.rounds.append(rate)
-            print_line(f"  round {round_index + 1}: relay x{workers} {rate:.0f} msg/s "
-                       f"({time.perf_counter() - started:.1f} s)")
+            print_line(
+                f"  round {round_index + 1}: relay x{workers} {rate:.0f} msg/s ({time.perf_counter() - started:.1f} s)"
+            )
     if available and metrics and all(metric.rounds for metric in metrics.values()):
         best = max(metrics.items(), key=lambda item: sorted(item[1].rounds)[len(item[1].rounds) // 2])
         figure.details["best configuration"] = f"{best[0]} ingress process(es)"

@@ -55,8 +55,13 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
 
     await asyncio.gather(*(client() for _ in range(args.concurrency)))
     accepted = counters.pop("auth_ok", 0)
-    return {"auth_ok": accepted, "seconds": args.seconds, "rate": accepted / args.seconds,
-            "concurrency": args.concurrency, "other": dict(counters)}
+    return {
+        "auth_ok": accepted,
+        "seconds": args.seconds,
+        "rate": accepted / args.seconds,
+        "concurrency": args.concurrency,
+        "other": dict(counters),
+    }
 
 
 def main() -> None:
@@ -65,8 +70,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--keys", type=int, default=2000)
-    parser.add_argument("--raw", action="store_true",
-                        help="only open and close a WebSocket (a bare websockets server's ceiling)")
+    parser.add_argument(
+        "--raw", action="store_true", help="only open and close a WebSocket (a bare websockets server's ceiling)"
+    )
     parser.add_argument("--salt", default="auth", help="key family; differ per process so keys never collide")
     args = parser.parse_args()
     import uvloop

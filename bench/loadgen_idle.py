@@ -45,8 +45,7 @@ async def run(args: argparse.Namespace) -> None:
 
     await asyncio.gather(*(opener() for _ in range(args.concurrency)))
     open_s = time.perf_counter() - started
-    sys.stdout.write(json.dumps({"authenticated": len(connections), "seconds": open_s,
-                                 "other": dict(counters)}) + "\n")
+    sys.stdout.write(json.dumps({"authenticated": len(connections), "seconds": open_s, "other": dict(counters)}) + "\n")
     sys.stdout.flush()
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, sys.stdin.read)
@@ -62,8 +61,11 @@ def main() -> None:
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--salt", default="idle")
-    parser.add_argument("--no-compression", action="store_true",
-                        help="do not offer permessage-deflate (diagnostic: its per-socket zlib state)")
+    parser.add_argument(
+        "--no-compression",
+        action="store_true",
+        help="do not offer permessage-deflate (diagnostic: its per-socket zlib state)",
+    )
     args = parser.parse_args()
     import uvloop
 

@@ -42,8 +42,15 @@ async def run_relay(args: argparse.Namespace) -> dict[str, object]:
     redis = aioredis.Redis.from_url(args.redis_url)
     try:
         queue_id = f"qbench{time.time_ns()}"
-        entry = InboxEntry(queue_id, 0, "bench@sender.bench", persona_address(persona_key, "relay.bench"),
-                           message, int(time.time() * 1000), "127.0.0.1")
+        entry = InboxEntry(
+            queue_id,
+            0,
+            "bench@sender.bench",
+            persona_address(persona_key, "relay.bench"),
+            message,
+            int(time.time() * 1000),
+            "127.0.0.1",
+        )
         async with redis.pipeline(transaction=True) as pipe:
             pipe.xadd(keys.inbox(persona_key), {b"m": entry.pack()})
             pipe.incrby(keys.inbox_bytes(persona_key), len(message))
@@ -72,8 +79,13 @@ async def run_relay(args: argparse.Namespace) -> dict[str, object]:
         await redis.aclose()
     if received != len(message):
         return {"error": f"received {received} of {len(message)} bytes"}
-    return {"bytes": received, "frames": frames, "seconds": elapsed_s, "mb_per_s": received / elapsed_s / 1e6,
-            "extensions": extensions}
+    return {
+        "bytes": received,
+        "frames": frames,
+        "seconds": elapsed_s,
+        "mb_per_s": received / elapsed_s / 1e6,
+        "extensions": extensions,
+    }
 
 
 async def run_raw(args: argparse.Namespace) -> dict[str, object]:

@@ -102,8 +102,7 @@ class FigureResult:
             "errors": self.errors,
             "details": self.details,
             "seconds": round(self.seconds, 1),
-            "metrics": [m.summary() | {"rounds": m.rounds, "baseline_rounds": m.baseline_rounds}
-                        for m in self.metrics],
+            "metrics": [m.summary() | {"rounds": m.rounds, "baseline_rounds": m.baseline_rounds} for m in self.metrics],
         }
 
 
@@ -157,15 +156,21 @@ def _version_of(module: str) -> str:
 
 def _git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             timeout=5, cwd=Path(__file__).resolve().parents[1])
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parents[1],
+        )
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
 
 
-def write_reports(out_dir: Path, mode: str, machine: dict[str, Any], figures: list[FigureResult],
-                  started_at: float) -> tuple[Path, Path]:
+def write_reports(
+    out_dir: Path, mode: str, machine: dict[str, Any], figures: list[FigureResult], started_at: float
+) -> tuple[Path, Path]:
     document = {
         "mode": mode,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_at)),

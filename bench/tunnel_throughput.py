@@ -20,7 +20,8 @@ TARGET_RATIO = 0.7
 def run(bench: Bench, mode: Mode) -> FigureResult:
     size = mode.tunnel_message_bytes
     figure = FigureResult(
-        FIGURE, "Tunnel throughput",
+        FIGURE,
+        "Tunnel throughput",
         f"One {size / 1e6:g} MB message to a connected gateway (the bench gateway uses the websockets "
         "client defaults, as the reference gateway). Relay: clock from the inbox wake-up (entry already "
         "XADDed) to smtp_end at the gateway. Baseline: raw websockets (uvloop, no compression) sending the "
@@ -29,29 +30,51 @@ def run(bench: Bench, mode: Mode) -> FigureResult:
     available = service_available("tunnel")
     if not available:
         figure.skipped = "services/tunnel/main.py not present yet"
-    metric = figure.metric(f"{size / 1e6:g} MB message", "MB/s", baseline_name="raw websockets",
-                           target=Target("ratio_at_least", TARGET_RATIO))
+    metric = figure.metric(
+        f"{size / 1e6:g} MB message",
+        "MB/s",
+        baseline_name="raw websockets",
+        target=Target("ratio_at_least", TARGET_RATIO),
+    )
     baseline_port = free_port()
-    bench.start_program("bench.baseline_ws", ["--port", str(baseline_port), "--bytes", str(size)],
-                        ready_port=baseline_port)
+    bench.start_program(
+        "bench.baseline_ws", ["--port", str(baseline_port), "--bytes", str(size)], ready_port=baseline_port
+    )
     url = ""
     if available:
         bench.flush()
         url, _ = start_tunnel(bench, "bench-throughput")
-    plain = figure.metric(f"{size / 1e6:g} MB, gateway not offering deflate", "MB/s",
-                          baseline_name="raw websockets", target=Target("ratio_at_least", TARGET_RATIO),
-                          notes="diagnostic: the same transfer when the gateway connects with compression=None")
+    plain = figure.metric(
+        f"{size / 1e6:g} MB, gateway not offering deflate",
+        "MB/s",
+        baseline_name="raw websockets",
+        target=Target("ratio_at_least", TARGET_RATIO),
+        notes="diagnostic: the same transfer when the gateway connects with compression=None",
+    )
     extensions: set[str] = set()
     for round_index in range(max(mode.rounds, mode.tunnel_rounds)):
-        raw = bench.run_program("bench.loadgen_tunnel", ["--target", "raw", "--bytes", str(size),
-                                                          "--url", f"ws://127.0.0.1:{baseline_port}/"], 120)
+        raw = bench.run_program(
+            "bench.loadgen_tunnel",
+            ["--target", "raw", "--bytes", str(size), "--url", f"ws://127.0.0.1:{baseline_port}/"],
+            120,
+        )
         metric.baseline_rounds.append(raw["mb_per_s"])
         line = f"  round {round_index + 1}: baseline {raw['mb_per_s']:.0f} MB/s"
         if available:
             relay = bench.run_program(
                 "bench.loadgen_tunnel",
-                ["--target", "relay", "--bytes", str(size), "--url", url, "--redis-url", bench.redis_url,
-                 "--salt", f"throughput{round_index}"],
+                [
+                    "--target",
+                    "relay",
+                    "--bytes",
+                    str(size),
+                    "--url",
+                    url,
+                    "--redis-url",
+                    bench.redis_url,
+                    "--salt",
+                    f"throughput{round_index}",
+                ],
                 120,
             )
             metric.rounds.append(relay["mb_per_s"])
@@ -59,8 +82,19 @@ def run(bench: Bench, mode: Mode) -> FigureResult:
             line += f", relay {relay['mb_per_s']:.0f} MB/s ({relay['frames']} frames)"
             relay_plain = bench.run_program(
                 "bench.loadgen_tunnel",
-                ["--target", "relay", "--bytes", str(size), "--url", url, "--redis-url", bench.redis_url,
-                 "--salt", f"plain{round_index}", "--no-compression"],
+                [
+                    "--target",
+                    "relay",
+                    "--bytes",
+                    str(size),
+                    "--url",
+                    url,
+                    "--redis-url",
+                    bench.redis_url,
+                    "--salt",
+                    f"plain{round_index}",
+                    "--no-compression",
+                ],
                 120,
             )
             plain.rounds.append(relay_plain["mb_per_s"])

@@ -14,7 +14,7 @@ SEEDS_FLAG = "--write-seeds="
 
 def main(test_one_input: Callable[[bytes], None], seeds: Callable[[], list[bytes]]) -> None:
     if len(sys.argv) > 1 and sys.argv[1].startswith(SEEDS_FLAG):
-        directory = Path(sys.argv[1][len(SEEDS_FLAG):])
+        directory = Path(sys.argv[1][len(SEEDS_FLAG) :])
         directory.mkdir(parents=True, exist_ok=True)
         for index, seed in enumerate(seeds()):
             (directory / f"seed-{index}").write_bytes(seed)

@@ -31,9 +31,13 @@ def run(name: str, seconds: int, work: Path) -> bool:
         [sys.executable, str(harness), f"--write-seeds={corpus}"], env=env, check=True, stderr=subprocess.DEVNULL
     )
     command = [
-        sys.executable, str(harness), str(corpus),
-        f"-max_total_time={seconds}", f"-rss_limit_mb={RSS_LIMIT_MB}",
-        f"-artifact_prefix={work / name}/", "-print_final_stats=1",
+        sys.executable,
+        str(harness),
+        str(corpus),
+        f"-max_total_time={seconds}",
+        f"-rss_limit_mb={RSS_LIMIT_MB}",
+        f"-artifact_prefix={work / name}/",
+        "-print_final_stats=1",
     ]
     print(f"fuzz {name}: {seconds} s", flush=True)
     log_path = work / name / "fuzz.log"

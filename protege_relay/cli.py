@@ -52,7 +52,9 @@ def _build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="embedded Redis plus ingress, tunnel and egress")
     run.add_argument("--config")
     run.add_argument(
-        "--ingress-workers", type=int, default=os.cpu_count() or 1,
+        "--ingress-workers",
+        type=int,
+        default=os.cpu_count() or 1,
         help="ingress processes sharing the SMTP port with SO_REUSEPORT (default: CPU count)",
     )
     run.set_defaults(handler=_cmd_run)

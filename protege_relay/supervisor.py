@@ -71,8 +71,13 @@ def run_all(config: RelayConfig, *, config_path: str | None, ingress_workers: in
         while not stopping:
             for child in children:
                 if child.poll() is not None:
-                    log(logger, logging.ERROR, "service exited; stopping the relay", pid=child.pid,
-                        returncode=child.returncode)
+                    log(
+                        logger,
+                        logging.ERROR,
+                        "service exited; stopping the relay",
+                        pid=child.pid,
+                        returncode=child.returncode,
+                    )
                     exit_code = 1
                     stopping = True
             time.sleep(0.2)

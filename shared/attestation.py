@@ -50,7 +50,10 @@ def payload_bytes(context: AttestationContext, issued_at: str, signals: dict[str
 
 
 def create_attestation(
-    signer: Passport, key_id: str, context: AttestationContext, signals: dict[str, Signal],
+    signer: Passport,
+    key_id: str,
+    context: AttestationContext,
+    signals: dict[str, Signal],
     issued_at: str | None = None,
 ) -> dict[str, str]:
     payload = payload_bytes(context, issued_at or iso_now_ms(), signals)
@@ -85,9 +88,7 @@ def verify_attestation(
         return "invalid_payload", None
     if not verify_signature(public_key, payload_raw, signature):
         return "invalid_signature", payload
-    signed = AttestationContext(
-        str(payload.get("streamId")), str(payload.get("mailFrom")), str(payload.get("rcptTo"))
-    )
+    signed = AttestationContext(str(payload.get("streamId")), str(payload.get("mailFrom")), str(payload.get("rcptTo")))
     if signed.digest() != expected.digest():
         return "context_mismatch", payload
     return "ok", payload

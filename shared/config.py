@@ -184,9 +184,7 @@ class RelayConfig:
 # --- loading ---------------------------------------------------------------------------------
 
 
-def load_config(
-    path: str | Path | None = None, environ: Mapping[str, str] | None = None
-) -> RelayConfig:
+def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> RelayConfig:
     """`path`, else $RELAY_CONFIG, else relay/config.json if present, else defaults; then env."""
     environ = os.environ if environ is None else environ
     chosen = Path(path) if path else Path(environ["RELAY_CONFIG"]) if environ.get("RELAY_CONFIG") else None
@@ -227,9 +225,7 @@ def _env_name(path: tuple[str, ...]) -> str:
     return ENV_PREFIX + "_".join(re.sub(r"(?<!^)(?=[A-Z])", "_", part).upper() for part in path)
 
 
-def _apply_env(
-    document: dict[str, Any], cls: Any, path: tuple[str, ...], environ: Mapping[str, str]
-) -> None:
+def _apply_env(document: dict[str, Any], cls: Any, path: tuple[str, ...], environ: Mapping[str, str]) -> None:
     for name, hint in get_type_hints(cls).items():
         field_path = (*path, name)
         if dataclasses.is_dataclass(hint):

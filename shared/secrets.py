@@ -64,8 +64,7 @@ def check_secret_status(status: os.stat_result, path: str | Path, *, purpose: st
     forbidden = FORBIDDEN_MODE_BITS_ROOT_OWNED if status.st_uid == ROOT_UID else FORBIDDEN_MODE_BITS
     if mode & forbidden:
         raise SecretFileError(
-            f"{purpose}: {path} has mode {mode:04o}; it must not be readable by group or others "
-            f"(chmod 600 {path})"
+            f"{purpose}: {path} has mode {mode:04o}; it must not be readable by group or others (chmod 600 {path})"
         )
 
 

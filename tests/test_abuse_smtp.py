@@ -88,8 +88,10 @@ class HonestSender(threading.Thread):
 
     def assert_served_since(self, since: float) -> None:
         """At least one transaction completed with 250 after `since` (i.e. during the attack)."""
-        poll_until(lambda: any(at > since for at, _ in self.finished) or self.error,
-                   message="honest sender starved during the attack")
+        poll_until(
+            lambda: any(at > since for at, _ in self.finished) or self.error,
+            message="honest sender starved during the attack",
+        )
         assert self.error is None, self.error
 
     def stop(self) -> None:
@@ -201,7 +203,8 @@ def unstuffed(data: bytes) -> bytes:
 
 
 @pytest.mark.parametrize(
-    "fake_end", [b"\n.\r\n", b"\r\n.\n", b"\r.\r\n", b"\n.\n", b"\r\n.\r", b"\r.\r"],
+    "fake_end",
+    [b"\n.\r\n", b"\r\n.\n", b"\r.\r\n", b"\n.\n", b"\r\n.\r", b"\r.\r"],
     ids=["LF.CRLF", "CRLF.LF", "CR.CRLF", "LF.LF", "CRLF.CR", "CR.CR"],
 )
 def test_smuggled_end_of_data_never_turns_one_message_into_two(
@@ -209,8 +212,11 @@ def test_smuggled_end_of_data_never_turns_one_message_into_two(
 ) -> None:
     attack_started = time.monotonic()
     content = (
-        b"Subject: one\r\n\r\nfirst part" + fake_end
-        + b"MAIL FROM:<evil@attacker.example>\r\nRCPT TO:<" + address(victim).encode() + b">\r\nDATA\r\n"
+        b"Subject: one\r\n\r\nfirst part"
+        + fake_end
+        + b"MAIL FROM:<evil@attacker.example>\r\nRCPT TO:<"
+        + address(victim).encode()
+        + b">\r\nDATA\r\n"
         + b"Subject: smuggled\r\nFrom: ceo@victim.example\r\n\r\nsecond\r\n"
     )
     with RawClient(ingress.port) as attacker:
@@ -240,8 +246,12 @@ def test_smuggled_end_of_data_never_turns_one_message_into_two(
     ],
 )
 def test_no_recipient_outside_our_personas_is_accepted(
-    ingress: InProcessIngress, honest: HonestSender, victim: str, redis_client: redis.Redis,
-    recipient: str, reply: bytes,
+    ingress: InProcessIngress,
+    honest: HonestSender,
+    victim: str,
+    redis_client: redis.Redis,
+    recipient: str,
+    reply: bytes,
 ) -> None:
     attack_started = time.monotonic()
     with RawClient(ingress.port) as attacker:
@@ -255,8 +265,10 @@ def test_no_recipient_outside_our_personas_is_accepted(
 
 
 def test_without_mail_domains_only_persona_keys_are_accepted_and_only_into_their_inbox(
-    start_ingress: StartIngress, honest_factory: Callable[[InProcessIngress], HonestSender],
-    victim: str, redis_client: redis.Redis,
+    start_ingress: StartIngress,
+    honest_factory: Callable[[InProcessIngress], HonestSender],
+    victim: str,
+    redis_client: redis.Redis,
 ) -> None:
     ingress = start_ingress(RELAY_MAIL_DOMAINS="[]")
     honest = honest_factory(ingress)
@@ -306,8 +318,10 @@ def test_a_client_dripping_one_byte_at_a_time_is_cut_at_the_command_timeout_with
 
 
 def test_a_client_that_stops_mid_data_is_cut_with_421_and_nothing_is_queued(
-    start_ingress: StartIngress, honest_factory: Callable[[InProcessIngress], HonestSender],
-    victim: str, redis_client: redis.Redis,
+    start_ingress: StartIngress,
+    honest_factory: Callable[[InProcessIngress], HonestSender],
+    victim: str,
+    redis_client: redis.Redis,
 ) -> None:
     ingress = start_ingress(RELAY_SMTP_COMMAND_TIMEOUT_SECONDS="1")
     honest = honest_factory(ingress)
@@ -448,7 +462,8 @@ def test_a_client_talking_before_the_greeting_gets_554_then_503_until_quit(
     redis_client.client_pause(PAUSE_MS)
     with RawClient(ingress.port, read_greeting=False) as attacker:
         attacker.send(
-            b"EHLO early.example\r\nMAIL FROM:<a@early.example>\r\nRCPT TO:<" + address(victim).encode()
+            b"EHLO early.example\r\nMAIL FROM:<a@early.example>\r\nRCPT TO:<"
+            + address(victim).encode()
             + b">\r\nDATA\r\n"
         )
         assert attacker.reply() == [b"554 5.5.1 protocol error: command sent before the greeting"]
@@ -515,8 +530,12 @@ def test_a_connection_flood_from_one_ip_gets_421_while_another_ip_is_served(
     ],
 )
 def test_cr_in_envelope_addresses_is_refused(
-    ingress: InProcessIngress, honest: HonestSender, victim: str, redis_client: redis.Redis,
-    command: bytes, reply: bytes,
+    ingress: InProcessIngress,
+    honest: HonestSender,
+    victim: str,
+    redis_client: redis.Redis,
+    command: bytes,
+    reply: bytes,
 ) -> None:
     attack_started = time.monotonic()
     with RawClient(ingress.port) as attacker:

@@ -338,8 +338,9 @@ async def test_replayed_mismatched_foreign_and_wrong_length_challenges(spawn: An
         await refused(target, response_to(attacker, challenge_id, attacker.sign_base64(text)), "challenge_mismatch")
         # Signatures of the wrong length, and the attacker's signature under the victim's key.
         for forged in (signature[:63], signature + b"\x00", os.urandom(65)):
-            await refused(target, response_to(victim, challenge_id, base64.b64encode(forged).decode()),
-                          "invalid_signature")
+            await refused(
+                target, response_to(victim, challenge_id, base64.b64encode(forged).decode()), "invalid_signature"
+            )
         await refused(target, response_to(victim, challenge_id, attacker.sign_base64(text)), "invalid_signature")
         await refused(target, response_to(victim, challenge_id, ""), "invalid_signature_encoding")
         await refused(target, response_to(victim, challenge_id, "!!!not base64!!!"), "invalid_signature_encoding")
@@ -477,9 +478,7 @@ async def test_silent_connection_flood_is_bounded(spawn: Any, redis_client: redi
 
         sampler = asyncio.ensure_future(sample_fds())
         outcomes = await asyncio.gather(
-            *(
-                silent_connection(target.port, ip, upgrade, opening) for ip, upgrade in flood_plan()
-            )
+            *(silent_connection(target.port, ip, upgrade, opening) for ip, upgrade in flood_plan())
         )
         sampler.cancel()
         tally = Counter(outcomes)
@@ -502,7 +501,8 @@ async def test_silent_connection_flood_is_bounded(spawn: Any, redis_client: redi
     upgrades_per_ip = Counter(ip for ip, upgrade in flood_plan() if upgrade)
     assert tally["close 4401 auth_timeout"] >= sum(min(count, cap) for count in upgrades_per_ip.values())
     await eventually(
-        lambda: target.open_fds() <= baseline_fds + 8, timeout_s=15,
+        lambda: target.open_fds() <= baseline_fds + 8,
+        timeout_s=15,
         message=f"descriptors did not return to the baseline {baseline_fds}",
     )
 
@@ -611,8 +611,12 @@ async def test_outbound_abuse_is_refused_and_never_reaches_arq(
             stream_id = str(uuid.uuid4())
             await client.send_outbound(stream_id, mail_from, rcpt_to, data)
             result = await client.next_of_type("relay_delivery_result")
-            assert result == {"type": "relay_delivery_result", "streamId": stream_id, "status": "failed",
-                              "error": reason}, (mail_from, rcpt_to)
+            assert result == {
+                "type": "relay_delivery_result",
+                "streamId": stream_id,
+                "status": "failed",
+                "error": reason,
+            }, (mail_from, rcpt_to)
         accepted = [str(uuid.uuid4()) for _ in range(3)]
         for stream_id in [*accepted, "over-the-rate"]:
             await client.send_outbound(stream_id, own, "a@example.org", message)

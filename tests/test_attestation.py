@@ -14,7 +14,10 @@ CONTEXT = AttestationContext("qabc.0", "alice@example.com", "persona@relay.test"
 def test_payload_is_compact_json_in_the_originals_key_order() -> None:
     signer = Passport.generate()
     attestation = create_attestation(
-        signer, "relay-1", CONTEXT, {"spf": "pass", "dkim": "fail", "dmarc": "unknown"},
+        signer,
+        "relay-1",
+        CONTEXT,
+        {"spf": "pass", "dkim": "fail", "dmarc": "unknown"},
         issued_at="2026-11-25T10:00:00.000Z",
     )
     payload = base64.b64decode(attestation["payloadBase64"])

@@ -81,8 +81,16 @@ def test_world_or_group_writable_or_readable_key_is_refused_with_its_mode(tmp_pa
 
 @pytest.mark.parametrize(
     ("mode", "uid", "allowed"),
-    [(0o600, 1000, True), (0o400, 1000, True), (0o640, 1000, False), (0o440, 1000, False),
-     (0o440, 0, True), (0o640, 0, True), (0o660, 0, False), (0o444, 0, False)],
+    [
+        (0o600, 1000, True),
+        (0o400, 1000, True),
+        (0o640, 1000, False),
+        (0o440, 1000, False),
+        (0o440, 0, True),
+        (0o640, 0, True),
+        (0o660, 0, False),
+        (0o444, 0, False),
+    ],
 )
 def test_group_read_is_allowed_only_for_root_owned_files(mode: int, uid: int, allowed: bool) -> None:
     """Kubernetes projects a `defaultMode: 0400` Secret with `fsGroup` as root-owned 0440."""
@@ -204,7 +212,9 @@ def test_attestation_of_authenticated_mail_verifies_with_pass_signals(
     assert payload is not None
     assert payload["signals"] == {"spf": "pass", "dkim": "pass", "dmarc": "pass"}
     assert (payload["streamId"], payload["mailFrom"], payload["rcptTo"]) == (
-        entry.stream_id, f"bounce@{SENDER_DOMAIN}", address(persona)
+        entry.stream_id,
+        f"bounce@{SENDER_DOMAIN}",
+        address(persona),
     )
     issued_at = datetime.strptime(str(payload["issuedAt"]), "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
     assert abs(issued_at.timestamp() - time.time()) < 60
@@ -271,7 +281,9 @@ def refused_start(spawn: Spawn, **env: str) -> tuple[int, str]:
 
 def test_attestation_without_a_key_file_exits_non_zero_with_a_clear_message(spawn: Spawn, tmp_path: Path) -> None:
     code, logs = refused_start(
-        spawn, RELAY_ATTESTATION_ENABLED="true", RELAY_ATTESTATION_KEY_ID=KEY_ID,
+        spawn,
+        RELAY_ATTESTATION_ENABLED="true",
+        RELAY_ATTESTATION_KEY_ID=KEY_ID,
         RELAY_ATTESTATION_SIGNING_PRIVATE_KEY_PATH=str(tmp_path / "missing.pem"),
     )
     assert code != 0
@@ -282,7 +294,9 @@ def test_attestation_without_a_key_file_exits_non_zero_with_a_clear_message(spaw
 def test_a_world_readable_attestation_key_stops_the_start_without_leaking_it(spawn: Spawn, tmp_path: Path) -> None:
     path = write_key(tmp_path / "open.pem", Passport.generate(), 0o644)
     code, logs = refused_start(
-        spawn, RELAY_ATTESTATION_ENABLED="true", RELAY_ATTESTATION_KEY_ID=KEY_ID,
+        spawn,
+        RELAY_ATTESTATION_ENABLED="true",
+        RELAY_ATTESTATION_KEY_ID=KEY_ID,
         RELAY_ATTESTATION_SIGNING_PRIVATE_KEY_PATH=str(path),
     )
     assert code != 0

@@ -40,8 +40,12 @@ async def test_the_gateway_receives_an_attestation_it_can_verify(spawn: Spawn, t
     with DnsServer(sender_zones()) as dns_server:
         smtp_port, ws_port = free_port(), free_port()
         spawn(
-            "ingress", port=smtp_port, RELAY_SMTP_PORT=str(smtp_port), RELAY_SMTP_HOSTNAME="mx.relay.test",
-            RELAY_ATTESTATION_ENABLED="true", RELAY_ATTESTATION_KEY_ID=KEY_ID,
+            "ingress",
+            port=smtp_port,
+            RELAY_SMTP_PORT=str(smtp_port),
+            RELAY_SMTP_HOSTNAME="mx.relay.test",
+            RELAY_ATTESTATION_ENABLED="true",
+            RELAY_ATTESTATION_KEY_ID=KEY_ID,
             RELAY_ATTESTATION_SIGNING_PRIVATE_KEY_PATH=str(relay_key_path),
             RELAY_SMTP_AUTH_NAMESERVERS=json.dumps([dns_server.nameserver]),
         )

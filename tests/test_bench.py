@@ -15,8 +15,14 @@ FIGURES = {"ingress_rate", "inbound_latency", "tunnel_throughput", "egress_rate"
 
 
 def test_ratio_is_median_over_median_and_target_compares_it() -> None:
-    metric = Metric("rate", "msg/s", rounds=[90.0, 100.0, 300.0], baseline_rounds=[50.0, 60.0, 40.0],
-                    baseline_name="bare", target=Target("ratio_at_least", 1.8))
+    metric = Metric(
+        "rate",
+        "msg/s",
+        rounds=[90.0, 100.0, 300.0],
+        baseline_rounds=[50.0, 60.0, 40.0],
+        baseline_name="bare",
+        target=Target("ratio_at_least", 1.8),
+    )
     summary = metric.summary()
     assert summary["value"] == {"median": 100.0, "min": 90.0, "max": 300.0, "n": 3}
     assert summary["ratio"] == 2.0
@@ -29,7 +35,11 @@ def test_ratio_is_median_over_median_and_target_compares_it() -> None:
 def test_smoke_run_measures_every_figure_and_writes_both_reports(tmp_path: Path) -> None:
     completed = subprocess.run(
         [sys.executable, "-m", "bench", "--smoke", "--out", str(tmp_path)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S, check=False,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=SMOKE_TIMEOUT_S,
+        check=False,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     document = json.loads((tmp_path / "report.json").read_text())

@@ -143,7 +143,9 @@ def test_cli_exits_non_zero_with_the_field_named(tmp_path: Path) -> None:
     path = write(tmp_path, {"smtp": {"maxMessageBytes": -1}})
     result = subprocess.run(
         [sys.executable, "-m", "protege_relay.cli", "ingress", "--config", str(path)],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 2
     assert "smtp.maxMessageBytes" in result.stderr

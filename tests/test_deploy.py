@@ -90,9 +90,7 @@ def test_kustomization_applies_every_manifest_into_one_namespace() -> None:
     assert sorted(kustomization["resources"]) == [path.name for path in MANIFESTS]
     namespace = kustomization["namespace"]
     assert list(resources_of_kind("Namespace")) == [namespace]
-    assert {item["metadata"].get("namespace") for item in k8s_resources() if item["kind"] != "Namespace"} == {
-        namespace
-    }
+    assert {item["metadata"].get("namespace") for item in k8s_resources() if item["kind"] != "Namespace"} == {namespace}
 
 
 def test_every_tier_has_a_deployment_following_the_matrix() -> None:
@@ -153,9 +151,7 @@ def test_config_and_secrets_are_mounted_read_only() -> None:
         (container,) = pod["containers"]
         volumes = {volume["name"]: volume for volume in pod["volumes"]}
         mounts = {mount["name"]: mount for mount in container["volumeMounts"]}
-        config_mount = next(
-            mount for volume_name, mount in mounts.items() if "configMap" in volumes[volume_name]
-        )
+        config_mount = next(mount for volume_name, mount in mounts.items() if "configMap" in volumes[volume_name])
         assert volumes[config_mount["name"]]["configMap"]["name"] == config_map["metadata"]["name"]
         assert env_of(container)["RELAY_CONFIG"]["value"] == config_mount["mountPath"]
         for volume_name, volume in volumes.items():

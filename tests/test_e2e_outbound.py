@@ -65,8 +65,15 @@ def start_relay(
         urls, processes = [], []
         for index in range(tunnels):
             port = free_port()
-            processes.append(spawn("tunnel", port=port, RELAY_PORT=str(port), RELAY_MAIL_DOMAINS=DOMAIN,
-                                   RELAY_NODE_ID=f"tunnel-{index}"))
+            processes.append(
+                spawn(
+                    "tunnel",
+                    port=port,
+                    RELAY_PORT=str(port),
+                    RELAY_MAIL_DOMAINS=DOMAIN,
+                    RELAY_NODE_ID=f"tunnel-{index}",
+                )
+            )
             urls.append(f"ws://127.0.0.1:{port}/ws")
         env = {
             "RELAY_EGRESS_NAMESERVERS": json.dumps([dns_server.nameserver]),
@@ -96,9 +103,27 @@ def run_send(
     message_path = tmp_path / "message.eml"
     message_path.write_bytes(MESSAGE)
     done = subprocess.run(
-        [sys.executable, "-m", "protege_relay.cli", "send", "--key", str(key_path), "--url", relay.tunnel_urls[0],
-         "--from", mail_from, "--to", rcpt_to, "--timeout", str(GATEWAY_RESULT_WINDOW_S), str(message_path)],
-        cwd=REPO_ROOT, env=service_env(relay.redis_url), capture_output=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "protege_relay.cli",
+            "send",
+            "--key",
+            str(key_path),
+            "--url",
+            relay.tunnel_urls[0],
+            "--from",
+            mail_from,
+            "--to",
+            rcpt_to,
+            "--timeout",
+            str(GATEWAY_RESULT_WINDOW_S),
+            str(message_path),
+        ],
+        cwd=REPO_ROOT,
+        env=service_env(relay.redis_url),
+        capture_output=True,
+        timeout=60,
     )
     lines = [json.loads(line) for line in done.stdout.decode().splitlines() if line.startswith("{")]
     return done.returncode, lines
@@ -123,16 +148,31 @@ def test_sent_mail_reaches_the_mx_and_the_gateway_gets_the_queue_id(
     assert elapsed < GATEWAY_RESULT_WINDOW_S
 
 
-@pytest.mark.parametrize(("rcpt_to", "sink_options", "expected"), [
-    ("nobody@example.test", {"rcpt_reply": "550 5.1.1 user unknown"},
-     {"error": "smtp_5xx: 550 5.1.1 user unknown", "permanent": True, "smtpCode": 550, "enhancedCode": "5.1.1"}),
-    ("user@nullmx.test", {}, {"error": "null_mx", "permanent": True}),
-    ("user@example.test", {"data_replies": ["451 4.3.0 try again later"] * 3},
-     {"error": "smtp_4xx: 451 4.3.0 try again later", "permanent": False, "smtpCode": 451, "attempts": 2}),
-], ids=["5xx", "null-mx", "4xx-exhausted"])
+@pytest.mark.parametrize(
+    ("rcpt_to", "sink_options", "expected"),
+    [
+        (
+            "nobody@example.test",
+            {"rcpt_reply": "550 5.1.1 user unknown"},
+            {"error": "smtp_5xx: 550 5.1.1 user unknown", "permanent": True, "smtpCode": 550, "enhancedCode": "5.1.1"},
+        ),
+        ("user@nullmx.test", {}, {"error": "null_mx", "permanent": True}),
+        (
+            "user@example.test",
+            {"data_replies": ["451 4.3.0 try again later"] * 3},
+            {"error": "smtp_4xx: 451 4.3.0 try again later", "permanent": False, "smtpCode": 451, "attempts": 2},
+        ),
+    ],
+    ids=["5xx", "null-mx", "4xx-exhausted"],
+)
 def test_failures_arrive_as_failed_results_with_codes(
-    start_relay: Callable[..., Relay], persona: tuple[Passport, Path], smtp_port: int, tmp_path: Path,
-    rcpt_to: str, sink_options: dict[str, Any], expected: dict[str, Any],
+    start_relay: Callable[..., Relay],
+    persona: tuple[Passport, Path],
+    smtp_port: int,
+    tmp_path: Path,
+    rcpt_to: str,
+    sink_options: dict[str, Any],
+    expected: dict[str, Any],
 ) -> None:
     passport, key_path = persona
     relay = start_relay(RELAY_EGRESS_MAX_ATTEMPTS="2")
@@ -196,7 +236,8 @@ async def test_same_stream_id_sent_twice_is_delivered_once(
         first = await next_result(client)
         await client.send_outbound(stream_id, mail_from, "user@example.test", MESSAGE)
         await asyncio.to_thread(
-            poll_until, lambda: redis_client.zcard(keys.EGRESS_QUEUE) == 0, 10, message="job still queued")
+            poll_until, lambda: redis_client.zcard(keys.EGRESS_QUEUE) == 0, 10, message="job still queued"
+        )
         await client.send_json({"type": "ping"})
         await client.next_of_type("pong")
         await client.close()

@@ -47,14 +47,18 @@ def deliverer(
 async def test_message_is_sent_to_the_preferred_mx(dns_server: DnsServer, smtp_port: int) -> None:
     with MxSink("127.0.0.2", smtp_port) as mx1, MxSink("127.0.0.3", smtp_port) as mx2:
         report = await deliverer(dns_server, smtp_port).deliver(
-            "example.test", "p@relay.test", ["user@example.test"], MESSAGE)
+            "example.test", "p@relay.test", ["user@example.test"], MESSAGE
+        )
     outcome = report.outcomes["user@example.test"]
     [received] = mx1.received()
     assert outcome.disposition is Disposition.SENT and outcome.message_id == received.queue_id
     assert (outcome.smtp_code, outcome.enhanced_code) == (250, "2.0.0")
     assert received.data == MESSAGE
     assert (received.mail_from, received.rcpt_tos, received.helo) == (
-        "p@relay.test", ["user@example.test"], "egress.relay.test")
+        "p@relay.test",
+        ["user@example.test"],
+        "egress.relay.test",
+    )
     assert mx2.received() == [] and report.host == "mx1.example.test"
 
 
@@ -68,7 +72,8 @@ async def test_null_sender_is_sent_as_empty_reverse_path(dns_server: DnsServer, 
 async def test_unreachable_first_mx_falls_through_to_the_second(dns_server: DnsServer, smtp_port: int) -> None:
     with MxSink("127.0.0.3", smtp_port) as mx2:  # nothing listens on 127.0.0.2
         report = await deliverer(dns_server, smtp_port).deliver(
-            "example.test", "p@relay.test", ["user@example.test"], MESSAGE)
+            "example.test", "p@relay.test", ["user@example.test"], MESSAGE
+        )
     assert report.outcomes["user@example.test"].sent
     assert len(mx2.received()) == 1 and report.host == "mx2.example.test"
     assert report.skipped == ["mx1.example.test[127.0.0.2]:connection_failed"]
@@ -85,7 +90,8 @@ async def test_hanging_mx_times_out_and_the_next_one_is_used(dns_server: DnsServ
     with HangingServer("127.0.0.2", smtp_port) as hanging, MxSink("127.0.0.3", smtp_port) as mx2:
         started = time.monotonic()
         report = await deliverer(dns_server, smtp_port, timeout_s=1).deliver(
-            "example.test", "p@relay.test", ["user@example.test"], MESSAGE)
+            "example.test", "p@relay.test", ["user@example.test"], MESSAGE
+        )
         elapsed = time.monotonic() - started
     assert report.outcomes["user@example.test"].sent and len(mx2.received()) == 1
     assert hanging.connections and elapsed < 4
@@ -94,17 +100,23 @@ async def test_hanging_mx_times_out_and_the_next_one_is_used(dns_server: DnsServ
 async def test_5xx_recipient_refusal_is_permanent(dns_server: DnsServer, smtp_port: int) -> None:
     with MxSink("127.0.0.2", smtp_port, rcpt_reply="550 5.1.1 user unknown") as mx1:
         report = await deliverer(dns_server, smtp_port).deliver(
-            "example.test", "p@relay.test", ["nobody@example.test"], MESSAGE)
+            "example.test", "p@relay.test", ["nobody@example.test"], MESSAGE
+        )
     outcome = report.outcomes["nobody@example.test"]
     assert (outcome.disposition, outcome.smtp_code, outcome.enhanced_code, outcome.error) == (
-        Disposition.PERMANENT, 550, "5.1.1", "smtp_5xx: 550 5.1.1 user unknown")
+        Disposition.PERMANENT,
+        550,
+        "5.1.1",
+        "smtp_5xx: 550 5.1.1 user unknown",
+    )
     assert mx1.received() == []
 
 
 async def test_4xx_at_data_is_temporary(dns_server: DnsServer, smtp_port: int) -> None:
     with MxSink("127.0.0.2", smtp_port, data_replies=["451 4.3.0 try again later"]) as mx1:
         report = await deliverer(dns_server, smtp_port).deliver(
-            "example.test", "p@relay.test", ["user@example.test"], MESSAGE)
+            "example.test", "p@relay.test", ["user@example.test"], MESSAGE
+        )
     outcome = report.outcomes["user@example.test"]
     assert (outcome.disposition, outcome.smtp_code) == (Disposition.TEMPORARY, 451)
     assert mx1.data_payloads == [MESSAGE] and mx1.received() == []
@@ -114,12 +126,16 @@ async def test_recipients_of_one_domain_share_one_transaction(dns_server: DnsSer
     refusals = {"gone@example.test": "550 5.1.1 no such user"}
     with MxSink("127.0.0.2", smtp_port, rcpt_replies=refusals) as mx1:
         report = await deliverer(dns_server, smtp_port).deliver(
-            "example.test", "p@relay.test", ["a@example.test", "gone@example.test", "b@example.test"], MESSAGE)
+            "example.test", "p@relay.test", ["a@example.test", "gone@example.test", "b@example.test"], MESSAGE
+        )
     [received] = mx1.received()
     assert received.rcpt_tos == ["a@example.test", "b@example.test"]
     assert report.connections == 1
     assert [report.outcomes[r].disposition for r in ("a@example.test", "gone@example.test", "b@example.test")] == [
-        Disposition.SENT, Disposition.PERMANENT, Disposition.SENT]
+        Disposition.SENT,
+        Disposition.PERMANENT,
+        Disposition.SENT,
+    ]
 
 
 @pytest.fixture
@@ -130,7 +146,8 @@ def ca() -> trustme.CA:
 async def test_starttls_is_used_when_offered(dns_server: DnsServer, smtp_port: int, ca: trustme.CA) -> None:
     with MxSink("127.0.0.2", smtp_port, tls_cert=ca.issue_cert("someone-else.test")) as mx1:
         report = await deliverer(dns_server, smtp_port).deliver(
-            "example.test", "p@relay.test", ["user@example.test"], MESSAGE)
+            "example.test", "p@relay.test", ["user@example.test"], MESSAGE
+        )
     assert report.outcomes["user@example.test"].sent and report.tls
     assert mx1.received()[0].tls and mx1.received()[0].data == MESSAGE
 
@@ -141,10 +158,13 @@ async def test_verified_tls_checks_the_mx_name(
     bundle = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(bundle))
     monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
-    with MxSink("127.0.0.2", smtp_port, tls_cert=ca.issue_cert("wrong-name.test")) as mx1, \
-         MxSink("127.0.0.3", smtp_port, tls_cert=ca.issue_cert("mx2.example.test")) as mx2:
+    with (
+        MxSink("127.0.0.2", smtp_port, tls_cert=ca.issue_cert("wrong-name.test")) as mx1,
+        MxSink("127.0.0.3", smtp_port, tls_cert=ca.issue_cert("mx2.example.test")) as mx2,
+    ):
         report = await deliverer(dns_server, smtp_port, verify=True).deliver(
-            "example.test", "p@relay.test", ["user@example.test"], MESSAGE)
+            "example.test", "p@relay.test", ["user@example.test"], MESSAGE
+        )
     assert report.outcomes["user@example.test"].sent
     assert mx1.received() == [] and mx2.received()[0].tls
     assert report.skipped == ["mx1.example.test[127.0.0.2]:tls_failed"]
@@ -184,17 +204,17 @@ async def test_cached_connection_refused_at_mail_is_replaced_by_a_new_one(
     dns_server: DnsServer, smtp_port: int
 ) -> None:
     sender = deliverer(dns_server, smtp_port, pool=SmtpPool(idle_s=30, max_uses=100))
-    with MxSink("127.0.0.2", smtp_port, reused_mail_reply="421 4.4.2 idle too long") as mx1, \
-            MxSink("127.0.0.3", smtp_port) as mx2:
+    with (
+        MxSink("127.0.0.2", smtp_port, reused_mail_reply="421 4.4.2 idle too long") as mx1,
+        MxSink("127.0.0.3", smtp_port) as mx2,
+    ):
         assert await send_n(sender, 2) == [True, True]
         await sender.close()
     first, second = mx1.received()
     assert first.peer != second.peer and mx2.received() == []  # same host again, not the next MX
 
 
-async def test_connection_closed_by_the_server_while_cached_is_not_used(
-    dns_server: DnsServer, smtp_port: int
-) -> None:
+async def test_connection_closed_by_the_server_while_cached_is_not_used(dns_server: DnsServer, smtp_port: int) -> None:
     sender = deliverer(dns_server, smtp_port, pool=SmtpPool(idle_s=30, max_uses=100))
     with MxSink("127.0.0.2", smtp_port) as mx1:
         assert await send_n(sender, 1) == [True]

@@ -17,7 +17,7 @@ ZONES = {
     "mx1.example.test": {"A": ["127.0.0.2"]},
     "mx2.example.test": {"A": ["127.0.0.3"], "AAAA": ["::1"]},
     "implicit.test": {"A": ["127.0.0.4"]},
-    "nomail.test": {"TXT": ["\"no mail here\""]},
+    "nomail.test": {"TXT": ['"no mail here"']},
     "nullmx.test": {"MX": ["0 ."]},
     "equal.test": {"MX": ["10 a.equal.test.", "10 b.equal.test.", "10 c.equal.test.", "5 first.equal.test."]},
     "ghostmx.test": {"MX": ["10 ghost.ghostmx.test."]},

@@ -67,8 +67,13 @@ class Workers:
 
     def start(self, max_jobs: int, poll_delay_s: float = IDLE_POLL_S, max_tries: int = 5) -> PromptWorker:
         worker = PromptWorker(
-            functions=[func(self.job, name="job")], redis_settings=RedisSettings.from_dsn(self.redis_url),
-            queue_name=QUEUE, max_jobs=max_jobs, poll_delay=poll_delay_s, handle_signals=False, keep_result=0,
+            functions=[func(self.job, name="job")],
+            redis_settings=RedisSettings.from_dsn(self.redis_url),
+            queue_name=QUEUE,
+            max_jobs=max_jobs,
+            poll_delay=poll_delay_s,
+            handle_signals=False,
+            keep_result=0,
             max_tries=max_tries,
         )
         self.running.append((worker, asyncio.ensure_future(worker.async_run())))
@@ -94,9 +99,7 @@ async def enqueue(pool: ArqRedis, count: int, **kwargs: Any) -> None:
         assert await pool.enqueue_job("job", f"j{index}", _job_id=f"j{index}", _queue_name=QUEUE, **kwargs)
 
 
-async def test_a_finished_job_starts_the_next_without_waiting_for_the_poll(
-    pool: ArqRedis, workers: Workers
-) -> None:
+async def test_a_finished_job_starts_the_next_without_waiting_for_the_poll(pool: ArqRedis, workers: Workers) -> None:
     await enqueue(pool, 40, hold_s=0.005)
     started = time.monotonic()
     workers.start(max_jobs=2)
@@ -118,8 +121,11 @@ async def test_never_more_than_max_jobs_at_once(pool: ArqRedis, workers: Workers
 async def test_competing_workers_run_each_job_exactly_once(pool: ArqRedis, workers: Workers) -> None:
     await enqueue(pool, 60, hold_s=0.002)
     first, second = workers.start(max_jobs=4, poll_delay_s=0.01), workers.start(max_jobs=4, poll_delay_s=0.01)
-    await wait_for(lambda: first.jobs_complete + second.jobs_complete == 60, 20,
-                   f"{first.jobs_complete} + {second.jobs_complete} of 60 completed")
+    await wait_for(
+        lambda: first.jobs_complete + second.jobs_complete == 60,
+        20,
+        f"{first.jobs_complete} + {second.jobs_complete} of 60 completed",
+    )
     labels = [label for label, _ in workers.runs]
     assert len(labels) == 60 and len(set(labels)) == 60
     assert first.jobs_complete > 0 and second.jobs_complete > 0
@@ -137,6 +143,7 @@ async def test_idle_worker_notices_a_new_job_within_the_poll_delay(pool: ArqRedi
     worker = workers.start(max_jobs=2, poll_delay_s=poll_delay_s)
     await enqueue(pool, 1)
     await wait_for(lambda: worker.jobs_complete == 1, 5, "warm-up job not run")
+
     def completed(count: int) -> Callable[[], bool]:
         return lambda: worker.jobs_complete >= count
 

@@ -53,7 +53,10 @@ def test_replies_are_classified_by_code() -> None:
     assert (refused.smtp_code, refused.enhanced_code) == (550, "5.1.1")
     deferred = Outcome.from_reply(451, "try later")
     assert (deferred.disposition, deferred.error, deferred.enhanced_code) == (
-        Disposition.TEMPORARY, "smtp_4xx: 451 try later", None)
+        Disposition.TEMPORARY,
+        "smtp_4xx: 451 try later",
+        None,
+    )
 
 
 def test_backoff_is_full_jitter_capped_by_the_remaining_age() -> None:
@@ -69,7 +72,12 @@ def test_summary_reports_the_first_failed_recipient() -> None:
     outcomes = {"b@y.test": Outcome.from_reply(250, "ok"), "c@z.test": Outcome.from_reply(550, "5.1.1 no")}
     result = summarize(job, outcomes, attempt=2)
     assert (result.status, result.recipient, result.smtp_code, result.permanent, result.attempts) == (
-        "failed", "c@z.test", 550, True, 2)
+        "failed",
+        "c@z.test",
+        550,
+        True,
+        2,
+    )
     all_sent = summarize(job, {r: Outcome.from_reply(250, "queued as Q1") for r in job.rcpt_to}, 1)
     assert (all_sent.status, all_sent.message_id, all_sent.error, all_sent.permanent) == ("sent", "Q1", None, None)
 
@@ -87,8 +95,11 @@ MESSAGE = (
 
 
 def _write_key(path: Path, private_key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey, mode: int = 0o600) -> None:
-    path.write_bytes(private_key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    path.write_bytes(
+        private_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
     path.chmod(mode)
 
 
@@ -106,17 +117,24 @@ def test_dkim_signature_verifies_and_covers_configured_headers(tmp_path: Path, k
     if kind == "rsa":
         rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         public = rsa_key.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
         _write_key(tmp_path / "dkim.pem", rsa_key)
     else:
         ed_key = ed25519.Ed25519PrivateKey.generate()
         public = ed_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         _write_key(tmp_path / "dkim.pem", ed_key)
     record = f"v=DKIM1; k={kind}; p={base64.b64encode(public).decode()}".encode()
-    signer = DkimSigner(DkimConfig(
-        enabled=True, domainName="mail.example.test", keySelector="relay",
-        privateKeyPath=str(tmp_path / "dkim.pem"), headerFieldNames="From:To:Subject:Date:Return-Path",
-        skipFields="date"))
+    signer = DkimSigner(
+        DkimConfig(
+            enabled=True,
+            domainName="mail.example.test",
+            keySelector="relay",
+            privateKeyPath=str(tmp_path / "dkim.pem"),
+            headerFieldNames="From:To:Subject:Date:Return-Path",
+            skipFields="date",
+        )
+    )
     signed = signer.sign(MESSAGE)
     assert signed.endswith(MESSAGE) and signed.startswith(b"DKIM-Signature:")
     header = signed[: len(signed) - len(MESSAGE)].decode()

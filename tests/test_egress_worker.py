@@ -105,7 +105,9 @@ class Harness:
 
     async def enqueue(self, job: OutboundJob) -> Any:
         return await self.pool.enqueue_job(
-            "deliver", job.pack(), _job_id=keys.egress_job_id(job.persona_key, job.stream_id),
+            "deliver",
+            job.pack(),
+            _job_id=keys.egress_job_id(job.persona_key, job.stream_id),
             _queue_name=keys.EGRESS_QUEUE,
         )
 
@@ -159,9 +161,17 @@ async def test_message_is_delivered_with_crlf_and_the_sink_queue_id(
     assert received.data == CRLF_MESSAGE
     assert received.rcpt_tos == ["user@example.test"] and received.mail_from == f"{persona_key}@relay.test"
     assert (result.stream_id, result.status, result.message_id, result.error) == (
-        "stream-1", "sent", received.queue_id, None)
+        "stream-1",
+        "sent",
+        received.queue_id,
+        None,
+    )
     assert (result.recipient, result.smtp_code, result.enhanced_code, result.attempts) == (
-        "user@example.test", 250, "2.0.0", 1)
+        "user@example.test",
+        250,
+        "2.0.0",
+        1,
+    )
     assert elapsed < 5
     message = await eventually(lambda: wakeups.get_message(ignore_subscribe_messages=True, timeout=0.1))
     assert Wakeup.decode(message["data"]) == Wakeup(WakeupKind.RESULT, persona_key)
@@ -174,8 +184,10 @@ async def test_result_wakes_the_owner_and_live_outbound_holders_once_each(
     egress = await start_egress()
     now_ms = int(time.time() * 1000)
     await egress.redis.set(keys.owner(persona_key), "node-a")
-    await egress.redis.zadd(keys.outbound_holders(persona_key),
-                            {"node-a": now_ms + 60_000, "node-b": now_ms + 60_000, "node-gone": now_ms - 1})
+    await egress.redis.zadd(
+        keys.outbound_holders(persona_key),
+        {"node-a": now_ms + 60_000, "node-b": now_ms + 60_000, "node-gone": now_ms - 1},
+    )
     wakeups = egress.redis.pubsub()
     await wakeups.subscribe(*(keys.node_channel(node) for node in ("node-a", "node-b", "node-gone")))
     await eventually(lambda: wakeups.get_message(timeout=0.1))  # subscribe confirmations
@@ -189,8 +201,10 @@ async def test_result_wakes_the_owner_and_live_outbound_holders_once_each(
         if message is not None:
             received.append((message["channel"], message["data"]))
     expected = Wakeup(WakeupKind.RESULT, persona_key).encode()
-    assert sorted(received) == [(keys.node_channel("node-a").encode(), expected),
-                                (keys.node_channel("node-b").encode(), expected)]
+    assert sorted(received) == [
+        (keys.node_channel("node-a").encode(), expected),
+        (keys.node_channel("node-b").encode(), expected),
+    ]
     await wakeups.aclose()
 
 
@@ -202,7 +216,12 @@ async def test_permanent_refusal_is_a_failed_result_without_retry(
         await egress.enqueue(egress.job("stream-5xx", rcpt_to="nobody@example.test"))
         result = await egress.result()
     assert (result.status, result.permanent, result.smtp_code, result.enhanced_code, result.attempts) == (
-        "failed", True, 550, "5.1.1", 1)
+        "failed",
+        True,
+        550,
+        "5.1.1",
+        1,
+    )
     assert result.error == "smtp_5xx: 550 5.1.1 user unknown" and result.recipient == "nobody@example.test"
     assert mx1.received() == []
 
@@ -235,8 +254,9 @@ async def test_no_retry_past_the_max_age(start_egress: Callable[..., Awaitable[H
     egress = await start_egress(RELAY_EGRESS_MAX_AGE_SECONDS="60")
     with MxSink("127.0.0.2", smtp_port, data_replies=["421 4.4.2 closing"] * 5) as mx1:
         job = egress.job("stream-old")
-        stale = OutboundJob(job.persona_key, job.stream_id, job.mail_from, job.rcpt_to, job.data,
-                            int((time.time() - 61) * 1000))
+        stale = OutboundJob(
+            job.persona_key, job.stream_id, job.mail_from, job.rcpt_to, job.data, int((time.time() - 61) * 1000)
+        )
         await egress.enqueue(stale)
         result = await egress.result()
     assert (result.status, result.permanent, result.attempts, result.smtp_code) == ("failed", False, 1, 421)
@@ -250,12 +270,19 @@ async def test_rerun_beyond_max_attempts_publishes_a_failure_without_sending(
     job = egress.job("stream-crashed-often")
     with MxSink("127.0.0.2", smtp_port) as mx1:
         await egress.pool.enqueue_job(  # as if two earlier tries had died with their workers
-            "deliver", job.pack(), _job_id=keys.egress_job_id(job.persona_key, job.stream_id),
-            _queue_name=keys.EGRESS_QUEUE, _job_try=3,
+            "deliver",
+            job.pack(),
+            _job_id=keys.egress_job_id(job.persona_key, job.stream_id),
+            _queue_name=keys.EGRESS_QUEUE,
+            _job_try=3,
         )
         result = await egress.result()
     assert (result.status, result.error, result.permanent, result.attempts) == (
-        "failed", "max_attempts_exceeded", False, 3)
+        "failed",
+        "max_attempts_exceeded",
+        False,
+        3,
+    )
     assert mx1.data_payloads == []
 
 
@@ -265,10 +292,13 @@ async def test_retry_sends_only_to_the_domain_still_open_and_the_record_is_dropp
     egress = await start_egress(RELAY_EGRESS_ROUTES=json.dumps({"other.test": f"127.0.0.4:{smtp_port}"}))
     job = egress.job("stream-two-domains")
     # the deferring domain first: the last domain's acceptance is recorded only when the retry is scheduled
-    job = OutboundJob(job.persona_key, job.stream_id, job.mail_from, ["b@other.test", "a@example.test"],
-                      job.data, job.enqueued_at_ms)
-    with MxSink("127.0.0.2", smtp_port) as mx1, \
-            MxSink("127.0.0.4", smtp_port, data_replies=["451 4.3.0 later"]) as other:
+    job = OutboundJob(
+        job.persona_key, job.stream_id, job.mail_from, ["b@other.test", "a@example.test"], job.data, job.enqueued_at_ms
+    )
+    with (
+        MxSink("127.0.0.2", smtp_port) as mx1,
+        MxSink("127.0.0.4", smtp_port, data_replies=["451 4.3.0 later"]) as other,
+    ):
         await egress.enqueue(job)
         result = await egress.result(timeout_s=20)
     assert (result.status, result.attempts) == ("sent", 2)
@@ -288,11 +318,14 @@ async def test_first_mx_down_delivers_via_the_second(
     assert result.status == "sent" and result.message_id == mx2.received()[0].queue_id
 
 
-@pytest.mark.parametrize(("domain", "error", "permanent"), [
-    ("nullmx.test", "null_mx", True),
-    ("nowhere.test", "nxdomain", True),
-    ("broken.test", "dns_temporary", False),
-])
+@pytest.mark.parametrize(
+    ("domain", "error", "permanent"),
+    [
+        ("nullmx.test", "null_mx", True),
+        ("nowhere.test", "nxdomain", True),
+        ("broken.test", "dns_temporary", False),
+    ],
+)
 async def test_dns_failures_become_failed_results(
     start_egress: Callable[..., Awaitable[Harness]], domain: str, error: str, permanent: bool
 ) -> None:
@@ -302,9 +335,7 @@ async def test_dns_failures_become_failed_results(
     assert (result.status, result.error, result.permanent, result.attempts) == ("failed", error, permanent, 1)
 
 
-async def test_same_job_id_is_delivered_once(
-    start_egress: Callable[..., Awaitable[Harness]], smtp_port: int
-) -> None:
+async def test_same_job_id_is_delivered_once(start_egress: Callable[..., Awaitable[Harness]], smtp_port: int) -> None:
     egress = await start_egress()
     with MxSink("127.0.0.2", smtp_port) as mx1:
         job = egress.job("stream-dup")
@@ -326,14 +357,18 @@ async def test_dkim_signature_of_the_delivered_message_verifies(
 ) -> None:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     key_path = tmp_path / "dkim.pem"
-    key_path.write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     key_path.chmod(0o600)
     public = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     record = b"v=DKIM1; k=rsa; p=" + base64.b64encode(public)
     egress = await start_egress(
-        RELAY_DKIM_ENABLED="true", RELAY_DKIM_DOMAIN_NAME="relay.test", RELAY_DKIM_KEY_SELECTOR="s1",
-        RELAY_DKIM_PRIVATE_KEY_PATH=str(key_path), RELAY_DKIM_HEADER_FIELD_NAMES="from:to:subject",
+        RELAY_DKIM_ENABLED="true",
+        RELAY_DKIM_DOMAIN_NAME="relay.test",
+        RELAY_DKIM_KEY_SELECTOR="s1",
+        RELAY_DKIM_PRIVATE_KEY_PATH=str(key_path),
+        RELAY_DKIM_HEADER_FIELD_NAMES="from:to:subject",
     )
     with MxSink("127.0.0.2", smtp_port) as mx1:
         await egress.enqueue(egress.job("stream-dkim"))
@@ -358,21 +393,35 @@ def sync_results(redis_client: Any, persona_key: str) -> list[DeliveryResult]:
 async def enqueue_once(redis_url: str, job: OutboundJob) -> None:
     pool = await create_pool(arq_settings(load_config(environ={"RELAY_REDIS_URL": redis_url})))
     try:
-        await pool.enqueue_job("deliver", job.pack(), _job_id=keys.egress_job_id(job.persona_key, job.stream_id),
-                               _queue_name=keys.EGRESS_QUEUE)
+        await pool.enqueue_job(
+            "deliver",
+            job.pack(),
+            _job_id=keys.egress_job_id(job.persona_key, job.stream_id),
+            _queue_name=keys.EGRESS_QUEUE,
+        )
     finally:
         await pool.aclose()
 
 
 def test_egress_process_delivers_and_serves_health(
-    spawn: Any, redis_server: EmbeddedRedis, redis_client: Any, dns_server: DnsServer, smtp_port: int,
+    spawn: Any,
+    redis_server: EmbeddedRedis,
+    redis_client: Any,
+    dns_server: DnsServer,
+    smtp_port: int,
     persona_key: str,
 ) -> None:
     http_port = free_port()
     env = egress_env(redis_server, dns_server, smtp_port, RELAY_EGRESS_HTTP_PORT=str(http_port))
     process = spawn("egress", port=http_port, **env)
-    job = OutboundJob(persona_key, "stream-proc", f"{persona_key}@relay.test", ["user@example.test"],
-                      BARE_LF_MESSAGE, int(time.time() * 1000))
+    job = OutboundJob(
+        persona_key,
+        "stream-proc",
+        f"{persona_key}@relay.test",
+        ["user@example.test"],
+        BARE_LF_MESSAGE,
+        int(time.time() * 1000),
+    )
     with MxSink("127.0.0.2", smtp_port) as mx1:
         asyncio.run(enqueue_once(redis_server.url, job))
         [result] = poll_until(lambda: sync_results(redis_client, persona_key), 15, message="no result from the process")
@@ -387,12 +436,22 @@ def test_egress_process_delivers_and_serves_health(
 
 
 def test_job_of_a_killed_worker_runs_again_on_another_and_publishes_once(
-    spawn: Any, redis_server: EmbeddedRedis, redis_client: Any, dns_server: DnsServer, smtp_port: int,
+    spawn: Any,
+    redis_server: EmbeddedRedis,
+    redis_client: Any,
+    dns_server: DnsServer,
+    smtp_port: int,
     persona_key: str,
 ) -> None:
     env = egress_env(redis_server, dns_server, smtp_port, RELAY_EGRESS_JOB_TIMEOUT_SECONDS="3")
-    job = OutboundJob(persona_key, "stream-crash", f"{persona_key}@relay.test", ["user@example.test"],
-                      BARE_LF_MESSAGE, int(time.time() * 1000))
+    job = OutboundJob(
+        persona_key,
+        "stream-crash",
+        f"{persona_key}@relay.test",
+        ["user@example.test"],
+        BARE_LF_MESSAGE,
+        int(time.time() * 1000),
+    )
     with MxSink("127.0.0.2", smtp_port, hold_data=1) as mx1:
         first = spawn("egress", **env, RELAY_NODE_ID="egress-first")
         asyncio.run(enqueue_once(redis_server.url, job))
@@ -412,13 +471,28 @@ def test_job_of_a_killed_worker_runs_again_on_another_and_publishes_once(
 
 
 def test_domain_delivered_before_a_crash_is_not_sent_again_by_the_rerun(
-    spawn: Any, redis_server: EmbeddedRedis, redis_client: Any, dns_server: DnsServer, smtp_port: int,
+    spawn: Any,
+    redis_server: EmbeddedRedis,
+    redis_client: Any,
+    dns_server: DnsServer,
+    smtp_port: int,
     persona_key: str,
 ) -> None:
-    env = egress_env(redis_server, dns_server, smtp_port, RELAY_EGRESS_JOB_TIMEOUT_SECONDS="3",
-                     RELAY_EGRESS_ROUTES=json.dumps({"other.test": f"127.0.0.4:{smtp_port}"}))
-    job = OutboundJob(persona_key, "stream-crash-2nd", f"{persona_key}@relay.test",
-                      ["a@example.test", "b@other.test"], BARE_LF_MESSAGE, int(time.time() * 1000))
+    env = egress_env(
+        redis_server,
+        dns_server,
+        smtp_port,
+        RELAY_EGRESS_JOB_TIMEOUT_SECONDS="3",
+        RELAY_EGRESS_ROUTES=json.dumps({"other.test": f"127.0.0.4:{smtp_port}"}),
+    )
+    job = OutboundJob(
+        persona_key,
+        "stream-crash-2nd",
+        f"{persona_key}@relay.test",
+        ["a@example.test", "b@other.test"],
+        BARE_LF_MESSAGE,
+        int(time.time() * 1000),
+    )
     with MxSink("127.0.0.2", smtp_port) as mx1, MxSink("127.0.0.4", smtp_port, hold_data=1) as other:
         first = spawn("egress", **env, RELAY_NODE_ID="egress-first")
         asyncio.run(enqueue_once(redis_server.url, job))
@@ -433,11 +507,21 @@ def test_domain_delivered_before_a_crash_is_not_sent_again_by_the_rerun(
 
 
 def test_sigterm_lets_a_running_delivery_finish_before_exit(
-    spawn: Any, redis_server: EmbeddedRedis, redis_client: Any, dns_server: DnsServer, smtp_port: int,
+    spawn: Any,
+    redis_server: EmbeddedRedis,
+    redis_client: Any,
+    dns_server: DnsServer,
+    smtp_port: int,
     persona_key: str,
 ) -> None:
-    job = OutboundJob(persona_key, "stream-drain", f"{persona_key}@relay.test", ["user@example.test"],
-                      BARE_LF_MESSAGE, int(time.time() * 1000))
+    job = OutboundJob(
+        persona_key,
+        "stream-drain",
+        f"{persona_key}@relay.test",
+        ["user@example.test"],
+        BARE_LF_MESSAGE,
+        int(time.time() * 1000),
+    )
     with MxSink("127.0.0.2", smtp_port, hold_data=1) as mx1:
         egress = spawn("egress", **egress_env(redis_server, dns_server, smtp_port))
         asyncio.run(enqueue_once(redis_server.url, job))

@@ -117,13 +117,18 @@ def addresses(passports: list[Passport]) -> list[str]:
     return [f"{p.persona_key}@{DOMAIN}" for p in passports]
 
 
-async def settle_inbound(fleet: GatewayFleet, expected: dict[str, str], redis_client: redis.Redis,
-                         passports: list[Passport]) -> None:
+async def settle_inbound(
+    fleet: GatewayFleet, expected: dict[str, str], redis_client: redis.Redis, passports: list[Passport]
+) -> None:
     """Every accepted stream id reached a gateway and every inbox stream is empty again."""
-    await until(lambda: expected.keys() <= {sid for sid, _ in fleet.deliveries()}, SETTLE_TIMEOUT_S,
-                "accepted mail missing at the gateways")
-    await until(lambda: inbox_total(redis_client, passports) == 0,
-                SETTLE_TIMEOUT_S, "acknowledged entries still queued")
+    await until(
+        lambda: expected.keys() <= {sid for sid, _ in fleet.deliveries()},
+        SETTLE_TIMEOUT_S,
+        "accepted mail missing at the gateways",
+    )
+    await until(
+        lambda: inbox_total(redis_client, passports) == 0, SETTLE_TIMEOUT_S, "acknowledged entries still queued"
+    )
 
 
 def inbox_total(client: redis.Redis, passports: list[Passport]) -> int:
@@ -191,8 +196,11 @@ async def test_egress_sigkilled_mid_delivery(
             await fleet.send_outbound(fleet.gateways[index % PERSONAS], send)
 
     async def kill_mid_delivery() -> int:
-        await until(lambda: mx_sink.holding.is_set() and len(mx_sink.received()) >= OUTBOUND // 4,
-                    SETTLE_TIMEOUT_S, "egress made no progress")
+        await until(
+            lambda: mx_sink.holding.is_set() and len(mx_sink.received()) >= OUTBOUND // 4,
+            SETTLE_TIMEOUT_S,
+            "egress made no progress",
+        )
         busy = queued_jobs(redis_sync)
         first_egress.kill()
         mx_sink.release()  # the remote server answers 250 to a client that is gone
@@ -204,8 +212,11 @@ async def test_egress_sigkilled_mid_delivery(
     ledger, _, queued_at_kill = await asyncio.gather(smtp.send(plan), send_all(), kill_mid_delivery())
     try:
         await settle_inbound(fleet, ledger.stream_ids, redis_sync, passports)
-        await until(lambda: {s.stream_id for s in sends} <= fleet.results().keys(), SETTLE_TIMEOUT_S,
-                    lambda: "results missing:\n" + cluster.logs("egress"))  # type: ignore[arg-type]
+        await until(
+            lambda: {s.stream_id for s in sends} <= fleet.results().keys(),
+            SETTLE_TIMEOUT_S,
+            lambda: "results missing:\n" + cluster.logs("egress"),
+        )  # type: ignore[arg-type]
     finally:
         await fleet.stop()
     books = reconcile(ledger, fleet.deliveries())
@@ -253,8 +264,11 @@ async def test_redis_sigkilled_between_acceptance_and_delivery(
     ledger.accepted.update(before.accepted)
     try:
         await settle_inbound(fleet, ledger.stream_ids, redis_sync, passports)
-        await until(lambda: {s.stream_id for s in sends} <= fleet.results().keys(), SETTLE_TIMEOUT_S,
-                    "outbound results missing after the restart")
+        await until(
+            lambda: {s.stream_id for s in sends} <= fleet.results().keys(),
+            SETTLE_TIMEOUT_S,
+            "outbound results missing after the restart",
+        )
     finally:
         await fleet.stop()
     books = reconcile(ledger, fleet.deliveries())
@@ -302,9 +316,14 @@ async def test_redis_unreachable_during_data_is_451_and_retried(
     finally:
         await fleet.stop()
     books = reconcile(ledger, fleet.deliveries())
-    report("redis unreachable", books.line(), smtp_4xx=dict(ledger.temporary),
-           connection_errors=ledger.connection_errors, attempts=ledger.attempts,
-           accepted_twice_after_451=len(books.split_tokens))
+    report(
+        "redis unreachable",
+        books.line(),
+        smtp_4xx=dict(ledger.temporary),
+        connection_errors=ledger.connection_errors,
+        attempts=ledger.attempts,
+        accepted_twice_after_451=len(books.split_tokens),
+    )
     assert (caught_code, caught_text) == (451, "451 4.3.0 temporary failure, try again later")
     assert books.sent == MESSAGES  # every message got its 250 in the end, after retries
     # A 451 to the final dot can follow a MULTI/EXEC that Redis did commit (killed before its

@@ -42,8 +42,15 @@ def tunnel(tmp_path: Path, redis_server: EmbeddedRedis) -> Iterator[Node]:
 def queue_mail(client: redis.Redis, persona_key: str, count: int) -> None:
     """What ingress writes (one entry + byte count per message), straight into Redis."""
     for index in range(count):
-        entry = InboxEntry(f"qslow{index:05d}", 0, "s@example.org", f"{persona_key}@relay.test",
-                           os.urandom(MESSAGE_BYTES), int(time.time() * 1000), "192.0.2.1")
+        entry = InboxEntry(
+            f"qslow{index:05d}",
+            0,
+            "s@example.org",
+            f"{persona_key}@relay.test",
+            os.urandom(MESSAGE_BYTES),
+            int(time.time() * 1000),
+            "192.0.2.1",
+        )
         with client.pipeline(transaction=True) as pipe:
             pipe.xadd(keys.inbox(persona_key), {b"m": entry.pack()})
             pipe.incrby(keys.inbox_bytes(persona_key), MESSAGE_BYTES)
@@ -55,9 +62,7 @@ def pending(client: redis.Redis, persona_key: str) -> int:
     return int(summary["pending"])
 
 
-async def test_gateway_that_does_not_read_does_not_grow_tunnel_memory(
-    tunnel: Node, redis_client: redis.Redis
-) -> None:
+async def test_gateway_that_does_not_read_does_not_grow_tunnel_memory(tunnel: Node, redis_client: redis.Redis) -> None:
     passport = Passport.generate()
     pk = passport.persona_key
     assert tunnel.port is not None

@@ -55,12 +55,17 @@ async def test_gateway_with_a_wrong_clock_still_authenticates(tunnel: Node, skew
     # By its own clock the gateway thinks the challenge is long expired, or not due for hours;
     # it answers anyway, and even tells the relay its (wrong) time.
     assert (gateway_now >= expires_at) == (skew > timedelta(0))
-    await client.send_json({
-        "type": "auth_challenge_response", "publicKeyBase32": passport.persona_key,
-        "challengeId": challenge["challengeId"],
-        "signatureBase64": passport.sign_base64(challenge["challengeText"].encode()),
-        "sessionRole": "inbound", "clientTime": iso(gateway_now), "expiresAt": iso(gateway_now),
-    })
+    await client.send_json(
+        {
+            "type": "auth_challenge_response",
+            "publicKeyBase32": passport.persona_key,
+            "challengeId": challenge["challengeId"],
+            "signatureBase64": passport.sign_base64(challenge["challengeText"].encode()),
+            "sessionRole": "inbound",
+            "clientTime": iso(gateway_now),
+            "expiresAt": iso(gateway_now),
+        }
+    )
     reply = await client.next_text()
     assert reply["type"] == "auth_ok", reply
     await client.close()
@@ -76,12 +81,17 @@ async def test_challenge_expires_by_server_time_whatever_the_gateway_claims(tunn
     assert CHALLENGE_TTL_S - 0.5 < lifetime_s <= CHALLENGE_TTL_S + 0.5  # set from the server's clock
     poll_until(lambda: datetime.now(UTC) > expires_at + timedelta(milliseconds=100), CHALLENGE_TTL_S + 2)
     claimed = asked_at  # the gateway claims it is still the moment the challenge was issued
-    await client.send_json({
-        "type": "auth_challenge_response", "publicKeyBase32": passport.persona_key,
-        "challengeId": challenge["challengeId"],
-        "signatureBase64": passport.sign_base64(challenge["challengeText"].encode()),
-        "sessionRole": "inbound", "clientTime": iso(claimed), "expiresAt": iso(claimed + timedelta(hours=1)),
-    })
+    await client.send_json(
+        {
+            "type": "auth_challenge_response",
+            "publicKeyBase32": passport.persona_key,
+            "challengeId": challenge["challengeId"],
+            "signatureBase64": passport.sign_base64(challenge["challengeText"].encode()),
+            "sessionRole": "inbound",
+            "clientTime": iso(claimed),
+            "expiresAt": iso(claimed + timedelta(hours=1)),
+        }
+    )
     assert await client.next_text() == {"type": "auth_error", "code": "challenge_expired"}
     assert await client.closed() == (4401, "challenge_expired")
 

@@ -68,8 +68,9 @@ def test_keys_of_every_wrong_length_are_invalid(length: int) -> None:
         decode_public_key(("a2" * 60)[:length])
 
 
-@pytest.mark.parametrize("bad", [RFC8032_BASE32[:-1] + "1", RFC8032_BASE32[:-1] + "=", "é" * 52,
-                                 RFC8032_BASE32[:-1] + "b"])
+@pytest.mark.parametrize(
+    "bad", [RFC8032_BASE32[:-1] + "1", RFC8032_BASE32[:-1] + "=", "é" * 52, RFC8032_BASE32[:-1] + "b"]
+)
 def test_keys_outside_the_alphabet_or_with_stray_bits_are_invalid(bad: str) -> None:
     with pytest.raises(InvalidKey):
         decode_public_key(bad)
@@ -108,11 +109,16 @@ def test_keygen_prints_the_address_of_the_key_it_wrote(tmp_path: Path) -> None:
     out = tmp_path / "passport.key"
     result = subprocess.run(
         [sys.executable, "-m", "protege_relay.cli", "keygen", "--out", str(out), "--domain", "relay.test"],
-        capture_output=True, text=True, timeout=30, check=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
     )
     assert result.stdout.strip() == f"{Passport.load(out).persona_key}@relay.test"
     again = subprocess.run(
         [sys.executable, "-m", "protege_relay.cli", "keygen", "--out", str(out)],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert again.returncode == 1 and "refusing to overwrite" in again.stderr

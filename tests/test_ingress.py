@@ -382,9 +382,7 @@ def test_messages_over_the_per_ip_rate_get_451_4_7_0_at_data(
 # --- Redis unavailable --------------------------------------------------------------------
 
 
-def test_redis_down_at_rcpt_is_451_4_3_0(
-    ingress: InProcessIngress, persona: str, redis_server: EmbeddedRedis
-) -> None:
+def test_redis_down_at_rcpt_is_451_4_3_0(ingress: InProcessIngress, persona: str, redis_server: EmbeddedRedis) -> None:
     with open_session(ingress.port) as client:
         client.mail("s@example.org")
         redis_server.kill()
@@ -440,8 +438,14 @@ def test_junk_nul_bytes_and_overlong_lines_leave_the_server_working(
     sock, reader = raw_session(ingress.port)
     with sock:
         read_reply(reader)
-        for junk in (b"\x00\x00\x00\r\n", b"HELO\x00x\r\n", b"A" * 5000 + b"\r\n", b"\xff\xfe\r\n",
-                     b"MAIL FROM:<\x00>\r\n", b"EHLO " + b"h" * 2000 + b"\r\n"):
+        for junk in (
+            b"\x00\x00\x00\r\n",
+            b"HELO\x00x\r\n",
+            b"A" * 5000 + b"\r\n",
+            b"\xff\xfe\r\n",
+            b"MAIL FROM:<\x00>\r\n",
+            b"EHLO " + b"h" * 2000 + b"\r\n",
+        ):
             sock.sendall(junk)
             assert read_reply(reader)[0][:1] in (b"5", b"2")
     # a fresh client still gets served

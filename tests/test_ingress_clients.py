@@ -105,9 +105,7 @@ def test_plaintext_mail_is_still_accepted_when_tls_is_available(
     assert b" with ESMTP id " in header
 
 
-def test_failed_tls_handshake_does_not_hurt_the_server(
-    tls_ingress: InProcessIngress, persona: str
-) -> None:
+def test_failed_tls_handshake_does_not_hurt_the_server(tls_ingress: InProcessIngress, persona: str) -> None:
     untrusting = ssl.create_default_context()  # does not trust our test CA
     with open_session(tls_ingress.port) as client, pytest.raises(ssl.SSLError):
         client.starttls(context=untrusting)
@@ -120,7 +118,10 @@ def test_failed_tls_handshake_does_not_hurt_the_server(
 def swaks(port: int, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["swaks", "--server", f"127.0.0.1:{port}", "--helo", "swaks.example", "--hide-informational", *args],
-        capture_output=True, text=True, timeout=SWAKS_TIMEOUT_S, check=False,
+        capture_output=True,
+        text=True,
+        timeout=SWAKS_TIMEOUT_S,
+        check=False,
     )
 
 
@@ -132,8 +133,9 @@ def test_swaks_delivers_a_file_and_it_is_stored_exactly(
     message_path = tmp_path / "message.eml"
     message_path.write_bytes(message.removesuffix(b"\r\n"))  # swaks adds CRLF before the final dot
 
-    result = swaks(ingress.port, "--from", "swaks@example.org", "--to", address(persona, "swaks"),
-                   "--data", f"@{message_path}")
+    result = swaks(
+        ingress.port, "--from", "swaks@example.org", "--to", address(persona, "swaks"), "--data", f"@{message_path}"
+    )
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert "<-  250 2.0.0 queued as q" in result.stdout
@@ -150,9 +152,7 @@ def test_swaks_sees_the_reply_codes_of_refusals(start_ingress: StartIngress) -> 
     assert "<** 450 4.2.1 relay_rejected_recipient_not_connected" in result.stdout
 
 
-def test_swaks_over_starttls(
-    tls_ingress: InProcessIngress, persona: str, redis_client: redis.Redis
-) -> None:
+def test_swaks_over_starttls(tls_ingress: InProcessIngress, persona: str, redis_client: redis.Redis) -> None:
     result = swaks(tls_ingress.port, "--tls", "--from", "s@example.org", "--to", address(persona))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "250 2.0.0 queued as q" in result.stdout
@@ -187,8 +187,11 @@ def test_health_port_serves_readiness_and_metrics(
     status, metrics = http_get(ingress.http_port, "/metrics")
 
     assert status == 200
-    samples = {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.splitlines()
-               if line and not line.startswith("#")}
+    samples = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in metrics.splitlines()
+        if line and not line.startswith("#")
+    }
     assert samples["relay_ingress_messages_accepted_total"] >= 1
     assert samples["relay_ingress_connections_total"] >= 2
     assert samples["relay_ingress_bytes_accepted_total"] >= len(MESSAGE)
@@ -200,8 +203,9 @@ def test_health_port_serves_readiness_and_metrics(
 
 def test_disabled_smtp_serves_only_the_health_port(start_ingress: StartIngress) -> None:
     smtp_port = free_port()
-    ingress = start_ingress(RELAY_SMTP_ENABLED="false", RELAY_SMTP_PORT=str(smtp_port),
-                            RELAY_SMTP_HTTP_PORT=str(free_port()))
+    ingress = start_ingress(
+        RELAY_SMTP_ENABLED="false", RELAY_SMTP_PORT=str(smtp_port), RELAY_SMTP_HTTP_PORT=str(free_port())
+    )
     assert http_get(ingress.http_port, "/readyz")[0] == 200
     with pytest.raises(OSError):
         open_session(smtp_port)

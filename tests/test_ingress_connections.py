@@ -144,5 +144,8 @@ def test_clients_that_leave_before_the_greeting_free_their_slot(start_ingress: S
     finally:
         for sock in held:
             sock.close()
-    poll_until(lambda: REGISTRY.get_sample_value("relay_ingress_open_connections") == 0,
-               timeout_s=5, message="connections still counted open after every client left")
+    poll_until(
+        lambda: REGISTRY.get_sample_value("relay_ingress_open_connections") == 0,
+        timeout_s=5,
+        message="connections still counted open after every client left",
+    )

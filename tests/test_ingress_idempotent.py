@@ -112,9 +112,7 @@ def test_a_different_envelope_or_content_is_another_message(
     assert len(inbox_entries(redis_client, persona)) == 2
 
 
-def test_duplicates_are_counted_and_logged_apart_from_acceptances(
-    start_ingress: StartIngress, persona: str
-) -> None:
+def test_duplicates_are_counted_and_logged_apart_from_acceptances(start_ingress: StartIngress, persona: str) -> None:
     from prometheus_client import REGISTRY
 
     def sample(name: str) -> float:
@@ -138,8 +136,19 @@ def deliveries_builder(rcpt_to: list[tuple[str, str]], built: list[str]) -> Call
     def build(queue_id: str) -> list[Delivery]:
         built.append(queue_id)
         return [
-            Delivery(persona_key, InboxEntry(queue_id, index, "s@example.org", rcpt, f"id {queue_id}\r\n".encode()
-                                             + MESSAGE, 0, "192.0.2.1", None))
+            Delivery(
+                persona_key,
+                InboxEntry(
+                    queue_id,
+                    index,
+                    "s@example.org",
+                    rcpt,
+                    f"id {queue_id}\r\n".encode() + MESSAGE,
+                    0,
+                    "192.0.2.1",
+                    None,
+                ),
+            )
             for index, (persona_key, rcpt) in enumerate(rcpt_to)
         ]
 

@@ -35,11 +35,38 @@ def outcome(getaddr: Callable[[SMTP, str], object], arg: str) -> object:
 @pytest.mark.parametrize(
     "arg",
     [
-        "<a@b>", "<a@b> SIZE=100 BODY=8BITMIME", "<a@b>  \tSIZE=1", "<a@b>SIZE=1", "<a@b>(comment) X",
-        "<a@b> (comment) X", "<a.b.c+tag@x-y.example>", "<a..b@c>", "<.a@b>", "<a.@b>", "<a@b.>",
-        "<a@.b>", "<a@[192.0.2.1]>", '<"quoted local"@b>', "<@route:a@b>", "<>", "<a>", "<a@b",
-        "a@b", " <a@b>", "<a@b> ", "<a@b>\r\n", "<a b@c>", "<ü@example.org>", "<a@exämple.org>",
-        "<a@b>>", "<<a@b>>", "<a@b><c@d>", "<a@b c>", "<a(x)@b>", "<a@b(x)>", "",
+        "<a@b>",
+        "<a@b> SIZE=100 BODY=8BITMIME",
+        "<a@b>  \tSIZE=1",
+        "<a@b>SIZE=1",
+        "<a@b>(comment) X",
+        "<a@b> (comment) X",
+        "<a.b.c+tag@x-y.example>",
+        "<a..b@c>",
+        "<.a@b>",
+        "<a.@b>",
+        "<a@b.>",
+        "<a@.b>",
+        "<a@[192.0.2.1]>",
+        '<"quoted local"@b>',
+        "<@route:a@b>",
+        "<>",
+        "<a>",
+        "<a@b",
+        "a@b",
+        " <a@b>",
+        "<a@b> ",
+        "<a@b>\r\n",
+        "<a b@c>",
+        "<ü@example.org>",
+        "<a@exämple.org>",
+        "<a@b>>",
+        "<<a@b>>",
+        "<a@b><c@d>",
+        "<a@b c>",
+        "<a(x)@b>",
+        "<a@b(x)>",
+        "",
         "<25njqamcweflpvkl73j4szahhihoc4xt3ktcgjnpaingr5yhkena+news@relay.test>",
     ],
 )
@@ -53,7 +80,7 @@ def test_the_local_part_limit_applies_on_the_fast_path_too() -> None:
     assert both("<abcde@b>", local_part_limit=5)[0] == ("abcde@b", "")
 
 
-ADDRESS_CHARS = st.sampled_from(list("ab.@<>+-_ ()\t\"[]:=Z9!#~\\,;ü"))
+ADDRESS_CHARS = st.sampled_from(list('ab.@<>+-_ ()\t"[]:=Z9!#~\\,;ü'))
 
 
 @settings(max_examples=3000, deadline=None)

@@ -121,9 +121,7 @@ def test_message_rate_limit_holds_across_two_processes(spawn: Spawn, persona: st
     wait_clear_of_minute_boundary()
     assert send_raw(port_a, "s@example.org", [address(persona)], MESSAGE)[0] == 250
     assert send_raw(port_b, "s@example.org", [address(persona)], MESSAGE)[0] == 250
-    assert send_raw(port_a, "s@example.org", [address(persona)], MESSAGE) == (
-        451, b"4.7.0 relay_rejected_rate_limited"
-    )
+    assert send_raw(port_a, "s@example.org", [address(persona)], MESSAGE) == (451, b"4.7.0 relay_rejected_rate_limited")
 
 
 def test_redis_outage_is_451_then_service_resumes_when_redis_returns(

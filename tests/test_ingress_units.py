@@ -64,8 +64,17 @@ def test_key_addresses_route_to_the_persona_key(recipient: str) -> None:
 
 @pytest.mark.parametrize(
     "recipient",
-    [KEY, f"{KEY}", "postmaster@relay.test", f"{KEY[:-1]}@relay.test", f"{KEY}a@relay.test",
-     f"{KEY[:-1]}1@relay.test", f"+{KEY}@relay.test", f"{KEY}+\udcff@relay.test", f"{KEY}+\x01@relay.test"],
+    [
+        KEY,
+        f"{KEY}",
+        "postmaster@relay.test",
+        f"{KEY[:-1]}@relay.test",
+        f"{KEY}a@relay.test",
+        f"{KEY[:-1]}1@relay.test",
+        f"+{KEY}@relay.test",
+        f"{KEY}+\udcff@relay.test",
+        f"{KEY}+\x01@relay.test",
+    ],
 )
 def test_anything_else_is_recipient_invalid(recipient: str) -> None:
     assert policy.route_recipient(recipient, DOMAINS) is policy.RECIPIENT_INVALID
@@ -106,8 +115,12 @@ def test_sender_must_be_valid_utf8() -> None:
 
 def trace(**changes: object) -> TraceInfo:
     fields: dict[str, object] = dict(
-        helo="mta.example.org", client_ip="192.0.2.7", reverse_name="mta.example.org",
-        extended=True, tls=False, smtputf8=False,
+        helo="mta.example.org",
+        client_ip="192.0.2.7",
+        reverse_name="mta.example.org",
+        extended=True,
+        tls=False,
+        smtputf8=False,
     )
     fields.update(changes)
     return TraceInfo(**fields)  # type: ignore[arg-type]

@@ -133,8 +133,9 @@ async def test_three_tunnel_nodes_lose_nothing_when_one_is_killed_and_one_stoppe
     outbound_ids = {send.stream_id for send in outbound}
     try:
         await until(
-            lambda: expected.keys() <= {sid for sid, _ in fleet.deliveries()}
-            and outbound_ids <= fleet.results().keys(),
+            lambda: (
+                expected.keys() <= {sid for sid, _ in fleet.deliveries()} and outbound_ids <= fleet.results().keys()
+            ),
             SETTLE_TIMEOUT_S,
             "mail or results still missing",
         )
@@ -178,5 +179,6 @@ async def test_three_tunnel_nodes_lose_nothing_when_one_is_killed_and_one_stoppe
     # A result leaves Redis on the pong that follows it, a moment after the gateway read it.
     poll_until(
         lambda: all(redis_client.xlen(keys.results(p.persona_key)) == 0 for p in passports),
-        timeout_s=15, message="every delivered result is removed from its results stream",
+        timeout_s=15,
+        message="every delivered result is removed from its results stream",
     )

@@ -136,15 +136,24 @@ def test_malformed_control_messages_are_invalid(message: str | bytes) -> None:
 
 def test_delivery_results_have_the_compatible_shape() -> None:
     assert json.loads(delivery_result("s1", sent=True, message_id="abc")) == {
-        "type": "relay_delivery_result", "streamId": "s1", "status": "sent", "messageId": "abc",
+        "type": "relay_delivery_result",
+        "streamId": "s1",
+        "status": "sent",
+        "messageId": "abc",
     }
     assert json.loads(delivery_result("s1", sent=True)) == {
-        "type": "relay_delivery_result", "streamId": "s1", "status": "sent", "messageId": None,
+        "type": "relay_delivery_result",
+        "streamId": "s1",
+        "status": "sent",
+        "messageId": None,
     }
     failed = json.loads(delivery_result("s2", sent=False, error="sender_not_allowed", extra={"permanent": True}))
     assert failed == {
-        "type": "relay_delivery_result", "streamId": "s2", "status": "failed",
-        "error": "sender_not_allowed", "permanent": True,
+        "type": "relay_delivery_result",
+        "streamId": "s2",
+        "status": "failed",
+        "error": "sender_not_allowed",
+        "permanent": True,
     }
 
 

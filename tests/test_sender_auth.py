@@ -52,8 +52,18 @@ StartIngress = Callable[..., InProcessIngress]
 
 @pytest.mark.parametrize(
     ("result", "signal"),
-    [("pass", "pass"), ("PASS", "pass"), ("fail", "fail"), ("softfail", "fail"), ("permerror", "fail"),
-     ("temperror", "fail"), ("policy", "fail"), ("none", "unknown"), ("neutral", "unknown"), ("", "unknown")],
+    [
+        ("pass", "pass"),
+        ("PASS", "pass"),
+        ("fail", "fail"),
+        ("softfail", "fail"),
+        ("permerror", "fail"),
+        ("temperror", "fail"),
+        ("policy", "fail"),
+        ("none", "unknown"),
+        ("neutral", "unknown"),
+        ("", "unknown"),
+    ],
 )
 def test_result_tokens_map_to_signals_as_the_original_did(result: str, signal: str) -> None:
     assert signal_of(result) == signal
@@ -65,8 +75,13 @@ def test_a_timed_out_mechanism_is_unknown_not_fail() -> None:
 
 @pytest.mark.parametrize(
     ("dkim_results", "signal"),
-    [(["fail", "pass"], "pass"), (["fail", "neutral"], "fail"), ([], "unknown"), (["neutral"], "unknown"),
-     (["permerror"], "fail")],
+    [
+        (["fail", "pass"], "pass"),
+        (["fail", "neutral"], "fail"),
+        ([], "unknown"),
+        (["neutral"], "unknown"),
+        (["permerror"], "fail"),
+    ],
 )
 def test_dkim_is_pass_if_any_signature_passes_else_fail_if_any_fails(dkim_results: list[str], signal: str) -> None:
     verdict = SenderAuthVerdict(SpfResult("none"), [DkimResult(result) for result in dkim_results], DmarcResult("none"))
@@ -149,8 +164,13 @@ def test_organizational_domain_uses_the_public_suffix_list() -> None:
 
 @pytest.mark.parametrize(
     ("identifier", "from_domain", "mode", "expected"),
-    [("bounce.sender.test", "sender.test", "r", True), ("bounce.sender.test", "sender.test", "s", False),
-     ("SENDER.test.", "sender.test", "s", True), ("other.test", "sender.test", "r", False), ("", "x.test", "r", False)],
+    [
+        ("bounce.sender.test", "sender.test", "r", True),
+        ("bounce.sender.test", "sender.test", "s", False),
+        ("SENDER.test.", "sender.test", "s", True),
+        ("other.test", "sender.test", "r", False),
+        ("", "x.test", "r", False),
+    ],
 )
 def test_alignment_relaxed_and_strict(identifier: str, from_domain: str, mode: str, expected: bool) -> None:
     assert aligned(identifier, from_domain, mode) is expected
@@ -177,8 +197,14 @@ def dns_server() -> Iterator[DnsServer]:
         yield server
 
 
-def run(server: DnsServer, client_ip: str, mail_from: str, message: bytes, budget_s: float = 3.0,
-        helo: str = "mta.sender.test") -> SenderAuthVerdict:
+def run(
+    server: DnsServer,
+    client_ip: str,
+    mail_from: str,
+    message: bytes,
+    budget_s: float = 3.0,
+    helo: str = "mta.sender.test",
+) -> SenderAuthVerdict:
     resolver = build_resolver([server.nameserver])
     return evaluate(resolver, SenderFacts(client_ip, helo, mail_from, message), time.monotonic() + budget_s)
 

@@ -35,7 +35,10 @@ class DkimKey:
 
     def sign(self, message: bytes, domain: str = SENDER_DOMAIN, selector: str = SELECTOR) -> bytes:
         signature: bytes = dkim.sign(
-            message, selector.encode(), domain.encode(), self.private_pem,
+            message,
+            selector.encode(),
+            domain.encode(),
+            self.private_pem,
             include_headers=[b"from", b"to", b"subject", b"date"],
         )
         return signature + message

@@ -301,9 +301,7 @@ def test_text_after_auth() -> None:
 
 
 def test_invalid_binary_frame_after_auth_closes_4401() -> None:
-    assert authenticated_session().receive_binary(b"\x01\x09\x00\x00\x00\x00\x00") == auth_error(
-        "invalid_tunnel_frame"
-    )
+    assert authenticated_session().receive_binary(b"\x01\x09\x00\x00\x00\x00\x00") == auth_error("invalid_tunnel_frame")
 
 
 def test_replaced_session_closes_4400_without_auth_error() -> None:
@@ -329,7 +327,10 @@ def test_complete_stream_becomes_one_enqueue_action() -> None:
     [action] = feed(session, frames("s1", SENDER.upper().replace(DOMAIN.upper(), DOMAIN), "a@example.org", b"hi"))
     assert isinstance(action, EnqueueOutbound)
     assert (action.job.persona_key, action.job.stream_id, action.job.rcpt_to, action.job.data) == (
-        RFC8032_KEY, "s1", ["a@example.org"], b"hi",
+        RFC8032_KEY,
+        "s1",
+        ["a@example.org"],
+        b"hi",
     )
     assert action.job.enqueued_at_ms == NOW_MS
 
@@ -339,7 +340,8 @@ def test_interleaved_streams_are_assembled_separately() -> None:
     a, b = frames("a", SENDER, "x@example.org", b"AAAA"), frames("b", SENDER, "y@example.org", b"BB")
     actions = feed(session, [a[0], b[0], b[1], a[1], a[2], b[2]])
     assert [(x.job.stream_id, x.job.data) for x in actions if isinstance(x, EnqueueOutbound)] == [
-        ("a", b"AAAA"), ("b", b"BB"),
+        ("a", b"AAAA"),
+        ("b", b"BB"),
     ]
 
 
@@ -365,7 +367,10 @@ def test_envelope_refusals(mail_from: str, rcpt_to: str, reason: str) -> None:
 
 def test_refusal_text_is_a_failed_delivery_result() -> None:
     assert json.loads(RefuseOutbound("s", "rate_limited").text) == {
-        "type": "relay_delivery_result", "streamId": "s", "status": "failed", "error": "rate_limited",
+        "type": "relay_delivery_result",
+        "streamId": "s",
+        "status": "failed",
+        "error": "rate_limited",
     }
 
 
@@ -441,9 +446,7 @@ json_values = st.recursive(
 )
 control_like = st.fixed_dictionaries(
     {
-        "type": st.sampled_from(
-            ["auth_challenge_request", "auth_challenge_response", "smtp_ack", "ping", "x"]
-        )
+        "type": st.sampled_from(["auth_challenge_request", "auth_challenge_response", "smtp_ack", "ping", "x"])
         | json_values,
     },
     optional={
@@ -482,7 +485,9 @@ def test_binary_never_raises_before_or_after_auth(message: bytes) -> None:
 def test_check_response_never_raises(signature: bytes, signature_text: str) -> None:
     for candidate in (base64.b64encode(signature).decode(), signature_text):
         assert check_response(record(), RFC8032_KEY, candidate, NOW_MS) in (
-            None, "invalid_signature_encoding", "invalid_signature",
+            None,
+            "invalid_signature_encoding",
+            "invalid_signature",
         )
 
 

@@ -32,15 +32,19 @@ def test_run_starts_redis_and_all_three_services_and_stops_cleanly(tmp_path: Pat
     log_path = tmp_path / "run.log"
     with log_path.open("wb") as log_file:
         relay = subprocess.Popen(
-            [sys.executable, "-m", "protege_relay.cli", "run"], cwd=tmp_path, env=env,
-            stdout=log_file, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "protege_relay.cli", "run"],
+            cwd=tmp_path,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
         )
     try:
         for port in (smtp_port, tunnel_port, ingress_http, egress_http):
             wait_for_port(port, timeout_s=30, process=relay)
         poll_until(
             lambda: {line["service"] for line in ready_lines(log_path)} == {"ingress", "tunnel", "egress"},
-            timeout_s=20, message="each service logs one ready line",
+            timeout_s=20,
+            message="each service logs one ready line",
         )
 
         for port in (tunnel_port, ingress_http, egress_http):
@@ -56,15 +60,24 @@ def test_run_starts_redis_and_all_three_services_and_stops_cleanly(tmp_path: Pat
         assert store.config_get("appendonly")["appendonly"] == "yes"
 
         status = subprocess.run(
-            [sys.executable, "-m", "protege_relay.cli", "status", "--json"], cwd=tmp_path, env=env,
-            capture_output=True, text=True, timeout=30, check=True,
+            [sys.executable, "-m", "protege_relay.cli", "status", "--json"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
         )
         document = json.loads(status.stdout)
         assert document["inbox"]["entries"] == 1, document
 
         second = subprocess.run(
-            [sys.executable, "-m", "protege_relay.cli", "run"], cwd=tmp_path, env=env,
-            capture_output=True, text=True, timeout=30,
+            [sys.executable, "-m", "protege_relay.cli", "run"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
         assert second.returncode == 1 and "another protege-relay run" in second.stderr
 

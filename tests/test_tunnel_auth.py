@@ -264,9 +264,7 @@ async def test_auth_json_in_binary_messages_is_accepted(tunnel: RunningTunnel) -
 
 
 async def test_auth_attempts_over_the_ip_limit_get_4408(redis_server: EmbeddedRedis) -> None:
-    running = await RunningTunnel(
-        redis_server.url, RELAY_RATE_LIMITS_WS_AUTH_ATTEMPTS_PER_MINUTE_PER_IP="2"
-    ).start()
+    running = await RunningTunnel(redis_server.url, RELAY_RATE_LIMITS_WS_AUTH_ATTEMPTS_PER_MINUTE_PER_IP="2").start()
     try:
         passport = Passport.generate()
         for _ in range(2):

@@ -83,7 +83,9 @@ async def test_offline_entries_are_delivered_on_connect_in_64k_chunks_byte_exact
     await client.ack(got_first.stream_id)
     got_second = await client.next_inbound()
     assert (got_second.stream_id, got_second.data, got_second.start.auth_attestation) == (
-        second.stream_id, b"", None,
+        second.stream_id,
+        b"",
+        None,
     )
     await client.ack(got_second.stream_id)
     await eventually(lambda: inbox_empty(redis_client, pk), message="acked entries not removed")
@@ -109,9 +111,7 @@ async def test_entry_stays_until_smtp_ack(tunnel: RunningTunnel, redis_client: r
     await client.close()
 
 
-async def test_legacy_gateway_entry_removed_only_after_pong(
-    tunnel: RunningTunnel, redis_client: redis.Redis
-) -> None:
+async def test_legacy_gateway_entry_removed_only_after_pong(tunnel: RunningTunnel, redis_client: redis.Redis) -> None:
     passport = Passport.generate()
     pk = passport.persona_key
     entry = add_inbox_entry(redis_client, pk, b"legacy body\r\n")
@@ -153,9 +153,7 @@ async def test_unacked_message_is_sent_again_with_same_stream_id_after_reconnect
     await second.close()
 
 
-async def test_messages_arrive_in_order_and_without_wakeup(
-    tunnel: RunningTunnel, redis_client: redis.Redis
-) -> None:
+async def test_messages_arrive_in_order_and_without_wakeup(tunnel: RunningTunnel, redis_client: redis.Redis) -> None:
     passport = Passport.generate()
     pk = passport.persona_key
     client = await GatewayClient.open(tunnel.url)

@@ -62,9 +62,7 @@ async def queued(arq_pool: ArqRedis) -> list[Any]:
     return list(await arq_pool.queued_jobs(queue_name=keys.EGRESS_QUEUE))
 
 
-async def test_accepted_outbound_is_one_arq_job_even_when_sent_twice(
-    tunnel: RunningTunnel, arq_pool: ArqRedis
-) -> None:
+async def test_accepted_outbound_is_one_arq_job_even_when_sent_twice(tunnel: RunningTunnel, arq_pool: ArqRedis) -> None:
     client, passport = await connected(tunnel)
     stream_id = str(uuid.uuid4())
     message = os.urandom(100_000)
@@ -78,7 +76,10 @@ async def test_accepted_outbound_is_one_arq_job_even_when_sent_twice(
     assert jobs[0].job_id == keys.egress_job_id(passport.persona_key, stream_id)
     job = OutboundJob.unpack(jobs[0].args[0])
     assert (job.persona_key, job.stream_id, job.rcpt_to, job.data) == (
-        passport.persona_key, stream_id, ["someone@example.org"], message,
+        passport.persona_key,
+        stream_id,
+        ["someone@example.org"],
+        message,
     )
     assert job.mail_from.lower() == f"{passport.persona_key}@{DOMAIN}"
     assert client.texts.empty()  # an accepted stream gets its result later, from egress
@@ -159,22 +160,35 @@ def add_result(redis_client: redis.Redis, persona_key: str, result: DeliveryResu
     redis_client.xadd(keys.results(persona_key), {b"r": result.pack()})
 
 
-async def test_result_reaches_the_socket_with_extra_fields(
-    tunnel: RunningTunnel, redis_client: redis.Redis
-) -> None:
+async def test_result_reaches_the_socket_with_extra_fields(tunnel: RunningTunnel, redis_client: redis.Redis) -> None:
     client, passport = await connected(tunnel)
     pk = passport.persona_key
     add_result(
         redis_client,
         pk,
-        DeliveryResult("s-1", "sent", message_id="<m1@relay.test>", recipient="a@example.org", smtp_code=250,
-                       enhanced_code="2.0.0", permanent=False, attempts=1),
+        DeliveryResult(
+            "s-1",
+            "sent",
+            message_id="<m1@relay.test>",
+            recipient="a@example.org",
+            smtp_code=250,
+            enhanced_code="2.0.0",
+            permanent=False,
+            attempts=1,
+        ),
     )
     redis_client.publish(keys.node_channel(tunnel.config.node_id), Wakeup(WakeupKind.RESULT, pk).encode())
     result = await client.next_of_type("relay_delivery_result")
     assert result == {
-        "type": "relay_delivery_result", "streamId": "s-1", "status": "sent", "messageId": "<m1@relay.test>",
-        "recipient": "a@example.org", "smtpCode": 250, "enhancedCode": "2.0.0", "permanent": False, "attempts": 1,
+        "type": "relay_delivery_result",
+        "streamId": "s-1",
+        "status": "sent",
+        "messageId": "<m1@relay.test>",
+        "recipient": "a@example.org",
+        "smtpCode": 250,
+        "enhancedCode": "2.0.0",
+        "permanent": False,
+        "attempts": 1,
     }
     compatible_first = ["type", "streamId", "status", "messageId", "recipient"]
     assert list(json.loads(client.raw_texts[-1]))[:5] == compatible_first
@@ -192,7 +206,10 @@ async def test_result_written_while_offline_arrives_on_next_auth(
     await client.authenticate(passport)
     result = await client.next_of_type("relay_delivery_result")
     assert (result["streamId"], result["status"], result["error"], result["permanent"]) == (
-        "s-2", "failed", "mailbox_unavailable", True,
+        "s-2",
+        "failed",
+        "mailbox_unavailable",
+        True,
     )
     await eventually(lambda: redis_client.xlen(keys.results(pk)) == 0)
     await client.close()
@@ -262,11 +279,13 @@ async def test_result_wakeup_reaches_owner_and_outbound_holder_nodes_once_each(
             return len(received) >= 3
 
         await eventually(collect, message=f"wake-ups seen: {received}")
-        assert sorted(received) == sorted([
-            (keys.node_channel("node-a"), Wakeup(WakeupKind.RESULT, pk).encode()),
-            (keys.node_channel("node-b"), Wakeup(WakeupKind.RESULT, pk).encode()),
-            (keys.node_channel("node-a"), Wakeup(WakeupKind.INBOX, pk).encode()),
-        ])
+        assert sorted(received) == sorted(
+            [
+                (keys.node_channel("node-a"), Wakeup(WakeupKind.RESULT, pk).encode()),
+                (keys.node_channel("node-b"), Wakeup(WakeupKind.RESULT, pk).encode()),
+                (keys.node_channel("node-a"), Wakeup(WakeupKind.INBOX, pk).encode()),
+            ]
+        )
         assert listener.get_message(timeout=0.2) is None  # nothing for the expired holder, no duplicate
     finally:
         listener.close()

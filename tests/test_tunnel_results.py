@@ -54,9 +54,7 @@ async def send_stream(client: GatewayClient, passport: Passport) -> str:
     return stream_id
 
 
-async def publish_result(
-    redis_client: redis.Redis, wakeups: aioredis.Redis, persona_key: str, stream_id: str
-) -> None:
+async def publish_result(redis_client: redis.Redis, wakeups: aioredis.Redis, persona_key: str, stream_id: str) -> None:
     """What the egress does: XADD the result, then wake the owner and the outbound holders."""
     result = DeliveryResult(stream_id, "sent", message_id=f"<{stream_id}@{DOMAIN}>")
     redis_client.xadd(keys.results(persona_key), {b"r": result.pack()})

@@ -85,9 +85,7 @@ class Deliverer:
         if self._pool is not None:
             await self._pool.close()
 
-    async def deliver(
-        self, domain: str, mail_from: str, recipients: Sequence[str], message: bytes
-    ) -> DomainReport:
+    async def deliver(self, domain: str, mail_from: str, recipients: Sequence[str], message: bytes) -> DomainReport:
         """Outcome for every recipient (all in `domain`); never raises for remote problems."""
         try:
             hosts = await self._resolver.mail_hosts(domain)
@@ -112,8 +110,14 @@ class Deliverer:
                 except _SkipHost as skip:
                     last_failure = skip.outcome
                     report.skipped.append(f"{host.name}[{address}]:{skip.outcome.error}")
-                    log(logger, logging.INFO, "mail host skipped", host=host.name, address=address,
-                        error=skip.outcome.error)
+                    log(
+                        logger,
+                        logging.INFO,
+                        "mail host skipped",
+                        host=host.name,
+                        address=address,
+                        error=skip.outcome.error,
+                    )
                     continue
                 report.outcomes, report.host, report.tls = outcomes, host.name, used_tls
                 return report
@@ -136,8 +140,14 @@ class Deliverer:
             try:
                 outcomes = await self._send_and_release(key, pooled, mail_from, recipients, message)
             except _SkipHost as skip:  # nothing handed over; the cached connection may have gone stale
-                log(logger, logging.INFO, "cached connection failed; reconnecting", host=host.name,
-                    address=address, error=skip.outcome.error)
+                log(
+                    logger,
+                    logging.INFO,
+                    "cached connection failed; reconnecting",
+                    host=host.name,
+                    address=address,
+                    error=skip.outcome.error,
+                )
             else:
                 metrics.SMTP_CONNECTIONS.labels("reused").inc()
                 return outcomes, pooled.tls

@@ -80,8 +80,12 @@ class EgressService:
             stop_wait.cancel()
             if run.done():
                 error = run.exception() if not run.cancelled() else None
-                log(logger, logging.ERROR, "worker loop ended; restarting",
-                    error=type(error).__name__ if error else None)
+                log(
+                    logger,
+                    logging.ERROR,
+                    "worker loop ended; restarting",
+                    error=type(error).__name__ if error else None,
+                )
                 with contextlib.suppress(Exception):
                     await worker.close()
                 with contextlib.suppress(TimeoutError):
@@ -94,8 +98,12 @@ class EgressService:
 
     async def _drain(self, worker: Worker) -> None:
         worker.allow_pick_jobs = False
-        log(logger, logging.INFO, "stopping: draining running jobs",
-            running=sum(not task.done() for task in worker.tasks.values()))
+        log(
+            logger,
+            logging.INFO,
+            "stopping: draining running jobs",
+            running=sum(not task.done() for task in worker.tasks.values()),
+        )
         drain_timeout_s = self._config.egress.jobTimeoutSeconds + PUBLISH_MARGIN_S
         deadline = asyncio.get_running_loop().time() + drain_timeout_s
         while any(not task.done() for task in worker.tasks.values()):
@@ -109,7 +117,9 @@ class EgressService:
             worker = self._worker
             try:
                 await publish_node_info(
-                    self._redis, self._node_id, "egress",
+                    self._redis,
+                    self._node_id,
+                    "egress",
                     jobs_running=len(worker.tasks) if worker else 0,
                     jobs_complete=worker.jobs_complete if worker else 0,
                     jobs_retried=worker.jobs_retried if worker else 0,
@@ -136,14 +146,22 @@ async def serve(config: RelayConfig, stopping: asyncio.Event) -> None:
     health: HealthServer | None = None
     if config.egress.httpPort:
         health = HealthServer(
-            config.host, config.egress.httpPort, service.ready,
+            config.host,
+            config.egress.httpPort,
+            service.ready,
             refresh_metrics=lambda: refresh_backlog_metrics(redis_url(config), "egress"),
         )
         await health.start()
-    tasks = [asyncio.ensure_future(service.run_worker(stopping)),
-             asyncio.ensure_future(service.heartbeat(stopping))]
-    log(logger, logging.INFO, "ready", node_id=config.node_id, http_port=health.port if health else None,
-        queue=keys.EGRESS_QUEUE, max_jobs=config.egress.maxJobs)
+    tasks = [asyncio.ensure_future(service.run_worker(stopping)), asyncio.ensure_future(service.heartbeat(stopping))]
+    log(
+        logger,
+        logging.INFO,
+        "ready",
+        node_id=config.node_id,
+        http_port=health.port if health else None,
+        queue=keys.EGRESS_QUEUE,
+        max_jobs=config.egress.maxJobs,
+    )
     try:
         await stopping.wait()
     finally:

@@ -142,8 +142,9 @@ class MxResolver:
 
 def _by_preference(records: list[dns.rdtypes.ANY.MX.MX]) -> list[dns.rdtypes.ANY.MX.MX]:
     ordered: list[dns.rdtypes.ANY.MX.MX] = []
-    for _, group in groupby(sorted(records, key=lambda record: record.preference),
-                            key=lambda record: record.preference):
+    for _, group in groupby(
+        sorted(records, key=lambda record: record.preference), key=lambda record: record.preference
+    ):
         same_preference = list(group)
         random.shuffle(same_preference)
         ordered.extend(same_preference)

@@ -68,8 +68,9 @@ class Outcome:
         enhanced = _ENHANCED_CODE.match(text)
         enhanced_code = enhanced.group(1) if enhanced else None
         if 200 <= code < 300:
-            return cls(Disposition.SENT, smtp_code=code, enhanced_code=enhanced_code,
-                       message_id=remote_message_id(text))
+            return cls(
+                Disposition.SENT, smtp_code=code, enhanced_code=enhanced_code, message_id=remote_message_id(text)
+            )
         permanent = 500 <= code < 600
         token = f"smtp_{'5' if permanent else '4'}xx: {code} {text}".rstrip()
         disposition = Disposition.PERMANENT if permanent else Disposition.TEMPORARY

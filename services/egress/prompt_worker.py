@@ -106,12 +106,18 @@ DONE = Ending(done=True)
 class PromptWorker(Worker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        unsupported = [name for name, used in (
-            ("burst", self.burst), ("cron_jobs", self.cron_jobs), ("allow_abort_jobs", self.allow_abort_jobs),
-            ("keep_result", self.keep_result_s > 0 or self.keep_result_forever),
-            ("job hooks", self.on_job_start or self.on_job_end or self.after_job_end),
-            ("retry_jobs=False", not self.retry_jobs),
-        ) if used]
+        unsupported = [
+            name
+            for name, used in (
+                ("burst", self.burst),
+                ("cron_jobs", self.cron_jobs),
+                ("allow_abort_jobs", self.allow_abort_jobs),
+                ("keep_result", self.keep_result_s > 0 or self.keep_result_forever),
+                ("job hooks", self.on_job_start or self.on_job_end or self.after_job_end),
+                ("retry_jobs=False", not self.retry_jobs),
+            )
+            if used
+        ]
         if unsupported or len(self.functions) != 1:
             raise ValueError(f"PromptWorker runs exactly one function without {', '.join(unsupported)}")
         self._script: AsyncScript | None = None
@@ -155,14 +161,24 @@ class PromptWorker(Worker):
         try:
             reply = await self._script(
                 keys=[self.queue_name, abort_jobs_ss],
-                args=[timestamp_ms(), wanted, self.queue_read_limit, int(self.in_progress_timeout_s * 1000),
-                      finished or "", "done" if ending.done else "requeue", ending.defer_ms,
-                      in_progress_key_prefix, job_key_prefix, retry_key_prefix, RETRY_KEY_TTL_S],
+                args=[
+                    timestamp_ms(),
+                    wanted,
+                    self.queue_read_limit,
+                    int(self.in_progress_timeout_s * 1000),
+                    finished or "",
+                    "done" if ending.done else "requeue",
+                    ending.defer_ms,
+                    in_progress_key_prefix,
+                    job_key_prefix,
+                    retry_key_prefix,
+                    RETRY_KEY_TTL_S,
+                ],
             )
         finally:
             self._reserved -= wanted
         for index in range(0, len(reply), 4):
-            job_id, score, raw, job_try = reply[index:index + 4]
+            job_id, score, raw, job_try = reply[index : index + 4]
             self._start(ClaimedJob(job_id.decode(), int(float(score)), raw or None, int(job_try)))
 
     def _start(self, job: ClaimedJob) -> None:
@@ -187,7 +203,8 @@ class PromptWorker(Worker):
             return self._failed(job, "job expired")
         try:
             function_name, args, kwargs, enqueue_job_try, enqueue_time_ms = deserialize_job_raw(
-                job.raw, deserializer=self.job_deserializer)
+                job.raw, deserializer=self.job_deserializer
+            )
             function = self.functions[function_name]
         except Exception:
             return self._failed(job, "undecodable job or unknown function")
@@ -199,8 +216,13 @@ class PromptWorker(Worker):
         if job_try > max_tries:
             return self._failed(job, f"max {max_tries} tries exceeded")
         timeout_s = self.job_timeout_s if function.timeout_s is None else function.timeout_s
-        ctx = {**self.ctx, "job_id": job.job_id, "job_try": job_try,
-               "enqueue_time": ms_to_datetime(enqueue_time_ms), "score": job.score}
+        ctx = {
+            **self.ctx,
+            "job_id": job.job_id,
+            "job_try": job_try,
+            "enqueue_time": ms_to_datetime(enqueue_time_ms),
+            "score": job.score,
+        }
         try:
             async with asyncio.timeout(timeout_s):
                 await function.coroutine(ctx, *args, **kwargs)

@@ -89,8 +89,14 @@ class ResultStore:
                 keys.outbound_holders(persona_key),
             ],
             args=[
-                result.status, IDEMPOTENCY_TTL_S, result.pack(), RESULTS_STREAM_MAX_ENTRIES, self._retention_s,
-                int(time.time() * 1000), NODE_CHANNEL_PREFIX, Wakeup(WakeupKind.RESULT, persona_key).encode(),
+                result.status,
+                IDEMPOTENCY_TTL_S,
+                result.pack(),
+                RESULTS_STREAM_MAX_ENTRIES,
+                self._retention_s,
+                int(time.time() * 1000),
+                NODE_CHANNEL_PREFIX,
+                Wakeup(WakeupKind.RESULT, persona_key).encode(),
             ],
         )
         return bool(published)
@@ -107,13 +113,23 @@ class ResultStore:
 
 def _encode_outcome(outcome: Outcome) -> str:
     return json.dumps(
-        {"d": outcome.disposition.value, "e": outcome.error, "c": outcome.smtp_code,
-         "x": outcome.enhanced_code, "m": outcome.message_id},
+        {
+            "d": outcome.disposition.value,
+            "e": outcome.error,
+            "c": outcome.smtp_code,
+            "x": outcome.enhanced_code,
+            "m": outcome.message_id,
+        },
         separators=(",", ":"),
     )
 
 
 def _decode_outcome(raw: bytes) -> Outcome:
     fields = json.loads(raw)
-    return Outcome(Disposition(fields["d"]), error=fields.get("e"), smtp_code=fields.get("c"),
-                   enhanced_code=fields.get("x"), message_id=fields.get("m"))
+    return Outcome(
+        Disposition(fields["d"]),
+        error=fields.get("e"),
+        smtp_code=fields.get("c"),
+        enhanced_code=fields.get("x"),
+        message_id=fields.get("m"),
+    )

@@ -95,8 +95,9 @@ class Egress:
             verify_tls=egress.tls.verify,
         )
         return cls(
-            deliverer=Deliverer(resolver, settings, SmtpPool(idle_s=SMTP_CONNECTION_IDLE_S,
-                                                             max_uses=SMTP_CONNECTION_MAX_USES)),
+            deliverer=Deliverer(
+                resolver, settings, SmtpPool(idle_s=SMTP_CONNECTION_IDLE_S, max_uses=SMTP_CONNECTION_MAX_USES)
+            ),
             results=ResultStore(redis, retention_s=config.queue.retentionSeconds),
             policy=RetryPolicy(egress.maxAttempts, float(egress.maxAgeSeconds), float(egress.retryBaseSeconds)),
             attempt_budget_s=float(egress.jobTimeoutSeconds),
@@ -128,15 +129,19 @@ class Egress:
         if open_recipients and self._policy.may_retry(attempt, age_s):
             defer_s = backoff_s(attempt, self._policy.base_s, self._policy.max_age_s - age_s)
             await self._results.record_final(job.persona_key, job.stream_id, _unrecorded(outcomes, recorded))
-            log(logger, logging.INFO, "delivery deferred", **ids, defer_s=round(defer_s, 3),
-                error=outcomes[open_recipients[0]].error)
+            log(
+                logger,
+                logging.INFO,
+                "delivery deferred",
+                **ids,
+                defer_s=round(defer_s, 3),
+                error=outcomes[open_recipients[0]].error,
+            )
             metrics.JOBS.labels("retry").inc()
             raise Retry(defer=defer_s)
         return await self._finish(job, attempt, outcomes, ids)
 
-    async def _attempt(
-        self, job: OutboundJob, recorded: dict[str, Outcome], ids: dict[str, Any]
-    ) -> dict[str, Outcome]:
+    async def _attempt(self, job: OutboundJob, recorded: dict[str, Outcome], ids: dict[str, Any]) -> dict[str, Outcome]:
         """Final outcomes from earlier runs (`recorded`) plus this attempt's for the open recipients."""
         outcomes = dict(recorded)
         pending = [recipient for recipient in job.rcpt_to if recipient not in outcomes]
@@ -183,9 +188,18 @@ class Egress:
             if report.host is not None:
                 metrics.SMTP_SESSIONS.labels("true" if report.tls else "false").inc()
             outcomes.update(report.outcomes)
-            log(logger, logging.INFO, "domain attempt finished", **ids, domain=domain, host=report.host,
-                tls=report.tls, connections=report.connections, skipped=report.skipped,
-                dispositions=sorted({o.disposition.value for o in report.outcomes.values()}))
+            log(
+                logger,
+                logging.INFO,
+                "domain attempt finished",
+                **ids,
+                domain=domain,
+                host=report.host,
+                tls=report.tls,
+                connections=report.connections,
+                skipped=report.skipped,
+                dispositions=sorted({o.disposition.value for o in report.outcomes.values()}),
+            )
 
     def _prepare(self, job: OutboundJob, ids: dict[str, Any]) -> bytes:
         message = normalize_line_endings(job.data)
@@ -197,17 +211,21 @@ class Egress:
             log(logger, logging.WARNING, "dkim signing failed; sending unsigned", **ids, error=str(exc))
             return message
 
-    async def _finish(
-        self, job: OutboundJob, attempt: int, outcomes: dict[str, Outcome], ids: dict[str, Any]
-    ) -> str:
+    async def _finish(self, job: OutboundJob, attempt: int, outcomes: dict[str, Outcome], ids: dict[str, Any]) -> str:
         result = summarize(job, outcomes, attempt)
         published = await self._results.publish(job.persona_key, result)
-        label = "sent" if result.status == "sent" else (
-            "failed_permanent" if result.permanent else "failed_temporary")
+        label = "sent" if result.status == "sent" else ("failed_permanent" if result.permanent else "failed_temporary")
         metrics.JOBS.labels(label if published else "duplicate").inc()
-        log(logger, logging.INFO, "delivery result published" if published else "result existed already",
-            **ids, status=result.status, error=result.error, smtp_code=result.smtp_code,
-            message_id=result.message_id)
+        log(
+            logger,
+            logging.INFO,
+            "delivery result published" if published else "result existed already",
+            **ids,
+            status=result.status,
+            error=result.error,
+            smtp_code=result.smtp_code,
+            message_id=result.message_id,
+        )
         return result.status
 
 
@@ -249,8 +267,14 @@ async def deliver(ctx: dict[str, Any], packed_job: bytes) -> str:
     try:
         return await egress.run(job, attempt=int(ctx.get("job_try", 1)))
     except RedisError as exc:  # final outcomes already recorded are not sent again on the retry
-        log(logger, logging.WARNING, "redis error; job retried", persona=job.persona_key,
-            stream_id=job.stream_id, error=type(exc).__name__)
+        log(
+            logger,
+            logging.WARNING,
+            "redis error; job retried",
+            persona=job.persona_key,
+            stream_id=job.stream_id,
+            error=type(exc).__name__,
+        )
         metrics.JOBS.labels("retry").inc()
         raise Retry(defer=REDIS_RETRY_DEFER_S) from exc
     finally:

@@ -125,9 +125,7 @@ async def load_script(redis: aioredis.Redis) -> None:
     await redis.script_load(ENQUEUE_SCRIPT)
 
 
-async def enqueue(
-    redis: aioredis.Redis, digest: str, queue_id: str, deliveries_for: DeliveriesFor
-) -> Enqueued:
+async def enqueue(redis: aioredis.Redis, digest: str, queue_id: str, deliveries_for: DeliveriesFor) -> Enqueued:
     """Write `deliveries_for(queue_id)` once per digest; returns the queue id to answer with.
 
     `deliveries_for` builds the entries for a queue id (the trace header and attestations name
@@ -163,8 +161,14 @@ async def _enqueue(redis: aioredis.Redis, digest: str, queue_id: str, deliveries
             if stored is None:
                 written += len(by_persona[persona_key])
             elif stored != queue_id:  # only if the first persona's marker expired before this one's
-                log(logger, logging.WARNING, "retry stored under two queue ids",
-                    queue_id=queue_id, stored_queue_id=stored, persona=persona_key)
+                log(
+                    logger,
+                    logging.WARNING,
+                    "retry stored under two queue ids",
+                    queue_id=queue_id,
+                    stored_queue_id=stored,
+                    persona=persona_key,
+                )
     return Enqueued(queue_id, written)
 
 
@@ -180,12 +184,19 @@ def _script_call(digest: str, queue_id: str, deliveries: list[Delivery]) -> Scri
     persona_key = deliveries[0].persona_key
     packed = [delivery.entry.pack() for delivery in deliveries]
     script_keys = [
-        keys.accepted(persona_key, digest), keys.inbox(persona_key),
-        keys.inbox_bytes(persona_key), keys.owner(persona_key),
+        keys.accepted(persona_key, digest),
+        keys.inbox(persona_key),
+        keys.inbox_bytes(persona_key),
+        keys.owner(persona_key),
     ]
     args: list[Any] = [
-        queue_id, ACCEPTED_TTL_S, sum(len(delivery.entry.data) for delivery in deliveries),
-        NODE_CHANNEL_PREFIX, Wakeup(WakeupKind.INBOX, persona_key).encode(), INBOX_ENTRY_FIELD, *packed,
+        queue_id,
+        ACCEPTED_TTL_S,
+        sum(len(delivery.entry.data) for delivery in deliveries),
+        NODE_CHANNEL_PREFIX,
+        Wakeup(WakeupKind.INBOX, persona_key).encode(),
+        INBOX_ENTRY_FIELD,
+        *packed,
     ]
     return script_keys, args
 

@@ -127,8 +127,13 @@ class IngressHandler:
             async with asyncio.timeout(REDIS_CHECK_TIMEOUT_S):
                 allowed = await ratelimit.allow(self._redis, self._connection_limit, client_ip)
         except (RedisError, OSError, TimeoutError) as exc:
-            log(logger, logging.WARNING, "connection rate check failed; admitting",
-                client_ip=client_ip, error=type(exc).__name__)
+            log(
+                logger,
+                logging.WARNING,
+                "connection rate check failed; admitting",
+                client_ip=client_ip,
+                error=type(exc).__name__,
+            )
             return None
         if not allowed:
             return self._refuse(policy.CONNECTION_RATE_LIMITED, client_ip=client_ip)
@@ -168,8 +173,9 @@ class IngressHandler:
                 async with asyncio.timeout(REDIS_CHECK_TIMEOUT_S):
                     state = await self._inbox_state(route, envelope, client_ip)
             except (RedisError, OSError, TimeoutError) as exc:
-                return str(self._refuse(policy.TEMPORARY_FAILURE, client_ip=client_ip, persona=route,
-                                        error=type(exc).__name__))
+                return str(
+                    self._refuse(policy.TEMPORARY_FAILURE, client_ip=client_ip, persona=route, error=type(exc).__name__)
+                )
             refusal = policy.check_inbox(state, self._config.queue.maxMessages, self._config.queue.maxBytes)
         if refusal is not None:
             return str(self._refuse(refusal, client_ip=client_ip, persona=route))
@@ -206,20 +212,31 @@ class IngressHandler:
             # also wakes the owning tunnel node, after a duplicate too (enqueue.py)
             enqueued = await enqueue(self._redis, digest, queue_id, deliveries_for)
         except EnqueueFailed as exc:
-            return str(self._refuse(policy.TEMPORARY_FAILURE, client_ip=client_ip, queue_id=queue_id,
-                                    error=str(exc)))
+            return str(self._refuse(policy.TEMPORARY_FAILURE, client_ip=client_ip, queue_id=queue_id, error=str(exc)))
         metrics.ENQUEUE_SECONDS.observe(time.perf_counter() - started_s)
         if enqueued.entries_written:
             metrics.MESSAGES_ACCEPTED.inc()
             metrics.RECIPIENTS_ACCEPTED.inc(enqueued.entries_written)
             metrics.BYTES_ACCEPTED.inc(len(content))
             if logger.isEnabledFor(logging.INFO):
-                log(logger, logging.INFO, "accepted", queue_id=enqueued.queue_id, client_ip=client_ip,
-                    recipients=enqueued.entries_written, bytes=len(content))
+                log(
+                    logger,
+                    logging.INFO,
+                    "accepted",
+                    queue_id=enqueued.queue_id,
+                    client_ip=client_ip,
+                    recipients=enqueued.entries_written,
+                    bytes=len(content),
+                )
         else:
             metrics.DUPLICATES.inc()
-            log(logger, logging.INFO, "accepted before; not stored again", queue_id=enqueued.queue_id,
-                client_ip=client_ip)
+            log(
+                logger,
+                logging.INFO,
+                "accepted before; not stored again",
+                queue_id=enqueued.queue_id,
+                client_ip=client_ip,
+            )
         return str(policy.queued(enqueued.queue_id))
 
     async def handle_exception(self, error: Exception) -> str:
@@ -294,9 +311,7 @@ class IngressHandler:
         if self._attestation_signer is None or verdict is None:
             return None
         context = AttestationContext(stream_id, mail_from, rcpt_to)
-        return create_attestation(
-            self._attestation_signer, self._config.attestation.keyId, context, verdict.signals()
-        )
+        return create_attestation(self._attestation_signer, self._config.attestation.keyId, context, verdict.signals())
 
     def _route(self, rcpt_to: str) -> str | None:
         route = policy.route_recipient(rcpt_to, self._config.mailDomains)

@@ -97,8 +97,9 @@ async def serve(config: RelayConfig, stopping: asyncio.Event, *, drain_timeout_s
     handler = IngressHandler(
         redis, config, hostname, sender_auth=sender_authenticator(config), attestation_signer=signer
     )
-    listener = SmtpListener(handler, config.smtp, hostname, tls,
-                            max_connections_per_ip=config.rateLimits.smtpConcurrentConnectionsPerIp)
+    listener = SmtpListener(
+        handler, config.smtp, hostname, tls, max_connections_per_ip=config.rateLimits.smtpConcurrentConnectionsPerIp
+    )
 
     async def ready() -> bool:
         async with asyncio.timeout(REDIS_CALL_TIMEOUT_S):
@@ -109,19 +110,26 @@ async def serve(config: RelayConfig, stopping: asyncio.Event, *, drain_timeout_s
     try:
         if config.smtp.httpPort:
             health = HealthServer(
-                config.smtp.host, config.smtp.httpPort, ready,
+                config.smtp.host,
+                config.smtp.httpPort,
+                ready,
                 refresh_metrics=lambda: refresh_backlog_metrics(redis_url(config), "ingress"),
             )
             await health.start()
         if config.smtp.enabled:
             await listener.start()
         heartbeat = asyncio.create_task(_heartbeat(redis, config.node_id, listener))
-        log(logger, logging.INFO, "ready",
+        log(
+            logger,
+            logging.INFO,
+            "ready",
             smtp_port=listener.port if config.smtp.enabled else None,
             http_port=health.port if health else None,
-            node_id=config.node_id, tls=config.smtp.tls.enabled,
+            node_id=config.node_id,
+            tls=config.smtp.tls.enabled,
             sender_auth=config.smtp.evaluateSenderAuth or config.attestation.enabled,
-            attestation_key_id=config.attestation.keyId if signer else None)
+            attestation_key_id=config.attestation.keyId if signer else None,
+        )
         await stopping.wait()
         log(logger, logging.INFO, "stopping", open_connections=len(listener.connections))
         cut = await listener.drain(drain_timeout_s)

@@ -27,17 +27,13 @@ class Reply:
         return f"{self.code} {self.enhanced} {self.text}"
 
 
-CONNECTION_RATE_LIMITED = Reply(
-    421, "4.7.0", "relay_rejected_connection_rate_limited", "connection_rate_limited"
-)
+CONNECTION_RATE_LIMITED = Reply(421, "4.7.0", "relay_rejected_connection_rate_limited", "connection_rate_limited")
 TOO_MANY_CONNECTIONS = Reply(  # same line as the rate refusal: to the sender both mean "later"
     421, "4.7.0", "relay_rejected_connection_rate_limited", "too_many_connections"
 )
 RECIPIENT_INVALID = Reply(550, "5.1.1", "relay_rejected_recipient_invalid", "recipient_invalid")
 RELAY_ACCESS_DENIED = Reply(550, "5.7.1", "relay access denied", "relay_access_denied")
-RECIPIENT_NOT_CONNECTED = Reply(
-    450, "4.2.1", "relay_rejected_recipient_not_connected", "recipient_not_connected"
-)
+RECIPIENT_NOT_CONNECTED = Reply(450, "4.2.1", "relay_rejected_recipient_not_connected", "recipient_not_connected")
 MAILBOX_FULL = Reply(452, "4.2.2", "mailbox full", "mailbox_full")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "relay_rejected_too_many_recipients", "too_many_recipients")
 MESSAGE_TOO_LARGE = Reply(552, "5.3.4", "relay_rejected_message_too_large", "message_too_large")

@@ -58,9 +58,7 @@ MAX_COMMANDS_AFTER_REFUSAL = 10
 _REPLY_CONTROL_CHARS = re.compile(rb"[\x00-\x1f\x7f]")
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 # `<dot-atom@dot-atom>` then optional blanks, nothing that needs the RFC 5322 parser
-_PLAIN_ANGLE_ADDR = re.compile(
-    rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>[ \t]*(?![ \t(])"
-)
+_PLAIN_ANGLE_ADDR = re.compile(rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>[ \t]*(?![ \t(])")
 DEFAULT_CONNECTIONS_PER_IP = RateLimitsConfig().smtpConcurrentConnectionsPerIp
 
 
@@ -177,7 +175,7 @@ class IngressSMTP(SMTP):
         address = match.group(1)
         if self.local_part_limit and len(address.rpartition("@")[0]) > self.local_part_limit:
             return None, None
-        return address, arg[match.end():]
+        return address, arg[match.end() :]
 
     # --- replies ---------------------------------------------------------------------------
 
@@ -261,9 +259,7 @@ class SmtpListener:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            self._new_protocol, self._smtp.host, self._smtp.port, reuse_port=True
-        )
+        self._server = await loop.create_server(self._new_protocol, self._smtp.host, self._smtp.port, reuse_port=True)
 
     def _new_protocol(self) -> IngressSMTP:
         return IngressSMTP(

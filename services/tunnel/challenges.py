@@ -67,9 +67,7 @@ def normalize_key(persona_key: str) -> str:
     return persona_key.strip().lower()
 
 
-def check_response(
-    record: ChallengeRecord | None, persona_key: str, signature_base64: str, now_ms: int
-) -> str | None:
+def check_response(record: ChallengeRecord | None, persona_key: str, signature_base64: str, now_ms: int) -> str | None:
     """The first failing check's wire code, or None when the response is valid."""
     if record is None:
         return CHALLENGE_NOT_FOUND

@@ -116,8 +116,12 @@ class TunnelConnection:
             pass
         except Exception as exc:  # e.g. Redis unreachable mid-auth: the gateway retries later
             log(
-                logger, logging.ERROR, "connection failed",
-                socket_id=self.socket_id, persona=self.persona_key, error=repr(exc),
+                logger,
+                logging.ERROR,
+                "connection failed",
+                socket_id=self.socket_id,
+                persona=self.persona_key,
+                error=repr(exc),
             )
             await self.close(INTERNAL_ERROR_CODE, "internal_error")
         finally:
@@ -181,8 +185,12 @@ class TunnelConnection:
         error = task.exception()
         if error is not None and not isinstance(error, ConnectionClosed):
             log(
-                logger, logging.ERROR, "connection task failed",
-                socket_id=self.socket_id, persona=self.persona_key, error=repr(error),
+                logger,
+                logging.ERROR,
+                "connection task failed",
+                socket_id=self.socket_id,
+                persona=self.persona_key,
+                error=repr(error),
             )
             self._spawn(self.close(protocol.CLOSE_GOING_AWAY, GOING_AWAY_REASON))
 
@@ -247,8 +255,12 @@ class TunnelConnection:
     def _auth_outcome(self, code: str) -> None:
         metrics.AUTH_OUTCOMES.labels(code=code).inc()
         log(
-            logger, logging.INFO, "auth refused" if self.persona_key is None else "socket refused",
-            code=code, socket_id=self.socket_id, persona=self.persona_key or self._attempted_key,
+            logger,
+            logging.INFO,
+            "auth refused" if self.persona_key is None else "socket refused",
+            code=code,
+            socket_id=self.socket_id,
+            persona=self.persona_key or self._attempted_key,
             client_ip=self.client_ip,
         )
 
@@ -298,9 +310,15 @@ class TunnelConnection:
         await self._perform(self.session.auth_succeeded(persona_key, action.role, replaced_socket_id))
         metrics.AUTH_OUTCOMES.labels(code="ok").inc()
         log(
-            logger, logging.INFO, "auth ok",
-            code="ok", socket_id=self.socket_id, persona=persona_key, role=self.session.role,
-            replaced_socket_id=replaced_socket_id, capabilities=list(self.session.capabilities),
+            logger,
+            logging.INFO,
+            "auth ok",
+            code="ok",
+            socket_id=self.socket_id,
+            persona=persona_key,
+            role=self.session.role,
+            replaced_socket_id=replaced_socket_id,
+            capabilities=list(self.session.capabilities),
             client_ip=self.client_ip,
         )
         if self._deadline_task is not None:
@@ -321,6 +339,12 @@ class TunnelConnection:
     def _outbound_outcome(self, stream_id: str, outcome: str, **fields: Any) -> None:
         metrics.OUTBOUND_OUTCOMES.labels(outcome=outcome).inc()
         log(
-            logger, logging.INFO, "outbound " + ("accepted" if outcome in ("accepted", "duplicate") else "refused"),
-            stream_id=stream_id, reason=outcome, persona=self.persona_key, socket_id=self.socket_id, **fields,
+            logger,
+            logging.INFO,
+            "outbound " + ("accepted" if outcome in ("accepted", "duplicate") else "refused"),
+            stream_id=stream_id,
+            reason=outcome,
+            persona=self.persona_key,
+            socket_id=self.socket_id,
+            **fields,
         )

@@ -94,7 +94,9 @@ def message_frames(stream_id: str, start: protocol.SmtpStart, message: bytes) ->
     view = memoryview(message)
     for offset in range(0, len(message), protocol.MAX_CHUNK_BYTES) if message else [0]:
         yield protocol.encode_frame(
-            protocol.FrameType.SMTP_CHUNK, stream_id, view[offset : offset + protocol.MAX_CHUNK_BYTES]  # type: ignore[arg-type]
+            protocol.FrameType.SMTP_CHUNK,
+            stream_id,
+            view[offset : offset + protocol.MAX_CHUNK_BYTES],  # type: ignore[arg-type]
         )
     yield protocol.encode_frame(protocol.FrameType.SMTP_END, stream_id)
 
@@ -181,9 +183,7 @@ class InboxDelivery:
             if entries:
                 return entries
         try:
-            reply = await self._redis.xreadgroup(
-                keys.INBOX_GROUP, self._consumer, {self._stream: ">"}, count=count
-            )
+            reply = await self._redis.xreadgroup(keys.INBOX_GROUP, self._consumer, {self._stream: ">"}, count=count)
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
@@ -257,8 +257,13 @@ class InboxDelivery:
             waiter = asyncio.ensure_future(await self._ping())
         metrics.INBOUND_DELIVERED.inc()
         log(
-            logger, logging.INFO, "inbound stream delivered",
-            persona=self.persona_key, stream_id=stream_id, queue_id=entry.queue_id, bytes=len(entry.data),
+            logger,
+            logging.INFO,
+            "inbound stream delivered",
+            persona=self.persona_key,
+            stream_id=stream_id,
+            queue_id=entry.queue_id,
+            bytes=len(entry.data),
         )
         return _InFlight(entry_id, entry, waiter, time.monotonic())
 
@@ -269,8 +274,11 @@ class InboxDelivery:
             await asyncio.wait_for(asyncio.shield(oldest.waiter), max(remaining_s, 0))
         except TimeoutError:
             log(
-                logger, logging.WARNING, "inbound ack timed out, sending again",
-                persona=self.persona_key, stream_id=oldest.entry.stream_id,
+                logger,
+                logging.WARNING,
+                "inbound ack timed out, sending again",
+                persona=self.persona_key,
+                stream_id=oldest.entry.stream_id,
             )
             self._in_flight.popleft()
             self._in_flight.appendleft(await self._deliver(oldest.entry_id, oldest.entry))
@@ -285,6 +293,10 @@ class InboxDelivery:
         metrics.INBOUND_ACKED.inc()
         metrics.INBOUND_ACK_SECONDS.observe(time.monotonic() - oldest.sent_at)
         log(
-            logger, logging.INFO, "inbound stream acknowledged",
-            persona=self.persona_key, stream_id=oldest.entry.stream_id, queue_id=oldest.entry.queue_id,
+            logger,
+            logging.INFO,
+            "inbound stream acknowledged",
+            persona=self.persona_key,
+            stream_id=oldest.entry.stream_id,
+            queue_id=oldest.entry.queue_id,
         )

@@ -39,8 +39,13 @@ async def serve(config: RelayConfig, stopping: asyncio.Event) -> None:
     await node.start()
     server = await start_server(node, tls)
     log(
-        logger, logging.INFO, "ready",
-        node_id=node.node_id, host=config.host, port=bound_port(server), tls=tls is not None,
+        logger,
+        logging.INFO,
+        "ready",
+        node_id=node.node_id,
+        host=config.host,
+        port=bound_port(server),
+        tls=tls is not None,
     )
     try:
         await stopping.wait()

@@ -86,9 +86,7 @@ class TunnelNode:
                     await self.ownership.release(connection.persona_key, connection.socket_id)
         closing = [connection.close(protocol.CLOSE_GOING_AWAY, GOING_AWAY_REASON) for connection in connections]
         if closing:
-            await asyncio.wait(
-                [asyncio.ensure_future(c) for c in closing], timeout=SHUTDOWN_CLOSE_TIMEOUT_S
-            )
+            await asyncio.wait([asyncio.ensure_future(c) for c in closing], timeout=SHUTDOWN_CLOSE_TIMEOUT_S)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -294,8 +292,11 @@ class TunnelNode:
             if connection is not None and connection.socket_id == wakeup.detail:
                 del self.inbound[wakeup.persona_key]
                 log(
-                    logger, logging.INFO, "socket replaced on another node",
-                    persona=wakeup.persona_key, socket_id=connection.socket_id,
+                    logger,
+                    logging.INFO,
+                    "socket replaced on another node",
+                    persona=wakeup.persona_key,
+                    socket_id=connection.socket_id,
                 )
                 connection.evict()
 

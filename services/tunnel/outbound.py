@@ -32,6 +32,8 @@ _ADDRESS = re.compile(r'[^\s<>@,;"]+@[^\s<>@,;"]+')
 # A domain of dot-separated labels (ASCII letters, digits, hyphens, or non-ASCII for IDNs),
 # optionally fully qualified: nothing an SMTP client could be made to send as a command.
 _DOMAIN = re.compile(r"(?:(?:[A-Za-z0-9-]|[^\x00-\x7f])+\.)*(?:[A-Za-z0-9-]|[^\x00-\x7f])+\.?")
+
+
 def _bare(address: str) -> str:
     address = address.strip(" ")
     if address.startswith("<") and address.endswith(">"):

@@ -92,19 +92,26 @@ class Ownership:
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
 
-    async def claim_session(
-        self, persona_key: str, socket_id: str, *, inbound: bool, seen_ttl_s: int
-    ) -> SessionClaim:
+    async def claim_session(self, persona_key: str, socket_id: str, *, inbound: bool, seen_ttl_s: int) -> SessionClaim:
         """All of an authentication's writes in one round trip (`_CLAIM_SESSION`); an inbound
         socket takes the persona and evicts a previous socket on another node."""
         reply = await self._claim_session(
             keys=[
-                keys.seen(persona_key), keys.owner(persona_key), keys.socket(persona_key),
-                keys.inbox(persona_key), keys.results(persona_key), keys.outbound_holders(persona_key),
+                keys.seen(persona_key),
+                keys.owner(persona_key),
+                keys.socket(persona_key),
+                keys.inbox(persona_key),
+                keys.results(persona_key),
+                keys.outbound_holders(persona_key),
             ],
             args=[
-                "1" if inbound else "0", self.node_id, socket_id, OWNER_TTL_S, seen_ttl_s,
-                int(time.time() * 1000), keys.INBOX_GROUP,
+                "1" if inbound else "0",
+                self.node_id,
+                socket_id,
+                OWNER_TTL_S,
+                seen_ttl_s,
+                int(time.time() * 1000),
+                keys.INBOX_GROUP,
             ],
         )
         owner = PreviousOwner(_text(reply[0]), _text(reply[1]))

@@ -153,8 +153,12 @@ async def deliver(
             pongs[target] = await target.ping()
         except (ConnectionClosed, OSError) as exc:  # the rest waits for the next socket
             log(
-                logger, logging.INFO, "result forwarding stopped",
-                persona=persona_key, socket_id=target.socket_id, error=repr(exc),
+                logger,
+                logging.INFO,
+                "result forwarding stopped",
+                persona=persona_key,
+                socket_id=target.socket_id,
+                error=repr(exc),
             )
     delivered = 0
     for target, pong in pongs.items():
@@ -176,8 +180,12 @@ async def deliver(
             metrics.RESULTS_FORWARDED.inc()
             on_delivered(target, item.result.stream_id)
             log(
-                logger, logging.INFO, "delivery result forwarded",
-                persona=persona_key, stream_id=item.result.stream_id, status=item.result.status,
+                logger,
+                logging.INFO,
+                "delivery result forwarded",
+                persona=persona_key,
+                stream_id=item.result.stream_id,
+                status=item.result.status,
                 socket_id=target.socket_id,
             )
     return delivered

@@ -127,7 +127,13 @@ class OutboundDropped:
 
 
 Action = (
-    SendText | Close | IssueChallenge | VerifyChallenge | AckInbound | EnqueueOutbound | RefuseOutbound
+    SendText
+    | Close
+    | IssueChallenge
+    | VerifyChallenge
+    | AckInbound
+    | EnqueueOutbound
+    | RefuseOutbound
     | OutboundDropped
 )
 

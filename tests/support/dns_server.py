@@ -130,9 +130,7 @@ class DnsServer:
         elif records is None:
             response.set_rcode(dns.rcode.NXDOMAIN)
         elif texts:
-            response.answer.append(
-                dns.rrset.from_text_list(question.name, self.ttl_s, dns.rdataclass.IN, rtype, texts)
-            )
+            response.answer.append(dns.rrset.from_text_list(question.name, self.ttl_s, dns.rdataclass.IN, rtype, texts))
         return response.to_wire()
 
     def _serve_udp(self) -> None:

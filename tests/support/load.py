@@ -356,16 +356,32 @@ class GatewayFleet:
 
     async def _authenticate(self, gateway: FleetGateway, ws: ClientConnection) -> bool:
         key = gateway.persona_key
-        await ws.send(json.dumps({"type": "auth_challenge_request", "publicKeyBase32": key,
-                                  "sessionRole": "inbound", "capabilities": [INBOUND_ACK]}))
+        await ws.send(
+            json.dumps(
+                {
+                    "type": "auth_challenge_request",
+                    "publicKeyBase32": key,
+                    "sessionRole": "inbound",
+                    "capabilities": [INBOUND_ACK],
+                }
+            )
+        )
         challenge = json.loads(await asyncio.wait_for(ws.recv(), AUTH_TIMEOUT_S))
         if challenge.get("type") != "auth_challenge":
             gateway.auth_failures[str(challenge.get("code"))] += 1
             return False
         signature = gateway.passport.sign_base64(challenge["challengeText"].encode())
-        await ws.send(json.dumps({"type": "auth_challenge_response", "publicKeyBase32": key,
-                                  "challengeId": challenge["challengeId"], "signatureBase64": signature,
-                                  "sessionRole": "inbound"}))
+        await ws.send(
+            json.dumps(
+                {
+                    "type": "auth_challenge_response",
+                    "publicKeyBase32": key,
+                    "challengeId": challenge["challengeId"],
+                    "signatureBase64": signature,
+                    "sessionRole": "inbound",
+                }
+            )
+        )
         reply = json.loads(await asyncio.wait_for(ws.recv(), AUTH_TIMEOUT_S))
         if reply.get("type") != "auth_ok":
             gateway.auth_failures[str(reply.get("code"))] += 1

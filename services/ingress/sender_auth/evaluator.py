@@ -67,8 +67,13 @@ class SenderAuthenticator:
                 asyncio.get_running_loop().run_in_executor(self._executor, work), self._budget_s + WAIT_GRACE_S
             )
         except TimeoutError:
-            log(logger, logging.INFO, "sender authentication timed out", client_ip=facts.client_ip,
-                elapsed_ms=int((time.perf_counter() - started_s) * 1000))
+            log(
+                logger,
+                logging.INFO,
+                "sender authentication timed out",
+                client_ip=facts.client_ip,
+                elapsed_ms=int((time.perf_counter() - started_s) * 1000),
+            )
             return UNEVALUATED
         except Exception as exc:  # a library bug must not cost the message: signals unknown
             logger.warning("sender authentication failed", exc_info=exc)

@@ -20,9 +20,7 @@ from services.ingress.sender_auth.verdict import SpfResult
 
 logger = logging.getLogger("relay.ingress")
 
-_current_resolver: contextvars.ContextVar[BoundedResolver | None] = contextvars.ContextVar(
-    "spf_resolver", default=None
-)
+_current_resolver: contextvars.ContextVar[BoundedResolver | None] = contextvars.ContextVar("spf_resolver", default=None)
 _pyspf_lookup = spf.DNSLookup
 
 
