@@ -1,4 +1,4 @@
-"""The ingress stores a message once however often the sender submits it (services/ingress/enqueue.py).
+"""The ingress stores a message once however often the sender submits it (shared/enqueue.py).
 
 A sender retries after a 451 even when Redis had committed (the reply was lost); the retry must
 be answered with the first queue id and must not be stored again, or the gateway would get one
@@ -19,7 +19,8 @@ import redis
 import redis.asyncio as aioredis
 
 from protege_relay.embedded_redis import EmbeddedRedis
-from services.ingress.enqueue import (
+from shared import keys
+from shared.enqueue import (
     ACCEPTED_TTL_S,
     Delivery,
     EnqueueFailed,
@@ -27,7 +28,6 @@ from services.ingress.enqueue import (
     message_digest,
     new_queue_id,
 )
-from shared import keys
 from shared.payloads import InboxEntry
 from tests.test_ingress_support import (
     InProcessIngress,

@@ -12,10 +12,10 @@ import redis.asyncio as aioredis
 
 from protege_relay.embedded_redis import EmbeddedRedis
 from services.ingress import policy
-from services.ingress.enqueue import new_queue_id
 from services.ingress.policy import InboxState, Reply
 from services.ingress.received import TraceInfo, address_literal, protocol_name, received_header
 from shared import keys, ratelimit
+from shared.enqueue import new_queue_id
 from shared.identity import Passport
 
 KEY = "25njqamcweflpvkl73j4szahhihoc4xt3ktcgjnpaingr5yhkena"  # RFC 8032 test key 1

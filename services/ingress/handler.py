@@ -36,7 +36,6 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from redis.exceptions import RedisError
 
 from services.ingress import metrics, policy
-from services.ingress.enqueue import Delivery, EnqueueFailed, enqueue, message_digest, new_queue_id
 from services.ingress.policy import InboxState, Reply
 from services.ingress.received import TraceInfo, received_header
 from services.ingress.sender_auth import (
@@ -48,6 +47,7 @@ from services.ingress.sender_auth import (
 from shared import keys, ratelimit
 from shared.attestation import AttestationContext, create_attestation
 from shared.config import RelayConfig
+from shared.enqueue import Delivery, EnqueueFailed, enqueue, message_digest, new_queue_id
 from shared.identity import Passport
 from shared.logs import log
 from shared.payloads import InboxEntry

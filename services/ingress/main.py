@@ -20,12 +20,12 @@ import ssl
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from services.ingress.enqueue import load_script
 from services.ingress.handler import IngressHandler
 from services.ingress.sender_auth import SenderAuthenticator
 from services.ingress.server import SmtpListener
 from shared.backlog import refresh_backlog_metrics
 from shared.config import RelayConfig, SmtpConfig
+from shared.enqueue import load_script
 from shared.health import HealthServer
 from shared.identity import Passport
 from shared.logs import log

@@ -1,4 +1,5 @@
-"""Durable, idempotent enqueue of one accepted message: the step behind `250 2.0.0 queued as ...`.
+"""Durable, idempotent enqueue of one message into persona inboxes: the step behind `250 2.0.0 queued as ...`
+(ingress), in shared/ because any service that puts mail into an inbox must write it the same way.
 
 DESIGN.md "Inbound: accepted means durable": a persona's inbox entries and byte counter are
 written atomically (one Lua script, which Redis runs as one transaction and logs to the AOF as
@@ -49,7 +50,7 @@ from shared.logs import log
 from shared.payloads import InboxEntry
 from shared.wakeup import Wakeup, WakeupKind
 
-logger = logging.getLogger("relay.ingress")
+logger = logging.getLogger("relay.enqueue")
 
 QUEUE_ID_RANDOM_BYTES = 15
 ENQUEUE_TIMEOUT_S = 10.0
