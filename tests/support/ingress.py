@@ -1,5 +1,5 @@
 """Helpers for the ingress tests: an in-process ingress on its own event-loop thread, and
-small SMTP client conveniences. (No tests here; the name keeps it in the ingress tests' files.)
+small SMTP client conveniences.
 
 The in-process ingress runs the real `serve()` in a background thread so the tests can use
 the blocking `smtplib` and the sync Redis client exactly as an outside sender would.

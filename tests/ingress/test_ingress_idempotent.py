@@ -2,7 +2,7 @@
 
 A sender retries after a 451 even when Redis had committed (the reply was lost); the retry must
 be answered with the first queue id and must not be stored again, or the gateway would get one
-message under two stream ids. tests/test_faults.py::test_lost_exec_reply_then_retry_is_one_message_not_two
+message under two stream ids. tests/system/test_faults.py::test_lost_exec_reply_then_retry_is_one_message_not_two
 proves the lost-reply case itself through a TCP proxy; these tests pin down what "the same
 message" means and the multi-persona and concurrent cases.
 """
@@ -29,7 +29,7 @@ from shared.enqueue import (
     new_queue_id,
 )
 from shared.payloads import InboxEntry
-from tests.test_ingress_support import (
+from tests.support.ingress import (
     InProcessIngress,
     address,
     inbox_entries,

@@ -14,8 +14,8 @@ from shared.attestation import AttestationContext, verify_attestation
 from shared.identity import Passport
 from tests.support.dns_server import DnsServer
 from tests.support.processes import ServiceProcess, free_port
+from tests.support.sender_auth import HONEST_IP, SENDER_DOMAIN, dkim_key, message_from, sender_zones
 from tests.support.ws_client import GatewayClient
-from tests.test_sender_auth_support import HONEST_IP, SENDER_DOMAIN, dkim_key, message_from, sender_zones
 
 Spawn = Callable[..., ServiceProcess]
 KEY_ID = "relay-e2e"

@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from protege_relay.embedded_redis import EmbeddedRedis
 from shared import keys
 from shared.wakeup import Wakeup, WakeupKind
-from tests.test_ingress_support import (
+from tests.support.ingress import (
     InProcessIngress,
     address,
     inbox_entries,

@@ -1,6 +1,5 @@
 """Helpers for the sender-authentication tests: a sender domain with SPF, DKIM and DMARC
-records served by the local DNS server, and DKIM signing with a generated RSA key.
-(No tests here; the name keeps it in the sender-auth tests' files.)"""
+records served by the local DNS server, and DKIM signing with a generated RSA key."""
 
 from __future__ import annotations
 

@@ -26,8 +26,7 @@ from shared.identity import Passport
 from shared.payloads import InboxEntry
 from shared.secrets import SecretFileError, check_secret_status, load_signing_key, read_secret_file
 from tests.support.dns_server import DnsServer
-from tests.support.processes import ServiceProcess
-from tests.test_ingress_support import (
+from tests.support.ingress import (
     InProcessIngress,
     address,
     inbox_entries,
@@ -35,7 +34,8 @@ from tests.test_ingress_support import (
     mark_seen,
     new_persona,
 )
-from tests.test_sender_auth_support import (
+from tests.support.processes import ServiceProcess
+from tests.support.sender_auth import (
     FOREIGN_IP,
     HONEST_IP,
     SENDER_DOMAIN,

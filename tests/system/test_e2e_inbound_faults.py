@@ -13,7 +13,7 @@ from protege_relay.embedded_redis import EmbeddedRedis
 from protege_relay.gateway.receive import EXIT_TEST_CRASH
 from shared import keys
 from tests.support.processes import poll_until
-from tests.test_e2e_inbound import (
+from tests.system.test_e2e_inbound import (
     DELIVERY_TIMEOUT_S,
     SENDER,
     Gateways,
@@ -27,8 +27,8 @@ from tests.test_e2e_inbound import (
     wait_connected,
     wait_stored,
 )
-from tests.test_e2e_inbound import gateways as gateways_fixture
-from tests.test_e2e_inbound import start_relay as start_relay_fixture
+from tests.system.test_e2e_inbound import gateways as gateways_fixture
+from tests.system.test_e2e_inbound import start_relay as start_relay_fixture
 
 gateways = gateways_fixture  # the same fixtures as the happy-path tests
 start_relay = start_relay_fixture

@@ -20,8 +20,7 @@ import redis
 
 from protege_relay.embedded_redis import EmbeddedRedis
 from shared import keys
-from tests.support.processes import poll_until
-from tests.test_ingress_support import (
+from tests.support.ingress import (
     InProcessIngress,
     address,
     inbox_entries,
@@ -31,6 +30,7 @@ from tests.test_ingress_support import (
     split_trace_header,
     wait_clear_of_minute_boundary,
 )
+from tests.support.processes import poll_until
 
 StartIngress = Callable[..., InProcessIngress]
 HONEST_IP = "127.0.0.2"

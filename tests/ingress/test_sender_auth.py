@@ -25,7 +25,7 @@ from services.ingress.sender_auth.verdict import (
     signal_of,
 )
 from tests.support.dns_server import DnsServer
-from tests.test_ingress_support import (
+from tests.support.ingress import (
     InProcessIngress,
     address,
     inbox_entries,
@@ -33,7 +33,7 @@ from tests.test_ingress_support import (
     mark_seen,
     new_persona,
 )
-from tests.test_sender_auth_support import (
+from tests.support.sender_auth import (
     FOREIGN_IP,
     HONEST_IP,
     SENDER_DOMAIN,

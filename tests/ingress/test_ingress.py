@@ -18,8 +18,7 @@ import redis
 from protege_relay.embedded_redis import EmbeddedRedis
 from shared import keys
 from shared.wakeup import Wakeup, WakeupKind
-from tests.support.processes import poll_until
-from tests.test_ingress_support import (
+from tests.support.ingress import (
     InProcessIngress,
     address,
     inbox_entries,
@@ -31,6 +30,7 @@ from tests.test_ingress_support import (
     split_trace_header,
     wait_clear_of_minute_boundary,
 )
+from tests.support.processes import poll_until
 
 StartIngress = Callable[..., InProcessIngress]
 MESSAGE = b"From: a@example.org\r\nTo: b@relay.test\r\nSubject: hello\r\n\r\nbody line\r\n"

@@ -14,8 +14,7 @@ import redis
 import trustme
 
 from protege_relay.embedded_redis import EmbeddedRedis
-from tests.support.processes import free_port
-from tests.test_ingress_support import (
+from tests.support.ingress import (
     InProcessIngress,
     address,
     inbox_entries,
@@ -26,6 +25,7 @@ from tests.test_ingress_support import (
     send_raw,
     split_trace_header,
 )
+from tests.support.processes import free_port
 
 StartIngress = Callable[..., InProcessIngress]
 MESSAGE = b"Subject: via a client\r\n\r\nhello\r\n"

@@ -13,8 +13,7 @@ import redis
 
 from protege_relay.embedded_redis import EmbeddedRedis
 from shared import keys
-from tests.support.processes import ServiceProcess, free_port, poll_until
-from tests.test_ingress_support import (
+from tests.support.ingress import (
     address,
     inbox_entries,
     mark_seen,
@@ -24,6 +23,7 @@ from tests.test_ingress_support import (
     split_trace_header,
     wait_clear_of_minute_boundary,
 )
+from tests.support.processes import ServiceProcess, free_port, poll_until
 
 Spawn = Callable[..., ServiceProcess]
 MESSAGE = b"Subject: process test\r\n\r\nhello from a real process\r\n"

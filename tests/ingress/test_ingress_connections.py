@@ -18,8 +18,7 @@ from prometheus_client import REGISTRY
 
 from protege_relay.embedded_redis import EmbeddedRedis
 from shared.config import RateLimitsConfig
-from tests.support.processes import poll_until
-from tests.test_ingress_support import (
+from tests.support.ingress import (
     InProcessIngress,
     address,
     inbox_entries,
@@ -27,6 +26,7 @@ from tests.test_ingress_support import (
     mark_seen,
     new_persona,
 )
+from tests.support.processes import poll_until
 
 StartIngress = Callable[..., InProcessIngress]
 CAP = 3
