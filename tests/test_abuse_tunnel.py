@@ -96,14 +96,17 @@ async def open_client(target: Target | str, ip: str = ATTACK_IP, **options: Any)
 class HonestGateway:
     """Authenticated before the attack; proves the node still serves it during and after."""
 
-    def __init__(self, target: Target, redis_client: redis.Redis) -> None:
+    def __init__(
+        self, target: Target, redis_client: redis.Redis, ip: str = HONEST_IP, fresh_ip: str = FRESH_IP
+    ) -> None:
         self.target = target
         self.redis = redis_client
+        self.ip, self.fresh_ip = ip, fresh_ip
         self.passport = Passport.generate()
         self.client: GatewayClient | None = None
 
     async def connect(self) -> HonestGateway:
-        self.client = await open_client(self.target, HONEST_IP)
+        self.client = await open_client(self.target, self.ip)
         await self.client.authenticate(self.passport, capabilities=["inbound_ack"])
         return self
 
@@ -126,17 +129,21 @@ class HonestGateway:
         await self.client.ack(message.stream_id)
 
     async def fresh_auth_succeeds(self) -> None:
-        client = await open_client(self.target, FRESH_IP)
+        client = await open_client(self.target, self.fresh_ip)
         auth_ok = await client.authenticate(Passport.generate())
         assert auth_ok["type"] == "auth_ok"
         await client.close()
 
 
 async def while_serving_honest(
-    target: Target, redis_client: redis.Redis, attack: Callable[[], Awaitable[Any]], during_timeout_s: float = 30
+    target: Target,
+    redis_client: redis.Redis,
+    attack: Callable[[], Awaitable[Any]],
+    during_timeout_s: float = 30,
+    honest_ips: tuple[str, str] = (HONEST_IP, FRESH_IP),
 ) -> Any:
     """Run `attack` with an honest gateway connected beforehand; assert it was served throughout."""
-    honest = await HonestGateway(target, redis_client).connect()
+    honest = await HonestGateway(target, redis_client, *honest_ips).connect()
     attack_task = asyncio.get_running_loop().create_task(attack())
     during = honest.send_mail("during the attack")
     await honest.receives(during, during_timeout_s)

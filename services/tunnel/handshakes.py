@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from typing import Any
+from typing import Any, cast
 
 from websockets.asyncio.server import ServerConnection
 
@@ -66,9 +66,9 @@ def gated_connection_class(gate: HandshakeGate) -> type[ServerConnection]:
                 self._pending_ip = ip
                 return
             metrics.CONNECTIONS_REFUSED.labels(reason=TOO_MANY_PENDING).inc()
-            assert isinstance(transport, asyncio.WriteTransport)
-            transport.write(BUSY_RESPONSE)
-            transport.close()  # the handshake then ends without a request (websockets aborts)
+            writer = cast(asyncio.WriteTransport, transport)  # uvloop's is not a subclass
+            writer.write(BUSY_RESPONSE)
+            writer.close()  # the handshake then ends without a request (websockets aborts)
 
         async def handshake(self, *args: Any, **kwargs: Any) -> None:
             try:
