@@ -103,6 +103,19 @@ class WsConfig:
     authTimeoutMs: int = _field(10_000, minimum=1)  # upgrade to auth_ok; over it: auth_error auth_timeout, 4401
     maxUnauthenticatedPerIp: int = _field(256, minimum=1)  # open sockets not yet authenticated, per client IP
     resultsSweepIntervalMs: int = _field(5_000, minimum=1)  # periodic results sweep (wake-ups are the fast path)
+    # Memory before auth_ok (docs/SECURITY.md "Memory before authentication"): auth messages are
+    # under 1 KiB, so a larger one is closed 1009; ws.maxMessageBytes applies from auth_ok on.
+    maxUnauthenticatedMessageBytes: int = _field(4096, minimum=1024)
+    maxUnauthenticated: int = _field(2048, minimum=1)  # open sockets not yet authenticated, per node
+    maxPendingHandshakesPerIp: int = _field(128, minimum=1)  # TCP connections before the upgrade, per peer IP
+    maxPendingHandshakes: int = _field(1024, minimum=1)  # TCP connections before the upgrade, per node
+    # Outbound memory (docs/SECURITY.md "Memory of outbound streams"): bytes of unfinished
+    # outbound streams held by this node, and outbound-role sockets.
+    outboundAssemblyBytesPerPersona: int = _field(24 * 1024 * 1024, minimum=1)
+    outboundAssemblyBytesPerIp: int = _field(32 * 1024 * 1024, minimum=1)
+    outboundAssemblyBytes: int = _field(256 * 1024 * 1024, minimum=1)
+    maxOutboundSocketsPerPersona: int = _field(4, minimum=1)
+    maxOutboundSocketsPerIp: int = _field(64, minimum=1)
 
 
 @dataclasses.dataclass(frozen=True)

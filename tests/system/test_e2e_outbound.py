@@ -26,8 +26,15 @@ from tests.support.processes import REPO_ROOT, ServiceProcess, free_port, poll_u
 from tests.support.ws_client import GatewayClient
 
 DOMAIN = "relay.test"
-MESSAGE = b"From: persona\nTo: user@example.test\nSubject: outbound\n\nHello from the agent.\n.\n..two dots\n"
-MESSAGE_CRLF = MESSAGE.replace(b"\n", b"\r\n")
+
+
+def message_from(author: str) -> bytes:
+    """The message as a gateway writes it (bare LF), its header From the persona's address."""
+    return (
+        f"From: {author}\nTo: user@example.test\nSubject: outbound\n\nHello from the agent.\n.\n..two dots\n".encode()
+    )
+
+
 GATEWAY_RESULT_WINDOW_S = 20.0
 
 Spawn = Callable[..., ServiceProcess]
@@ -101,7 +108,7 @@ def run_send(
     relay: Relay, key_path: Path, mail_from: str, rcpt_to: str, tmp_path: Path
 ) -> tuple[int, list[dict[str, Any]]]:
     message_path = tmp_path / "message.eml"
-    message_path.write_bytes(MESSAGE)
+    message_path.write_bytes(message_from(mail_from))
     done = subprocess.run(
         [
             sys.executable,
@@ -143,7 +150,7 @@ def test_sent_mail_reaches_the_mx_and_the_gateway_gets_the_queue_id(
     assert (result["type"], result["status"]) == ("relay_delivery_result", "sent")
     assert result["messageId"] == received.queue_id
     assert (result["smtpCode"], result["attempts"], result["recipient"]) == (250, 1, "user@example.test")
-    assert received.data == MESSAGE_CRLF
+    assert received.data == message_from(f"{passport.persona_key}@{DOMAIN}").replace(b"\n", b"\r\n")
     assert (received.mail_from, received.rcpt_tos) == (f"{passport.persona_key}@{DOMAIN}", ["user@example.test"])
     assert elapsed < GATEWAY_RESULT_WINDOW_S
 
@@ -210,7 +217,8 @@ async def test_result_reaches_the_gateway_after_it_reconnected_to_another_tunnel
     with MxSink("127.0.0.2", smtp_port, hold_data=1) as mx1:
         first = await GatewayClient.open(relay.tunnel_urls[0])
         await first.authenticate(passport)
-        await first.send_outbound(stream_id, f"{passport.persona_key}@{DOMAIN}", "user@example.test", MESSAGE)
+        own = f"{passport.persona_key}@{DOMAIN}"
+        await first.send_outbound(stream_id, own, "user@example.test", message_from(own))
         assert await asyncio.to_thread(mx1.holding.wait, 15)
         await first.abort()
         second = await GatewayClient.open(relay.tunnel_urls[1])
@@ -232,9 +240,9 @@ async def test_same_stream_id_sent_twice_is_delivered_once(
     with MxSink("127.0.0.2", smtp_port) as mx1:
         client = await GatewayClient.open(relay.tunnel_urls[0])
         await client.authenticate(passport)
-        await client.send_outbound(stream_id, mail_from, "user@example.test", MESSAGE)
+        await client.send_outbound(stream_id, mail_from, "user@example.test", message_from(mail_from))
         first = await next_result(client)
-        await client.send_outbound(stream_id, mail_from, "user@example.test", MESSAGE)
+        await client.send_outbound(stream_id, mail_from, "user@example.test", message_from(mail_from))
         await asyncio.to_thread(
             poll_until, lambda: redis_client.zcard(keys.EGRESS_QUEUE) == 0, 10, message="job still queued"
         )
