@@ -153,6 +153,7 @@ class EgressConfig:
     httpPort: int = _field(9026, minimum=0)
     retryBaseSeconds: int = _field(30, minimum=0)  # backoff base: full jitter over base * 2**(try-1)
     jobTimeoutSeconds: int = _field(300, minimum=2)  # one delivery attempt; a crashed one re-runs after this
+    allowPrivateDestinations: bool = False  # connect to MX addresses in loopback/private/... ranges (SSRF guard off)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -77,6 +77,7 @@ def start_relay(
             urls.append(f"ws://127.0.0.1:{port}/ws")
         env = {
             "RELAY_EGRESS_NAMESERVERS": json.dumps([dns_server.nameserver]),
+            "RELAY_EGRESS_ALLOW_PRIVATE_DESTINATIONS": "true",  # the sinks listen on loopback
             "RELAY_EGRESS_SMTP_PORT": str(smtp_port),
             "RELAY_EGRESS_RETRY_BASE_SECONDS": "1",
             "RELAY_EGRESS_CONNECT_TIMEOUT_SECONDS": "5",

@@ -77,6 +77,7 @@ def egress_env(redis_server: EmbeddedRedis, dns_server: DnsServer, smtp_port: in
     env = {
         "RELAY_REDIS_URL": redis_server.url,
         "RELAY_EGRESS_NAMESERVERS": json.dumps([dns_server.nameserver]),
+        "RELAY_EGRESS_ALLOW_PRIVATE_DESTINATIONS": "true",  # the sinks listen on loopback
         "RELAY_EGRESS_SMTP_PORT": str(smtp_port),
         "RELAY_EGRESS_HTTP_PORT": "0",
         "RELAY_EGRESS_RETRY_BASE_SECONDS": "1",
@@ -224,6 +225,24 @@ async def test_permanent_refusal_is_a_failed_result_without_retry(
     )
     assert result.error == "smtp_5xx: 550 5.1.1 user unknown" and result.recipient == "nobody@example.test"
     assert mx1.received() == []
+
+
+async def test_mx_on_loopback_is_refused_by_default_without_a_connection(
+    start_egress: Callable[..., Awaitable[Harness]], smtp_port: int
+) -> None:
+    """Issue 9 item 6 through the worker: `egress.allowPrivateDestinations` off (its default)."""
+    egress = await start_egress(RELAY_EGRESS_ALLOW_PRIVATE_DESTINATIONS="false")
+    assert egress.config.egress.allowPrivateDestinations is False
+    with MxSink("127.0.0.2", smtp_port) as mx1, MxSink("127.0.0.3", smtp_port) as mx2:
+        await egress.enqueue(egress.job("stream-private"))
+        result = await egress.result()
+        assert (result.status, result.error, result.permanent, result.attempts) == (
+            "failed",
+            "destination_not_allowed",
+            True,
+            1,
+        )
+        assert mx1.accepted == 0 == mx2.accepted and mx1.data_payloads == [] == mx2.data_payloads
 
 
 async def test_temporary_failures_are_retried_until_sent(

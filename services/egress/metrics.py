@@ -25,3 +25,7 @@ SMTP_CONNECTIONS = Counter(
     "SMTP transactions by whether they opened a new connection or reused a cached one",
     ["connection"],  # new | reused
 )
+DESTINATIONS_REFUSED = Counter(
+    "relay_egress_destinations_refused_total",
+    "MX addresses not connected to because they are not public destinations (loopback, private, ...)",
+)

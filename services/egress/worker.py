@@ -93,6 +93,7 @@ class Egress:
             timeout_s=float(egress.connectTimeoutSeconds),
             data_timeout_s=float(egress.jobTimeoutSeconds),
             verify_tls=egress.tls.verify,
+            allow_private_destinations=egress.allowPrivateDestinations,
         )
         return cls(
             deliverer=Deliverer(
