@@ -166,6 +166,9 @@ class EgressConfig:
     httpPort: int = _field(9026, minimum=0)
     retryBaseSeconds: int = _field(30, minimum=0)  # backoff base: full jitter over base * 2**(try-1)
     jobTimeoutSeconds: int = _field(300, minimum=2)  # one delivery attempt; a crashed one re-runs after this
+    allowPrivateDestinations: bool = False  # connect to MX addresses in loopback/private/... ranges (SSRF guard off)
+    bounces: bool = True  # a DSN in the persona's inbox when a message fails after a deferral
+    delayWarningSeconds: int = _field(4 * 3600, minimum=0)  # a `delayed` DSN once deferred this long; 0 = never
 
 
 @dataclasses.dataclass(frozen=True)
