@@ -22,6 +22,7 @@ import types
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
+from urllib.parse import urlsplit
 
 DEFAULT_CONFIG_PATH = Path("relay/config.json")
 ENV_PREFIX = "RELAY_"
@@ -124,7 +125,17 @@ class AttestationConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RedisConfig:
+    """Where Redis is and who the service is there (one ACL user per service, docs/SECURITY.md).
+
+    The password never comes from the config file or a command line: `passwordFile` (read
+    through `shared.secrets`' permission check) or the environment variable
+    `RELAY_REDIS_PASSWORD`; `load_config` puts it in `password` (kept out of `repr`).
+    """
+
     url: str = ""
+    username: str = ""
+    passwordFile: str = ""
+    password: str = dataclasses.field(default="", repr=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,9 +212,37 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         if not isinstance(parsed, dict):
             raise ConfigError(f"config {chosen} must be a JSON object")
         document = parsed
+    if isinstance(document.get("redis"), dict) and "password" in document["redis"]:
+        raise ConfigError(f"config {chosen}: redis.password does not belong in a file; use {REDIS_PASSWORD_HELP}")
     _apply_env(document, RelayConfig, (), environ)
     config: RelayConfig = _build(RelayConfig, document, ())
-    return config
+    return dataclasses.replace(config, redis=_with_redis_password(config.redis))
+
+
+REDIS_PASSWORD_HELP = "redis.passwordFile (RELAY_REDIS_PASSWORD_FILE) or RELAY_REDIS_PASSWORD"
+
+
+def _with_redis_password(redis: RedisConfig) -> RedisConfig:
+    """Resolve the Redis password from exactly one source: the file, the env, or the URL."""
+    sources = [name for name, value in (("file", redis.passwordFile), ("env", redis.password)) if value]
+    if redis.url and urlsplit(redis.url).password is not None:
+        sources.append("url")
+    if len(sources) > 1:
+        raise ConfigError(
+            f"the Redis password is set more than once ({', '.join(sources)}); use one of {REDIS_PASSWORD_HELP}"
+        )
+    if not redis.passwordFile:
+        return redis
+    from shared.secrets import SecretFileError, read_secret_file
+
+    try:
+        secret = read_secret_file(redis.passwordFile, purpose="redis.passwordFile")
+    except SecretFileError as exc:
+        raise ConfigError(str(exc)) from None
+    password = secret.decode("utf-8", "replace").strip()
+    if not password:
+        raise ConfigError(f"redis.passwordFile: {redis.passwordFile} is empty")
+    return dataclasses.replace(redis, password=password)
 
 
 def env_variable_names() -> list[tuple[str, str]]:
