@@ -32,8 +32,10 @@ class ConfigError(ValueError):
     """A config value that does not fit the schema; the message names the field."""
 
 
-def _field(default: Any, *, minimum: int | None = None, choices: tuple[str, ...] = ()) -> Any:
-    meta = {"minimum": minimum, "choices": choices}
+def _field(
+    default: Any, *, minimum: int | None = None, maximum: int | None = None, choices: tuple[str, ...] = ()
+) -> Any:
+    meta = {"minimum": minimum, "maximum": maximum, "choices": choices}
     if isinstance(default, list | dict):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     if dataclasses.is_dataclass(default):
@@ -82,6 +84,8 @@ class RateLimitsConfig:
     wsAuthAttemptsPerMinutePerIp: int = _field(20, minimum=1)
     denyWindowMs: int = _field(300_000, minimum=1)
     outboundMessagesPerMinutePerPersona: int = _field(60, minimum=1)
+    # bytes one SMTP client IP may add to the inboxes per clock hour (x recipients); over: 452 4.3.1
+    smtpQueuedBytesPerHourPerIp: int = _field(256 * 1024 * 1024, minimum=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +140,8 @@ class RedisConfig:
     username: str = ""
     passwordFile: str = ""
     password: str = dataclasses.field(default="", repr=False)
+    # new mail is refused (452 4.3.1) at this share of Redis `maxmemory`, largest backlogs first
+    admissionHighWatermarkPercent: int = _field(85, minimum=1, maximum=100)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -347,6 +353,9 @@ def _check(value: Any, hint: Any, meta: Mapping[str, Any], path: tuple[str, ...]
         minimum = meta.get("minimum")
         if minimum is not None and value < minimum:
             raise ConfigError(f"config field {name} must be >= {minimum}")
+        maximum = meta.get("maximum")
+        if maximum is not None and value > maximum:
+            raise ConfigError(f"config field {name} must be <= {maximum}")
         if name.endswith(("port", "Port")) and value > 65535:
             raise ConfigError(f"config field {name} must be a port number (0-65535)")
         return value

@@ -81,6 +81,7 @@ def test_the_seeds_short_example_loads_with_defaults_for_the_rest(tmp_path: Path
         ({"unknownTopLevel": 1}, "unknownTopLevel"),
         ({"mailDomains": [1]}, "mailDomains"),
         ({"egress": {"routes": {"a.test": 5}}}, "egress.routes"),
+        ({"redis": {"admissionHighWatermarkPercent": 101}}, "redis.admissionHighWatermarkPercent"),
     ],
 )
 def test_bad_fields_are_errors_naming_the_field(tmp_path: Path, document: object, field: str) -> None:
