@@ -268,10 +268,10 @@ def test_two_personas_in_one_transaction_each_get_their_own_copy(
     # The gateway logs "message stored" just after the file appears in its Maildir.
     expected_ids = {f"{queue_id}.0", f"{queue_id}.1"}
     poll_until(
-        lambda: {
-            event["stream_id"] for g in (first_gateway, second_gateway) for event in log_events(g, "message stored")
-        }
-        == expected_ids,
+        lambda: (
+            {event["stream_id"] for g in (first_gateway, second_gateway) for event in log_events(g, "message stored")}
+            == expected_ids
+        ),
         message=f"gateways did not log {expected_ids} as stored",
     )
 
