@@ -56,11 +56,6 @@ async def eventually(probe: Callable[[], Awaitable[T]], timeout_s: float = 15.0,
 
 
 @pytest.fixture
-def smtp_port() -> int:
-    return free_port()
-
-
-@pytest.fixture
 def dns_server() -> Iterator[DnsServer]:
     zones = {
         "example.test": {"MX": ["10 mx1.example.test.", "20 mx2.example.test."]},

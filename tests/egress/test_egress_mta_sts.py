@@ -94,11 +94,6 @@ def client_context(ca: trustme.CA) -> ssl.SSLContext:
 
 
 @pytest.fixture
-def smtp_port() -> int:
-    return free_port()
-
-
-@pytest.fixture
 def dns_server() -> Iterator[DnsServer]:
     zones = {
         DOMAIN: {"MX": [f"10 {MX}."]},
