@@ -35,6 +35,16 @@ def _public_suffixes() -> PublicSuffixList:
 
 
 def organizational_domain(domain: str) -> str:
+    if len(domain) > MAX_DOMAIN_CHARS:  # not a domain; and never let it into the cache
+        return domain.lower().rstrip(".")
+    return _organizational_domain(domain)
+
+
+MAX_DOMAIN_CHARS = 255
+
+
+@functools.lru_cache(maxsize=4096)  # a Public Suffix List walk per message, for the same few domains
+def _organizational_domain(domain: str) -> str:
     domain = domain.lower().rstrip(".")
     return _public_suffixes().privatesuffix(domain) or domain
 
