@@ -125,6 +125,14 @@ class AttestationConfig:
 @dataclasses.dataclass(frozen=True)
 class RedisConfig:
     url: str = ""
+    # Sentinel (docs/HA.md): "host:port" of each sentinel; when set, the primary of
+    # `sentinelMaster` is asked for (and asked again after a failover) instead of using `url`.
+    sentinels: list[str] = _field([])
+    sentinelMaster: str = "relay"
+    # Replicated acknowledgements: a 250 (and an accepted outbound stream, a published result)
+    # only once WAIT confirms this many replicas hold the write, else 451 4.3.0.
+    minReplicasToAck: int = _field(0, minimum=0)
+    replicaAckTimeoutMs: int = _field(1000, minimum=1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,6 +29,11 @@ id (ours, or the one it had stored), and the others are written with it, pipelin
 round trip. If one persona's write fails after another committed, the answer is 451 and the retry
 completes the rest under the same queue id: every persona ends up with exactly one copy, each
 stream id `<queue_id>.<n>` as on the first attempt.
+
+High availability (docs/HA.md): with `redis.minReplicasToAck`, WAIT follows the script in the
+same pipeline (still one round trip) and the caller answers 250 only if enough replicas
+confirmed; a connection error or READONLY during a failover sends the script again to the new
+primary, which idempotence makes safe (`shared.replication`).
 """
 
 from __future__ import annotations
@@ -38,16 +43,18 @@ import base64
 import hashlib
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from shared import keys
 from shared.logs import log
 from shared.payloads import InboxEntry
+from shared.replication import NO_ACK, LuaScript, ReplicaAck, ScriptCall, run_scripts
 from shared.wakeup import Wakeup, WakeupKind
 
 logger = logging.getLogger("relay.enqueue")
@@ -77,7 +84,7 @@ if owner then
 end
 return stored
 """
-ENQUEUE_SCRIPT_SHA = hashlib.sha1(ENQUEUE_SCRIPT).hexdigest()
+ENQUEUE_LUA = LuaScript.of(ENQUEUE_SCRIPT)
 
 
 class EnqueueFailed(Exception):
@@ -102,7 +109,6 @@ class Enqueued:
 
 
 DeliveriesFor = Callable[[str], list[Delivery]]
-ScriptCall = tuple[list[str], list[Any]]  # keys, arguments (bytes, str, int)
 
 
 def new_queue_id() -> str:
@@ -126,24 +132,42 @@ async def load_script(redis: aioredis.Redis) -> None:
     await redis.script_load(ENQUEUE_SCRIPT)
 
 
-async def enqueue(redis: aioredis.Redis, digest: str, queue_id: str, deliveries_for: DeliveriesFor) -> Enqueued:
+async def enqueue(
+    redis: aioredis.Redis,
+    digest: str,
+    queue_id: str,
+    deliveries_for: DeliveriesFor,
+    ack: ReplicaAck = NO_ACK,
+) -> Enqueued:
     """Write `deliveries_for(queue_id)` once per digest; returns the queue id to answer with.
 
     `deliveries_for` builds the entries for a queue id (the trace header and attestations name
     it), so a retry whose first persona was already stored is rebuilt with the stored id.
+    With `ack.replicas`, each write is confirmed by that many replicas (WAIT) before this
+    returns; a failover meanwhile is followed (`shared.replication`: the script is idempotent).
     """
+    deadline = time.monotonic() + ENQUEUE_TIMEOUT_S
     try:
         async with asyncio.timeout(ENQUEUE_TIMEOUT_S):
-            return await _enqueue(redis, digest, queue_id, deliveries_for)
+            return await _enqueue(redis, digest, queue_id, deliveries_for, ack, deadline)
     except (RedisError, OSError, TimeoutError) as exc:
         raise EnqueueFailed(type(exc).__name__) from exc
 
 
-async def _enqueue(redis: aioredis.Redis, digest: str, queue_id: str, deliveries_for: DeliveriesFor) -> Enqueued:
+async def _enqueue(
+    redis: aioredis.Redis,
+    digest: str,
+    queue_id: str,
+    deliveries_for: DeliveriesFor,
+    ack: ReplicaAck,
+    deadline: float,
+) -> Enqueued:
     deliveries = deliveries_for(queue_id)
     by_persona = _group(deliveries)
     first_persona, *other_personas = by_persona
-    stored = _text(await _run_script(redis, _script_call(digest, queue_id, by_persona[first_persona])))
+    first_call = _script_call(digest, queue_id, by_persona[first_persona])
+    (reply,) = await run_scripts(redis, [first_call], ack, deadline_s=deadline - time.monotonic())
+    stored = _text(reply)
     if stored is None:
         written = len(by_persona[first_persona])
     else:
@@ -152,11 +176,8 @@ async def _enqueue(redis: aioredis.Redis, digest: str, queue_id: str, deliveries
             queue_id = stored
             by_persona = _group(deliveries_for(queue_id))
     if other_personas:
-        async with redis.pipeline(transaction=False) as pipe:
-            for persona_key in other_personas:
-                persona_keys, args = _script_call(digest, queue_id, by_persona[persona_key])
-                pipe.evalsha(ENQUEUE_SCRIPT_SHA, len(persona_keys), *persona_keys, *args)
-            replies = await pipe.execute(raise_on_error=True)
+        calls = [_script_call(digest, queue_id, by_persona[persona_key]) for persona_key in other_personas]
+        replies = await run_scripts(redis, calls, ack, deadline_s=deadline - time.monotonic())
         for persona_key, reply in zip(other_personas, replies, strict=True):
             stored = _text(reply)
             if stored is None:
@@ -199,17 +220,7 @@ def _script_call(digest: str, queue_id: str, deliveries: list[Delivery]) -> Scri
         INBOX_ENTRY_FIELD,
         *packed,
     ]
-    return script_keys, args
-
-
-async def _run_script(redis: aioredis.Redis, call: ScriptCall) -> object:
-    """EVALSHA, loading the script once if this Redis does not have it (restarted, flushed)."""
-    script_keys, args = call
-    try:
-        return await redis.evalsha(ENQUEUE_SCRIPT_SHA, len(script_keys), *script_keys, *args)  # type: ignore[misc]
-    except NoScriptError:
-        await redis.script_load(ENQUEUE_SCRIPT)
-        return await redis.evalsha(ENQUEUE_SCRIPT_SHA, len(script_keys), *script_keys, *args)  # type: ignore[misc]
+    return ScriptCall(ENQUEUE_LUA, script_keys, args)
 
 
 def _text(reply: object) -> str | None:

@@ -1,30 +1,118 @@
-"""Redis client construction shared by every service."""
+"""Redis client construction shared by every service and command: one Redis by URL, or the
+primary of a Sentinel-monitored group (`redis.sentinels`, docs/HA.md).
+
+With Sentinel, each new connection asks the sentinels where the primary is; a connection to a
+dead primary fails (ConnectionError) and one to a demoted primary is refused (redis-py turns
+READONLY into ConnectionError and drops the connection), so the next attempt lands on the
+promoted replica without a restart. What may be retried after such an error is the caller's
+call: `shared.replication` retries the idempotent writes.
+"""
 
 from __future__ import annotations
 
-import redis.asyncio as aioredis
-from arq.connections import RedisSettings
+from typing import Any, cast
+from urllib.parse import urlparse
 
-from shared.config import RelayConfig
+import redis
+import redis.asyncio as aioredis
+import redis.asyncio.sentinel as async_sentinel
+import redis.sentinel as sync_sentinel
+from arq.connections import ArqRedis
+
+from shared.config import ConfigError, RelayConfig
+from shared.hostport import parse_host_port
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+SENTINEL_PORT = 26379
+HEALTH_CHECK_INTERVAL_S = 30
 
 
 def redis_url(config: RelayConfig) -> str:
     return config.redis.url or DEFAULT_REDIS_URL
 
 
-def connect(config: RelayConfig, *, timeout_s: float = 5.0) -> aioredis.Redis:
-    """A pooled client that fails fast, so a request turns into `451`/retry instead of hanging."""
-    client: aioredis.Redis = aioredis.Redis.from_url(
-        redis_url(config),
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        health_check_interval=30,
+def uses_sentinel(config: RelayConfig) -> bool:
+    return bool(config.redis.sentinels)
+
+
+def sentinel_addresses(config: RelayConfig) -> list[tuple[str, int]]:
+    """`redis.sentinels` as (host, port); a malformed entry is a config error naming it."""
+    addresses = []
+    for entry in config.redis.sentinels:
+        try:
+            host, port = parse_host_port(entry, SENTINEL_PORT)
+        except ValueError:
+            raise ConfigError(f"config field redis.sentinels: {entry!r} is not host:port") from None
+        if not host or not 0 < port < 65536:
+            raise ConfigError(f"config field redis.sentinels: {entry!r} is not host:port")
+        addresses.append((host, port))
+    if addresses and not config.redis.sentinelMaster:
+        raise ConfigError("config field redis.sentinelMaster: must name the monitored primary")
+    return addresses
+
+
+def _database(config: RelayConfig) -> int:
+    """With Sentinel, `redis.url` (if set) still chooses the database number."""
+    path = urlparse(redis_url(config)).path.lstrip("/")
+    return int(path) if path.isdigit() else 0
+
+
+def _timeouts(command_timeout_s: float | None, connect_timeout_s: float) -> dict[str, Any]:
+    return {"socket_timeout": command_timeout_s, "socket_connect_timeout": connect_timeout_s}
+
+
+def connect(
+    config: RelayConfig,
+    *,
+    timeout_s: float | None = 5.0,
+    connect_timeout_s: float = 5.0,
+    redis_class: type[aioredis.Redis] = aioredis.Redis,
+) -> aioredis.Redis:
+    """A pooled client that fails fast, so a request turns into `451`/retry instead of hanging.
+
+    `timeout_s=None` drops the per-command socket timeout (the ingress bounds each call with its
+    own `asyncio.timeout`, see services/ingress/main.py); `redis_class` is e.g. arq's ArqRedis.
+    """
+    timeouts = _timeouts(timeout_s, connect_timeout_s)
+    if uses_sentinel(config):
+        sentinel = async_sentinel.Sentinel(  # type: ignore[no-untyped-call]
+            sentinel_addresses(config), sentinel_kwargs=_timeouts(connect_timeout_s, connect_timeout_s)
+        )
+        client: aioredis.Redis = sentinel.master_for(
+            config.redis.sentinelMaster,
+            redis_class=redis_class,
+            db=_database(config),
+            health_check_interval=HEALTH_CHECK_INTERVAL_S,
+            **timeouts,
+        )
+        return client
+    return cast(
+        aioredis.Redis,
+        redis_class.from_url(redis_url(config), health_check_interval=HEALTH_CHECK_INTERVAL_S, **timeouts),
     )
-    return client
 
 
-def arq_settings(config: RelayConfig) -> RedisSettings:
-    """arq's connection settings from the same URL (tunnel enqueues, egress consumes)."""
-    return RedisSettings.from_dsn(redis_url(config))
+def connect_arq(config: RelayConfig) -> ArqRedis:
+    """`connect` as arq's client class, for the egress worker's job queue."""
+    return cast(ArqRedis, connect(config, redis_class=ArqRedis))
+
+
+def connect_sync(config: RelayConfig, *, timeout_s: float = 5.0) -> redis.Redis:
+    """The blocking client for commands and metric scans (`status`, backlog gauges)."""
+    timeouts = _timeouts(timeout_s, timeout_s)
+    if uses_sentinel(config):
+        sentinel = sync_sentinel.Sentinel(sentinel_addresses(config), sentinel_kwargs=timeouts)  # type: ignore[no-untyped-call]
+        client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+            config.redis.sentinelMaster, db=_database(config), **timeouts
+        )
+        return client
+    return redis.Redis.from_url(redis_url(config), **timeouts)
+
+
+def sentinel_for_status(config: RelayConfig, *, timeout_s: float = 5.0) -> sync_sentinel.Sentinel | None:
+    """The sentinels themselves, for `status` to show the primary and its replicas."""
+    if not uses_sentinel(config):
+        return None
+    return sync_sentinel.Sentinel(  # type: ignore[no-untyped-call]
+        sentinel_addresses(config), sentinel_kwargs=_timeouts(timeout_s, timeout_s)
+    )

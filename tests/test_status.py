@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 import redis
 import redis.asyncio as aioredis
-from arq import create_pool
 from arq.constants import in_progress_key_prefix
 
 from protege_relay.embedded_redis import EmbeddedRedis
@@ -19,7 +18,7 @@ from shared import keys
 from shared.config import load_config
 from shared.nodeinfo import publish_node_info
 from shared.payloads import DeliveryResult, InboxEntry, OutboundJob
-from shared.redis import arq_settings
+from shared.redis import connect_arq
 from tests.support.processes import REPO_ROOT, free_port, service_env
 
 PK_A = "a" * 52
@@ -81,7 +80,7 @@ async def populate(redis_url: str) -> None:
         await client.aclose()
 
     config = load_config(environ={"RELAY_REDIS_URL": redis_url})
-    pool = await create_pool(arq_settings(config))
+    pool = connect_arq(config)
     try:
         for stream_id, defer_s in (("out-2", 0), ("out-3", 3600)):
             job = OutboundJob(PK_A, stream_id, f"{PK_A}@relay.test", ["r@example.org"], b"hi", 0)

@@ -35,6 +35,7 @@ from services.egress.smtp_pool import SmtpPool
 from shared.config import RelayConfig
 from shared.logs import log
 from shared.payloads import DeliveryResult, OutboundJob
+from shared.replication import ReplicaAck
 
 logger = logging.getLogger("egress.worker")
 
@@ -98,7 +99,7 @@ class Egress:
             deliverer=Deliverer(
                 resolver, settings, SmtpPool(idle_s=SMTP_CONNECTION_IDLE_S, max_uses=SMTP_CONNECTION_MAX_USES)
             ),
-            results=ResultStore(redis, retention_s=config.queue.retentionSeconds),
+            results=ResultStore(redis, retention_s=config.queue.retentionSeconds, ack=ReplicaAck.from_config(config)),
             policy=RetryPolicy(egress.maxAttempts, float(egress.maxAgeSeconds), float(egress.retryBaseSeconds)),
             attempt_budget_s=float(egress.jobTimeoutSeconds),
             signer=DkimSigner.from_config(config.dkim),
@@ -113,6 +114,7 @@ class Egress:
         prior = await self._results.prior_state(job.persona_key, job.stream_id)
         if prior.published:
             log(logger, logging.INFO, "result already published; not sending again", **ids)
+            await self._results.confirm(job.persona_key, job.stream_id)
             metrics.JOBS.labels("duplicate").inc()
             return "duplicate"
         if attempt > self._policy.max_attempts:  # only re-runs after crashes get here

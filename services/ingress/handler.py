@@ -51,6 +51,7 @@ from shared.enqueue import Delivery, EnqueueFailed, enqueue, message_digest, new
 from shared.identity import Passport
 from shared.logs import log
 from shared.payloads import InboxEntry
+from shared.replication import ReplicaAck
 
 logger = logging.getLogger("relay.ingress")
 
@@ -105,6 +106,7 @@ class IngressHandler:
         self._hostname = hostname
         self._sender_auth = sender_auth
         self._attestation_signer = attestation_signer
+        self._replica_ack = ReplicaAck.from_config(config)
         self._connection_limit = ratelimit.RateLimit(
             ratelimit.RateKind.SMTP_CONNECTION,
             config.rateLimits.smtpConnectionsPerMinutePerIp,
@@ -210,7 +212,7 @@ class IngressHandler:
         started_s = time.perf_counter()
         try:
             # also wakes the owning tunnel node, after a duplicate too (enqueue.py)
-            enqueued = await enqueue(self._redis, digest, queue_id, deliveries_for)
+            enqueued = await enqueue(self._redis, digest, queue_id, deliveries_for, self._replica_ack)
         except EnqueueFailed as exc:
             return str(self._refuse(policy.TEMPORARY_FAILURE, client_ip=client_ip, queue_id=queue_id, error=str(exc)))
         metrics.ENQUEUE_SECONDS.observe(time.perf_counter() - started_s)

@@ -1,4 +1,4 @@
-"""`protege-relay tunnel`: wires config, Redis, arq and the tunnel server together."""
+"""`protege-relay tunnel`: wires config, Redis and the tunnel server together."""
 
 from __future__ import annotations
 
@@ -6,14 +6,12 @@ import asyncio
 import contextlib
 import logging
 
-from arq import create_pool
-
 from services.tunnel.node import TunnelNode
 from services.tunnel.server import bound_port, start_server
 from services.tunnel.startup import raise_open_files_limit, tls_context
 from shared.config import RelayConfig
 from shared.logs import log
-from shared.redis import arq_settings, connect
+from shared.redis import connect
 from shared.secrets import SecretFileError
 
 logger = logging.getLogger("relay.tunnel")
@@ -34,8 +32,7 @@ async def serve(config: RelayConfig, stopping: asyncio.Event) -> None:
     # Inbox entries are whole messages (up to smtp.maxMessageBytes): reading them 64 KiB per
     # socket read (redis-py's default) costs ~25% more time on a 25 MB entry than 1 MiB reads.
     redis.connection_pool.connection_kwargs["socket_read_size"] = SOCKET_READ_BYTES
-    arq = await create_pool(arq_settings(config))
-    node = TunnelNode(config, redis, arq)
+    node = TunnelNode(config, redis)
     await node.start()
     server = await start_server(node, tls)
     log(
@@ -55,6 +52,5 @@ async def serve(config: RelayConfig, stopping: asyncio.Event) -> None:
         await node.shutdown()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(server.wait_closed(), SERVER_DRAIN_TIMEOUT_S)
-        await arq.aclose()
         await redis.aclose()
         log(logger, logging.INFO, "stopped", node_id=node.node_id)

@@ -21,7 +21,6 @@ from collections import Counter, defaultdict
 from typing import Any
 
 import redis.asyncio as aioredis
-from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
 from services.tunnel import ownership, results
@@ -33,6 +32,7 @@ from shared import keys, protocol
 from shared.config import RelayConfig
 from shared.logs import log
 from shared.nodeinfo import HEARTBEAT_INTERVAL_S, publish_node_info, remove_node_info
+from shared.replication import ReplicaAck
 from shared.wakeup import Wakeup, WakeupKind, wake_owner
 
 logger = logging.getLogger("relay.tunnel.node")
@@ -44,7 +44,7 @@ SHUTDOWN_CLOSE_TIMEOUT_S = 5.0
 
 
 class TunnelNode:
-    def __init__(self, config: RelayConfig, redis: aioredis.Redis, arq: ArqRedis) -> None:
+    def __init__(self, config: RelayConfig, redis: aioredis.Redis) -> None:
         self.config = config
         self.redis = redis
         self.node_id = config.node_id
@@ -54,7 +54,10 @@ class TunnelNode:
             redis, config.rateLimits.wsAuthAttemptsPerMinutePerIp, config.rateLimits.denyWindowMs
         )
         self.outbound = OutboundQueue(
-            redis, arq, config.rateLimits.outboundMessagesPerMinutePerPersona, config.queue.retentionSeconds
+            redis,
+            config.rateLimits.outboundMessagesPerMinutePerPersona,
+            config.queue.retentionSeconds,
+            ReplicaAck.from_config(config),
         )
         self.connections: set[TunnelConnection] = set()
         self.sockets: dict[str, TunnelConnection] = {}  # authenticated ones, by socket id
