@@ -19,10 +19,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ReadOnlyError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -96,6 +98,28 @@ async def run_scripts(
                 raise
         await asyncio.sleep(delay_s)
         delay_s = min(delay_s * 2, RETRY_MAX_DELAY_S)
+
+
+async def confirmed_read(
+    redis: aioredis.Redis, command: Callable[[Pipeline], object], ack: ReplicaAck, *, is_empty: Callable[[Any], bool]
+) -> Any:
+    """The reply of one stream read that is also a write (XREADGROUP, XAUTOCLAIM move entries
+    into the reader's pending list), confirmed by `ack.replicas` replicas when it returned
+    entries. Replication is in order, so the confirmation covers the entries themselves: a
+    reader hands on nothing a failover could take back (an entry a client was answered 451 for,
+    then stored again under another id on its retry)."""
+    if not ack.replicas:
+        async with redis.pipeline(transaction=False) as pipe:
+            command(pipe)
+            (reply,) = await pipe.execute()
+        return reply
+    async with redis.pipeline(transaction=False) as pipe:
+        command(pipe)
+        pipe.wait(ack.replicas, ack.timeout_ms)
+        reply, replicas = await pipe.execute()
+    if not is_empty(reply) and int(replicas) < ack.replicas:
+        raise NotReplicated(int(replicas), ack.replicas)
+    return reply
 
 
 async def _run_once(redis: aioredis.Redis, calls: list[ScriptCall], ack: ReplicaAck) -> list[Any]:

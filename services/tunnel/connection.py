@@ -165,6 +165,7 @@ class TunnelConnection:
             use_ack=self.session.wants_inbound_ack,
             ack_timeout_s=config.ws.ackTimeoutMs / 1000,
             retention_s=config.queue.retentionSeconds,
+            ack=self.node.replica_ack,
         )
         self._delivery_task = self._spawn(self.delivery.run(known_empty=not self.inbox_woken))
 

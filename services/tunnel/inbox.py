@@ -6,6 +6,10 @@ stays pending in the consumer group, so a dropped socket or a dead node loses no
 authentication re-claims every pending entry (XAUTOCLAIM, min-idle 0) and sends it again under
 the same stream id. Up to `WINDOW` messages are in flight; they are sent, and removed, in order.
 
+With `redis.minReplicasToAck` (docs/HA.md) a read is sent on only once that many replicas
+confirmed it (`shared.replication.confirmed_read`); else the delivery fails like on any Redis
+error (the socket closes, the gateway reconnects, the entries are claimed again).
+
 An idle delivery costs no timer and no Redis call: it waits to be woken, by the pub/sub
 wake-up (the fast path) or by the node's periodic sweep, which looks at every owned inbox in
 one pipelined pass (`TunnelNode.sweep_once`), so a lost wake-up only delays. A wake-up at least
@@ -31,6 +35,7 @@ from services.tunnel import metrics
 from shared import keys, protocol
 from shared.logs import log
 from shared.payloads import InboxEntry
+from shared.replication import NO_ACK, ReplicaAck, confirmed_read
 
 logger = logging.getLogger("relay.tunnel.inbox")
 
@@ -113,8 +118,10 @@ class InboxDelivery:
         use_ack: bool,
         ack_timeout_s: float,
         retention_s: int,
+        ack: ReplicaAck = NO_ACK,
     ) -> None:
         self._redis = redis
+        self._ack = ack
         self.persona_key = persona_key
         self._stream = keys.inbox(persona_key)
         self._consumer = consumer
@@ -183,7 +190,12 @@ class InboxDelivery:
             if entries:
                 return entries
         try:
-            reply = await self._redis.xreadgroup(keys.INBOX_GROUP, self._consumer, {self._stream: ">"}, count=count)
+            reply = await confirmed_read(
+                self._redis,
+                lambda pipe: pipe.xreadgroup(keys.INBOX_GROUP, self._consumer, {self._stream: ">"}, count=count),
+                self._ack,
+                is_empty=lambda reply: not any(entries for _, entries in reply or []),
+            )
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
@@ -194,15 +206,21 @@ class InboxDelivery:
         return await self._parse(raw)
 
     async def _claim(self, count: int) -> list[tuple[bytes, InboxEntry]]:
-        assert self._claim_cursor is not None
+        cursor = self._claim_cursor
+        assert cursor is not None
         try:
-            reply = await self._redis.xautoclaim(
-                self._stream,
-                keys.INBOX_GROUP,
-                self._consumer,
-                min_idle_time=self._claim_min_idle_ms,
-                start_id=self._claim_cursor,
-                count=count,
+            reply = await confirmed_read(
+                self._redis,
+                lambda pipe: pipe.xautoclaim(
+                    self._stream,
+                    keys.INBOX_GROUP,
+                    self._consumer,
+                    min_idle_time=self._claim_min_idle_ms,
+                    start_id=cursor,
+                    count=count,
+                ),
+                self._ack,
+                is_empty=lambda reply: not reply[1],
             )
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):

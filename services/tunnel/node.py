@@ -53,11 +53,12 @@ class TunnelNode:
         self.auth_rate = AuthRateLimiter(
             redis, config.rateLimits.wsAuthAttemptsPerMinutePerIp, config.rateLimits.denyWindowMs
         )
+        self.replica_ack = ReplicaAck.from_config(config)
         self.outbound = OutboundQueue(
             redis,
             config.rateLimits.outboundMessagesPerMinutePerPersona,
             config.queue.retentionSeconds,
-            ReplicaAck.from_config(config),
+            self.replica_ack,
         )
         self.connections: set[TunnelConnection] = set()
         self.sockets: dict[str, TunnelConnection] = {}  # authenticated ones, by socket id
