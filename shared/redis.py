@@ -1,6 +1,11 @@
 """Redis client construction shared by every service and command: one Redis by URL, or the
 primary of a Sentinel-monitored group (`redis.sentinels`, docs/HA.md).
 
+Every client authenticates the same way: `redis.username` and the password that
+`shared.config` resolved (from `redis.passwordFile` or `RELAY_REDIS_PASSWORD`), sent with
+AUTH/HELLO on each new connection. Empty means the URL decides (no auth, or credentials in it).
+With `redis.sentinelAuth` the sentinels are sent the same credentials.
+
 With Sentinel, each new connection asks the sentinels where the primary is; a connection to a
 dead primary fails (ConnectionError) and one to a demoted primary is refused (redis-py turns
 READONLY into ConnectionError and drops the connection), so the next attempt lands on the
@@ -29,6 +34,13 @@ HEALTH_CHECK_INTERVAL_S = 30
 
 def redis_url(config: RelayConfig) -> str:
     return config.redis.url or DEFAULT_REDIS_URL
+
+
+def credentials(config: RelayConfig) -> dict[str, Any]:
+    """`username`/`password` keyword arguments for redis-py, only those configured (so that a
+    URL carrying its own credentials keeps them)."""
+    given = {"username": config.redis.username, "password": config.redis.password}
+    return {name: value for name, value in given.items() if value}
 
 
 def uses_sentinel(config: RelayConfig) -> bool:
@@ -61,6 +73,13 @@ def _timeouts(command_timeout_s: float | None, connect_timeout_s: float) -> dict
     return {"socket_timeout": command_timeout_s, "socket_connect_timeout": connect_timeout_s}
 
 
+def _sentinel_kwargs(config: RelayConfig, timeout_s: float) -> dict[str, Any]:
+    kwargs = _timeouts(timeout_s, timeout_s)
+    if config.redis.sentinelAuth:
+        kwargs.update(credentials(config))
+    return kwargs
+
+
 def connect(
     config: RelayConfig,
     *,
@@ -73,23 +92,20 @@ def connect(
     `timeout_s=None` drops the per-command socket timeout (the ingress bounds each call with its
     own `asyncio.timeout`, see services/ingress/main.py); `redis_class` is e.g. arq's ArqRedis.
     """
-    timeouts = _timeouts(timeout_s, connect_timeout_s)
+    options = {
+        **_timeouts(timeout_s, connect_timeout_s),
+        "health_check_interval": HEALTH_CHECK_INTERVAL_S,
+        **credentials(config),
+    }
     if uses_sentinel(config):
         sentinel = async_sentinel.Sentinel(  # type: ignore[no-untyped-call]
-            sentinel_addresses(config), sentinel_kwargs=_timeouts(connect_timeout_s, connect_timeout_s)
+            sentinel_addresses(config), sentinel_kwargs=_sentinel_kwargs(config, connect_timeout_s)
         )
         client: aioredis.Redis = sentinel.master_for(
-            config.redis.sentinelMaster,
-            redis_class=redis_class,
-            db=_database(config),
-            health_check_interval=HEALTH_CHECK_INTERVAL_S,
-            **timeouts,
+            config.redis.sentinelMaster, redis_class=redis_class, db=_database(config), **options
         )
         return client
-    return cast(
-        aioredis.Redis,
-        redis_class.from_url(redis_url(config), health_check_interval=HEALTH_CHECK_INTERVAL_S, **timeouts),
-    )
+    return cast(aioredis.Redis, redis_class.from_url(redis_url(config), **options))
 
 
 def connect_arq(config: RelayConfig) -> ArqRedis:
@@ -97,16 +113,19 @@ def connect_arq(config: RelayConfig) -> ArqRedis:
     return cast(ArqRedis, connect(config, redis_class=ArqRedis))
 
 
-def connect_sync(config: RelayConfig, *, timeout_s: float = 5.0) -> redis.Redis:
-    """The blocking client for commands and metric scans (`status`, backlog gauges)."""
+def connect_sync(config: RelayConfig, url: str | None = None, *, timeout_s: float = 5.0) -> redis.Redis:
+    """A blocking client (status, backlog scans run off the event loop) with the same identity;
+    `url` (e.g. the embedded Redis of `protege-relay run`) overrides the configured one."""
     timeouts = _timeouts(timeout_s, timeout_s)
-    if uses_sentinel(config):
-        sentinel = sync_sentinel.Sentinel(sentinel_addresses(config), sentinel_kwargs=timeouts)  # type: ignore[no-untyped-call]
+    if uses_sentinel(config) and url is None:
+        sentinel = sync_sentinel.Sentinel(  # type: ignore[no-untyped-call]
+            sentinel_addresses(config), sentinel_kwargs=_sentinel_kwargs(config, timeout_s)
+        )
         client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
-            config.redis.sentinelMaster, db=_database(config), **timeouts
+            config.redis.sentinelMaster, db=_database(config), **timeouts, **credentials(config)
         )
         return client
-    return redis.Redis.from_url(redis_url(config), **timeouts)
+    return redis.Redis.from_url(url or redis_url(config), **timeouts, **credentials(config))
 
 
 def sentinel_for_status(config: RelayConfig, *, timeout_s: float = 5.0) -> sync_sentinel.Sentinel | None:
@@ -114,5 +133,5 @@ def sentinel_for_status(config: RelayConfig, *, timeout_s: float = 5.0) -> sync_
     if not uses_sentinel(config):
         return None
     return sync_sentinel.Sentinel(  # type: ignore[no-untyped-call]
-        sentinel_addresses(config), sentinel_kwargs=_timeouts(timeout_s, timeout_s)
+        sentinel_addresses(config), sentinel_kwargs=_sentinel_kwargs(config, timeout_s)
     )

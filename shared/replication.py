@@ -80,19 +80,28 @@ class ScriptCall:
     args: list[Any]
 
 
+AlsoQueue = Callable[[Pipeline], object]
+
+
 async def run_scripts(
-    redis: aioredis.Redis, calls: list[ScriptCall], ack: ReplicaAck, *, deadline_s: float
+    redis: aioredis.Redis,
+    calls: list[ScriptCall],
+    ack: ReplicaAck,
+    *,
+    deadline_s: float,
+    also: AlsoQueue | None = None,
 ) -> list[Any]:
     """The calls' replies, after `ack.replicas` replicas confirmed them (if any are required).
 
     Retried on failover errors until `deadline_s` (seconds from now); other errors, a reply that
-    is an error and `NotReplicated` are raised.
+    is an error and `NotReplicated` are raised. `also` queues bookkeeping commands after the
+    scripts, in the same round trip; their replies are not checked (and they run again on a retry).
     """
     deadline = time.monotonic() + deadline_s
     delay_s = RETRY_FIRST_DELAY_S
     while True:
         try:
-            return await _run_once(redis, calls, ack)
+            return await _run_once(redis, calls, ack, also)
         except FAILOVER_ERRORS:
             if time.monotonic() + delay_s >= deadline:
                 raise
@@ -122,28 +131,34 @@ async def confirmed_read(
     return reply
 
 
-async def _run_once(redis: aioredis.Redis, calls: list[ScriptCall], ack: ReplicaAck) -> list[Any]:
-    replies = await _pipeline(redis, calls, ack)
+async def _run_once(
+    redis: aioredis.Redis, calls: list[ScriptCall], ack: ReplicaAck, also: AlsoQueue | None
+) -> list[Any]:
+    replies = await _pipeline(redis, calls, ack, also)
     if any(isinstance(reply, NoScriptError) for reply in replies):
         # This Redis lacks a script (restarted, flushed, just promoted): load them all and run
         # the batch again; the calls that did run find their markers the second time.
         for script in {call.script for call in calls}:
             await redis.script_load(script.source)
-        replies = await _pipeline(redis, calls, ack)
+        replies = await _pipeline(redis, calls, ack, None)
+    confirmed = int(replies.pop()) if ack.replicas else 0
+    replies = replies[: len(calls)]
     for reply in replies:
         if isinstance(reply, Exception):
             raise reply
-    if ack.replicas:
-        confirmed = int(replies.pop())
-        if confirmed < ack.replicas:
-            raise NotReplicated(confirmed, ack.replicas)
+    if ack.replicas and confirmed < ack.replicas:
+        raise NotReplicated(confirmed, ack.replicas)
     return replies
 
 
-async def _pipeline(redis: aioredis.Redis, calls: list[ScriptCall], ack: ReplicaAck) -> list[Any]:
+async def _pipeline(
+    redis: aioredis.Redis, calls: list[ScriptCall], ack: ReplicaAck, also: AlsoQueue | None
+) -> list[Any]:
     async with redis.pipeline(transaction=False) as pipe:
         for call in calls:
             pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+        if also is not None:
+            also(pipe)
         if ack.replicas:
             pipe.wait(ack.replicas, ack.timeout_ms)
         replies: list[Any] = await pipe.execute(raise_on_error=False)
