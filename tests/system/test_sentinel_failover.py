@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import json
 import smtplib
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,7 +32,7 @@ from shared.identity import Passport
 from tests.support.cluster import Cluster
 from tests.support.load import GatewayFleet, SmtpLoad, outbound_sends, reconcile, reconcile_outbound
 from tests.support.mx_sink import MxSink
-from tests.support.processes import free_port
+from tests.support.processes import REPO_ROOT, free_port, service_env
 from tests.support.sentinel import DataNode, SentinelGroup
 
 DOMAIN = "relay.test"
@@ -240,3 +242,33 @@ async def test_sentinel_failover_loses_no_acknowledged_message(
     assert after_failover, "no mail was accepted after the failover"
     outbound_books.assert_clean()
     assert cluster.of("ingress")[0].alive() and cluster.of("tunnel")[0].alive() and cluster.of("egress")[0].alive()
+
+
+# --- status ----------------------------------------------------------------------------------
+
+
+def status_of(group: SentinelGroup, *args: str) -> subprocess.CompletedProcess[str]:
+    env = service_env(UNUSED_URL, **group.relay_env(), RELAY_REDIS_MIN_REPLICAS_TO_ACK="1")
+    command = [sys.executable, "-m", "protege_relay.cli", "status", *args]
+    return subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
+
+
+async def test_sentinel_status_shows_primary_replicas_and_lag(sentinel_group: SentinelGroup) -> None:
+    primary, replica = sentinel_group.nodes
+    shown = await asyncio.to_thread(status_of, sentinel_group)
+    print("\n" + shown.stdout)
+    assert shown.returncode == 0, shown.stderr
+    assert "Redis master: 1 replica(s) connected, minReplicasToAck=1" in shown.stdout
+    assert f"127.0.0.1:{replica.port}  online" in shown.stdout
+    assert shown.stdout.count(f"127.0.0.1:{primary.port}") >= 3  # every sentinel names the primary
+
+    document = json.loads((await asyncio.to_thread(status_of, sentinel_group, "--json")).stdout)
+    replication = document["replication"]
+    assert replication["role"] == "master"
+    assert [r["address"] for r in replication["replicas"]] == [f"127.0.0.1:{replica.port}"]
+    assert replication["replicas"][0]["lag_bytes"] is not None
+    assert set(replication["sentinels"].values()) == {f"127.0.0.1:{primary.port}"}
+
+    replica.kill()  # the primary notices the replica gone at once (its link closed)
+    degraded = await asyncio.to_thread(status_of, sentinel_group)
+    assert "fewer than minReplicasToAck: new mail gets 451" in degraded.stdout, degraded.stdout
