@@ -28,9 +28,10 @@ from redis.exceptions import RedisError
 
 from services.egress import metrics
 from services.egress.bounce import Bouncer
-from services.egress.delivery import Deliverer, SmtpSettings, split_recipient
+from services.egress.delivery import Deliverer, SmtpSettings, split_recipient, tls_context
+from services.egress.destinations import destination_allowed
+from services.egress.mta_sts_fetch import PolicySource
 from services.egress.mx import MxResolver
-from services.egress.normalize import normalize_line_endings
 from services.egress.outcome import Outcome
 from services.egress.results import ResultStore
 from services.egress.signing import DkimSigner
@@ -38,6 +39,7 @@ from services.egress.smtp_pool import SmtpPool
 from shared.config import RelayConfig
 from shared.enqueue import EnqueueFailed
 from shared.logs import log
+from shared.normalize import normalize_line_endings
 from shared.payloads import DeliveryResult, OutboundJob
 from shared.replication import ReplicaAck
 
@@ -105,10 +107,18 @@ class Egress:
             verify_tls=egress.tls.verify,
             allow_private_destinations=egress.allowPrivateDestinations,
         )
+        mta_sts = None
+        if egress.mtaSts.enabled:
+            mta_sts = PolicySource(
+                resolver,
+                tls_context=tls_context(verify=True),
+                address_allowed=(lambda _address: True) if egress.allowPrivateDestinations else destination_allowed,
+                policy_port=egress.mtaSts.policyPort,
+                fetch_timeout_s=float(egress.mtaSts.fetchTimeoutSeconds),
+            )
+        pool = SmtpPool(idle_s=SMTP_CONNECTION_IDLE_S, max_uses=SMTP_CONNECTION_MAX_USES)
         return cls(
-            deliverer=Deliverer(
-                resolver, settings, SmtpPool(idle_s=SMTP_CONNECTION_IDLE_S, max_uses=SMTP_CONNECTION_MAX_USES)
-            ),
+            deliverer=Deliverer(resolver, settings, pool, mta_sts=mta_sts),
             results=ResultStore(redis, retention_s=config.queue.retentionSeconds, ack=ReplicaAck.from_config(config)),
             policy=RetryPolicy(egress.maxAttempts, float(egress.maxAgeSeconds), float(egress.retryBaseSeconds)),
             attempt_budget_s=float(egress.jobTimeoutSeconds),
@@ -221,6 +231,8 @@ class Egress:
                 domain=domain,
                 host=report.host,
                 tls=report.tls,
+                mta_sts=report.mta_sts,
+                mta_sts_violations=report.mta_sts_violations or None,
                 connections=report.connections,
                 skipped=report.skipped,
                 dispositions=sorted({o.disposition.value for o in report.outcomes.values()}),
