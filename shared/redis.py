@@ -109,8 +109,10 @@ def connect(
 
 
 def connect_arq(config: RelayConfig) -> ArqRedis:
-    """`connect` as arq's client class, for the egress worker's job queue."""
-    return cast(ArqRedis, connect(config, redis_class=ArqRedis))
+    """`connect` as arq's client class, for the egress worker's job queue. Without a per-command
+    socket timeout, as arq's own pool: redis-py's timeout wrapper can swallow the cancellation
+    arq's shutdown sends the worker loop (Python 3.11), which then never ends."""
+    return cast(ArqRedis, connect(config, timeout_s=None, redis_class=ArqRedis))
 
 
 def connect_sync(config: RelayConfig, url: str | None = None, *, timeout_s: float = 5.0) -> redis.Redis:
