@@ -20,7 +20,7 @@ import yaml
 from kubernetes_validate import utils as kubernetes_validate
 
 from protege_relay.cli import SERVICES
-from shared.config import EgressConfig, RelayConfig, SmtpConfig, load_config
+from shared.config import EgressConfig, RelayConfig, SmtpConfig, env_variable_names, load_config
 from tests.support.processes import REPO_ROOT
 
 K8S_DIR = REPO_ROOT / "deploy" / "k8s"
@@ -254,6 +254,73 @@ def test_redis_statefulset_persists_an_append_only_file() -> None:
     assert statefulset["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
 
 
+# --- Kubernetes: the Sentinel overlay (deploy/k8s/ha, docs/HA.md) ------------------------------
+
+HA_DIR = K8S_DIR / "ha"
+
+
+def ha_resources() -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all((HA_DIR / "redis-sentinel.yaml").read_text()) if doc]
+
+
+def test_ha_manifests_are_valid_kubernetes_in_strict_mode() -> None:
+    resources = kubernetes_validate.resources_from_file(str(HA_DIR / "redis-sentinel.yaml"))
+    for version in kubernetes_versions():
+        for resource in resources:
+            kubernetes_validate.validate(resource, version, strict=True)
+
+
+def test_ha_overlay_replaces_the_single_redis_and_patches_only_base_resources() -> None:
+    kustomization = yaml.safe_load((HA_DIR / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["../", "redis-sentinel.yaml"]
+    assert kustomization["namespace"] == yaml.safe_load((K8S_DIR / "kustomization.yaml").read_text())["namespace"]
+    base = {(item["kind"], item["metadata"]["name"]) for item in k8s_resources()}
+    patched: list[dict[str, Any]] = []
+    for entry in kustomization["patches"]:
+        patched += [doc for doc in yaml.safe_load_all((HA_DIR / entry["path"]).read_text()) if doc]
+    assert all((doc["kind"], doc["metadata"]["name"]) in base for doc in patched)
+    deleted = {(doc["kind"], doc["metadata"]["name"]) for doc in patched if doc.get("$patch") == "delete"}
+    assert deleted == {("StatefulSet", "redis"), ("Service", "redis")}
+    added = {(item["kind"], item["metadata"]["name"]) for item in ha_resources()}
+    assert {("StatefulSet", "redis"), ("Service", "redis"), ("StatefulSet", "redis-sentinel")} <= added
+    assert not (added - deleted) & base, "the overlay adds nothing the base already has"
+    # Every tier is told where the sentinels are and to wait for a replica, with variables the config knows.
+    known = {name for name, _ in env_variable_names()}
+    tiers = {doc["metadata"]["name"]: doc for doc in patched if doc["kind"] == "Deployment"}
+    assert sorted(tiers) == sorted(SERVICE_MATRIX)
+    for deployment in tiers.values():
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        env = {item["name"]: item["value"] for item in container["env"]}
+        assert set(env) <= known
+        assert env["RELAY_REDIS_MIN_REPLICAS_TO_ACK"] == "1"
+        config = load_config(environ=env)
+        assert len(config.redis.sentinels) == 3 and config.redis.sentinelMaster == "relay"
+
+
+def test_ha_redis_and_sentinels_are_spread_over_nodes_with_disruption_budgets() -> None:
+    statefulsets = {item["metadata"]["name"]: item for item in ha_resources() if item["kind"] == "StatefulSet"}
+    budgets = {
+        item["metadata"]["name"]: item["spec"] for item in ha_resources() if item["kind"] == "PodDisruptionBudget"
+    }
+    for name, replicas in (("redis", 3), ("redis-sentinel", 3)):
+        spec = statefulsets[name]["spec"]
+        assert spec["replicas"] == replicas
+        (term,) = spec["template"]["spec"]["affinity"]["podAntiAffinity"][
+            "requiredDuringSchedulingIgnoredDuringExecution"
+        ]
+        assert term["topologyKey"] == "kubernetes.io/hostname"
+        assert term["labelSelector"]["matchLabels"] == spec["selector"]["matchLabels"]
+        assert budgets[name]["selector"]["matchLabels"] == spec["selector"]["matchLabels"]
+        assert spec["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert budgets["redis"]["maxUnavailable"] == 1  # a primary and a replica stay: minReplicasToAck=1 holds
+    assert budgets["redis-sentinel"]["minAvailable"] == 2  # the majority that authorises a failover
+    scripts = next(item for item in ha_resources() if item["kind"] == "ConfigMap")["data"]
+    assert (
+        "--appendonly yes" in scripts["redis-start.sh"] and "--maxmemory-policy noeviction" in scripts["redis-start.sh"]
+    )
+    assert "sentinel monitor relay ${primary} 6379 2" in scripts["sentinel-start.sh"]
+
+
 # --- docker-compose ----------------------------------------------------------------------------
 
 
@@ -269,6 +336,34 @@ def test_docker_compose_accepts_the_compose_file() -> None:
         timeout=60,
     )
     assert completed.returncode == 0, completed.stderr
+
+
+def test_docker_compose_accepts_the_ha_profile() -> None:
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.skip("docker-compose is not installed (.ci/run installs it)")
+    completed = subprocess.run(
+        [binary, "-f", str(COMPOSE_FILE), "--profile", "ha", "config", "-q"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert completed.returncode == 0, completed.stderr
+
+
+def test_compose_ha_profile_has_a_replica_and_three_sentinels() -> None:
+    services = compose()["services"]
+    ha = sorted(name for name, service in services.items() if service.get("profiles") == ["ha"])
+    assert ha == ["redis-replica", "redis-sentinel-1", "redis-sentinel-2", "redis-sentinel-3"]
+    replica = services["redis-replica"]["command"]
+    assert replica[replica.index("--replicaof") + 1 : replica.index("--replicaof") + 3] == ["redis", "6379"]
+    assert replica[replica.index("--appendonly") + 1] == "yes"
+    sentinel = services["redis-sentinel-1"]["command"][0]
+    assert "sentinel monitor relay redis 6379 2" in sentinel and "--sentinel" in sentinel
+    env = services["ingress"]["environment"]
+    assert env["RELAY_REDIS_SENTINELS"] == "${RELAY_REDIS_SENTINELS:-}"  # empty: one Redis, as without the profile
+    assert load_config(environ={"RELAY_REDIS_SENTINELS": ""}).redis.sentinels == []
 
 
 def test_compose_redis_uses_aof_on_a_named_volume_with_a_health_check() -> None:
