@@ -29,6 +29,7 @@ from redis.exceptions import ResponseError
 
 from services.tunnel import metrics
 from shared import keys, protocol
+from shared.inbox_removal import REMOVE_SCRIPT, entry_size, removal_call
 from shared.logs import log
 from shared.payloads import InboxEntry
 
@@ -68,22 +69,16 @@ async def trim_expired(redis: aioredis.Redis, persona_key: str, retention_s: int
         entries = await redis.xrange(stream, "-", min_id, count=TRIM_BATCH)
         if not entries:
             return removed
-        ids = [entry_id for entry_id, _ in entries]
-        size_bytes = sum(_entry_size(fields) for _, fields in entries)
-        async with redis.pipeline(transaction=True) as pipe:
-            pipe.xack(stream, keys.INBOX_GROUP, *ids)
-            pipe.xdel(stream, *ids)
-            pipe.decrby(keys.inbox_bytes(persona_key), size_bytes)
-            await pipe.execute()
-        removed += len(ids)
-        log(logger, logging.INFO, "expired inbox entries trimmed", persona=persona_key, count=len(ids))
+        removal = [(entry_id, entry_size(fields)) for entry_id, fields in entries]
+        await remove_entries(redis, persona_key, removal)
+        removed += len(removal)
+        log(logger, logging.INFO, "expired inbox entries trimmed", persona=persona_key, count=len(removal))
 
 
-def _entry_size(fields: dict[bytes, bytes]) -> int:
-    try:
-        return len(InboxEntry.unpack(fields[b"m"]).data)
-    except (KeyError, TypeError, ValueError, msgpack.UnpackException):
-        return 0
+async def remove_entries(redis: aioredis.Redis, persona_key: str, removals: list[tuple[bytes | str, int]]) -> None:
+    """Through `shared.inbox_removal`: an entry an operator deleted meanwhile is not counted twice."""
+    script_keys, args = removal_call(persona_key, removals)
+    await redis.register_script(REMOVE_SCRIPT)(keys=script_keys, args=args)
 
 
 def message_frames(stream_id: str, start: protocol.SmtpStart, message: bytes) -> Iterator[bytes]:
@@ -285,11 +280,7 @@ class InboxDelivery:
             return
         self._in_flight.popleft()
         self._acks.pop(oldest.entry.stream_id, None)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xack(self._stream, keys.INBOX_GROUP, oldest.entry_id)
-            pipe.xdel(self._stream, oldest.entry_id)
-            pipe.decrby(keys.inbox_bytes(self.persona_key), len(oldest.entry.data))
-            await pipe.execute()
+        await remove_entries(self._redis, self.persona_key, [(oldest.entry_id, len(oldest.entry.data))])
         metrics.INBOUND_ACKED.inc()
         metrics.INBOUND_ACK_SECONDS.observe(time.monotonic() - oldest.sent_at)
         log(
