@@ -5,7 +5,9 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 CONNECTIONS = Counter("relay_ingress_connections_total", "SMTP connections accepted by the listener")
-OPEN_CONNECTIONS = Gauge("relay_ingress_open_connections", "SMTP connections currently open")
+OPEN_CONNECTIONS = Gauge(
+    "relay_ingress_open_connections", "SMTP connections currently open", multiprocess_mode="livesum"
+)
 MESSAGES_ACCEPTED = Counter("relay_ingress_messages_accepted_total", "Messages answered 250 after a confirmed enqueue")
 RECIPIENTS_ACCEPTED = Counter(
     "relay_ingress_recipients_accepted_total", "Inbox entries written (one per accepted recipient)"
