@@ -145,3 +145,9 @@ def test_ingress_metrics_count_the_messages_of_every_worker(relay: Relay) -> Non
     # Each service exports only its own metrics.
     egress = scrape(relay.egress_http)
     assert ACCEPTED not in egress and "relay_egress_jobs_in_progress" in egress
+
+    # Redis memory, for the alert rules in deploy/observability, comes from the tunnel.
+    tunnel = scrape(relay.tunnel_port)
+    [(_, used)] = tunnel["relay_redis_memory_used_bytes"]
+    assert used == pytest.approx(store.info("memory")["used_memory"], rel=0.5)
+    assert "relay_redis_memory_max_bytes" in tunnel

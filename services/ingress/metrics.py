@@ -20,7 +20,11 @@ DUPLICATES = Counter(
     "Messages answered 250 with the queue id of an earlier acceptance of the same envelope and "
     "bytes (a retry after a lost reply), nothing stored again",
 )
-REJECTIONS = Counter("relay_ingress_rejections_total", "Refusals by reason (PROTOCOL.md part C)", ["reason"])
+REJECTIONS = Counter(
+    "relay_ingress_rejections_total",
+    "Refusals by reason (PROTOCOL.md part C) and SMTP reply code (4xx: the sender retries; 5xx: it bounces)",
+    ["reason", "code"],
+)
 ENQUEUE_SECONDS = Histogram(
     "relay_ingress_enqueue_seconds",
     "Time of the idempotent write (WATCH + MULTI/EXEC per persona) that makes a message durable",

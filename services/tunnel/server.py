@@ -25,6 +25,7 @@ from services.tunnel.ratelimit import client_ip, parse_trusted_proxies
 from shared.backlog import refresh_backlog_metrics
 from shared.health import health_response, refresh_before_scrape
 from shared.redis import redis_url
+from shared.redis_metrics import refresh_redis_memory
 
 logger = logging.getLogger("relay.tunnel.server")
 
@@ -68,6 +69,7 @@ async def start_server(node: TunnelNode, tls: ssl.SSLContext | None = None) -> S
         ready = await node.ready() if path == "/readyz" else None
         if path == "/metrics":
             await refresh_before_scrape(lambda: refresh_backlog_metrics(redis_url(config), "tunnel"))
+            await refresh_before_scrape(lambda: refresh_redis_memory(redis_url(config)))
         return http_response(*health_response(path, ready))
 
     async def handle(ws: ServerConnection) -> None:
