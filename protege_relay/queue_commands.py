@@ -25,6 +25,7 @@ from protege_relay.status import (  # one look for both commands
     relay_redis_url,
 )
 from shared.config import RelayConfig, load_config
+from shared.redis import connect_sync
 
 PROG = "protege-relay queue"
 
@@ -41,7 +42,7 @@ def run_queue(args: argparse.Namespace) -> int:
     handler = ACTIONS[action]
     config = load_config(getattr(args, "config", None))
     url = relay_redis_url(config)
-    client = redis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S)
+    client = connect_sync(config, url, timeout_s=REDIS_TIMEOUT_S)
     try:
         return handler(Context(config, url, client), args)
     except QueueError as exc:
@@ -175,7 +176,7 @@ def _found(ctx: Context, args: argparse.Namespace) -> list[inbound.Located]:
 
 def _show(ctx: Context, args: argparse.Namespace) -> int:
     found = _found(ctx, args)
-    documents = [_show_document(located) for located in found]
+    documents = [_show_document(ctx.client, located) for located in found]
     if args.json:
         print(json.dumps(documents if len(documents) > 1 else documents[0], indent=2))
         return 0
@@ -187,7 +188,7 @@ def _show(ctx: Context, args: argparse.Namespace) -> int:
     return 0
 
 
-def _show_document(located: inbound.Located) -> dict[str, Any]:
+def _show_document(client: redis.Redis, located: inbound.Located) -> dict[str, Any]:
     item, entry = located.item, located.item.entry
     document: dict[str, Any] = {
         "streamId": item.stream_id,
@@ -209,7 +210,7 @@ def _show_document(located: inbound.Located) -> dict[str, Any]:
     )
     if entry.auth_attestation:
         document["authAttestation"] = entry.auth_attestation
-    document["headers"] = inbound.header_block(entry.data)
+    document["headers"] = inbound.header_block(inbound.body_head(client, located.persona, item))
     return document
 
 
@@ -262,7 +263,7 @@ def _retry(ctx: Context, args: argparse.Namespace) -> int:
 
 def _cancel(ctx: Context, args: argparse.Namespace) -> int:
     try:
-        result = asyncio.run(outbound.cancel(ctx.url, args.job_id, ctx.config.queue.retentionSeconds))
+        result = asyncio.run(outbound.cancel(ctx.config, ctx.url, args.job_id))
     except outbound.JobNotQueued:
         raise QueueError(_not_queued(args.job_id)) from None
     except outbound.JobRunning:

@@ -3,9 +3,10 @@
 An inbox is a Redis stream (`keys.inbox`) of `InboxEntry` payloads; a message for several
 personas is one entry in each inbox, each under its own stream id `<queue id>.<n>` (the id the
 gateway sees), all under the queue id the sender was given in `250 ... queued as`. Entries are
-read in pages so a long inbox is never held twice; removal goes through
-`shared.inbox_removal`, so the byte counter stays right even when the tunnel acknowledges the
-same entry at the same moment.
+read in pages so a long inbox is never held twice. An entry is read and removed exactly as the
+tunnel does it (`shared.inbox_entries`): a large body stored apart, the idempotency marker and
+the byte counter go with the entry in one script call, which counts an entry only if it deleted
+it, so the counter stays right when the tunnel acknowledges the same entry at the same moment.
 """
 
 from __future__ import annotations
@@ -14,13 +15,11 @@ import dataclasses
 from collections.abc import Iterator
 from typing import Any, cast
 
-import msgpack
 import redis
 
 from shared import keys
 from shared.backlog import age_s, as_text, int_or_none, key_tail, scan_keys
-from shared.enqueue import INBOX_ENTRY_FIELD
-from shared.inbox_removal import REMOVE_SCRIPT, removal_call
+from shared.inbox_entries import REMOVE_SCRIPT, StoredEntry, UnreadableEntry
 from shared.payloads import InboxEntry
 
 PAGE = 200
@@ -30,10 +29,18 @@ MAX_HEADER_BYTES = 64 * 1024
 @dataclasses.dataclass(frozen=True)
 class InboundEntry:
     entry_id: str  # the Redis stream entry id (when it entered the inbox)
-    entry: InboxEntry | None  # None: unreadable (still listed, so it can be deleted)
-    size: int
+    stored: StoredEntry | None  # None: unreadable (still listed, so it can be deleted)
     age_s: float
     deliveries: int  # times sent to a gateway without an acknowledgement yet
+
+    @property
+    def entry(self) -> InboxEntry | None:
+        """The envelope; its `data` is empty when the body is stored apart (see `body_head`)."""
+        return self.stored.entry if self.stored else None
+
+    @property
+    def size(self) -> int:
+        return self.stored.size_bytes if self.stored else 0
 
     @property
     def stream_id(self) -> str:
@@ -92,11 +99,9 @@ def read_entries(client: redis.Redis, persona_key: str, now_ms: int, upto: str =
         deliveries = _delivery_counts(client, stream, as_text(page[0][0]), as_text(page[-1][0]), len(page))
         for raw_id, fields in page:
             entry_id = as_text(raw_id)
-            entry = _unpack(fields)
             yield InboundEntry(
                 entry_id=entry_id,
-                entry=entry,
-                size=len(entry.data) if entry else 0,
+                stored=_parse(raw_id, fields),
                 age_s=age_s(now_ms, int(entry_id.split("-", 1)[0])) or 0.0,
                 deliveries=deliveries.get(entry_id, 0),
             )
@@ -119,10 +124,10 @@ def _delivery_counts(client: redis.Redis, stream: str, first: str, last: str, co
     return {as_text(item["message_id"]): int(item["times_delivered"]) for item in pending}
 
 
-def _unpack(fields: dict[bytes, bytes]) -> InboxEntry | None:
+def _parse(entry_id: bytes, fields: dict[bytes, bytes]) -> StoredEntry | None:
     try:
-        return InboxEntry.unpack(fields[INBOX_ENTRY_FIELD])
-    except (KeyError, TypeError, ValueError, msgpack.UnpackException):
+        return StoredEntry.parse(entry_id, fields)
+    except UnreadableEntry:
         return None
 
 
@@ -139,12 +144,31 @@ def find(client: redis.Redis, wanted: str, persona: str | None, now_ms: int) -> 
 
 def remove(client: redis.Redis, persona_key: str, items: list[InboundEntry]) -> tuple[int, int]:
     """Remove entries; returns (entries removed, bytes freed) by this call (the tunnel may have
-    acknowledged some of them meanwhile)."""
+    acknowledged some of them meanwhile). An unreadable entry counted nothing, so it is only
+    acknowledged and deleted, as the tunnel drops one."""
     if not items:
         return 0, 0
-    script_keys, args = removal_call(persona_key, [(item.entry_id, item.size) for item in items])
-    removed, freed = cast(list[int], client.register_script(REMOVE_SCRIPT)(keys=script_keys, args=args))
-    return int(removed), int(freed)
+    script = client.register_script(REMOVE_SCRIPT)
+    stream = keys.inbox(persona_key)
+    pipe = client.pipeline(transaction=False)
+    for item in items:
+        if item.stored is None:
+            pipe.xack(stream, keys.INBOX_GROUP, item.entry_id)
+            pipe.xdel(stream, item.entry_id)
+        else:
+            script_keys, args = item.stored.remove_call(persona_key)
+            script(keys=script_keys, args=args, client=pipe)
+    replies = iter(pipe.execute())
+    removed = freed = 0
+    for item in items:
+        if item.stored is None:
+            next(replies)
+            deleted = int(next(replies))
+        else:
+            deleted = int(next(replies))
+        removed += deleted
+        freed += item.size if deleted else 0
+    return removed, freed
 
 
 def purge(client: redis.Redis, persona_key: str, upto: str, now_ms: int) -> tuple[int, int]:
@@ -167,6 +191,17 @@ def purge(client: redis.Redis, persona_key: str, upto: str, now_ms: int) -> tupl
 def last_entry_id(client: redis.Redis, persona_key: str) -> str | None:
     newest = cast(list[tuple[bytes, Any]], client.xrevrange(keys.inbox(persona_key), count=1))
     return as_text(newest[0][0]) if newest else None
+
+
+def body_head(client: redis.Redis, persona_key: str, item: InboundEntry) -> bytes:
+    """The first MAX_HEADER_BYTES (+1, to tell truncation) of the message, wherever it is stored."""
+    stored = item.stored
+    if stored is None:
+        return b""
+    if not stored.body_apart:
+        return stored.entry.data[: MAX_HEADER_BYTES + 1]
+    head = client.getrange(stored.body_key(persona_key), 0, MAX_HEADER_BYTES)
+    return cast(bytes, head)
 
 
 def header_block(data: bytes) -> str:

@@ -28,7 +28,9 @@ from arq.jobs import DeserializationError, deserialize_job_raw
 from services.egress.results import ResultStore
 from shared import keys
 from shared.backlog import as_text, int_or_none
+from shared.config import RelayConfig
 from shared.payloads import DeliveryResult, OutboundJob
+from shared.redis import credentials
 
 PAGE = 100
 CANCEL_CLAIM_TTL_MS = 60_000  # a cancel that dies midway leaves the job to run (as a no-op) after this
@@ -155,10 +157,11 @@ def _raise_for(reply: str, job_id: str) -> None:
         raise JobRunning(job_id)
 
 
-async def cancel(redis_url: str, job_id: str, retention_s: int) -> DeliveryResult | None:
+async def cancel(config: RelayConfig, redis_url: str, job_id: str) -> DeliveryResult | None:
     """Remove a waiting job and publish its `failed` result; returns the result (None when the
     job could not be decoded, so no persona can be told). Raises JobNotQueued / JobRunning."""
-    client = aioredis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
+    client = aioredis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5, **credentials(config))
+    retention_s = config.queue.retentionSeconds
     try:
         reply: Any = await client.register_script(_CLAIM)(
             keys=[keys.EGRESS_QUEUE],

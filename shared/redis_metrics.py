@@ -4,15 +4,17 @@ ingress then answers 451 to all mail). One INFO call per scrape, on the tunnel's
 
 from __future__ import annotations
 
-import redis.asyncio as aioredis
 from prometheus_client import Gauge
+
+from shared.config import RelayConfig
+from shared.redis import connect
 
 MEMORY_USED = Gauge("relay_redis_memory_used_bytes", "Redis used_memory (INFO memory)", multiprocess_mode="mostrecent")
 MEMORY_MAX = Gauge("relay_redis_memory_max_bytes", "Redis maxmemory (0: no limit set)", multiprocess_mode="mostrecent")
 
 
-async def refresh_redis_memory(redis_url: str) -> None:
-    client = aioredis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
+async def refresh_redis_memory(config: RelayConfig) -> None:
+    client = connect(config)
     try:
         info = await client.info("memory")
     finally:
