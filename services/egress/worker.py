@@ -30,7 +30,6 @@ from services.egress import metrics
 from services.egress.bounce import Bouncer
 from services.egress.delivery import Deliverer, SmtpSettings, split_recipient
 from services.egress.mx import MxResolver
-from services.egress.normalize import normalize_line_endings
 from services.egress.outcome import Outcome
 from services.egress.results import ResultStore
 from services.egress.signing import DkimSigner
@@ -38,6 +37,7 @@ from services.egress.smtp_pool import SmtpPool
 from shared.config import RelayConfig
 from shared.enqueue import EnqueueFailed
 from shared.logs import log
+from shared.normalize import normalize_line_endings
 from shared.payloads import DeliveryResult, OutboundJob
 
 logger = logging.getLogger("egress.worker")

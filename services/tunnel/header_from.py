@@ -10,7 +10,7 @@ A display name is fine. Anything else, including a missing, repeated or unparsab
 is refused with `header_from_not_allowed`.
 
 The parse reads the header section only, at most `MAX_HEADER_BYTES`. Line endings are read as
-the egress writes them on the wire (services/egress/normalize.py: CRLF, bare CR and bare LF
+the egress writes them on the wire (shared/normalize.py: CRLF, bare CR and bare LF
 are each one line break), so the header this check sees is the header the recipient sees. A
 header section with any parse defect is refused: a line another parser might read as a header
 while ours ends the section there is exactly where a second `From` would hide.
@@ -24,9 +24,9 @@ from email.message import EmailMessage
 from email.parser import BytesHeaderParser
 from email.policy import default as default_policy
 
-from services.egress.normalize import normalize_line_endings
 from services.tunnel.outbound import HEADER_FROM_NOT_ALLOWED
 from shared.identity import InvalidKey, persona_key_of_local_part
+from shared.normalize import normalize_line_endings
 
 # Far above any real header section (a gateway's is a few KiB), small enough to parse at once.
 MAX_HEADER_BYTES = 64 * 1024

@@ -23,8 +23,8 @@ from protege_relay.embedded_redis import EmbeddedRedis
 from shared import keys
 from shared.enqueue import Delivery, EnqueueFailed, enqueue, message_digest, new_queue_id
 from shared.payloads import InboxEntry
+from tests.support.ingress import InProcessIngress, address, ingress_starter, mark_seen, new_persona
 from tests.support.processes import poll_until
-from tests.test_ingress_support import InProcessIngress, address, ingress_starter, mark_seen, new_persona
 
 MAXMEMORY = 16 * 1024 * 1024
 STORAGE_FULL = b"4.3.1 insufficient system storage, try again later"

@@ -30,7 +30,7 @@ from shared import keys, protocol
 from shared.identity import Passport
 from shared.payloads import OutboundJob
 from tests.support.ws_client import GatewayClient, RawWsClient
-from tests.test_abuse_tunnel import (
+from tests.tunnel.test_abuse_tunnel import (
     DOMAIN,
     Target,
     open_client,
