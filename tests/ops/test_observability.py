@@ -135,6 +135,7 @@ def test_the_alerts_cover_what_an_operator_must_hear_about() -> None:
     rejection_exprs = by_metric["relay_ingress_rejections_total"]
     assert any('code=~"4.."' in expr for expr in rejection_exprs)
     assert any('code=~"5.."' in expr for expr in rejection_exprs)
+    assert any('reason="storage_full"' in expr for expr in rejection_exprs)
     assert any('code!="ok"' in expr for expr in by_metric["relay_tunnel_auth_total"])
     assert {"relay_redis_memory_used_bytes", "relay_redis_memory_max_bytes"} <= set(by_metric)
 
