@@ -103,6 +103,9 @@ class WsConfig:
     authTimeoutMs: int = _field(10_000, minimum=1)  # upgrade to auth_ok; over it: auth_error auth_timeout, 4401
     maxUnauthenticatedPerIp: int = _field(256, minimum=1)  # open sockets not yet authenticated, per client IP
     resultsSweepIntervalMs: int = _field(5_000, minimum=1)  # periodic results sweep (wake-ups are the fast path)
+    # Gateways without inbound_ack: a message leaves Redis only when the socket stayed open this
+    # long after the pong that followed smtp_end (the WebSocket library pongs before storing).
+    legacyAckGraceMs: int = _field(5_000, minimum=0)
 
 
 @dataclasses.dataclass(frozen=True)
