@@ -52,7 +52,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError
+from redis.asyncio.client import Pipeline
+from redis.exceptions import NoScriptError, OutOfMemoryError, RedisError
 
 from shared import inbox_entries, keys
 from shared.logs import log
@@ -103,7 +104,19 @@ ENQUEUE_SCRIPT_SHA = hashlib.sha1(ENQUEUE_SCRIPT).hexdigest()
 
 
 class EnqueueFailed(Exception):
-    """Redis did not confirm the write; nothing may be reported as accepted."""
+    """Redis did not confirm the write; nothing may be reported as accepted.
+
+    `out_of_memory`: Redis refused the write because it is at `maxmemory` (`noeviction`), so
+    the caller answers "insufficient storage" (452 4.3.1) rather than a generic 451."""
+
+    def __init__(self, reason: str, *, out_of_memory: bool = False) -> None:
+        super().__init__(reason)
+        self.out_of_memory = out_of_memory
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Redis' OOM refusal, raised directly or, from inside a script, wrapped in its error text."""
+    return isinstance(exc, OutOfMemoryError) or "OOM command not allowed" in str(exc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +138,7 @@ class Enqueued:
 
 DeliveriesFor = Callable[[str], list[Delivery]]
 ScriptCall = tuple[list[str], list[Any]]  # keys, arguments (bytes, str, int)
+AlsoQueue = Callable[[Pipeline], object]  # more commands for the first script's round trip
 
 
 def new_queue_id() -> str:
@@ -148,24 +162,36 @@ async def load_script(redis: aioredis.Redis) -> None:
     await redis.script_load(ENQUEUE_SCRIPT)
 
 
-async def enqueue(redis: aioredis.Redis, digest: str, queue_id: str, deliveries_for: DeliveriesFor) -> Enqueued:
+async def enqueue(
+    redis: aioredis.Redis,
+    digest: str,
+    queue_id: str,
+    deliveries_for: DeliveriesFor,
+    *,
+    also: AlsoQueue | None = None,
+) -> Enqueued:
     """Write `deliveries_for(queue_id)` once per digest; returns the queue id to answer with.
 
     `deliveries_for` builds the entries for a queue id (the trace header and attestations name
     it), so a retry whose first persona was already stored is rebuilt with the stored id.
+    `also` queues bookkeeping commands (the ingress' per-IP byte count) into the first
+    script's round trip, pipelined, not transactional: their replies are not checked.
     """
     try:
         async with asyncio.timeout(ENQUEUE_TIMEOUT_S):
-            return await _enqueue(redis, digest, queue_id, deliveries_for)
+            return await _enqueue(redis, digest, queue_id, deliveries_for, also)
     except (RedisError, OSError, TimeoutError) as exc:
-        raise EnqueueFailed(type(exc).__name__) from exc
+        raise EnqueueFailed(type(exc).__name__, out_of_memory=is_out_of_memory(exc)) from exc
 
 
-async def _enqueue(redis: aioredis.Redis, digest: str, queue_id: str, deliveries_for: DeliveriesFor) -> Enqueued:
+async def _enqueue(
+    redis: aioredis.Redis, digest: str, queue_id: str, deliveries_for: DeliveriesFor, also: AlsoQueue | None
+) -> Enqueued:
     deliveries = deliveries_for(queue_id)
     by_persona = _group(deliveries)
     first_persona, *other_personas = by_persona
-    stored = _text(await _run_script(redis, _script_call(digest, queue_id, by_persona[first_persona])))
+    first_call = _script_call(digest, queue_id, by_persona[first_persona])
+    stored = _text(await _run_script(redis, first_call, also))
     if stored is None:
         written = len(by_persona[first_persona])
     else:
@@ -230,11 +256,20 @@ def _script_call(digest: str, queue_id: str, deliveries: list[Delivery]) -> Scri
     return script_keys, args
 
 
-async def _run_script(redis: aioredis.Redis, call: ScriptCall) -> object:
-    """EVALSHA, loading the script once if this Redis does not have it (restarted, flushed)."""
+async def _run_script(redis: aioredis.Redis, call: ScriptCall, also: AlsoQueue | None = None) -> object:
+    """EVALSHA (with `also` in the same round trip), loading the script once if this Redis does
+    not have it (restarted, flushed)."""
     script_keys, args = call
     try:
-        return await redis.evalsha(ENQUEUE_SCRIPT_SHA, len(script_keys), *script_keys, *args)  # type: ignore[misc]
+        if also is None:
+            return await redis.evalsha(ENQUEUE_SCRIPT_SHA, len(script_keys), *script_keys, *args)  # type: ignore[misc]
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.evalsha(ENQUEUE_SCRIPT_SHA, len(script_keys), *script_keys, *args)
+            also(pipe)
+            replies = await pipe.execute(raise_on_error=False)
+        if isinstance(replies[0], Exception):
+            raise replies[0]
+        return replies[0]
     except NoScriptError:
         await redis.script_load(ENQUEUE_SCRIPT)
         return await redis.evalsha(ENQUEUE_SCRIPT_SHA, len(script_keys), *script_keys, *args)  # type: ignore[misc]

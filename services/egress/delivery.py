@@ -11,6 +11,11 @@ With a `SmtpPool`, a connection whose transaction ended cleanly is kept for the 
 the same host; if a cached connection fails before anything was handed over (it went stale),
 the host is tried once more on a new connection.
 
+An address that is not a public unicast destination (loopback, RFC 1918, link-local, CGNAT,
+ULA, multicast, ...; `destinations.py`) is never connected to unless the host comes from
+`egress.routes` or `egress.allowPrivateDestinations` is on; when no address is left the
+recipients fail permanently with `destination_not_allowed`.
+
 STARTTLS is used whenever offered. With `egress.tls.verify` off (the default, as for most
 MTAs) the certificate is not checked and a failed handshake falls back to plain text; with it
 on, the certificate must match the MX host name, and a failed handshake skips the host.
@@ -27,6 +32,7 @@ from dataclasses import dataclass, field
 import aiosmtplib
 
 from services.egress import metrics
+from services.egress.destinations import destination_allowed
 from services.egress.mx import LookupFailed, MailHost, MxResolver
 from services.egress.outcome import Disposition, Outcome
 from services.egress.smtp_pool import PooledConnection, PoolKey, SmtpPool
@@ -35,6 +41,7 @@ from shared.logs import log
 logger = logging.getLogger("egress.delivery")
 
 MAX_CONNECTIONS_PER_DOMAIN = 5
+DESTINATION_NOT_ALLOWED = "destination_not_allowed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +50,7 @@ class SmtpSettings:
     timeout_s: float  # connect, greeting and each command
     data_timeout_s: float  # the final "." reply, which may follow content scanning
     verify_tls: bool = False
+    allow_private_destinations: bool = False  # egress.allowPrivateDestinations
 
 
 @dataclass(slots=True)
@@ -94,6 +102,7 @@ class Deliverer:
         report = DomainReport({})
         last_failure: Outcome | None = None
         lookup_failures: list[Outcome] = []
+        refused_destinations = 0
         for host in hosts:
             try:
                 addresses = await self._resolver.addresses(host)
@@ -102,6 +111,19 @@ class Deliverer:
                 report.skipped.append(f"{host.name}:{failure.outcome.error}")
                 continue
             for address in addresses:
+                if not self._may_connect(host, address):
+                    refused_destinations += 1
+                    report.skipped.append(f"{host.name}[{address}]:{DESTINATION_NOT_ALLOWED}")
+                    metrics.DESTINATIONS_REFUSED.inc()
+                    log(
+                        logger,
+                        logging.WARNING,
+                        "mail host address refused: not a public destination",
+                        domain=domain,
+                        host=host.name,
+                        address=address,
+                    )
+                    continue
                 if report.connections >= MAX_CONNECTIONS_PER_DOMAIN:
                     break
                 report.connections += 1
@@ -122,14 +144,20 @@ class Deliverer:
                 report.outcomes, report.host, report.tls = outcomes, host.name, used_tls
                 return report
         if last_failure is None:
-            if lookup_failures and all(not outcome.temporary for outcome in lookup_failures):
-                last_failure = Outcome.failure("no_mail_host", permanent=True)
-            elif lookup_failures:
+            if any(outcome.temporary for outcome in lookup_failures):
                 last_failure = Outcome.failure("dns_temporary", permanent=False)
+            elif refused_destinations:  # every address we could have tried is private
+                last_failure = Outcome.failure(DESTINATION_NOT_ALLOWED, permanent=True)
+            elif lookup_failures:
+                last_failure = Outcome.failure("no_mail_host", permanent=True)
             else:
                 last_failure = Outcome.failure("connection_failed", permanent=False)
         report.outcomes = {recipient: last_failure for recipient in recipients}
         return report
+
+    def _may_connect(self, host: MailHost, address: str) -> bool:
+        """The private-destination rule (destinations.py), checked before any connection."""
+        return host.routed or self._settings.allow_private_destinations or destination_allowed(address)
 
     async def _session(
         self, host: MailHost, address: str, mail_from: str, recipients: Sequence[str], message: bytes

@@ -25,3 +25,12 @@ SMTP_CONNECTIONS = Counter(
     "SMTP transactions by whether they opened a new connection or reused a cached one",
     ["connection"],  # new | reused
 )
+DESTINATIONS_REFUSED = Counter(
+    "relay_egress_destinations_refused_total",
+    "MX addresses not connected to because they are not public destinations (loopback, private, ...)",
+)
+DSNS = Counter(
+    "relay_egress_dsns_total",
+    "Delivery status notifications put into a persona's inbox",
+    ["action", "result"],  # failed | delayed; stored | duplicate (a re-run found it stored)
+)

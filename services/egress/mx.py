@@ -6,7 +6,8 @@ single MX of "." is a null MX: the domain accepts no mail, a permanent failure. 
 does not exist is a permanent failure; SERVFAIL or a timeout is temporary.
 
 `egress.routes` maps a domain (or "*" for every domain) to a fixed "host:port" and skips DNS:
-the way to send through a smarthost, and how tests reach local sinks. `egress.nameservers`
+the way to send through a smarthost, and how tests reach local sinks (a routed host is exempt
+from the private-destination rule, `destinations.py`). `egress.nameservers`
 ("ip" or "ip:port") replaces the system resolver. Answers, "no such domain" included
 (RFC 2308), are cached for their TTL; SERVFAIL and timeouts are not. A busy worker asks once
 per TTL per domain and MX host.
@@ -50,6 +51,7 @@ class MailHost:
     name: str
     port: int
     addresses: tuple[str, ...] = ()
+    routed: bool = False  # from `egress.routes`: the operator chose it, so private addresses are fine
 
 
 def _is_ip(host: str) -> bool:
@@ -85,7 +87,7 @@ class MxResolver:
         route = self._routes.get(domain) or self._routes.get(ROUTE_ANY_DOMAIN)
         if route is not None:
             host, port = parse_host_port(route, self._smtp_port)
-            return [MailHost(host, port, (host,))]
+            return [MailHost(host, port, (host,), routed=True)]
         name = self._name(domain)
         try:
             answer = await self._resolver.resolve(name, "MX", search=False)

@@ -11,6 +11,7 @@ The tokens are short and stable so a gateway can match on them:
 | `null_mx` | yes | the domain publishes an RFC 7505 null MX: it accepts no mail |
 | `nxdomain` | yes | the recipient domain does not exist |
 | `no_mail_host` | yes | no MX and no A/AAAA, or no MX host name has an address |
+| `destination_not_allowed` | yes | every MX address is loopback, private, link-local, ... (destinations.py) |
 | `invalid_recipient` | yes | the recipient is not `local@domain` |
 | `smtputf8_not_supported` | yes | a non-ASCII address, and the server lacks SMTPUTF8 |
 | `dns_temporary` | no | SERVFAIL, timeout or another DNS failure worth retrying |
