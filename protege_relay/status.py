@@ -68,7 +68,7 @@ class RelayStatus:
 
 def run_status(config: RelayConfig, as_json: bool = False) -> int:
     """Print the status table (or JSON); 1 when Redis cannot be read."""
-    url = config.redis.url or running_embedded_url() or redis_url(config)
+    url = relay_redis_url(config)
     client = connect_sync(config, url, timeout_s=REDIS_TIMEOUT_S)
     try:
         status = collect_status(client, redacted_url(url), now_ms=int(time.time() * 1000))
@@ -79,6 +79,12 @@ def run_status(config: RelayConfig, as_json: bool = False) -> int:
         client.close()
     print(json.dumps(status_document(status), indent=2, sort_keys=True) if as_json else render(status))
     return 0
+
+
+def relay_redis_url(config: RelayConfig) -> str:
+    """The Redis of the relay to inspect: `redis.url` (RELAY_REDIS_URL), else the embedded
+    Redis of `protege-relay run` in the data directory, else the default URL."""
+    return config.redis.url or running_embedded_url() or redis_url(config)
 
 
 def redacted_url(url: str) -> str:

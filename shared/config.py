@@ -173,6 +173,13 @@ class EgressTlsConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MtaStsConfig:
+    enabled: bool = True  # apply recipient domains' MTA-STS policies (RFC 8461)
+    policyPort: int = _field(443, minimum=1)  # port of https://mta-sts.<domain>/ (tests serve policies elsewhere)
+    fetchTimeoutSeconds: int = _field(10, minimum=1)  # the whole policy fetch (connect, TLS, GET)
+
+
+@dataclasses.dataclass(frozen=True)
 class EgressConfig:
     nameservers: list[str] = _field([])
     smtpPort: int = _field(25, minimum=1)
@@ -189,6 +196,7 @@ class EgressConfig:
     allowPrivateDestinations: bool = False  # connect to MX addresses in loopback/private/... ranges (SSRF guard off)
     bounces: bool = True  # a DSN in the persona's inbox when a message fails after a deferral
     delayWarningSeconds: int = _field(4 * 3600, minimum=0)  # a `delayed` DSN once deferred this long; 0 = never
+    mtaSts: MtaStsConfig = _field(MtaStsConfig())
 
 
 @dataclasses.dataclass(frozen=True)

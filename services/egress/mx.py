@@ -26,6 +26,7 @@ import dns.exception
 import dns.name
 import dns.nameserver
 import dns.rdtypes.ANY.MX
+import dns.rdtypes.ANY.TXT
 import dns.resolver
 
 from services.egress.outcome import Outcome
@@ -133,6 +134,22 @@ class MxResolver:
         if temporary:
             raise LookupFailed(Outcome.failure("dns_temporary", permanent=False))
         raise LookupFailed(Outcome.failure("no_mail_host", permanent=True))
+
+    def routed(self, domain: str) -> bool:
+        """True when `egress.routes` decides where mail for `domain` goes (no DNS, no MTA-STS)."""
+        domain = domain.lower().rstrip(".")
+        return domain in self._routes or ROUTE_ANY_DOMAIN in self._routes
+
+    async def txt(self, name: str) -> list[bytes]:
+        """The TXT records of `name`, each one's strings joined (RFC 7208 3.3 style); [] when the
+        name or the type does not exist; raises `LookupFailed` (temporary) on other failures."""
+        try:
+            answer = await self._resolver.resolve(self._name(name), "TXT", search=False)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return []
+        except dns.exception.DNSException:
+            raise LookupFailed(Outcome.failure("dns_temporary", permanent=False)) from None
+        return [b"".join(record.strings) for record in answer if isinstance(record, dns.rdtypes.ANY.TXT.TXT)]
 
     @staticmethod
     def _name(domain: str) -> dns.name.Name:

@@ -28,7 +28,9 @@ from redis.exceptions import RedisError
 
 from services.egress import metrics
 from services.egress.bounce import Bouncer
-from services.egress.delivery import Deliverer, SmtpSettings, split_recipient
+from services.egress.delivery import Deliverer, SmtpSettings, split_recipient, tls_context
+from services.egress.destinations import destination_allowed
+from services.egress.mta_sts_fetch import PolicySource
 from services.egress.mx import MxResolver
 from services.egress.outcome import Outcome
 from services.egress.results import ResultStore
@@ -104,10 +106,18 @@ class Egress:
             verify_tls=egress.tls.verify,
             allow_private_destinations=egress.allowPrivateDestinations,
         )
+        mta_sts = None
+        if egress.mtaSts.enabled:
+            mta_sts = PolicySource(
+                resolver,
+                tls_context=tls_context(verify=True),
+                address_allowed=(lambda _address: True) if egress.allowPrivateDestinations else destination_allowed,
+                policy_port=egress.mtaSts.policyPort,
+                fetch_timeout_s=float(egress.mtaSts.fetchTimeoutSeconds),
+            )
+        pool = SmtpPool(idle_s=SMTP_CONNECTION_IDLE_S, max_uses=SMTP_CONNECTION_MAX_USES)
         return cls(
-            deliverer=Deliverer(
-                resolver, settings, SmtpPool(idle_s=SMTP_CONNECTION_IDLE_S, max_uses=SMTP_CONNECTION_MAX_USES)
-            ),
+            deliverer=Deliverer(resolver, settings, pool, mta_sts=mta_sts),
             results=ResultStore(redis, retention_s=config.queue.retentionSeconds),
             policy=RetryPolicy(egress.maxAttempts, float(egress.maxAgeSeconds), float(egress.retryBaseSeconds)),
             attempt_budget_s=float(egress.jobTimeoutSeconds),
@@ -149,7 +159,12 @@ class Egress:
         age_s = time.time() - job.enqueued_at_ms / 1000
         if open_recipients and self._policy.may_retry(attempt, age_s):
             defer_s = backoff_s(attempt, self._policy.base_s, self._policy.max_age_s - age_s)
-            await self._results.record_final(job.persona_key, job.stream_id, _unrecorded(outcomes, recorded))
+            await self._results.record_final(
+                job.persona_key,
+                job.stream_id,
+                _unrecorded(outcomes, recorded),
+                last_error=outcomes[open_recipients[0]].error,
+            )
             if self._bouncer is not None and 0 < self._delay_warning_s <= age_s:
                 await self._bouncer.delayed(job, outcomes)  # once: a later retry finds it stored
             log(
@@ -219,6 +234,8 @@ class Egress:
                 domain=domain,
                 host=report.host,
                 tls=report.tls,
+                mta_sts=report.mta_sts,
+                mta_sts_violations=report.mta_sts_violations or None,
                 connections=report.connections,
                 skipped=report.skipped,
                 dispositions=sorted({o.disposition.value for o in report.outcomes.values()}),

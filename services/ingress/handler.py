@@ -275,7 +275,7 @@ class IngressHandler:
     async def handle_exception(self, error: Exception) -> str:
         """Anything unexpected in a hook: logged with its traceback, answered 451, never 250."""
         logger.error("unexpected error in SMTP session", exc_info=error)
-        metrics.REJECTIONS.labels(reason="internal_error").inc()
+        metrics.REJECTIONS.labels(reason="internal_error", code=str(policy.TEMPORARY_FAILURE.code)).inc()
         return str(policy.TEMPORARY_FAILURE)
 
     # --- helpers ---------------------------------------------------------------------------
@@ -414,7 +414,7 @@ class IngressHandler:
         return session.reverse_name
 
     def _refuse(self, reply: Reply, **fields: Any) -> Reply:
-        metrics.REJECTIONS.labels(reason=reply.reason).inc()
+        metrics.REJECTIONS.labels(reason=reply.reason, code=str(reply.code)).inc()
         log(logger, logging.INFO, "rejected", reason=reply.text, code=reply.code, **fields)
         return reply
 

@@ -16,14 +16,8 @@ from services.egress.outcome import Disposition
 from services.egress.smtp_pool import SmtpPool
 from tests.support.dns_server import DnsServer
 from tests.support.mx_sink import HangingServer, MxSink
-from tests.support.processes import free_port
 
 MESSAGE = b"From: p@relay.test\r\nTo: user@example.test\r\nSubject: hi\r\n\r\nhello\r\n.dot line\r\n"
-
-
-@pytest.fixture
-def smtp_port() -> int:
-    return free_port()
 
 
 @pytest.fixture

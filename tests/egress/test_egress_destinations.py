@@ -14,7 +14,6 @@ from services.egress.mx import MxResolver
 from services.egress.outcome import Disposition
 from tests.support.dns_server import DnsServer
 from tests.support.mx_sink import MxSink
-from tests.support.processes import free_port
 
 MESSAGE = b"From: p@relay.test\r\nTo: user@victim.test\r\nSubject: hi\r\n\r\nhello\r\n"
 
@@ -69,11 +68,6 @@ def test_non_public_addresses_are_refused(address: str) -> None:
 @pytest.mark.parametrize("address", ALLOWED)
 def test_public_unicast_addresses_are_allowed(address: str) -> None:
     assert destination_allowed(address)
-
-
-@pytest.fixture
-def smtp_port() -> int:
-    return free_port()
 
 
 @pytest.fixture

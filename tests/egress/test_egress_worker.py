@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import dkim
 import pytest
 import redis.asyncio as aioredis
+import trustme
 from arq import create_pool
 from arq.connections import ArqRedis
 from cryptography.hazmat.primitives import serialization
@@ -34,6 +35,7 @@ from shared.redis import arq_settings
 from shared.wakeup import Wakeup, WakeupKind
 from tests.support.dns_server import DnsServer
 from tests.support.mx_sink import MxSink
+from tests.support.policy_server import PolicyServer
 from tests.support.processes import free_port, poll_until
 
 T = TypeVar("T")
@@ -51,11 +53,6 @@ async def eventually(probe: Callable[[], Awaitable[T]], timeout_s: float = 15.0,
         if time.monotonic() > deadline:
             raise AssertionError(message or f"condition not met within {timeout_s}s")
         await asyncio.sleep(0.05)
-
-
-@pytest.fixture
-def smtp_port() -> int:
-    return free_port()
 
 
 @pytest.fixture
@@ -328,6 +325,37 @@ async def test_a_message_deferred_past_the_warning_time_gets_a_delayed_dsn(
     _, recipient = status.get_payload()
     assert (recipient["Action"], recipient["Status"]) == ("delayed", "4.2.2")
     assert recipient["Will-Retry-Until"]
+
+
+async def test_enforced_mta_sts_policy_defers_an_unlisted_mx_until_it_fails(
+    start_egress: Callable[..., Awaitable[Harness]],
+    dns_server: DnsServer,
+    smtp_port: int,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 14 item 4 through the worker: the policy comes from a local HTTPS server whose CA the
+    process trusts (SSL_CERT_FILE, as an operator's CA bundle would), and allows only mail.example.test."""
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+    dns_server.set_records("_mta-sts.example.test", {"TXT": ['"v=STSv1; id=one"']})
+    dns_server.set_records("mta-sts.example.test", {"A": ["127.0.0.5"]})
+    policy = "version: STSv1\nmode: enforce\nmx: mail.example.test\nmax_age: 86400\n"
+    with (
+        PolicyServer("127.0.0.5", free_port(), ca.issue_cert("mta-sts.example.test"), policy) as policy_server,
+        MxSink("127.0.0.2", smtp_port, tls_cert=ca.issue_cert("mx1.example.test")) as mx1,
+    ):
+        egress = await start_egress(
+            RELAY_EGRESS_MTA_STS_POLICY_PORT=str(policy_server.port),
+            RELAY_EGRESS_MAX_ATTEMPTS="2",
+            RELAY_EGRESS_RETRY_BASE_SECONDS="0",
+        )
+        await egress.enqueue(egress.job("stream-sts"))
+        result = await egress.result()
+        assert mx1.accepted == 0 and policy_server.fetched() == 1  # the second attempt used the cached policy
+    assert (result.status, result.permanent, result.attempts) == ("failed", False, 2)
+    assert result.error == "mta_sts_policy_violation: mx_not_listed"
 
 
 async def test_retries_stop_at_max_attempts_with_the_last_temporary_error(
