@@ -121,6 +121,9 @@ class WsConfig:
     outboundAssemblyBytes: int = _field(256 * 1024 * 1024, minimum=1)
     maxOutboundSocketsPerPersona: int = _field(4, minimum=1)
     maxOutboundSocketsPerIp: int = _field(64, minimum=1)
+    # Gateways without inbound_ack: a message leaves Redis only when the socket stayed open this
+    # long after the pong that followed smtp_end (the WebSocket library pongs before storing).
+    legacyAckGraceMs: int = _field(5_000, minimum=0)
 
 
 @dataclasses.dataclass(frozen=True)
