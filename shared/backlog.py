@@ -160,7 +160,9 @@ RESULTS_OLDEST_AGE = Gauge("relay_results_oldest_age_seconds", "Age of the oldes
 EGRESS_JOBS = Gauge("relay_egress_queue_jobs", "Outbound delivery jobs in the arq queue", ["state"])
 EGRESS_OLDEST_AGE = Gauge("relay_egress_queue_oldest_age_seconds", "How long the oldest runnable job has waited")
 
-TIER_BACKLOGS = {"ingress": ("inbox",), "tunnel": ("inbox", "results"), "egress": ("egress", "results")}
+# The ingress exports none: its Redis ACL user may count inboxes but not read them (no XRANGE,
+# XPENDING: docs/SECURITY.md "Redis access"); the tunnel's scrape has the inbox backlog.
+TIER_BACKLOGS = {"ingress": (), "tunnel": ("inbox", "results"), "egress": ("egress", "results")}
 
 
 def refresh_gauges(client: redis.Redis, tier: str, now_ms: int) -> None:
