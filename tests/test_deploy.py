@@ -451,3 +451,37 @@ def test_network_policy_lets_only_relay_pods_reach_redis() -> None:
     (expression,) = source["podSelector"]["matchExpressions"]
     assert (expression["key"], expression["operator"]) == ("app.kubernetes.io/name", "In")
     assert sorted(expression["values"]) == sorted(SERVICE_MATRIX)
+
+
+# --- smaller items: what is public, whom the tunnel trusts, the hardened infrastructure ----------
+
+
+def test_compose_nginx_proxies_only_the_websocket_endpoint() -> None:
+    proxy = compose()["services"]["tunnel-proxy"]
+    config_path = proxy["volumes"][0].split(":")[0]
+    nginx_conf = (REPO_ROOT / config_path).read_text()
+    locations = dict(re.findall(r"location\s+([^{]+?)\s*\{(.*?)\n    \}", nginx_conf, re.S))
+    proxied = sorted(path for path, body in locations.items() if "proxy_pass" in body)
+    assert proxied == ["= /ws"], "never /metrics, /readyz or /healthz of the tunnel"
+    assert "return 404" in locations["/"]
+
+
+def test_the_tunnel_trusts_only_its_proxy() -> None:
+    services = compose()["services"]
+    proxy_ip = services["tunnel-proxy"]["networks"]["relay"]["ipv4_address"]
+    trusted = json.loads(services["tunnel"]["environment"]["RELAY_WS_TRUSTED_PROXIES"])
+    assert trusted == [f"{proxy_ip}/32"]
+    (config_map,) = resources_of_kind("ConfigMap").values()
+    k8s_trusted = json.loads(config_map["data"]["config.json"])["ws"]["trustedProxies"]
+    assert all(int(entry.partition("/")[2] or 32) >= 16 for entry in k8s_trusted), "never a whole /8"
+
+
+def test_compose_redis_and_nginx_run_without_capabilities_read_only_and_bounded() -> None:
+    services = compose()["services"]
+    for name in ("redis", "tunnel-proxy"):
+        service = services[name]
+        assert service["cap_drop"] == ["ALL"] and "cap_add" not in service, name
+        assert service["read_only"] is True, name
+        assert service["security_opt"] == ["no-new-privileges:true"], name
+        assert parse_bytes(service["mem_limit"]) > 0, name
+        assert service["user"].split(":")[0] not in ("0", "root"), name
