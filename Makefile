@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint bench soak fuzz clean
+.PHONY: install run test test-fast lint bench soak fuzz clean
 
 install: $(STAMP)
 
@@ -19,6 +19,10 @@ run: install
 test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
+# Everything but the system tier (tests/system: several processes at once, faults, multi-node).
+test-fast: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not system"
+
 lint: install
 	$(BIN)/ruff check shared services protege_relay tests bench fuzz
 	$(BIN)/ruff format --check shared services protege_relay tests bench fuzz
@@ -30,7 +34,7 @@ bench: install
 # The fault and multi-node tests with 10x the messages (10,000 per fault scenario); SOAK=<n> for n x.
 soak: install
 	RELAY_SOAK=$(or $(SOAK),1) $(BIN)/python -m pytest -q -s -p no:cacheprovider -o timeout=1800 \
-		tests/test_faults.py tests/test_faults_backpressure.py tests/test_multinode.py
+		tests/system/test_faults.py tests/system/test_faults_backpressure.py tests/system/test_multinode.py
 
 # atheris is installed here, not in the test extras: it may need a compiler where no wheel exists.
 fuzz: install

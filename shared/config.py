@@ -109,6 +109,19 @@ class WsConfig:
     authTimeoutMs: int = _field(10_000, minimum=1)  # upgrade to auth_ok; over it: auth_error auth_timeout, 4401
     maxUnauthenticatedPerIp: int = _field(256, minimum=1)  # open sockets not yet authenticated, per client IP
     resultsSweepIntervalMs: int = _field(5_000, minimum=1)  # periodic results sweep (wake-ups are the fast path)
+    # Memory before auth_ok (docs/SECURITY.md "Memory before authentication"): auth messages are
+    # under 1 KiB, so a larger one is closed 1009; ws.maxMessageBytes applies from auth_ok on.
+    maxUnauthenticatedMessageBytes: int = _field(4096, minimum=1024)
+    maxUnauthenticated: int = _field(2048, minimum=1)  # open sockets not yet authenticated, per node
+    maxPendingHandshakesPerIp: int = _field(128, minimum=1)  # TCP connections before the upgrade, per peer IP
+    maxPendingHandshakes: int = _field(1024, minimum=1)  # TCP connections before the upgrade, per node
+    # Outbound memory (docs/SECURITY.md "Memory of outbound streams"): bytes of unfinished
+    # outbound streams held by this node, and outbound-role sockets.
+    outboundAssemblyBytesPerPersona: int = _field(24 * 1024 * 1024, minimum=1)
+    outboundAssemblyBytesPerIp: int = _field(32 * 1024 * 1024, minimum=1)
+    outboundAssemblyBytes: int = _field(256 * 1024 * 1024, minimum=1)
+    maxOutboundSocketsPerPersona: int = _field(4, minimum=1)
+    maxOutboundSocketsPerIp: int = _field(64, minimum=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +171,13 @@ class EgressTlsConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MtaStsConfig:
+    enabled: bool = True  # apply recipient domains' MTA-STS policies (RFC 8461)
+    policyPort: int = _field(443, minimum=1)  # port of https://mta-sts.<domain>/ (tests serve policies elsewhere)
+    fetchTimeoutSeconds: int = _field(10, minimum=1)  # the whole policy fetch (connect, TLS, GET)
+
+
+@dataclasses.dataclass(frozen=True)
 class EgressConfig:
     nameservers: list[str] = _field([])
     smtpPort: int = _field(25, minimum=1)
@@ -171,6 +191,10 @@ class EgressConfig:
     httpPort: int = _field(9026, minimum=0)
     retryBaseSeconds: int = _field(30, minimum=0)  # backoff base: full jitter over base * 2**(try-1)
     jobTimeoutSeconds: int = _field(300, minimum=2)  # one delivery attempt; a crashed one re-runs after this
+    allowPrivateDestinations: bool = False  # connect to MX addresses in loopback/private/... ranges (SSRF guard off)
+    bounces: bool = True  # a DSN in the persona's inbox when a message fails after a deferral
+    delayWarningSeconds: int = _field(4 * 3600, minimum=0)  # a `delayed` DSN once deferred this long; 0 = never
+    mtaSts: MtaStsConfig = _field(MtaStsConfig())
 
 
 @dataclasses.dataclass(frozen=True)
