@@ -146,7 +146,10 @@ def _live_nodes(client: redis.Redis, owners: dict[str, int], now_ms: int) -> tup
         )
     if pruned:
         # A node re-adds itself on its next heartbeat, so pruning one that just came back is harmless.
-        client.srem(keys.NODES_KEY, *pruned)
+        try:
+            client.srem(keys.NODES_KEY, *pruned)
+        except redis.exceptions.NoPermissionError:  # the read-only `status` ACL user: report, don't prune
+            return nodes, []
     return nodes, pruned
 
 

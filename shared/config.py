@@ -74,6 +74,7 @@ class SmtpConfig:
     evaluateSenderAuth: bool = False  # SPF/DKIM/DMARC + Authentication-Results; implied by attestation.enabled
     authNameservers: list[str] = _field([])  # "ip:port" for sender-auth DNS; empty = system resolver
     senderAuthTimeoutMs: int = _field(4000, minimum=100)  # whole SPF+DKIM+DMARC budget; over it = unknown
+    maxFailedRecipients: int = _field(20, minimum=1)  # refused RCPTs per session; the next: 421 4.7.0, close
 
 
 @dataclasses.dataclass(frozen=True)
