@@ -14,7 +14,7 @@ import redis
 from protege_relay.embedded_redis import EmbeddedRedis
 from shared import keys
 from shared.identity import Passport
-from tests.test_ingress_support import InProcessIngress, address, ingress_starter, mark_seen, new_persona
+from tests.support.ingress import InProcessIngress, address, ingress_starter, mark_seen, new_persona
 
 StartIngress = Callable[..., InProcessIngress]
 TOO_MANY = b"4.7.0 too many failed recipients, closing connection"
