@@ -107,6 +107,7 @@ TUNNEL = AclUser(
         *CONNECTION,
         *HEARTBEAT,
         *SCRIPTS,
+        "info",  # Redis memory gauges on the tunnel's /metrics (shared/redis_metrics.py)
         "exists",
         "get",
         "mget",
@@ -176,6 +177,7 @@ EGRESS = AclUser(
         "setex",
         "psetex",
         "incr",
+        "incrby",  # the bounce's inbox byte count, inside the enqueue script (services/egress/bounce.py)
         "pexpire",
         "hgetall",
         "xadd",
@@ -209,6 +211,12 @@ EGRESS = AclUser(
         keys.results(ANY),
         keys.egress_result_published(ANY, ANY),
         keys.egress_delivered(ANY, ANY),
+        keys.egress_last_error(ANY, ANY),
+        # a bounce (DSN) is written into the persona's inbox by the one enqueue script (shared/enqueue.py)
+        keys.inbox(ANY),
+        keys.inbox_bytes(ANY),
+        keys.inbox_body(ANY, ANY),
+        keys.accepted(ANY, ANY),
         keys.owner(ANY),
         keys.outbound_holders(ANY),
         *HEARTBEAT_KEYS,
