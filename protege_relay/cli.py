@@ -16,6 +16,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from protege_relay import queue
 from shared.config import ConfigError, RelayConfig, env_variable_names, load_config
 from shared.logs import setup_logging
 
@@ -89,6 +90,8 @@ def _build_parser() -> argparse.ArgumentParser:
     status.add_argument("--config")
     status.add_argument("--json", action="store_true")
     status.set_defaults(handler=_cmd_status)
+
+    queue.register(commands)
     return parser
 
 

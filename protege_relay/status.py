@@ -44,7 +44,7 @@ from shared.backlog import (
     scan_keys,
 )
 from shared.config import ConfigError, RelayConfig
-from shared.redis import connect_sync, redis_url, sentinel_for_status
+from shared.redis import connect_sync, redis_url, sentinel_addresses, sentinel_for_status, uses_sentinel
 
 REDIS_TIMEOUT_S = 5.0
 NODE_FIELDS = ("role", "updated_ms")
@@ -92,17 +92,13 @@ class RelayStatus:
 
 def run_status(config: RelayConfig, as_json: bool = False) -> int:
     """Print the status table (or JSON); 1 when Redis cannot be read."""
+    url = relay_redis_url(config)
     try:
-        sentinels = sentinel_for_status(config, timeout_s=REDIS_TIMEOUT_S)
+        label = redis_label(config, url)
     except ConfigError as exc:
         print(f"protege-relay status: {exc}", file=sys.stderr)
         return 1
-    if sentinels is not None:
-        url = None
-        label = f"sentinel primary {config.redis.sentinelMaster!r} via {', '.join(config.redis.sentinels)}"
-    else:
-        url = config.redis.url or running_embedded_url() or redis_url(config)
-        label = redacted_url(url)
+    sentinels = sentinel_for_status(config, timeout_s=REDIS_TIMEOUT_S)
     client = connect_sync(config, url, timeout_s=REDIS_TIMEOUT_S)
     try:
         status = collect_status(client, label, now_ms=int(time.time() * 1000))
@@ -114,6 +110,23 @@ def run_status(config: RelayConfig, as_json: bool = False) -> int:
         client.close()
     print(json.dumps(status_document(status), indent=2, sort_keys=True) if as_json else render(status))
     return 0
+
+
+def relay_redis_url(config: RelayConfig) -> str | None:
+    """The Redis of the relay to inspect: `redis.url` (RELAY_REDIS_URL), else the embedded
+    Redis of `protege-relay run` in the data directory, else the default URL; None with
+    `redis.sentinels`: `connect_sync(config, None)` then asks the sentinels for the primary."""
+    if uses_sentinel(config):
+        return None
+    return config.redis.url or running_embedded_url() or redis_url(config)
+
+
+def redis_label(config: RelayConfig, url: str | None) -> str:
+    """Where the command reads, fit for a terminal (no password); checks `redis.sentinels`."""
+    if url is None:
+        sentinel_addresses(config)
+        return f"sentinel primary {config.redis.sentinelMaster!r} via {', '.join(config.redis.sentinels)}"
+    return redacted_url(url)
 
 
 def redacted_url(url: str) -> str:
@@ -217,7 +230,10 @@ def _live_nodes(client: redis.Redis, owners: dict[str, int], now_ms: int) -> tup
         )
     if pruned:
         # A node re-adds itself on its next heartbeat, so pruning one that just came back is harmless.
-        client.srem(keys.NODES_KEY, *pruned)
+        try:
+            client.srem(keys.NODES_KEY, *pruned)
+        except redis.exceptions.NoPermissionError:  # the read-only `status` ACL user: report, don't prune
+            return nodes, []
     return nodes, pruned
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from types import FrameType
 
 from protege_relay.embedded_redis import EmbeddedRedis, data_dir
+from protege_relay.metrics_dirs import MULTIPROC_DIR_ENV, prepare_metrics_dirs
 from shared.config import RelayConfig
 from shared.logs import log
 
@@ -62,8 +63,10 @@ def run_all(config: RelayConfig, *, config_path: str | None, ingress_workers: in
     signal.signal(signal.SIGINT, request_stop)
     try:
         plan = [("ingress", i) for i in range(max(1, ingress_workers))] + [("tunnel", 0), ("egress", 0)]
+        metrics_dirs = prepare_metrics_dirs(state_dir, {service for service, _ in plan})
         for service, index in plan:
             child_env = dict(env, RELAY_NODE_ID=f"{node_base}-{service}-{index}")
+            child_env[MULTIPROC_DIR_ENV] = str(metrics_dirs[service])  # /metrics counts every worker
             if index > 0:
                 child_env["RELAY_SMTP_HTTP_PORT"] = "0"
             children.append(subprocess.Popen(service_command(service), env=child_env))

@@ -74,6 +74,7 @@ class SmtpConfig:
     evaluateSenderAuth: bool = False  # SPF/DKIM/DMARC + Authentication-Results; implied by attestation.enabled
     authNameservers: list[str] = _field([])  # "ip:port" for sender-auth DNS; empty = system resolver
     senderAuthTimeoutMs: int = _field(4000, minimum=100)  # whole SPF+DKIM+DMARC budget; over it = unknown
+    maxFailedRecipients: int = _field(20, minimum=1)  # refused RCPTs per session; the next: 421 4.7.0, close
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +122,9 @@ class WsConfig:
     outboundAssemblyBytes: int = _field(256 * 1024 * 1024, minimum=1)
     maxOutboundSocketsPerPersona: int = _field(4, minimum=1)
     maxOutboundSocketsPerIp: int = _field(64, minimum=1)
+    # Gateways without inbound_ack: a message leaves Redis only when the socket stayed open this
+    # long after the pong that followed smtp_end (the WebSocket library pongs before storing).
+    legacyAckGraceMs: int = _field(5_000, minimum=0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,9 @@ import contextlib
 import json
 from collections.abc import Awaitable, Callable
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from shared.metrics_registry import metrics_text
 
 ReadinessCheck = Callable[[], Awaitable[bool]]
 MetricsRefresh = Callable[[], Awaitable[None]]
@@ -28,7 +30,7 @@ def health_response(path: str, ready: bool | None) -> tuple[int, str, bytes]:
         status = 200 if ready else 503
         return status, "application/json", json.dumps({"ready": bool(ready)}).encode()
     if path == "/metrics":
-        return 200, CONTENT_TYPE_LATEST, generate_latest()
+        return 200, CONTENT_TYPE_LATEST, metrics_text()
     return 404, "application/json", b'{"error":"not_found"}'
 
 

@@ -161,7 +161,12 @@ class Egress:
         age_s = time.time() - job.enqueued_at_ms / 1000
         if open_recipients and self._policy.may_retry(attempt, age_s):
             defer_s = backoff_s(attempt, self._policy.base_s, self._policy.max_age_s - age_s)
-            await self._results.record_final(job.persona_key, job.stream_id, _unrecorded(outcomes, recorded))
+            await self._results.record_final(
+                job.persona_key,
+                job.stream_id,
+                _unrecorded(outcomes, recorded),
+                last_error=outcomes[open_recipients[0]].error,
+            )
             if self._bouncer is not None and 0 < self._delay_warning_s <= age_s:
                 await self._bouncer.delayed(job, outcomes)  # once: a later retry finds it stored
             log(

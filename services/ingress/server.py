@@ -218,6 +218,10 @@ class IngressSMTP(SMTP):
                 await method(arg)
             finally:
                 self._busy = False
+            if isinstance(self.session, IngressSession) and self.session.close_after_reply:
+                if self.transport is not None:
+                    self.transport.close()  # after the 421 already written (flushed first)
+                return
             if self._listener.draining:
                 self.close_if_idle()
 

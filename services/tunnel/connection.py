@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State as SocketState
 
 from services.tunnel import metrics
 from services.tunnel.budget import Allowance
@@ -171,6 +172,8 @@ class TunnelConnection:
             use_ack=self.session.wants_inbound_ack,
             ack_timeout_s=config.ws.ackTimeoutMs / 1000,
             retention_s=config.queue.retentionSeconds,
+            legacy_ack_grace_s=config.ws.legacyAckGraceMs / 1000,
+            is_open=lambda: self.ws.state is SocketState.OPEN,
             ack=self.node.replica_ack,
         )
         self._delivery_task = self._spawn(self.delivery.run(known_empty=not self.inbox_woken))

@@ -28,6 +28,7 @@ from services.tunnel.node import TunnelNode
 from services.tunnel.ratelimit import client_ip, is_trusted, parse_trusted_proxies
 from shared.backlog import refresh_backlog_metrics
 from shared.health import health_response, refresh_before_scrape
+from shared.redis_metrics import refresh_redis_memory
 
 logger = logging.getLogger("relay.tunnel.server")
 
@@ -76,6 +77,7 @@ async def start_server(node: TunnelNode, tls: ssl.SSLContext | None = None) -> S
         ready = await node.ready() if path == "/readyz" else None
         if path == "/metrics":
             await refresh_before_scrape(lambda: refresh_backlog_metrics(config, "tunnel"))
+            await refresh_before_scrape(lambda: refresh_redis_memory(config))
         return http_response(*health_response(path, ready))
 
     async def handle(ws: ServerConnection) -> None:

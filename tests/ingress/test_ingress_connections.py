@@ -66,7 +66,10 @@ def hold(port: int) -> socket.socket:
 
 
 def refusals() -> float:
-    return REGISTRY.get_sample_value("relay_ingress_rejections_total", {"reason": "too_many_connections"}) or 0.0
+    return (
+        REGISTRY.get_sample_value("relay_ingress_rejections_total", {"reason": "too_many_connections", "code": "421"})
+        or 0.0
+    )
 
 
 def test_the_default_cap_is_20_per_ip() -> None:

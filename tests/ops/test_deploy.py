@@ -8,6 +8,7 @@ operator relies on (probes, non-root, node id from the pod name, AOF) by reading
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -21,6 +22,7 @@ from kubernetes_validate import utils as kubernetes_validate
 
 from protege_relay.cli import SERVICES
 from shared.config import EgressConfig, RelayConfig, SmtpConfig, env_variable_names, load_config
+from shared.redis_acl import SERVICE_USERS, write_secrets
 from tests.support.processes import REPO_ROOT
 
 K8S_DIR = REPO_ROOT / "deploy" / "k8s"
@@ -28,6 +30,7 @@ COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 MATRIX = json.loads((REPO_ROOT / "deploy" / "service_matrix.json").read_text())
 SERVICE_MATRIX: dict[str, dict[str, Any]] = MATRIX["services"]
 NODE_ID_ENV = MATRIX["nodeIdEnv"]
+REDIS_CREDENTIALS: dict[str, str] = MATRIX["redisCredentials"]
 MANIFESTS = sorted(path for path in K8S_DIR.glob("*.yaml") if path.name != "kustomization.yaml")
 OLDEST_SUPPORTED_KUBERNETES = "1.29.0"
 SECRET_FILE_MODE = 0o400
@@ -319,18 +322,24 @@ def test_ha_redis_and_sentinels_are_spread_over_nodes_with_disruption_budgets() 
         "--appendonly yes" in scripts["redis-start.sh"] and "--maxmemory-policy noeviction" in scripts["redis-start.sh"]
     )
     assert "sentinel monitor relay ${primary} 6379 2" in scripts["sentinel-start.sh"]
+    # The ACL of the base applies; replication and sentinel links authenticate, from a mounted Secret.
+    assert "--aclfile /etc/redis/acl/users.acl" in scripts["redis-start.sh"]
+    assert "masterauth" in scripts["redis-start.sh"] and "auth-pass" in scripts["sentinel-start.sh"]
+    assert "/etc/redis/admin/password" in scripts["redis-start.sh"]
 
 
 # --- docker-compose ----------------------------------------------------------------------------
 
 
-def test_docker_compose_accepts_the_compose_file() -> None:
+def test_docker_compose_accepts_the_compose_file(tmp_path: Path) -> None:
     binary = shutil.which("docker-compose")
     if binary is None:
         pytest.skip("docker-compose is not installed (.ci/run installs it)")
+    write_secrets(tmp_path)  # what an operator runs first; compose needs its env files
     completed = subprocess.run(
         [binary, "-f", str(COMPOSE_FILE), "config", "-q"],
         cwd=REPO_ROOT,
+        env={**os.environ, REDIS_CREDENTIALS["secretsDirEnv"]: str(tmp_path)},
         capture_output=True,
         text=True,
         timeout=60,
@@ -338,13 +347,15 @@ def test_docker_compose_accepts_the_compose_file() -> None:
     assert completed.returncode == 0, completed.stderr
 
 
-def test_docker_compose_accepts_the_ha_profile() -> None:
+def test_docker_compose_accepts_the_ha_profile(tmp_path: Path) -> None:
     binary = shutil.which("docker-compose")
     if binary is None:
         pytest.skip("docker-compose is not installed (.ci/run installs it)")
+    write_secrets(tmp_path)
     completed = subprocess.run(
         [binary, "-f", str(COMPOSE_FILE), "--profile", "ha", "config", "-q"],
         cwd=REPO_ROOT,
+        env={**os.environ, REDIS_CREDENTIALS["secretsDirEnv"]: str(tmp_path)},
         capture_output=True,
         text=True,
         timeout=60,
@@ -356,11 +367,12 @@ def test_compose_ha_profile_has_a_replica_and_three_sentinels() -> None:
     services = compose()["services"]
     ha = sorted(name for name, service in services.items() if service.get("profiles") == ["ha"])
     assert ha == ["redis-replica", "redis-sentinel-1", "redis-sentinel-2", "redis-sentinel-3"]
-    replica = services["redis-replica"]["command"]
-    assert replica[replica.index("--replicaof") + 1 : replica.index("--replicaof") + 3] == ["redis", "6379"]
-    assert replica[replica.index("--appendonly") + 1] == "yes"
+    replica = services["redis-replica"]["command"][0]
+    assert "--replicaof redis 6379" in replica and "--appendonly yes" in replica
+    assert "--aclfile /etc/redis/users.acl" in replica and "masterauth" in replica
     sentinel = services["redis-sentinel-1"]["command"][0]
     assert "sentinel monitor relay redis 6379 2" in sentinel and "--sentinel" in sentinel
+    assert "sentinel auth-pass relay $$RELAY_REDIS_PASSWORD" in sentinel
     env = services["ingress"]["environment"]
     assert env["RELAY_REDIS_SENTINELS"] == "${RELAY_REDIS_SENTINELS:-}"  # empty: one Redis, as without the profile
     assert load_config(environ={"RELAY_REDIS_SENTINELS": ""}).redis.sentinels == []
@@ -457,3 +469,121 @@ def test_dockerignore_sends_only_the_package_sources() -> None:
     assert rules[0] == "*"
     allowed = {rule[1:].rstrip("/") for rule in rules if rule.startswith("!")}
     assert allowed == {"pyproject.toml", "shared", "services", "protege_relay"}
+
+
+# --- Redis access: one ACL user per service, credentials from outside the image ------------------
+
+
+def secrets_path(file_name: str) -> str:
+    return f"${{{REDIS_CREDENTIALS['secretsDirEnv']}:-{REDIS_CREDENTIALS['defaultSecretsDir']}}}/{file_name}"
+
+
+def test_every_service_has_its_own_redis_user_in_the_acl_source() -> None:
+    assert {service["redisUser"] for service in SERVICE_MATRIX.values()} | {"status"} == {
+        user.name for user in SERVICE_USERS
+    }
+
+
+def test_compose_redis_requires_the_acl_file_and_each_tier_its_credentials() -> None:
+    services = compose()["services"]
+    command = services["redis"]["command"]
+    acl_path = command[command.index("--aclfile") + 1]
+    assert f"{secrets_path('users.acl')}:{acl_path}:ro" in services["redis"]["volumes"]
+    for name, expected in SERVICE_MATRIX.items():
+        assert services[name]["env_file"] == secrets_path(f"{expected['redisUser']}.env"), name
+        env = services[name]["environment"]
+        assert not {"RELAY_REDIS_PASSWORD", "RELAY_REDIS_USERNAME"} & set(env), "credentials come from env_file"
+    ignored = (REPO_ROOT / ".gitignore").read_text().splitlines()
+    assert REDIS_CREDENTIALS["defaultSecretsDir"].removeprefix("./") + "/" in ignored
+
+
+def test_k8s_redis_loads_the_acl_secret_and_each_tier_reads_its_password_file() -> None:
+    (statefulset,) = resources_of_kind("StatefulSet").values()
+    pod = statefulset["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    acl_path = Path(container["args"][container["args"].index("--aclfile") + 1])
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    (acl_mount,) = [mount for mount in container["volumeMounts"] if Path(mount["mountPath"]) == acl_path.parent]
+    assert volumes[acl_mount["name"]]["secret"]["secretName"] == REDIS_CREDENTIALS["k8sAclSecret"]
+    assert volumes[acl_mount["name"]]["secret"]["defaultMode"] == SECRET_FILE_MODE and acl_mount["readOnly"]
+    for name, deployment in resources_of_kind("Deployment").items():
+        user = SERVICE_MATRIX[name]["redisUser"]
+        pod = deployment["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        env = env_of(container)
+        assert env["RELAY_REDIS_USERNAME"]["value"] == user
+        assert "RELAY_REDIS_PASSWORD" not in env
+        password_file = Path(env[REDIS_CREDENTIALS["passwordFileEnv"]]["value"])
+        volumes = {volume["name"]: volume for volume in pod["volumes"]}
+        (mount,) = [m for m in container["volumeMounts"] if Path(m["mountPath"]) == password_file.parent]
+        secret = volumes[mount["name"]]["secret"]
+        assert secret["secretName"] == REDIS_CREDENTIALS["k8sPasswordSecretPrefix"] + user, name
+
+
+def network_policies() -> dict[str, dict[str, Any]]:
+    return resources_of_kind("NetworkPolicy")
+
+
+def test_network_policies_deny_by_default_and_open_only_each_pods_own_ports() -> None:
+    policies = network_policies()
+    default = [p for p in policies.values() if p["spec"]["podSelector"] == {}]
+    assert len(default) == 1 and "ingress" not in default[0]["spec"], "default deny for every pod"
+    for name, expected in SERVICE_MATRIX.items():
+        (policy,) = [
+            p
+            for p in policies.values()
+            if p["spec"]["podSelector"].get("matchLabels") == {"app.kubernetes.io/name": name}
+        ]
+        ports = {port["port"] for rule in policy["spec"]["ingress"] for port in rule["ports"]}
+        assert ports == {expected["containerPort"], expected["healthPort"]} - {None}, name
+        public = [rule for rule in policy["spec"]["ingress"] if "from" not in rule]
+        assert [port["port"] for rule in public for port in rule["ports"]] == (
+            [expected["containerPort"]] if name == "ingress" else []
+        ), "only SMTP is open to everyone"
+
+
+def test_network_policy_lets_only_relay_pods_reach_redis() -> None:
+    policy = network_policies()["redis"]["spec"]
+    assert policy["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "redis"}
+    assert policy["egress"] == [] and "Egress" in policy["policyTypes"]
+    (rule,) = policy["ingress"]
+    assert [port["port"] for port in rule["ports"]] == [6379]
+    (source,) = rule["from"]
+    assert set(source) == {"podSelector"}, "pods of this namespace only"
+    (expression,) = source["podSelector"]["matchExpressions"]
+    assert (expression["key"], expression["operator"]) == ("app.kubernetes.io/name", "In")
+    assert sorted(expression["values"]) == sorted(SERVICE_MATRIX)
+
+
+# --- smaller items: what is public, whom the tunnel trusts, the hardened infrastructure ----------
+
+
+def test_compose_nginx_proxies_only_the_websocket_endpoint() -> None:
+    proxy = compose()["services"]["tunnel-proxy"]
+    config_path = proxy["volumes"][0].split(":")[0]
+    nginx_conf = (REPO_ROOT / config_path).read_text()
+    locations = dict(re.findall(r"location\s+([^{]+?)\s*\{(.*?)\n    \}", nginx_conf, re.S))
+    proxied = sorted(path for path, body in locations.items() if "proxy_pass" in body)
+    assert proxied == ["= /ws"], "never /metrics, /readyz or /healthz of the tunnel"
+    assert "return 404" in locations["/"]
+
+
+def test_the_tunnel_trusts_only_its_proxy() -> None:
+    services = compose()["services"]
+    proxy_ip = services["tunnel-proxy"]["networks"]["relay"]["ipv4_address"]
+    trusted = json.loads(services["tunnel"]["environment"]["RELAY_WS_TRUSTED_PROXIES"])
+    assert trusted == [f"{proxy_ip}/32"]
+    (config_map,) = resources_of_kind("ConfigMap").values()
+    k8s_trusted = json.loads(config_map["data"]["config.json"])["ws"]["trustedProxies"]
+    assert all(int(entry.partition("/")[2] or 32) >= 16 for entry in k8s_trusted), "never a whole /8"
+
+
+def test_compose_redis_and_nginx_run_without_capabilities_read_only_and_bounded() -> None:
+    services = compose()["services"]
+    for name in ("redis", "tunnel-proxy"):
+        service = services[name]
+        assert service["cap_drop"] == ["ALL"] and "cap_add" not in service, name
+        assert service["read_only"] is True, name
+        assert service["security_opt"] == ["no-new-privileges:true"], name
+        assert parse_bytes(service["mem_limit"]) > 0, name
+        assert service["user"].split(":")[0] not in ("0", "root"), name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -159,7 +160,8 @@ async def test_table_status_is_aligned_and_names_every_node(redis_server: Embedd
         "egress": "2",
         "results": "1",
     }
-    assert queue_rows["inbox"].rstrip().endswith("1m00s")
+    # The oldest entry was written 60 s in the past; the CLI may take a few seconds on a loaded machine.
+    assert re.search(r" 1m0\ds$", queue_rows["inbox"].rstrip()), queue_rows["inbox"]
 
 
 def test_empty_redis_reports_nothing_waiting(redis_server: EmbeddedRedis) -> None:
