@@ -17,16 +17,13 @@ from typing import Any
 import pytest
 import redis
 import redis.asyncio as aioredis
-from arq import create_pool
 from arq.constants import in_progress_key_prefix, job_key_prefix
 
 from protege_relay.embedded_redis import EmbeddedRedis
 from services.tunnel.outbound import OutboundQueue
 from shared import keys
-from shared.config import load_config
 from shared.inbox_entries import REMOVE_SCRIPT, StoredEntry
 from shared.payloads import DeliveryResult, OutboundJob
-from shared.redis import arq_settings
 from tests.support.ingress import address, mark_seen, new_persona, send_raw
 from tests.support.mx_sink import MxSink
 from tests.support.processes import REPO_ROOT, ServiceProcess, free_port, poll_until, service_env
@@ -254,11 +251,9 @@ def greylisting_mx() -> Iterator[MxSink]:
 
 async def enqueue_outbound(redis_url: str, persona_key: str, stream_ids: list[str]) -> list[str]:
     """Queue jobs exactly as the tunnel does for an accepted outbound stream."""
-    config = load_config(environ={"RELAY_REDIS_URL": redis_url})
     client = aioredis.Redis.from_url(redis_url)
-    pool = await create_pool(arq_settings(config))
     try:
-        outbound = OutboundQueue(client, pool, messages_per_minute=100, origin_ttl_s=60)
+        outbound = OutboundQueue(client, messages_per_minute=100, origin_ttl_s=60)
         for stream_id in stream_ids:
             job = OutboundJob(
                 persona_key,
@@ -271,7 +266,6 @@ async def enqueue_outbound(redis_url: str, persona_key: str, stream_ids: list[st
             assert await outbound.enqueue(job)
         return [keys.egress_job_id(persona_key, stream_id) for stream_id in stream_ids]
     finally:
-        await pool.aclose()
         await client.aclose()
 
 
