@@ -153,10 +153,16 @@ class Bench:
         return self.work_dir / f"{self._counter:03d}-{name}.log"
 
     def start_service(
-        self, service: str, port: int | None = None, ready_http_port: int | None = None, **env: str
+        self,
+        service: str,
+        port: int | None = None,
+        ready_http_port: int | None = None,
+        pass_fds: Sequence[int] = (),
+        **env: str,
     ) -> Child:
         """`protege-relay <service>`; waits until `port` accepts connections and/or
-        `ready_http_port` answers /readyz with 200, when given."""
+        `ready_http_port` answers /readyz with 200, when given. `pass_fds`: descriptors the
+        child inherits (the SMTP socket several ingress workers share)."""
         log_path = self._log_path(service)
         with log_path.open("wb") as log_file:
             process = subprocess.Popen(
@@ -166,6 +172,7 @@ class Bench:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 preexec_fn=raise_fd_limit,
+                pass_fds=tuple(pass_fds),
             )
         child = Child(service, process, log_path)
         self.children.append(child)

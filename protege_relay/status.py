@@ -18,11 +18,10 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any, cast
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
-from protege_relay.embedded_redis import running_embedded_url
+from protege_relay.embedded_redis import data_dir, running_embedded_url
 from shared import keys
 from shared.backlog import (
     EgressQueue,
@@ -38,7 +37,7 @@ from shared.backlog import (
     scan_keys,
 )
 from shared.config import RelayConfig
-from shared.redis import redis_url
+from shared.redis import redacted_url
 
 REDIS_TIMEOUT_S = 5.0
 NODE_FIELDS = ("role", "updated_ms")
@@ -66,30 +65,47 @@ class RelayStatus:
     results: StreamBacklog
 
 
+class NoRelayFound(Exception):
+    """Neither a configured Redis nor a running `protege-relay run` for this data directory."""
+
+
+def relay_redis_url(config: RelayConfig) -> str:
+    """The Redis of the relay an operator command means: `redis.url` / `RELAY_REDIS_URL` when
+    set, else the embedded Redis a `protege-relay run` published in its data directory."""
+    if config.redis.url:
+        return config.redis.url
+    found = running_embedded_url()
+    if found:
+        return found
+    where = data_dir()
+    raise NoRelayFound(
+        f"no running relay found for data directory {where} (no {where / 'redis.url'}): start one with "
+        "`make run`, or point at one with RELAY_DATA_DIR=<its data directory> or RELAY_REDIS_URL=redis://HOST:PORT/0"
+    )
+
+
 def run_status(config: RelayConfig, as_json: bool = False) -> int:
-    """Print the status table (or JSON); 1 when Redis cannot be read."""
-    url = config.redis.url or running_embedded_url() or redis_url(config)
+    """Print the status table (or JSON); 1 when there is no relay to ask or Redis cannot be read."""
+    try:
+        url = relay_redis_url(config)
+    except NoRelayFound as exc:
+        print(f"protege-relay status: {exc}", file=sys.stderr)
+        return 1
     client = redis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S)
     try:
         status = collect_status(client, redacted_url(url), now_ms=int(time.time() * 1000))
     except redis.RedisError as exc:
-        print(f"protege-relay status: cannot read Redis at {redacted_url(url)}: {exc}", file=sys.stderr)
+        source = "RELAY_REDIS_URL / redis.url" if config.redis.url else f"{data_dir() / 'redis.url'}"
+        print(
+            f"protege-relay status: cannot read Redis at {redacted_url(url)} (from {source}): {exc}; "
+            "is the relay running?",
+            file=sys.stderr,
+        )
         return 1
     finally:
         client.close()
     print(json.dumps(status_document(status), indent=2, sort_keys=True) if as_json else render(status))
     return 0
-
-
-def redacted_url(url: str) -> str:
-    """The Redis URL without its password, fit for a terminal or a log."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 # --- reading Redis ---------------------------------------------------------------------------

@@ -221,6 +221,11 @@ def env_variable_names() -> list[tuple[str, str]]:
     return names
 
 
+def env_name(field_path: str) -> str:
+    """The environment variable of a dotted field path: `smtp.httpPort` -> `RELAY_SMTP_HTTP_PORT`."""
+    return _env_name(tuple(field_path.split(".")))
+
+
 def _env_name(path: tuple[str, ...]) -> str:
     return ENV_PREFIX + "_".join(re.sub(r"(?<!^)(?=[A-Z])", "_", part).upper() for part in path)
 

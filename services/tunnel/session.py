@@ -112,10 +112,12 @@ class RefuseOutbound:
 
     stream_id: str
     reason: str
+    expected_sender: str | None = None  # sender_not_allowed: the address this persona may use
 
     @property
     def text(self) -> str:
-        return protocol.delivery_result(self.stream_id, sent=False, error=self.reason)
+        extra = {"expectedSender": self.expected_sender} if self.expected_sender else None
+        return protocol.delivery_result(self.stream_id, sent=False, error=self.reason, extra=extra)
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,6 +370,9 @@ class TunnelSession:
         refusal = outbound.check_sender(
             stream.start.mail_from, self.persona_key, list(self.limits.mail_domains)
         ) or outbound.check_recipient(stream.start.rcpt_to)
+        if refusal == outbound.SENDER_NOT_ALLOWED:
+            expected = outbound.expected_sender(self.persona_key, list(self.limits.mail_domains))
+            return [RefuseOutbound(stream_id, refusal, expected)]
         if refusal is not None:
             return [RefuseOutbound(stream_id, refusal)]
         job = OutboundJob(
