@@ -136,8 +136,8 @@ def measure_relay(bench: Bench, mode: Mode, workers: int, persona_keys: list[str
                     pass_fds=(listener.fileno(),),
                     RELAY_SMTP_PORT=str(port),
                     RELAY_SMTP_HTTP_PORT=str(http_port),
+                    inherited_env={INHERITED_SMTP_FD_ENV: str(listener.fileno())},
                     RELAY_NODE_ID=f"bench-ingress-{index}",
-                    **{INHERITED_SMTP_FD_ENV: str(listener.fileno())},
                 )
             )
         return loadgen(bench, mode, port, recipients)
