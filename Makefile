@@ -25,7 +25,7 @@ $(STAMP): $(RUNTIME_STAMP)
 
 run: $(RUNTIME_STAMP)
 	@echo "==> starting the relay (Ctrl-C stops it)"
-	$(BIN)/protege-relay run
+	@$(BIN)/protege-relay run
 
 # swaks and docker-compose: installed with apt-get when missing and possible, else one line
 # says what to install (scripts/test-tools.sh).

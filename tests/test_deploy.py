@@ -251,7 +251,7 @@ def test_redis_statefulset_persists_an_append_only_file() -> None:
 def test_docker_compose_accepts_the_compose_file() -> None:
     binary = shutil.which("docker-compose")
     if binary is None:
-        pytest.skip("docker-compose is not installed (.ci/run installs it)")
+        pytest.skip("docker-compose is not installed (make test installs it: scripts/test-tools.sh)")
     completed = subprocess.run(
         [binary, "-f", str(COMPOSE_FILE), "config", "-q"],
         cwd=REPO_ROOT,
