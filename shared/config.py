@@ -42,7 +42,7 @@ def _field(default: Any, *, minimum: int | None = None, choices: tuple[str, ...]
 
 @dataclasses.dataclass(frozen=True)
 class LoggingConfig:
-    consoleLogFormat: str = _field("json", choices=("json", "pretty"))
+    consoleLogFormat: str = _field("auto", choices=("auto", "json", "pretty"))  # auto: pretty on a terminal
     prettyLogThemePath: str = ""
     level: str = _field("info", choices=("debug", "info", "warning", "error"))
 

@@ -52,6 +52,16 @@ def arq_settings(config: RelayConfig) -> RedisSettings:
     return RedisSettings.from_dsn(redis_url(config))
 
 
+async def redis_answers(client: aioredis.Redis) -> bool:
+    """One PING, bounded: True if Redis answered."""
+    try:
+        async with asyncio.timeout(PING_TIMEOUT_S):
+            await client.ping()
+    except (RedisError, OSError, TimeoutError):
+        return False
+    return True
+
+
 async def wait_for_redis(
     client: aioredis.Redis, config: RelayConfig, logger: logging.Logger, stopping: asyncio.Event
 ) -> bool:

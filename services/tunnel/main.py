@@ -24,7 +24,7 @@ from shared.config import RelayConfig
 from shared.health import HealthServer
 from shared.listen import bind_listener
 from shared.logs import log
-from shared.redis import arq_settings, connect, wait_for_redis
+from shared.redis import arq_settings, connect, redis_answers, wait_for_redis
 from shared.secrets import SecretFileError
 
 logger = logging.getLogger("relay.tunnel")
@@ -80,7 +80,10 @@ async def _wait_for_redis_answering_health(
     config: RelayConfig, redis: Redis, listen_socket: socket.socket, tls: ssl.SSLContext | None, stopping: asyncio.Event
 ) -> bool:
     """`wait_for_redis`, serving /healthz and /readyz (false) on a duplicate of the tunnel's
-    socket meanwhile; closing the duplicate leaves the socket itself listening."""
+    socket meanwhile; closing the duplicate leaves the socket itself listening. When Redis
+    answers at once there is nothing to wait for: early connections just queue for the server."""
+    if await redis_answers(redis):
+        return await wait_for_redis(redis, config, logger, stopping)
 
     async def not_ready() -> bool:
         return False

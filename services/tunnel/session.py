@@ -112,7 +112,9 @@ class RefuseOutbound:
 
     stream_id: str
     reason: str
-    expected_sender: str | None = None  # sender_not_allowed: the address this persona may use
+    # sender_not_allowed: the address this persona may use (a detail for the reader, not part
+    # of the refusal's identity, hence not compared)
+    expected_sender: str | None = field(default=None, compare=False)
 
     @property
     def text(self) -> str:
@@ -185,6 +187,11 @@ class TunnelSession:
     @property
     def wants_inbound_ack(self) -> bool:
         return CAPABILITY_INBOUND_ACK in self.capabilities
+
+    @property
+    def open_outbound_streams(self) -> int:
+        """Outbound messages begun and not finished: dropped if the socket closes now."""
+        return len(self._streams)
 
     # --- input -------------------------------------------------------------------------------
 
