@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-tools lint bench soak fuzz clean
+.PHONY: install run test test-tools test-fast lint bench soak fuzz clean
 
 # `make run` needs only the runtime dependencies; everything else also needs the test extras.
 install: $(STAMP)
@@ -35,6 +35,10 @@ test-tools:
 test: install test-tools
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
+# Everything but the system tier (tests/system: several processes at once, faults, multi-node).
+test-fast: install test-tools
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not system"
+
 lint: install
 	$(BIN)/ruff check shared services protege_relay tests bench fuzz
 	$(BIN)/ruff format --check shared services protege_relay tests bench fuzz
@@ -46,7 +50,7 @@ bench: install
 # The fault and multi-node tests with 10x the messages (10,000 per fault scenario); SOAK=<n> for n x.
 soak: install
 	RELAY_SOAK=$(or $(SOAK),1) $(BIN)/python -m pytest -q -s -p no:cacheprovider -o timeout=1800 \
-		tests/test_faults.py tests/test_faults_backpressure.py tests/test_multinode.py
+		tests/system/test_faults.py tests/system/test_faults_backpressure.py tests/system/test_multinode.py
 
 # atheris is installed here, not in the test extras: it may need a compiler where no wheel exists.
 fuzz: install

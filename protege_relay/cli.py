@@ -20,6 +20,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from protege_relay import queue
 from protege_relay.supervisor import SUPERVISED_ENV
 from shared.config import ConfigError, RelayConfig, env_variable_names, load_config
 from shared.listen import ListenError
@@ -255,6 +256,8 @@ def _build_parser() -> argparse.ArgumentParser:
     status.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
     status.add_argument("--json", action="store_true", help="print one JSON document instead of tables (default: off)")
     status.set_defaults(handler=_cmd_status)
+
+    queue.register(commands)
     return parser
 
 

@@ -37,7 +37,7 @@ from shared.backlog import (
     scan_keys,
 )
 from shared.config import RelayConfig
-from shared.redis import redacted_url
+from shared.redis import connect_sync, redacted_url
 
 REDIS_TIMEOUT_S = 5.0
 NODE_FIELDS = ("role", "updated_ms")
@@ -91,7 +91,7 @@ def run_status(config: RelayConfig, as_json: bool = False) -> int:
     except NoRelayFound as exc:
         print(f"protege-relay status: {exc}", file=sys.stderr)
         return 1
-    client = redis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S)
+    client = connect_sync(config, url, timeout_s=REDIS_TIMEOUT_S)
     try:
         status = collect_status(client, redacted_url(url), now_ms=int(time.time() * 1000))
     except redis.RedisError as exc:
@@ -156,7 +156,10 @@ def _live_nodes(client: redis.Redis, owners: dict[str, int], now_ms: int) -> tup
         )
     if pruned:
         # A node re-adds itself on its next heartbeat, so pruning one that just came back is harmless.
-        client.srem(keys.NODES_KEY, *pruned)
+        try:
+            client.srem(keys.NODES_KEY, *pruned)
+        except redis.exceptions.NoPermissionError:  # the read-only `status` ACL user: report, don't prune
+            return nodes, []
     return nodes, pruned
 
 

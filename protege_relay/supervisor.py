@@ -25,6 +25,7 @@ from pathlib import Path
 from types import FrameType
 
 from protege_relay.embedded_redis import EmbeddedRedis, data_dir
+from protege_relay.metrics_dirs import MULTIPROC_DIR_ENV, prepare_metrics_dirs
 from shared.config import RelayConfig
 from shared.listen import INHERITED_SMTP_FD_ENV, ListenError, bind_listener, bound_port
 from shared.logs import log
@@ -84,8 +85,10 @@ def run_all(config: RelayConfig, *, config_path: str | None, ingress_workers: in
     try:
         plan = [("ingress", i) for i in range(max(1, ingress_workers))] + [("tunnel", 0), ("egress", 0)]
         log(logger, logging.INFO, "starting services", ingress_workers=max(1, ingress_workers))
+        metrics_dirs = prepare_metrics_dirs(state_dir, {service for service, _ in plan})
         for service, index in plan:
             child_env = dict(env, RELAY_NODE_ID=f"{node_base}-{service}-{index}", **{SUPERVISED_ENV: "1"})
+            child_env[MULTIPROC_DIR_ENV] = str(metrics_dirs[service])  # /metrics counts every worker
             inherited: tuple[int, ...] = ()
             if service == "ingress" and smtp_socket is not None:
                 inherited = (smtp_socket.fileno(),)

@@ -14,9 +14,10 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from shared.listen import ListenError, describe_failure
+from shared.metrics_registry import metrics_text
 
 ReadinessCheck = Callable[[], Awaitable[bool]]
 MetricsRefresh = Callable[[], Awaitable[None]]
@@ -33,7 +34,7 @@ def health_response(path: str, ready: bool | None, *, starting: bool = False) ->
         status = 200 if ready else 503
         return status, "application/json", json.dumps({"ready": bool(ready)}).encode()
     if path == "/metrics":
-        return 200, CONTENT_TYPE_LATEST, generate_latest()
+        return 200, CONTENT_TYPE_LATEST, metrics_text()
     if starting:
         return 503, "application/json", b'{"error":"starting"}'
     return 404, "application/json", b'{"error":"not_found"}'

@@ -36,7 +36,9 @@ EXIT_ALL_SENT = 0
 EXIT_NOT_ALL_SENT = 1
 EXIT_BAD_ARGUMENTS = 2
 FALLBACK_MAIL_DOMAIN = "localhost"
-SENDER_NOT_ALLOWED = "sender_not_allowed"  # the relay's refusal token (services/tunnel/outbound.py)
+# the relay's refusal tokens (services/tunnel/outbound.py)
+SENDER_NOT_ALLOWED = "sender_not_allowed"
+HEADER_FROM_NOT_ALLOWED = "header_from_not_allowed"
 
 logger = logging.getLogger("protege_relay.gateway.send")
 
@@ -104,9 +106,12 @@ def run_send(
         print(f"protege-relay send: relay unreachable: {exc}", file=sys.stderr)
         return EXIT_NOT_ALL_SENT
     for outcome in report.outcomes.values():
+        expected = outcome.get("expectedSender") or default_sender(passport, mail_domain)
         if outcome.get("error") == SENDER_NOT_ALLOWED:
-            expected = outcome.get("expectedSender") or default_sender(passport, mail_domain)
             print(f"protege-relay send: the relay refused sender {sender}; it expects {expected}", file=sys.stderr)
+            break
+        if outcome.get("error") == HEADER_FROM_NOT_ALLOWED:
+            print(f"protege-relay send: the message's From/Sender header must be {expected}", file=sys.stderr)
             break
     return EXIT_ALL_SENT if report.all_sent else EXIT_NOT_ALL_SENT
 

@@ -27,7 +27,7 @@ from shared.config import RelayConfig
 from shared.health import HealthServer
 from shared.logs import log
 from shared.nodeinfo import HEARTBEAT_INTERVAL_S, publish_node_info, remove_node_info
-from shared.redis import arq_settings, connect, redis_url, wait_for_redis
+from shared.redis import arq_settings, connect, wait_for_redis
 from shared.secrets import SecretFileError
 
 logger = logging.getLogger("egress")
@@ -153,7 +153,7 @@ async def serve(config: RelayConfig, stopping: asyncio.Event) -> None:
             config.host,
             config.egress.httpPort,
             service.ready,
-            refresh_metrics=lambda: refresh_backlog_metrics(redis_url(config), "egress"),
+            refresh_metrics=lambda: refresh_backlog_metrics(config, "egress"),
             field="egress.httpPort",
         )
         try:

@@ -20,7 +20,7 @@ The jobs run as arq would run them for this service's configuration (one functio
 `keep_result=0`, no cron jobs, aborts or hooks: refused otherwise): `ctx` carries `job_id`,
 `job_try`, `enqueue_time` and `score`; `Retry(defer)` re-queues; a cancelled job (shutdown)
 is handed back at once; any other exception, the job timeout, `max_tries` exceeded or an
-undecodable or expired job ends the job as failed. `tests/test_egress_prompt_worker.py` pins
+undecodable or expired job ends the job as failed. `tests/egress/test_egress_prompt_worker.py` pins
 this against arq's own enqueueing side.
 """
 

@@ -101,13 +101,20 @@ class ResultStore:
         )
         return bool(published)
 
-    async def record_final(self, persona_key: str, stream_id: str, outcomes: dict[str, Outcome]) -> None:
-        if not outcomes:
+    async def record_final(
+        self, persona_key: str, stream_id: str, outcomes: dict[str, Outcome], last_error: str | None = None
+    ) -> None:
+        """Remember final outcomes; `last_error` (a deferral's temporary error) is kept for
+        operators (`protege-relay queue list`), in the same round trip."""
+        if not outcomes and last_error is None:
             return
         key = keys.egress_delivered(persona_key, stream_id)
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(key, mapping={recipient: _encode_outcome(o) for recipient, o in outcomes.items()})
-            pipe.expire(key, IDEMPOTENCY_TTL_S)
+            if outcomes:
+                pipe.hset(key, mapping={recipient: _encode_outcome(o) for recipient, o in outcomes.items()})
+                pipe.expire(key, IDEMPOTENCY_TTL_S)
+            if last_error is not None:
+                pipe.set(keys.egress_last_error(persona_key, stream_id), last_error, ex=IDEMPOTENCY_TTL_S)
             await pipe.execute()
 
 

@@ -15,7 +15,7 @@ three things aiosmtpd has no hook for:
 * graceful drain: on shutdown an idle connection gets `421 4.3.2` at once; one inside a
   transaction may finish it (up to a bound) and gets the 421 right after its reply.
 
-And the abuse defences of tests/test_abuse_smtp.py (docs/SECURITY.md):
+And the abuse defences of tests/ingress/test_abuse_smtp.py (docs/SECURITY.md):
 
 * early talkers: a client that sends anything before our greeting (RFC 5321 §4.3.1 forbids
   it; spam bots do it) gets `554 5.5.1` instead of `220`, then `503 5.5.1` to every command
@@ -171,7 +171,7 @@ class IngressSMTP(SMTP):
         a class per call): ~10 % of the ingress's CPU under load. A plain `<local@domain>`,
         which is nearly every address, is parsed here with the same result (address, rest
         after the `>` and its blanks); anything else (quotes, comments, literals, 8-bit) still
-        goes through aiosmtpd. tests/test_ingress_units.py compares the two."""
+        goes through aiosmtpd. tests/unit/test_ingress_parsing.py compares the two."""
         match = _PLAIN_ANGLE_ADDR.match(arg)
         if match is None:
             return super()._getaddr(arg)
@@ -221,6 +221,10 @@ class IngressSMTP(SMTP):
                 await method(arg)
             finally:
                 self._busy = False
+            if isinstance(self.session, IngressSession) and self.session.close_after_reply:
+                if self.transport is not None:
+                    self.transport.close()  # after the 421 already written (flushed first)
+                return
             if self._listener.draining:
                 self.close_if_idle()
 

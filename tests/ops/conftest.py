@@ -1,0 +1,1 @@
+"""What an operator runs and ships: deployment files, `protege-relay status` and `run`, backlog gauges."""
