@@ -33,7 +33,7 @@ DEFAULT_DATA_DIR = "./var"
 logger = logging.getLogger("protege_relay.cli")
 
 CONFIG_HELP = (
-    "config file (JSON, PROTOCOL.md D). Default: $RELAY_CONFIG, else relay/config.json if it exists, "
+    "config file (JSON, docs/PROTOCOL.md part D). Default: $RELAY_CONFIG, else relay/config.json if it exists, "
     "else built-in defaults; RELAY_* variables override it. E.g. --config relay/config.json"
 )
 SERVICE_DOES = {
