@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from protege_relay import queue
-from protege_relay.supervisor import SUPERVISED_ENV
+from protege_relay.supervisor import SUPERVISED_ENV, tunnel_url
 from shared.config import ConfigError, RelayConfig, env_variable_names, load_config
 from shared.listen import ListenError
 from shared.logs import log, setup_logging
@@ -60,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `protege-relay status | head`: the reader left, nothing to report
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 def environment_help() -> str:
@@ -178,11 +182,13 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     gateway.add_argument(
         "--url",
-        default=DEFAULT_TUNNEL_URL,
+        default=None,
         metavar="URL[,URL...]",
-        help=f"tunnel WebSocket URL(s), tried in turn (default: {DEFAULT_TUNNEL_URL}). "
+        help="tunnel WebSocket URL(s), tried in turn (default: this machine's relay from the config, "
+        f"host and port: {DEFAULT_TUNNEL_URL} unless RELAY_HOST / RELAY_PORT say otherwise). "
         "E.g. --url ws://10.0.0.5:8080/ws,ws://10.0.0.6:8080/ws",
     )
+    gateway.add_argument("--config", metavar="FILE", help=CONFIG_HELP + " (read for the default --url)")
     gateway.add_argument(
         "--maildir",
         required=True,
@@ -215,9 +221,11 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     send.add_argument(
         "--url",
-        default=DEFAULT_TUNNEL_URL,
+        default=None,
         metavar="URL",
-        help=f"tunnel WebSocket URL (default: {DEFAULT_TUNNEL_URL}). E.g. --url wss://relay.example.com/ws",
+        help="tunnel WebSocket URL (default: this machine's relay from the config, host and port: "
+        f"{DEFAULT_TUNNEL_URL} unless RELAY_HOST / RELAY_PORT say otherwise). "
+        "E.g. --url wss://relay.example.com/ws",
     )
     send.add_argument(
         "--from",
@@ -241,7 +249,7 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long to wait for the delivery results (default: 20). E.g. --timeout 60",
     )
-    send.add_argument("--config", metavar="FILE", help=CONFIG_HELP + " (read for mailDomains)")
+    send.add_argument("--config", metavar="FILE", help=CONFIG_HELP + " (read for mailDomains and the default --url)")
     send.add_argument("file", metavar="FILE", help="the message to send. E.g. hello.eml")
     send.set_defaults(handler=_cmd_send)
 
@@ -334,16 +342,24 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
     from protege_relay.gateway.receive import run_gateway
 
     setup_logging("gateway")
-    return run_gateway(args.key, args.url, args.maildir, inbound_ack=not args.no_ack, take_over=args.take_over)
+    url = args.url or tunnel_url(load_config(args.config))
+    return run_gateway(args.key, url, args.maildir, inbound_ack=not args.no_ack, take_over=args.take_over)
 
 
 def _cmd_send(args: argparse.Namespace) -> int:
     from protege_relay.gateway.send import run_send
 
     setup_logging("gateway")
-    mail_domain = load_config(args.config).primary_mail_domain
+    config = load_config(args.config)
+    url = args.url or tunnel_url(config)
     return run_send(
-        args.key, args.url, args.mail_from, args.to, args.file, timeout_s=args.timeout, mail_domain=mail_domain
+        args.key,
+        url,
+        args.mail_from,
+        args.to,
+        args.file,
+        timeout_s=args.timeout,
+        mail_domain=config.primary_mail_domain,
     )
 
 

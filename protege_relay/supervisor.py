@@ -138,11 +138,11 @@ def run_all(config: RelayConfig, *, config_path: str | None, ingress_workers: in
 def relay_ready(config: RelayConfig) -> bool:
     """Every service's /readyz answers 200 (those whose port is configured)."""
     scheme = "https" if config.ws.tls.enabled else "http"
-    probes = [f"{scheme}://{_url_host(config.host)}:{config.port}/readyz"] if config.port else []
+    probes = [f"{scheme}://{reach_host(config.host)}:{config.port}/readyz"] if config.port else []
     if config.smtp.enabled and config.smtp.httpPort:
-        probes.append(f"http://{_url_host(config.smtp.host)}:{config.smtp.httpPort}/readyz")
+        probes.append(f"http://{reach_host(config.smtp.host)}:{config.smtp.httpPort}/readyz")
     if config.egress.httpPort:
-        probes.append(f"http://{_url_host(config.host)}:{config.egress.httpPort}/readyz")
+        probes.append(f"http://{reach_host(config.host)}:{config.egress.httpPort}/readyz")
     return all(_answers_ready(url) for url in probes)
 
 
@@ -158,9 +158,8 @@ def _answers_ready(url: str) -> bool:
 def ready_line(config: RelayConfig, smtp_port: int | None) -> str:
     """The one human line `make run` ends its start with: where to send, where gateways go,
     and the next command of the README's walk-through."""
-    scheme = "wss" if config.ws.tls.enabled else "ws"
-    smtp = f"SMTP {_url_host(config.smtp.host)}:{smtp_port}" if smtp_port is not None else "SMTP off"
-    gateways = f"gateways connect to {scheme}://{_url_host(config.host)}:{config.port}/ws"
+    smtp = f"SMTP {reach_host(config.smtp.host)}:{smtp_port}" if smtp_port is not None else "SMTP off"
+    gateways = f"gateways connect to {tunnel_url(config)}"
     command = _command_path()
     domain = config.primary_mail_domain or "localhost"
     return (
@@ -179,7 +178,14 @@ def _command_path() -> str:
     return str(executable) if relative.startswith("..") else relative
 
 
-def _url_host(host: str) -> str:
+def tunnel_url(config: RelayConfig) -> str:
+    """The tunnel of the relay `config` describes, as a gateway on this machine reaches it
+    (the default `--url` of `gateway` and `send`)."""
+    scheme = "wss" if config.ws.tls.enabled else "ws"
+    return f"{scheme}://{reach_host(config.host)}:{config.port}/ws"
+
+
+def reach_host(host: str) -> str:
     """A host to reach a listener bound to `host` (a wildcard means loopback will do)."""
     if host in ("", "0.0.0.0"):
         return "127.0.0.1"

@@ -318,3 +318,23 @@ def test_status_with_nothing_running_says_no_relay_was_found_and_how_to_point_at
     result = cli("status", env=clean_env(RELAY_DATA_DIR=str(tmp_path / "var")), cwd=tmp_path)
     line = assert_one_line_failure(result, "no running relay found", str(tmp_path / "var"))
     assert "RELAY_REDIS_URL" in line and "RELAY_DATA_DIR" in line and "6379" not in line
+
+
+def test_status_into_a_closed_pipe_ends_quietly(redis_server: EmbeddedRedis) -> None:
+    """`protege-relay status | head -1`: the reader leaves early; no traceback."""
+    reader, writer = os.pipe()
+    os.close(reader)  # gone before anything is written
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "protege_relay.cli", "status"],
+            cwd=REPO_ROOT,
+            env=clean_env(RELAY_REDIS_URL=redis_server.url),
+            stdout=writer,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=EXIT_TIMEOUT_S,
+        )
+    finally:
+        os.close(writer)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 141

@@ -190,12 +190,11 @@ def test_send_derives_the_sender_and_a_wrong_sender_is_told_the_expected_one(
         common = {"RELAY_MAIL_DOMAINS": MAIL_DOMAIN}
         spawn("tunnel", port=ws_port, RELAY_PORT=str(ws_port), **common)
         spawn("egress", RELAY_EGRESS_ROUTES=json.dumps({"example.test": f"127.0.0.1:{sink_port}"}), **common)
-        url = f"ws://127.0.0.1:{ws_port}/ws"
         passport, key_path = new_key(tmp_path)
         own_address = f"{passport.persona_key}@{MAIL_DOMAIN}"
         (tmp_path / "out.eml").write_bytes(f"From: {own_address}\nSubject: out\n\nhello\n".encode())
-        env = service_env(redis_server.url, **common)
-        base = ["send", "--key", str(key_path), "--url", url, "--to", "bob@example.test"]
+        env = service_env(redis_server.url, RELAY_PORT=str(ws_port), **common)  # the default --url follows it
+        base = ["send", "--key", str(key_path), "--to", "bob@example.test"]
         derived = cli(*base, "--timeout", str(RESULT_TIMEOUT_S), str(tmp_path / "out.eml"), env=env)
         assert derived.returncode == 0, derived.stdout + derived.stderr
         poll_until(sink.received, 20, message="the message never reached the MX sink")
