@@ -18,6 +18,7 @@ from protege_relay import queue_inbound as inbound
 from protege_relay import queue_outbound as outbound
 from protege_relay.status import (  # one look for both commands
     REDIS_TIMEOUT_S,
+    NoRelayFound,
     _duration,
     _size,
     _table,
@@ -41,7 +42,11 @@ def run_queue(args: argparse.Namespace) -> int:
         return 2
     handler = ACTIONS[action]
     config = load_config(getattr(args, "config", None))
-    url = relay_redis_url(config)
+    try:
+        url = relay_redis_url(config)
+    except NoRelayFound as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
     client = connect_sync(config, url, timeout_s=REDIS_TIMEOUT_S)
     try:
         return handler(Context(config, url, client), args)

@@ -23,12 +23,11 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any, cast
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import redis.sentinel as sync_sentinel
 
-from protege_relay.embedded_redis import running_embedded_url
+from protege_relay.embedded_redis import data_dir, running_embedded_url
 from shared import keys
 from shared.backlog import (
     EgressQueue,
@@ -44,7 +43,7 @@ from shared.backlog import (
     scan_keys,
 )
 from shared.config import ConfigError, RelayConfig
-from shared.redis import connect_sync, redis_url, sentinel_addresses, sentinel_for_status, uses_sentinel
+from shared.redis import connect_sync, redacted_url, sentinel_addresses, sentinel_for_status, uses_sentinel
 
 REDIS_TIMEOUT_S = 5.0
 NODE_FIELDS = ("role", "updated_ms")
@@ -90,12 +89,34 @@ class RelayStatus:
     replication: ReplicationStatus | None = None
 
 
+class NoRelayFound(Exception):
+    """Neither a configured Redis nor a running `protege-relay run` for this data directory."""
+
+
+def relay_redis_url(config: RelayConfig) -> str | None:
+    """The Redis of the relay an operator command means: `redis.url` / `RELAY_REDIS_URL` when
+    set, else the embedded Redis a `protege-relay run` published in its data directory; None
+    with `redis.sentinels` (`connect_sync(config, None)` then asks the sentinels for the primary)."""
+    if uses_sentinel(config):
+        return None
+    if config.redis.url:
+        return config.redis.url
+    found = running_embedded_url()
+    if found:
+        return found
+    where = data_dir()
+    raise NoRelayFound(
+        f"no running relay found for data directory {where} (no {where / 'redis.url'}): start one with "
+        "`make run`, or point at one with RELAY_DATA_DIR=<its data directory> or RELAY_REDIS_URL=redis://HOST:PORT/0"
+    )
+
+
 def run_status(config: RelayConfig, as_json: bool = False) -> int:
-    """Print the status table (or JSON); 1 when Redis cannot be read."""
-    url = relay_redis_url(config)
+    """Print the status table (or JSON); 1 when there is no relay to ask or Redis cannot be read."""
     try:
+        url = relay_redis_url(config)
         label = redis_label(config, url)
-    except ConfigError as exc:
+    except (NoRelayFound, ConfigError) as exc:
         print(f"protege-relay status: {exc}", file=sys.stderr)
         return 1
     sentinels = sentinel_for_status(config, timeout_s=REDIS_TIMEOUT_S)
@@ -104,21 +125,19 @@ def run_status(config: RelayConfig, as_json: bool = False) -> int:
         status = collect_status(client, label, now_ms=int(time.time() * 1000))
         status = dataclasses.replace(status, replication=collect_replication(client, config, sentinels))
     except redis.RedisError as exc:
-        print(f"protege-relay status: cannot read Redis at {label}: {exc}", file=sys.stderr)
+        if url is None:
+            source = "redis.sentinels / RELAY_REDIS_SENTINELS"
+        else:
+            source = "RELAY_REDIS_URL / redis.url" if config.redis.url else f"{data_dir() / 'redis.url'}"
+        print(
+            f"protege-relay status: cannot read Redis at {label} (from {source}): {exc}; is the relay running?",
+            file=sys.stderr,
+        )
         return 1
     finally:
         client.close()
     print(json.dumps(status_document(status), indent=2, sort_keys=True) if as_json else render(status))
     return 0
-
-
-def relay_redis_url(config: RelayConfig) -> str | None:
-    """The Redis of the relay to inspect: `redis.url` (RELAY_REDIS_URL), else the embedded
-    Redis of `protege-relay run` in the data directory, else the default URL; None with
-    `redis.sentinels`: `connect_sync(config, None)` then asks the sentinels for the primary."""
-    if uses_sentinel(config):
-        return None
-    return config.redis.url or running_embedded_url() or redis_url(config)
 
 
 def redis_label(config: RelayConfig, url: str | None) -> str:
@@ -127,17 +146,6 @@ def redis_label(config: RelayConfig, url: str | None) -> str:
         sentinel_addresses(config)
         return f"sentinel primary {config.redis.sentinelMaster!r} via {', '.join(config.redis.sentinels)}"
     return redacted_url(url)
-
-
-def redacted_url(url: str) -> str:
-    """The Redis URL without its password, fit for a terminal or a log."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 # --- reading Redis ---------------------------------------------------------------------------

@@ -45,7 +45,7 @@ def _field(
 
 @dataclasses.dataclass(frozen=True)
 class LoggingConfig:
-    consoleLogFormat: str = _field("json", choices=("json", "pretty"))
+    consoleLogFormat: str = _field("auto", choices=("auto", "json", "pretty"))  # auto: pretty on a terminal
     prettyLogThemePath: str = ""
     level: str = _field("info", choices=("debug", "info", "warning", "error"))
 
@@ -301,6 +301,11 @@ def env_variable_names() -> list[tuple[str, str]]:
 
     walk(RelayConfig, ())
     return names
+
+
+def env_name(field_path: str) -> str:
+    """The environment variable of a dotted field path: `smtp.httpPort` -> `RELAY_SMTP_HTTP_PORT`."""
+    return _env_name(tuple(field_path.split(".")))
 
 
 def _env_name(path: tuple[str, ...]) -> str:

@@ -1,5 +1,6 @@
-"""Redis client construction shared by every service and command: one Redis by URL, or the
-primary of a Sentinel-monitored group (`redis.sentinels`, docs/HA.md).
+"""Redis client construction shared by every service and command (one Redis by URL, or the
+primary of a Sentinel-monitored group: `redis.sentinels`, docs/HA.md), and the wait for Redis
+at startup.
 
 Every client authenticates the same way: `redis.username` and the password that
 `shared.config` resolved (from `redis.passwordFile` or `RELAY_REDIS_PASSWORD`), sent with
@@ -15,25 +16,45 @@ call: `shared.replication` retries the idempotent writes.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import time
 from typing import Any, cast
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit, urlunsplit
 
 import redis
 import redis.asyncio as aioredis
 import redis.asyncio.sentinel as async_sentinel
 import redis.sentinel as sync_sentinel
 from arq.connections import ArqRedis
+from redis.exceptions import RedisError
 
 from shared.config import ConfigError, RelayConfig
 from shared.hostport import parse_host_port
+from shared.logs import log
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 SENTINEL_PORT = 26379
 HEALTH_CHECK_INTERVAL_S = 30
+WAIT_LOG_INTERVAL_S = 10.0
+WAIT_RETRY_CAP_S = 2.0
+PING_TIMEOUT_S = 5.0
 
 
 def redis_url(config: RelayConfig) -> str:
     return config.redis.url or DEFAULT_REDIS_URL
+
+
+def redacted_url(url: str) -> str:
+    """The Redis URL without its password, fit for a terminal or a log."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def credentials(config: RelayConfig) -> dict[str, Any]:
@@ -137,3 +158,55 @@ def sentinel_for_status(config: RelayConfig, *, timeout_s: float = 5.0) -> sync_
     return sync_sentinel.Sentinel(  # type: ignore[no-untyped-call]
         sentinel_addresses(config), sentinel_kwargs=_sentinel_kwargs(config, timeout_s)
     )
+
+
+async def redis_answers(client: aioredis.Redis) -> bool:
+    """One PING, bounded: True if Redis answered."""
+    try:
+        async with asyncio.timeout(PING_TIMEOUT_S):
+            await client.ping()
+    except (RedisError, OSError, TimeoutError):
+        return False
+    return True
+
+
+async def wait_for_redis(
+    client: aioredis.Redis, config: RelayConfig, logger: logging.Logger, stopping: asyncio.Event
+) -> bool:
+    """Block until `client` answers PING; False if `stopping` came first.
+
+    A service reports ready only after this, so /readyz stays false while Redis is down. The
+    URL it uses is logged once up front, and again every `WAIT_LOG_INTERVAL_S` while it waits,
+    with where it came from: a service run without `RELAY_REDIS_URL` uses a default the
+    operator may not know about."""
+    if uses_sentinel(config):
+        url = f"sentinel {config.redis.sentinelMaster} via " + ",".join(
+            f"{h}:{p}" for h, p in sentinel_addresses(config)
+        )
+        source = "redis.sentinels / RELAY_REDIS_SENTINELS"
+    else:
+        url = redacted_url(redis_url(config))
+        source = "redis.url / RELAY_REDIS_URL" if config.redis.url else "default: set RELAY_REDIS_URL to change it"
+    log(logger, logging.INFO, "using redis", redis_url=url, source=source)
+    delay_s = 0.05
+    next_report = time.monotonic()
+    while not stopping.is_set():
+        try:
+            async with asyncio.timeout(PING_TIMEOUT_S):
+                await client.ping()
+            return True
+        except (RedisError, OSError, TimeoutError) as exc:
+            if time.monotonic() >= next_report:
+                log(
+                    logger,
+                    logging.WARNING,
+                    "waiting for redis: not ready until it answers",
+                    redis_url=url,
+                    source=source,
+                    error=str(exc) or type(exc).__name__,
+                )
+                next_report = time.monotonic() + WAIT_LOG_INTERVAL_S
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), delay_s)
+        delay_s = min(delay_s * 2, WAIT_RETRY_CAP_S)
+    return False

@@ -5,6 +5,10 @@ Private keys (the STARTTLS key, the attestation signing key) are read through
 missing, too open or malformed stops the start with a one-line reason and a non-zero exit:
 running without it would silently drop TLS or attestation.
 
+The SMTP socket is inherited from the `protege-relay run` supervisor when it started us, else
+bound here without SO_REUSEPORT (`shared.listen`): a port in use is a one-line error, never a
+silently shared port. Mail is taken only once Redis answers; until then /readyz says false.
+
 Runs until `stopping` is set, then drains (DESIGN.md "Running it"): stop accepting, let
 transactions in flight finish up to `DRAIN_TIMEOUT_S`, answer the rest `421`, then exit.
 """
@@ -28,9 +32,10 @@ from shared.config import RelayConfig, SmtpConfig
 from shared.enqueue import load_script
 from shared.health import HealthServer
 from shared.identity import Passport
+from shared.listen import bind_listener, inherited_socket
 from shared.logs import log
 from shared.nodeinfo import HEARTBEAT_INTERVAL_S, publish_node_info, remove_node_info
-from shared.redis import connect
+from shared.redis import connect, wait_for_redis
 from shared.secrets import SecretFileError, load_signing_key, read_secret_file
 
 logger = logging.getLogger("relay.ingress")
@@ -112,10 +117,18 @@ async def serve(config: RelayConfig, stopping: asyncio.Event, *, drain_timeout_s
                 config.smtp.httpPort,
                 ready,
                 refresh_metrics=lambda: refresh_backlog_metrics(config, "ingress"),
+                field="smtp.httpPort",
             )
             await health.start()
+        listen_socket = None
         if config.smtp.enabled:
-            await listener.start()
+            listen_socket = inherited_socket() or bind_listener(config.smtp.host, config.smtp.port, field="smtp.port")
+        if not await wait_for_redis(redis, config, logger, stopping):
+            if listen_socket is not None:
+                listen_socket.close()
+            return
+        if listen_socket is not None:
+            await listener.start(listen_socket)
         heartbeat = asyncio.create_task(_heartbeat(redis, config.node_id, listener))
         log(
             logger,

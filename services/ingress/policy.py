@@ -28,8 +28,8 @@ class Reply:
 
 
 CONNECTION_RATE_LIMITED = Reply(421, "4.7.0", "relay_rejected_connection_rate_limited", "connection_rate_limited")
-TOO_MANY_CONNECTIONS = Reply(  # same line as the rate refusal: to the sender both mean "later"
-    421, "4.7.0", "relay_rejected_connection_rate_limited", "too_many_connections"
+TOO_MANY_CONNECTIONS = Reply(  # its own text: an operator reading a bounce can tell cap from rate
+    421, "4.7.0", "relay_rejected_too_many_connections", "too_many_connections"
 )
 RECIPIENT_INVALID = Reply(550, "5.1.1", "relay_rejected_recipient_invalid", "recipient_invalid")
 RELAY_ACCESS_DENIED = Reply(550, "5.7.1", "relay access denied", "relay_access_denied")

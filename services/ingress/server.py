@@ -1,7 +1,9 @@
-"""The SMTP listener: aiosmtpd's protocol on an asyncio server with SO_REUSEPORT.
+"""The SMTP listener: aiosmtpd's protocol on an asyncio server over a socket we bound.
 
 aiosmtpd's thread-based `Controller` cannot share a port between processes, so we run its
-`SMTP` protocol on our own `loop.create_server(..., reuse_port=True)`. The subclass adds
+`SMTP` protocol on our own `loop.create_server(sock=...)`: the socket is bound by this process
+(`shared.listen`, never SO_REUSEPORT) or inherited from the `protege-relay run` supervisor,
+which binds it once for all its ingress workers. The subclass adds
 three things aiosmtpd has no hook for:
 
 * the per-IP caps checked before the greeting: open connections from one IP in this process
@@ -36,6 +38,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import socket
 import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -261,9 +264,10 @@ class SmtpListener:
     def listening(self) -> bool:
         return self._server is not None and self._server.is_serving()
 
-    async def start(self) -> None:
+    async def start(self, listen_socket: socket.socket) -> None:
+        """Accept on `listen_socket` (already bound and listening; see `shared.listen`)."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._new_protocol, self._smtp.host, self._smtp.port, reuse_port=True)
+        self._server = await loop.create_server(self._new_protocol, sock=listen_socket)
 
     def _new_protocol(self) -> IngressSMTP:
         return IngressSMTP(

@@ -162,6 +162,11 @@ class InboxDelivery:
     def wake(self) -> None:
         self._wakeup.set()
 
+    @property
+    def unacknowledged(self) -> int:
+        """Messages sent on this socket and not yet acknowledged (kept in Redis, sent again)."""
+        return len(self._in_flight)
+
     def behind(self, stream_length: int) -> bool:
         """True when the inbox holds entries beyond those in flight here (the sweep's test)."""
         return stream_length > len(self._in_flight) + len(self._in_grace)

@@ -68,6 +68,11 @@ def check_sender(mail_from: str, persona_key: str, mail_domains: list[str]) -> s
     return None
 
 
+def expected_sender(persona_key: str, mail_domains: list[str]) -> str:
+    """The address `check_sender` accepts, for the refusal's `expectedSender` field."""
+    return f"{persona_key}@{mail_domains[0] if mail_domains else '<any domain>'}"
+
+
 def check_recipient(rcpt_to: str) -> str | None:
     """One `local@domain` address, nothing that could smuggle SMTP syntax."""
     if has_control_characters(rcpt_to):

@@ -30,7 +30,7 @@ from tests.support.processes import poll_until
 
 StartIngress = Callable[..., InProcessIngress]
 CAP = 3
-REFUSAL = b"421 4.7.0 relay_rejected_connection_rate_limited\r\n"
+REFUSAL = b"421 4.7.0 relay_rejected_too_many_connections\r\n"
 MESSAGE = b"Subject: capped\r\n\r\nfrom the other address\r\n"
 
 

@@ -334,7 +334,7 @@ def test_ha_redis_and_sentinels_are_spread_over_nodes_with_disruption_budgets() 
 def test_docker_compose_accepts_the_compose_file(tmp_path: Path) -> None:
     binary = shutil.which("docker-compose")
     if binary is None:
-        pytest.skip("docker-compose is not installed (.ci/run installs it)")
+        pytest.skip("docker-compose is not installed (make test installs it: scripts/test-tools.sh)")
     write_secrets(tmp_path)  # what an operator runs first; compose needs its env files
     completed = subprocess.run(
         [binary, "-f", str(COMPOSE_FILE), "config", "-q"],

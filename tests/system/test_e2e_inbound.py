@@ -229,7 +229,7 @@ def test_swaks_message_reaches_the_maildir(
     (tmp_path / "message.eml").write_bytes(body)
     transcript = subprocess.run(
         [
-            "/usr/bin/swaks",
+            "swaks",
             "--server",
             "127.0.0.1",
             "--port",
