@@ -1,26 +1,42 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+RUNTIME_STAMP := $(VENV)/.runtime-installed
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast lint bench soak fuzz clean
+.PHONY: install run test test-tools test-fast lint bench soak fuzz clean
 
+# `make run` needs only the runtime dependencies; everything else also needs the test extras.
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
-	touch $(STAMP)
+$(RUNTIME_STAMP): pyproject.toml
+	@echo "==> creating $(VENV) and installing the relay's runtime dependencies (first run only, ~30 s)"
+	@$(PYTHON) -m venv $(VENV)
+	@$(BIN)/pip install --quiet --upgrade pip
+	@$(BIN)/pip install --quiet -e .
+	@touch $(RUNTIME_STAMP)
+	@echo "==> runtime dependencies installed"
 
-run: install
-	$(BIN)/protege-relay run
+$(STAMP): $(RUNTIME_STAMP)
+	@echo "==> installing the test and lint tools into $(VENV) (pytest, mypy, ruff, ...)"
+	@$(BIN)/pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+	@echo "==> test tools installed"
 
-test: install
+run: $(RUNTIME_STAMP)
+	@echo "==> starting the relay (Ctrl-C stops it)"
+	@$(BIN)/protege-relay run
+
+# swaks and docker-compose: installed with apt-get when missing and possible, else one line
+# says what to install (scripts/test-tools.sh).
+test-tools:
+	@sh scripts/test-tools.sh
+
+test: install test-tools
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 # Everything but the system tier (tests/system: several processes at once, faults, multi-node).
-test-fast: install
+test-fast: install test-tools
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not system"
 
 lint: install

@@ -23,7 +23,6 @@ from collections import Counter, defaultdict
 from typing import Any
 
 import redis.asyncio as aioredis
-from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
 from services.tunnel import ownership, results
@@ -36,6 +35,7 @@ from shared import keys, protocol
 from shared.config import RelayConfig
 from shared.logs import log
 from shared.nodeinfo import HEARTBEAT_INTERVAL_S, publish_node_info, remove_node_info
+from shared.replication import ReplicaAck
 from shared.wakeup import Wakeup, WakeupKind, wake_owner
 
 logger = logging.getLogger("relay.tunnel.node")
@@ -47,7 +47,7 @@ SHUTDOWN_CLOSE_TIMEOUT_S = 5.0
 
 
 class TunnelNode:
-    def __init__(self, config: RelayConfig, redis: aioredis.Redis, arq: ArqRedis) -> None:
+    def __init__(self, config: RelayConfig, redis: aioredis.Redis) -> None:
         self.config = config
         self.redis = redis
         self.node_id = config.node_id
@@ -56,8 +56,12 @@ class TunnelNode:
         self.auth_rate = AuthRateLimiter(
             redis, config.rateLimits.wsAuthAttemptsPerMinutePerIp, config.rateLimits.denyWindowMs
         )
+        self.replica_ack = ReplicaAck.from_config(config)
         self.outbound = OutboundQueue(
-            redis, arq, config.rateLimits.outboundMessagesPerMinutePerPersona, config.queue.retentionSeconds
+            redis,
+            config.rateLimits.outboundMessagesPerMinutePerPersona,
+            config.queue.retentionSeconds,
+            self.replica_ack,
         )
         self.connections: set[TunnelConnection] = set()
         self.sockets: dict[str, TunnelConnection] = {}  # authenticated ones, by socket id

@@ -252,17 +252,22 @@ class RunningTunnel:
         from services.tunnel.main import serve
 
         self._task = asyncio.get_running_loop().create_task(serve(self.config, self.stopping))
+        # The port accepts as soon as it is bound, before the server is up: wait for /readyz.
         async with asyncio.timeout(10):
             while True:
                 if self._task.done():
                     self._task.result()
                 try:
-                    _, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                    reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
                 except OSError:
                     await asyncio.sleep(0.01)
                     continue
+                writer.write(b"GET /readyz HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+                status_line = await reader.readline()
                 writer.close()
-                return self
+                if status_line.startswith(b"HTTP/1.1 200"):
+                    return self
+                await asyncio.sleep(0.01)
 
     async def stop(self) -> None:
         self.stopping.set()

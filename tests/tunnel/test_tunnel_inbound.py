@@ -24,7 +24,8 @@ ACK = ["inbound_ack"]
 
 @pytest.fixture
 async def tunnel(redis_server: EmbeddedRedis) -> AsyncIterator[RunningTunnel]:
-    running = await RunningTunnel(redis_server.url).start()
+    # A short legacy-ack grace: these tests prove the pong barrier; tests/test_tunnel_legacy_ack.py the grace.
+    running = await RunningTunnel(redis_server.url, RELAY_WS_LEGACY_ACK_GRACE_MS="300").start()
     yield running
     await running.stop()
 
