@@ -24,6 +24,7 @@ from bench.gateway import bench_passport
 from bench.harness import MAIL_DOMAIN, Bench, BenchError, Child, free_port
 from shared import keys
 from shared.identity import persona_address
+from shared.listen import INHERITED_SMTP_FD_ENV, bind_listener
 
 PERSONAS = 10
 MESSAGE_BYTES = 10 * 1024
@@ -127,18 +128,21 @@ def delivering_relay(bench: Bench, workers: int, salt: str, **ingress_env: str) 
     bench.flush()
     services: list[Child] = []
     already_running = list(bench.children)
+    # One socket bound here and inherited by every ingress worker, as `protege-relay run` does.
+    listener = bind_listener("127.0.0.1", 0, field="smtp.port")
+    smtp_port = listener.getsockname()[1]
     try:
         url, tunnel = start_tunnel(bench, f"bench-{salt}-tunnel")
         services.append(tunnel)
-        smtp_port = free_port()
         for index in range(workers):
             http_port = free_port()
             services.append(
                 bench.start_service(
                     "ingress",
-                    None,
-                    http_port,
-                    **{
+                    ready_http_port=http_port,
+                    pass_fds=(listener.fileno(),),
+                    inherited_env={
+                        INHERITED_SMTP_FD_ENV: str(listener.fileno()),
                         "RELAY_SMTP_PORT": str(smtp_port),
                         "RELAY_SMTP_HTTP_PORT": str(http_port),
                         "RELAY_NODE_ID": f"bench-{salt}-ingress-{index}",
@@ -149,6 +153,7 @@ def delivering_relay(bench: Bench, workers: int, salt: str, **ingress_env: str) 
         gateways, status_path = start_gateways(bench, url, salt)
         yield DeliveringRelay(bench, smtp_port, salt, services, gateways, status_path)
     finally:
+        listener.close()
         for child in reversed(bench.children[:]):
             if child not in already_running:
                 bench.stop(child)
