@@ -27,6 +27,7 @@ evaluation turns into the signal `unknown`; a nameserver that answers SERVFAIL o
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
@@ -125,12 +126,17 @@ class AsyncDns:
         if future is None:
             future = asyncio.ensure_future(self._query(key))
             self._in_flight[key] = future
-            future.add_done_callback(lambda _: self._in_flight.pop(key, None))
+            future.add_done_callback(functools.partial(self._forget, key))
         try:
             async with asyncio.timeout(timeout_s):
                 return await asyncio.shield(future)
         except TimeoutError:
             raise DnsTimedOut(name) from None
+
+    def _forget(self, key: Key, done: asyncio.Future[Records]) -> None:
+        self._in_flight.pop(key, None)
+        if not done.cancelled():
+            done.exception()  # marks it retrieved: callers that stopped waiting leave no warning
 
     async def _query(self, key: Key) -> Records:
         name, rtype = key
