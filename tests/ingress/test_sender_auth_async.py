@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from protege_relay.embedded_redis import EmbeddedRedis
-from services.ingress.sender_auth.evaluator import SenderFacts, evaluate_async
+from services.ingress.sender_auth.evaluator import SenderFacts, SpfCache, evaluate_async, evaluate_spf
 from services.ingress.sender_auth.resolver import AsyncDns, BoundedResolver, NeedLookup, build_resolver, replay
 from tests.support.dns_server import DnsServer
 from tests.support.ingress import InProcessIngress, address, inbox_entries, ingress_starter, mark_seen, new_persona
@@ -25,6 +25,7 @@ from tests.support.sender_auth import HONEST_IP, SENDER_DOMAIN, dkim_key, messag
 
 StartIngress = Callable[..., InProcessIngress]
 DEADLINE_S = 10.0
+POLL_S = 0.05
 
 
 def poll(condition: Callable[[], bool], timeout_s: float = DEADLINE_S) -> bool:
@@ -56,6 +57,36 @@ def test_a_second_message_from_the_same_domain_asks_no_nameserver() -> None:
     with DnsServer(sender_zones()) as server:
         signals = asyncio.run(twice(server))
     assert signals == [{"spf": "pass", "dkim": "pass", "dmarc": "pass"}] * 2
+
+
+def test_spf_results_are_reused_only_until_their_records_expire() -> None:
+    """The SPF result cache answers for the record's TTL (1 s here), then sees the new record."""
+
+    async def before_and_after(server: DnsServer) -> tuple[str, str, float]:
+        dns_client = AsyncDns(build_resolver([server.nameserver]))
+        cache = SpfCache()
+
+        async def spf() -> str:
+            result = await evaluate_spf(
+                dns_client, HONEST_IP, f"b@{SENDER_DOMAIN}", "h.test", time.monotonic() + 5, cache
+            )
+            return result.result
+
+        first = await spf()
+        server.set_records(SENDER_DOMAIN, {"TXT": [txt("v=spf1 -all")]})
+        cached = await spf()
+        changed_at = time.monotonic()
+        for _ in range(int(DEADLINE_S / POLL_S)):  # poll with a deadline: the TTL runs out
+            if await spf() == "fail":
+                break
+            await asyncio.sleep(POLL_S)
+        return first, cached, time.monotonic() - changed_at
+
+    with DnsServer(sender_zones(), ttl_s=1) as server:
+        first, cached, seen_after_s = asyncio.run(before_and_after(server))
+    print(f"new SPF record seen {seen_after_s:.2f} s after the change (TTL 1 s)")
+    assert (first, cached) == ("pass", "pass")
+    assert 0.5 < seen_after_s < 3.0
 
 
 def test_concurrent_evaluations_share_one_query_per_name() -> None:

@@ -30,7 +30,7 @@ import dns.resolver
 from services.ingress.sender_auth.dkim_check import check_dkim
 from services.ingress.sender_auth.dmarc import check_dmarc, lookup_policy
 from services.ingress.sender_auth.header import from_domains, header_section_end, strip_our_authentication_results
-from services.ingress.sender_auth.resolver import AsyncDns, BoundedResolver, replay
+from services.ingress.sender_auth.resolver import MAX_TTL_S, AsyncDns, BoundedResolver, replay
 from services.ingress.sender_auth.spf_check import check_spf
 from services.ingress.sender_auth.verdict import UNEVALUATED, DkimResult, SenderAuthVerdict, SpfResult
 from shared.logs import log
@@ -54,9 +54,50 @@ class SenderFacts:
     message: bytes
 
 
-async def evaluate_spf(dns_client: AsyncDns, client_ip: str, mail_from: str, helo: str, deadline: float) -> SpfResult:
+class SpfCache:
+    """SPF results by (client IP, MAIL FROM, HELO) until the first DNS answer they used expires.
+
+    SPF is a function of those three and the DNS answers (macros may use the local part, so
+    the whole address is the key), so while every answer is still cached the result is the
+    one a fresh evaluation would give, without running pyspf again. Results that met a DNS
+    timeout or error are not kept. Bounded: the oldest entry goes first."""
+
+    ENTRIES = 4096
+    MAX_KEY_CHARS = 600
+
+    def __init__(self) -> None:
+        self._results: dict[tuple[str, str, str], tuple[float, SpfResult]] = {}
+
+    def get(self, key: tuple[str, str, str]) -> SpfResult | None:
+        found = self._results.get(key)
+        if found is None:
+            return None
+        if found[0] <= time.monotonic():
+            self._results.pop(key, None)
+            return None
+        return found[1]
+
+    def put(self, key: tuple[str, str, str], result: SpfResult, expires: float) -> None:
+        now = time.monotonic()
+        expires = min(expires, now + MAX_TTL_S)  # no lookup at all (a malformed domain): an hour
+        if expires <= now or sum(map(len, key)) > self.MAX_KEY_CHARS:
+            return
+        if len(self._results) >= self.ENTRIES:
+            self._results.pop(next(iter(self._results)))
+        self._results[key] = (expires, result)
+
+
+async def evaluate_spf(
+    dns_client: AsyncDns, client_ip: str, mail_from: str, helo: str, deadline: float, cache: SpfCache | None = None
+) -> SpfResult:
+    key = (client_ip, mail_from, helo)
+    if cache is not None and (cached := cache.get(key)) is not None:
+        return cached
     resolver = BoundedResolver(dns_client, deadline)
-    return await replay(resolver, lambda: check_spf(resolver, client_ip, mail_from, helo))
+    result = await replay(resolver, lambda: check_spf(resolver, client_ip, mail_from, helo))
+    if cache is not None and not resolver.failed and not resolver.timed_out and not result.timed_out:
+        cache.put(key, result, resolver.expires)
+    return result
 
 
 async def evaluate_dkim(
@@ -79,10 +120,11 @@ async def evaluate_async(
     deadline: float,
     executor: ThreadPoolExecutor | None = None,
     spf: asyncio.Future[SpfResult] | None = None,
+    spf_cache: SpfCache | None = None,
 ) -> SenderAuthVerdict:
     """SPF (or the one already running), DKIM and the DMARC policy at once, then DMARC."""
     spf_task = spf or asyncio.ensure_future(
-        evaluate_spf(dns_client, facts.client_ip, facts.mail_from, facts.helo, deadline)
+        evaluate_spf(dns_client, facts.client_ip, facts.mail_from, facts.helo, deadline, spf_cache)
     )
     dkim_task = asyncio.ensure_future(evaluate_dkim(dns_client, facts.message, deadline, executor))
     try:
@@ -108,20 +150,21 @@ class SenderAuthenticator:
 
     def __init__(self, nameservers: list[str], budget_s: float) -> None:
         self._dns = AsyncDns.for_nameservers(nameservers)
+        self._spf_cache = SpfCache()
         self._budget_s = budget_s
         self._executor = ThreadPoolExecutor(CPU_THREADS, thread_name_prefix="sender-auth")
 
     def start_spf(self, client_ip: str, helo: str, mail_from: str) -> asyncio.Task[SpfResult]:
         """SPF from the envelope alone, started before the message arrives (its own budget)."""
         deadline = time.monotonic() + self._budget_s
-        return asyncio.ensure_future(evaluate_spf(self._dns, client_ip, mail_from, helo, deadline))
+        return asyncio.ensure_future(evaluate_spf(self._dns, client_ip, mail_from, helo, deadline, self._spf_cache))
 
     async def evaluate(self, facts: SenderFacts, spf: asyncio.Task[SpfResult] | None = None) -> SenderAuthVerdict:
         deadline = time.monotonic() + self._budget_s
         started_s = time.perf_counter()
         try:
             async with asyncio.timeout(self._budget_s + WAIT_GRACE_S):
-                return await evaluate_async(self._dns, facts, deadline, self._executor, spf)
+                return await evaluate_async(self._dns, facts, deadline, self._executor, spf, self._spf_cache)
         except TimeoutError:
             log(
                 logger,

@@ -102,6 +102,11 @@ class AsyncDns:
     def for_nameservers(cls, nameservers: Sequence[str]) -> AsyncDns:
         return cls(build_resolver(nameservers))
 
+    def expiry(self, name: str, rtype: str) -> float:
+        """When the cached answer for the name expires (`time.monotonic()`); now if not cached."""
+        found = self._cache.get(_key(name, rtype))
+        return found[0] if found is not None else time.monotonic()
+
     def cached(self, name: str, rtype: str) -> Records | None:
         key = _key(name, rtype)
         found = self._cache.get(key)
@@ -195,6 +200,8 @@ class BoundedResolver:
         self.pending: list[Key] = []
         self.timed_out = False
         self.lookups = 0
+        self.expires = float("inf")  # earliest expiry of the answers fetched (for result caches)
+        self.failed = False  # some answer was a timeout or an error: nothing derived is cacheable
 
     def remaining_s(self) -> float:
         return self._deadline - time.monotonic()
@@ -206,6 +213,7 @@ class BoundedResolver:
         if found is None:
             if self.remaining_s() <= 0:
                 found = self.answers[key] = DnsTimedOut(name)
+                self.failed = True
             else:
                 self.pending.append(key)
                 raise NeedLookup(name)
@@ -229,6 +237,9 @@ class BoundedResolver:
             self.answers[key] = await self._dns.lookup(name, rtype, self.remaining_s())
         except (DnsTimedOut, DnsFailed) as exc:
             self.answers[key] = exc
+            self.failed = True
+            return
+        self.expires = min(self.expires, self._dns.expiry(name, rtype))
 
     async def fetch_pending(self) -> None:
         pending, self.pending = self.pending, []
