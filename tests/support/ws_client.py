@@ -10,6 +10,7 @@ import base64
 import contextlib
 import json
 import os
+import ssl
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -258,7 +259,7 @@ class RunningTunnel:
                 if self._task.done():
                     self._task.result()
                 try:
-                    reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                    reader, writer = await asyncio.open_connection("127.0.0.1", self.port, ssl=self._probe_tls())
                 except OSError:
                     await asyncio.sleep(0.01)
                     continue
@@ -268,6 +269,15 @@ class RunningTunnel:
                 if status_line.startswith(b"HTTP/1.1 200"):
                     return self
                 await asyncio.sleep(0.01)
+
+    def _probe_tls(self) -> ssl.SSLContext | None:
+        """The readiness probe speaks TLS to a `wss://` tunnel; it checks readiness, not trust."""
+        if not self.config.ws.tls.enabled:
+            return None
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
 
     async def stop(self) -> None:
         self.stopping.set()
