@@ -33,35 +33,14 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from services.egress.outcome import Disposition, Outcome
-from shared import keys
+from shared import keys, lua
 from shared.payloads import DeliveryResult
-from shared.replication import NO_ACK, LuaScript, ReplicaAck, ScriptCall, run_scripts
+from shared.replication import NO_ACK, ReplicaAck, ScriptCall, run_scripts
 from shared.wakeup import Wakeup, WakeupKind
 
 IDEMPOTENCY_TTL_S = 2 * 24 * 3600  # longer than arq keeps a job (1 day + its deferral)
 RESULTS_STREAM_MAX_ENTRIES = 10_000  # bounds a persona that never reconnects
 
-# KEYS: published marker, results stream, delivered hash, owner, outbound holders.
-# ARGV: status, marker TTL, packed result, stream max length, stream TTL, now (ms), node channel
-# prefix, wake-up message. The wake-up mirrors `shared.wakeup.wake_owner(..., RESULT)`: the
-# owner and every unexpired outbound holder, each node once.
-_PUBLISH_ONCE = LuaScript.of("""
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
-  redis.call('EXPIRE', KEYS[1], ARGV[2])
-  return 0
-end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'r', ARGV[3])
-redis.call('EXPIRE', KEYS[2], ARGV[5])
-redis.call('DEL', KEYS[3])
-local nodes = {}
-local owner = redis.call('GET', KEYS[4])
-if owner then nodes[owner] = true end
-for _, node in ipairs(redis.call('ZRANGEBYSCORE', KEYS[5], ARGV[6], '+inf')) do nodes[node] = true end
-for node in pairs(nodes) do redis.call('PUBLISH', ARGV[7] .. node, ARGV[8]) end
-return 1
-""")
-# KEYS: published marker. ARGV: marker TTL. A write, so that a WAIT after it means something.
-_TOUCH_MARKER = LuaScript.of("return redis.call('EXPIRE', KEYS[1], ARGV[1])")
 PUBLISH_DEADLINE_S = 10.0  # retries through a failover
 NODE_CHANNEL_PREFIX = keys.node_channel("")
 
@@ -93,7 +72,7 @@ class ResultStore:
         """Append the result, drop the per-recipient record (the marker supersedes it) and wake
         the tunnel nodes holding the persona, atomically; False if one was already published."""
         call = ScriptCall(
-            _PUBLISH_ONCE,
+            lua.PUBLISH_RESULT,
             [
                 keys.egress_result_published(persona_key, result.stream_id),
                 keys.results(persona_key),
@@ -120,7 +99,7 @@ class ResultStore:
         of a job whose publish was not confirmed); nothing to do when none are required."""
         if self._ack.replicas:
             call = ScriptCall(
-                _TOUCH_MARKER, [keys.egress_result_published(persona_key, stream_id)], [IDEMPOTENCY_TTL_S]
+                lua.TOUCH_RESULT_MARKER, [keys.egress_result_published(persona_key, stream_id)], [IDEMPOTENCY_TTL_S]
             )
             await run_scripts(self._redis, [call], self._ack, deadline_s=PUBLISH_DEADLINE_S)
 

@@ -1,10 +1,10 @@
 """Auth challenges (PROTOCOL.md A3): issuing, checking, and consuming them exactly once.
 
 The checks run twice on purpose: `check_response` (pure, in the order the protocol fixes,
-including the signature) decides the error code, and the Lua script in `ChallengeStore.consume`
-repeats the cheap checks atomically while marking the record used, so two sockets racing with
-the same signed response cannot both win. A failed verification never reaches `consume`, so
-it does not use the challenge up.
+including the signature) decides the error code, and the Lua script behind
+`ChallengeStore.consume` (`shared.lua.CONSUME_CHALLENGE`) repeats the cheap checks atomically
+while marking the record used, so two sockets racing with the same signed response cannot
+both win. A failed verification never reaches `consume`, so it does not use the challenge up.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 
-from shared import keys
+from shared import keys, lua
 from shared.identity import decode_public_key, decode_signature, verify_signature
 
 # A used record is kept this long past its expiry, so a replay is told challenge_already_used
@@ -89,17 +89,6 @@ def check_response(record: ChallengeRecord | None, persona_key: str, signature_b
     return None
 
 
-_CONSUME = """
-local record = redis.call('HMGET', KEYS[1], 'pk', 'exp', 'used')
-if not record[1] then return 'challenge_not_found' end
-if record[1] ~= ARGV[1] then return 'challenge_mismatch' end
-if record[3] == '1' then return 'challenge_already_used' end
-if tonumber(ARGV[2]) >= tonumber(record[2]) then return 'challenge_expired' end
-redis.call('HSET', KEYS[1], 'used', '1')
-return 'ok'
-"""
-
-
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -109,7 +98,7 @@ class ChallengeStore:
 
     def __init__(self, redis: aioredis.Redis) -> None:
         self._redis = redis
-        self._consume = redis.register_script(_CONSUME)
+        self._consume = lua.CONSUME_CHALLENGE.on(redis)
 
     async def save(self, record: ChallengeRecord) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:

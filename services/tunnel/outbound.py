@@ -23,10 +23,10 @@ from arq.constants import expires_extra_ms, job_key_prefix, result_key_prefix
 from arq.jobs import serialize_job
 from arq.utils import timestamp_ms
 
-from shared import keys
+from shared import keys, lua
 from shared.envelope import has_control_characters
 from shared.payloads import OutboundJob
-from shared.replication import NO_ACK, LuaScript, ReplicaAck, ScriptCall, run_scripts
+from shared.replication import NO_ACK, ReplicaAck, ScriptCall, run_scripts
 
 SENDER_NOT_ALLOWED = "sender_not_allowed"
 TOO_MANY_RECIPIENTS = "too_many_recipients"
@@ -93,27 +93,6 @@ def bare_address(address: str) -> str:
     return _bare(address)
 
 
-# Counts one message in the persona's minute window; within the rate, records which socket
-# sent the stream (services/tunnel/results.py) in the same round trip.
-_ADMIT = """
-local count = redis.call('INCR', KEYS[1])
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-if count > tonumber(ARGV[2]) then return 0 end
-redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
-return 1
-"""
-
-
-# arq's enqueue_job as one script. KEYS: job key, result key, queue. ARGV: job TTL (ms),
-# serialized job, score, job id. 1 if queued, 0 if the job id exists (queued before).
-_ENQUEUE_JOB = LuaScript.of("""
-if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then return 0 end
-redis.call('PSETEX', KEYS[1], ARGV[1], ARGV[2])
-redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
-return 1
-""")
-
-
 class OutboundQueue:
     """Per-persona outbound rate (fixed one-minute windows), the socket each accepted stream
     came from, and the arq `deliver` job."""
@@ -125,7 +104,7 @@ class OutboundQueue:
         self._ack = ack
         self._messages_per_minute = messages_per_minute
         self._origin_ttl_s = origin_ttl_s
-        self._admit = redis.register_script(_ADMIT)
+        self._admit = lua.ADMIT_OUTBOUND.on(redis)
 
     async def admit(self, persona_key: str, stream_id: str, origin: str) -> bool:
         """False when the persona is over its outbound rate; else `origin` is recorded."""
@@ -143,7 +122,7 @@ class OutboundQueue:
         now_ms = timestamp_ms()
         serialized = serialize_job(DELIVER_FUNCTION, (job.pack(),), {}, None, now_ms, serializer=None)
         call = ScriptCall(
-            _ENQUEUE_JOB,
+            lua.ENQUEUE_JOB,
             [job_key_prefix + job_id, result_key_prefix + job_id, keys.EGRESS_QUEUE],
             [expires_extra_ms, serialized, now_ms, job_id],
         )
