@@ -26,7 +26,7 @@ again; `ACCEPTED_TTL_S` only bounds how long a marker of an undelivered message 
 Bodies larger than one chunk are written apart from their entry (`keys.inbox_body`), in the
 same script, so that the tunnel can stream them (shared/inbox_entries.py).
 
-The same script wakes the tunnel node that owns the persona (GET owner, PUBLISH on its channel,
+The same script wakes the tunnel node that owns the persona (the wake-up rule of `shared/lua.py`,
 also when the message was accepted before: the first attempt may have committed without waking
 anyone). So the common one-persona message costs one round trip here, and the wake-up is sent
 before the 250 rather than after it.
@@ -72,8 +72,6 @@ logger = logging.getLogger("relay.enqueue")
 QUEUE_ID_RANDOM_BYTES = 15
 ENQUEUE_TIMEOUT_S = 10.0
 ACCEPTED_TTL_S = 24 * 3600
-NODE_CHANNEL_PREFIX = keys.node_channel("")
-assert keys.node_channel("n") == NODE_CHANNEL_PREFIX + "n", "the script builds channel names from the prefix"
 # `lua.ENQUEUE` writes these field names
 assert (inbox_entries.ENTRY_FIELD, inbox_entries.BODY_SIZE_FIELD, inbox_entries.DIGEST_FIELD) == (b"m", b"s", b"d")
 
@@ -231,7 +229,6 @@ def _script_call(digest: str, queue_id: str, deliveries: list[Delivery]) -> Scri
         queue_id,
         ACCEPTED_TTL_S,
         sum(len(delivery.entry.data) for delivery in deliveries),
-        NODE_CHANNEL_PREFIX,
         Wakeup(WakeupKind.INBOX, persona_key).encode(),
         *per_entry,
     ]

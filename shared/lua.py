@@ -31,6 +31,8 @@ import redis
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript, Script
 
+from shared import keys
+
 
 @dataclass(frozen=True, slots=True)
 class LuaScript:
@@ -60,20 +62,59 @@ def lua_string(text: str) -> str:
     return f"'{text}'"
 
 
+# --- who is woken for a persona: the one home of this rule -----------------------------------
+# DESIGN.md: pub/sub is only a wake-up; a lost one delays, never loses (the tunnel sweeps).
+# The node owning the persona's inbound socket, and, with `holders_key` (a delivery result),
+# every node holding an unexpired outbound-role socket of the persona, so that a `send`-only
+# socket gets its result at once; each distinct node once, the owner first. Returns how many
+# nodes were woken. Prepended to every script that wakes (`_waking`).
+WAKE_FUNCTION = f"""
+local function wake(owner_key, holders_key, now_ms, message)
+  local nodes, seen = {{}}, {{}}
+  local owner = redis.call('GET', owner_key)
+  if owner then
+    nodes[1] = owner
+    seen[owner] = true
+  end
+  if holders_key then
+    for _, node in ipairs(redis.call('ZRANGEBYSCORE', holders_key, now_ms, '+inf')) do
+      if not seen[node] then
+        nodes[#nodes + 1] = node
+        seen[node] = true
+      end
+    end
+  end
+  for _, node in ipairs(nodes) do
+    redis.call('PUBLISH', {lua_string(keys.NODE_CHANNEL_PREFIX)} .. node, message)
+  end
+  return #nodes
+end
+"""
+
+
+def _waking(source: str) -> LuaScript:
+    return LuaScript.of(WAKE_FUNCTION + source)
+
+
+# shared/wakeup.py `wake_owner`: a wake-up on its own.
+# KEYS: owner, then outbound holders only for a delivery result. ARGV: wake-up message, now (ms).
+WAKE = _waking("return wake(KEYS[1], KEYS[2], ARGV[2], ARGV[1])")
+
+
 # --- inbound: ingress -> inbox -> tunnel ------------------------------------------------------
 
 # shared/enqueue.py: store one message for one persona once per digest, and wake its owner.
 # KEYS: accepted marker, inbox, inbox_bytes, owner, then one body key per entry stored apart.
-# ARGV: queue id, marker TTL (s), total bytes, channel prefix, wake-up message, then three per entry: field `m`,
+# ARGV: queue id, marker TTL (s), total bytes, wake-up message, then three per entry: field `m`,
 # body stored apart (empty: inline), digest for field `d` (empty: none).
 # Returns the queue id stored by an earlier attempt, or nil when this call wrote the entries.
 # The wake-up goes out also when the message was accepted before: the first attempt may have
 # committed without waking anyone.
-ENQUEUE = LuaScript.of("""
+ENQUEUE = _waking("""
 local stored = redis.call('GET', KEYS[1])
 if not stored then
   local body_key = 5
-  for i = 6, #ARGV, 3 do
+  for i = 5, #ARGV, 3 do
     local fields = {'m', ARGV[i]}
     if ARGV[i + 1] ~= '' then
       redis.call('SET', KEYS[body_key], ARGV[i + 1])
@@ -90,10 +131,7 @@ if not stored then
   redis.call('INCRBY', KEYS[3], ARGV[3])
   redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 end
-local owner = redis.call('GET', KEYS[4])
-if owner then
-  redis.call('PUBLISH', ARGV[4] .. owner, ARGV[5])
-end
+wake(KEYS[4], nil, 0, ARGV[4])
 return stored
 """)
 
@@ -218,8 +256,8 @@ return deleted
 # services/egress/results.py: publish a delivery result once per outbound stream and wake the
 # persona's nodes. KEYS: published marker, results stream, delivered hash, owner, outbound
 # holders. ARGV: status, marker TTL, packed result, stream max length, stream TTL, now (ms),
-# node channel prefix, wake-up message. 1 if published, 0 if published before (then the marker's TTL is refreshed).
-PUBLISH_RESULT = LuaScript.of("""
+# wake-up message. 1 if published, 0 if published before (then the marker's TTL is refreshed).
+PUBLISH_RESULT = _waking("""
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
   redis.call('EXPIRE', KEYS[1], ARGV[2])
   return 0
@@ -227,11 +265,7 @@ end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'r', ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
 redis.call('DEL', KEYS[3])
-local nodes = {}
-local owner = redis.call('GET', KEYS[4])
-if owner then nodes[owner] = true end
-for _, node in ipairs(redis.call('ZRANGEBYSCORE', KEYS[5], ARGV[6], '+inf')) do nodes[node] = true end
-for node in pairs(nodes) do redis.call('PUBLISH', ARGV[7] .. node, ARGV[8]) end
+wake(KEYS[4], KEYS[5], ARGV[6], ARGV[7])
 return 1
 """)
 

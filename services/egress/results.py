@@ -15,8 +15,8 @@ What remains is the gap between the remote `250` and that write or publish: a cr
 there sends the message again on the re-run (SMTP is at-least-once; the recipient sees a
 duplicate).
 
-The publish script also wakes the persona's tunnel nodes (as `shared.wakeup.wake_owner` does
-for a RESULT), so publishing a result is one round trip.
+The publish script also wakes the persona's tunnel nodes (the wake-up rule of `shared/lua.py`,
+which `shared.wakeup.wake_owner` runs too), so publishing a result is one round trip.
 
 With `redis.minReplicasToAck` (docs/HA.md) the publish is followed by WAIT in the same round
 trip; too few replicas raise `NotReplicated`, a RedisError, so the job is retried. The re-run
@@ -42,7 +42,6 @@ IDEMPOTENCY_TTL_S = 2 * 24 * 3600  # longer than arq keeps a job (1 day + its de
 RESULTS_STREAM_MAX_ENTRIES = 10_000  # bounds a persona that never reconnects
 
 PUBLISH_DEADLINE_S = 10.0  # retries through a failover
-NODE_CHANNEL_PREFIX = keys.node_channel("")
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +86,6 @@ class ResultStore:
                 RESULTS_STREAM_MAX_ENTRIES,
                 self._retention_s,
                 int(time.time() * 1000),
-                NODE_CHANNEL_PREFIX,
                 Wakeup(WakeupKind.RESULT, persona_key).encode(),
             ],
         )

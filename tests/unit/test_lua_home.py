@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from shared import lua
+from shared import keys, lua
 
 REPO = Path(__file__).resolve().parents[2]
 HOME = REPO / "shared" / "lua.py"
@@ -48,3 +48,13 @@ def test_lua_string_refuses_anything_but_a_plain_name() -> None:
         except ValueError:
             continue
         raise AssertionError(f"{hostile!r} was written into a script")
+
+
+def test_every_script_that_publishes_uses_the_one_wake_up_rule() -> None:
+    publishing = {name for name, script in lua.all_scripts().items() if b"PUBLISH" in script.source}
+    assert publishing == {"WAKE", "ENQUEUE", "PUBLISH_RESULT"}
+    for name in publishing:
+        source = lua.all_scripts()[name].source.decode()
+        assert source.startswith(lua.WAKE_FUNCTION) and "PUBLISH" not in source[len(lua.WAKE_FUNCTION) :], name
+    assert f"'{keys.NODE_CHANNEL_PREFIX}'" in lua.WAKE_FUNCTION
+    assert keys.node_channel("n") == keys.NODE_CHANNEL_PREFIX + "n"
