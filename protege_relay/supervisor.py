@@ -19,9 +19,9 @@ from types import FrameType
 
 from protege_relay.embedded_redis import EmbeddedRedis, data_dir
 from shared.config import RelayConfig
-from shared.logs import log
+from shared.logs import get_logger, log
 
-logger = logging.getLogger("protege_relay.supervisor")
+logger = get_logger(__name__)
 SHUTDOWN_GRACE_S = 30.0
 
 

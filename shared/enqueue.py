@@ -46,11 +46,11 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
 
 from shared import keys
-from shared.logs import log
+from shared.logs import get_logger, log
 from shared.payloads import InboxEntry
 from shared.wakeup import Wakeup, WakeupKind
 
-logger = logging.getLogger("relay.enqueue")
+logger = get_logger(__name__)
 
 QUEUE_ID_RANDOM_BYTES = 15
 ENQUEUE_TIMEOUT_S = 10.0

@@ -24,7 +24,7 @@ from protege_relay.gateway.client import AuthFailed, GatewayError, RelaySession,
 from protege_relay.gateway.keyfile import KeyFileError, load_passport
 from protege_relay.gateway.receive import parse_urls
 from shared.identity import Passport
-from shared.logs import log
+from shared.logs import get_logger, log
 from shared.protocol import ControlMessageError, SmtpStart, decode_control, encode_message_frames
 
 DELIVERY_RESULT_TIMEOUT_S = 20.0
@@ -32,7 +32,7 @@ EXIT_ALL_SENT = 0
 EXIT_NOT_ALL_SENT = 1
 EXIT_BAD_ARGUMENTS = 2
 
-logger = logging.getLogger("protege_relay.gateway.send")
+logger = get_logger(__name__)
 
 
 def to_lf_line_endings(message: bytes) -> bytes:

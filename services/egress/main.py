@@ -25,12 +25,12 @@ from shared import keys
 from shared.backlog import refresh_backlog_metrics
 from shared.config import RelayConfig
 from shared.health import HealthServer
-from shared.logs import log
+from shared.logs import get_logger, log
 from shared.nodeinfo import HEARTBEAT_INTERVAL_S, publish_node_info, remove_node_info
 from shared.redis import arq_settings, connect, redis_url
 from shared.secrets import SecretFileError
 
-logger = logging.getLogger("egress")
+logger = get_logger(__name__)
 
 POLL_DELAY_S = 0.1  # idle only: a finishing job starts the next at once (prompt_worker)
 PUBLISH_MARGIN_S = 2  # after the attempt budget: time to record and publish the result

@@ -38,9 +38,9 @@ from arq.utils import ms_to_datetime, timestamp_ms
 from arq.worker import Retry, Worker
 from redis.commands.core import AsyncScript
 
-from shared.logs import log
+from shared.logs import get_logger, log
 
-logger = logging.getLogger("egress.worker")
+logger = get_logger(__name__)
 
 RETRY_KEY_TTL_S = 88400  # as arq
 

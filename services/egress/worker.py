@@ -33,10 +33,10 @@ from services.egress.results import ResultStore
 from services.egress.signing import DkimSigner
 from services.egress.smtp_pool import SmtpPool
 from shared.config import RelayConfig
-from shared.logs import log
+from shared.logs import get_logger, log
 from shared.payloads import DeliveryResult, OutboundJob
 
-logger = logging.getLogger("egress.worker")
+logger = get_logger(__name__)
 
 MAX_BACKOFF_S = 3600.0
 DNS_LIFETIME_S = 10.0

@@ -49,10 +49,10 @@ from shared.attestation import AttestationContext, create_attestation
 from shared.config import RelayConfig
 from shared.enqueue import Delivery, EnqueueFailed, enqueue, message_digest, new_queue_id
 from shared.identity import Passport
-from shared.logs import log
+from shared.logs import get_logger, log
 from shared.payloads import InboxEntry
 
-logger = logging.getLogger("relay.ingress")
+logger = get_logger(__name__)
 
 REDIS_CHECK_TIMEOUT_S = 5.0
 REVERSE_DNS_TIMEOUT_S = 1.0
@@ -99,6 +99,7 @@ class IngressHandler:
         *,
         sender_auth: SenderAuthenticator | None = None,
         attestation_signer: Passport | None = None,
+        rate_clock: ratelimit.Clock = time.time,
     ) -> None:
         self._redis = redis
         self._config = config
@@ -109,11 +110,13 @@ class IngressHandler:
             ratelimit.RateKind.SMTP_CONNECTION,
             config.rateLimits.smtpConnectionsPerMinutePerIp,
             config.rateLimits.denyWindowMs,
+            rate_clock,
         )
         self._message_limit = ratelimit.RateLimit(
             ratelimit.RateKind.SMTP_MESSAGE,
             config.rateLimits.smtpMessagesPerMinutePerIp,
             config.rateLimits.denyWindowMs,
+            rate_clock,
         )
 
     # --- connection ------------------------------------------------------------------------
@@ -312,10 +315,6 @@ class IngressHandler:
             return None
         context = AttestationContext(stream_id, mail_from, rcpt_to)
         return create_attestation(self._attestation_signer, self._config.attestation.keyId, context, verdict.signals())
-
-    def _route(self, rcpt_to: str) -> str | None:
-        route = policy.route_recipient(rcpt_to, self._config.mailDomains)
-        return None if isinstance(route, Reply) else route
 
     async def _inbox_state(self, persona_key: str, envelope: Envelope, client_ip: str) -> InboxState:
         """The persona's facts for the RCPT policy, in one round trip that also counts the

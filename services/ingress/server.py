@@ -46,9 +46,9 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from services.ingress import metrics, policy
 from services.ingress.handler import IngressEnvelope, IngressHandler, IngressSession
 from shared.config import RateLimitsConfig, SmtpConfig
-from shared.logs import log
+from shared.logs import get_logger, log
 
-logger = logging.getLogger("relay.ingress")
+logger = get_logger(__name__)
 
 IDENT = "ESMTP Protege Relay"
 AIOSMTPD_SIZE_REFUSALS = (b"552 Error: message size exceeds", b"552 Error: Too much mail data")

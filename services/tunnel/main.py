@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 from arq import create_pool
 
@@ -12,17 +13,19 @@ from services.tunnel.node import TunnelNode
 from services.tunnel.server import bound_port, start_server
 from services.tunnel.startup import raise_open_files_limit, tls_context
 from shared.config import RelayConfig
-from shared.logs import log
+from shared.logs import get_logger, log
+from shared.ratelimit import Clock
 from shared.redis import arq_settings, connect
 from shared.secrets import SecretFileError
 
-logger = logging.getLogger("relay.tunnel")
+logger = get_logger(__name__)
 
 SERVER_DRAIN_TIMEOUT_S = 10.0
 SOCKET_READ_BYTES = 1024 * 1024
 
 
-async def serve(config: RelayConfig, stopping: asyncio.Event) -> None:
+async def serve(config: RelayConfig, stopping: asyncio.Event, *, rate_clock: Clock = time.time) -> None:
+    """Run one tunnel node until `stopping` is set; `rate_clock` cuts the rate windows (tests hold it still)."""
     try:
         tls = tls_context(config.ws.tls)
     except SecretFileError as exc:
@@ -35,7 +38,7 @@ async def serve(config: RelayConfig, stopping: asyncio.Event) -> None:
     # socket read (redis-py's default) costs ~25% more time on a 25 MB entry than 1 MiB reads.
     redis.connection_pool.connection_kwargs["socket_read_size"] = SOCKET_READ_BYTES
     arq = await create_pool(arq_settings(config))
-    node = TunnelNode(config, redis, arq)
+    node = TunnelNode(config, redis, arq, rate_clock)
     await node.start()
     server = await start_server(node, tls)
     log(

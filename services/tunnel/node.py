@@ -29,13 +29,13 @@ from services.tunnel.challenges import ChallengeStore
 from services.tunnel.connection import GOING_AWAY_REASON, TunnelConnection
 from services.tunnel.outbound import OutboundQueue
 from services.tunnel.ratelimit import AuthRateLimiter
-from shared import keys, protocol
+from shared import keys, protocol, ratelimit
 from shared.config import RelayConfig
-from shared.logs import log
+from shared.logs import get_logger, log
 from shared.nodeinfo import HEARTBEAT_INTERVAL_S, publish_node_info, remove_node_info
 from shared.wakeup import Wakeup, WakeupKind, wake_owner
 
-logger = logging.getLogger("relay.tunnel.node")
+logger = get_logger(__name__)
 
 PUBSUB_POLL_S = 1.0
 SWEEP_BATCH = 500  # personas per pipelined round trip of the sweep and the owner renewal
@@ -44,17 +44,23 @@ SHUTDOWN_CLOSE_TIMEOUT_S = 5.0
 
 
 class TunnelNode:
-    def __init__(self, config: RelayConfig, redis: aioredis.Redis, arq: ArqRedis) -> None:
+    def __init__(
+        self, config: RelayConfig, redis: aioredis.Redis, arq: ArqRedis, rate_clock: ratelimit.Clock = time.time
+    ) -> None:
         self.config = config
         self.redis = redis
         self.node_id = config.node_id
         self.challenges = ChallengeStore(redis)
         self.ownership = ownership.Ownership(redis, self.node_id)
         self.auth_rate = AuthRateLimiter(
-            redis, config.rateLimits.wsAuthAttemptsPerMinutePerIp, config.rateLimits.denyWindowMs
+            redis, config.rateLimits.wsAuthAttemptsPerMinutePerIp, config.rateLimits.denyWindowMs, rate_clock
         )
         self.outbound = OutboundQueue(
-            redis, arq, config.rateLimits.outboundMessagesPerMinutePerPersona, config.queue.retentionSeconds
+            redis,
+            arq,
+            config.rateLimits.outboundMessagesPerMinutePerPersona,
+            config.queue.retentionSeconds,
+            rate_clock,
         )
         self.connections: set[TunnelConnection] = set()
         self.sockets: dict[str, TunnelConnection] = {}  # authenticated ones, by socket id

@@ -13,7 +13,7 @@ import time
 import redis.asyncio as aioredis
 from arq.connections import ArqRedis
 
-from shared import keys
+from shared import keys, ratelimit
 from shared.envelope import has_control_characters
 from shared.payloads import OutboundJob
 
@@ -89,8 +89,16 @@ class OutboundQueue:
     """Per-persona outbound rate (fixed one-minute windows), the socket each accepted stream
     came from, and the arq `deliver` job."""
 
-    def __init__(self, redis: aioredis.Redis, arq: ArqRedis, messages_per_minute: int, origin_ttl_s: int) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        arq: ArqRedis,
+        messages_per_minute: int,
+        origin_ttl_s: int,
+        clock: ratelimit.Clock = time.time,
+    ) -> None:
         self._redis = redis
+        self._clock = clock
         self._arq = arq
         self._messages_per_minute = messages_per_minute
         self._origin_ttl_s = origin_ttl_s
@@ -98,7 +106,7 @@ class OutboundQueue:
 
     async def admit(self, persona_key: str, stream_id: str, origin: str) -> bool:
         """False when the persona is over its outbound rate; else `origin` is recorded."""
-        window = int(time.time()) // RATE_WINDOW_S
+        window = int(self._clock()) // RATE_WINDOW_S
         admitted = await self._admit(
             keys=[keys.outbound_rate(persona_key, window), keys.outbound_origin(persona_key, stream_id)],
             args=[RATE_WINDOW_S * 2, self._messages_per_minute, origin, self._origin_ttl_s],

@@ -10,7 +10,6 @@ handshake timeout (TLS handshake included), upgraded silent sockets by `ws.authT
 from __future__ import annotations
 
 import http
-import logging
 import ssl
 from typing import Any
 
@@ -24,9 +23,10 @@ from services.tunnel.node import TunnelNode
 from services.tunnel.ratelimit import client_ip, parse_trusted_proxies
 from shared.backlog import refresh_backlog_metrics
 from shared.health import health_response, refresh_before_scrape
+from shared.logs import get_logger
 from shared.redis import redis_url
 
-logger = logging.getLogger("relay.tunnel.server")
+logger = get_logger(__name__)
 
 WS_PATH = "/ws"
 TOO_MANY_UNAUTHENTICATED = "too_many_unauthenticated"
