@@ -10,9 +10,9 @@ import json
 import signal
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import dkim
 import pytest
@@ -32,40 +32,11 @@ from shared.redis import arq_settings
 from shared.wakeup import Wakeup, WakeupKind
 from tests.support.dns_server import DnsServer
 from tests.support.mx_sink import MxSink
-from tests.support.processes import free_port, poll_until
+from tests.support.processes import free_port
+from tests.support.wait import eventually, poll_until
 
-T = TypeVar("T")
 BARE_LF_MESSAGE = b"From: p@relay.test\nTo: user@example.test\nSubject: hi\n\nline one\r\n.dot line\rend\n"
 CRLF_MESSAGE = b"From: p@relay.test\r\nTo: user@example.test\r\nSubject: hi\r\n\r\nline one\r\n.dot line\r\nend\r\n"
-
-
-async def eventually(probe: Callable[[], Awaitable[T]], timeout_s: float = 15.0, message: str = "") -> T:
-    """Await `probe` until it returns something truthy (polling with a deadline)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = await probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(message or f"condition not met within {timeout_s}s")
-        await asyncio.sleep(0.05)
-
-
-@pytest.fixture
-def smtp_port() -> int:
-    return free_port()
-
-
-@pytest.fixture
-def dns_server() -> Iterator[DnsServer]:
-    zones = {
-        "example.test": {"MX": ["10 mx1.example.test.", "20 mx2.example.test."]},
-        "mx1.example.test": {"A": ["127.0.0.2"]},
-        "mx2.example.test": {"A": ["127.0.0.3"]},
-        "nullmx.test": {"MX": ["0 ."]},
-    }
-    with DnsServer(zones, servfail={"broken.test"}) as server:
-        yield server
 
 
 @pytest.fixture

@@ -6,25 +6,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from protege_relay.embedded_redis import free_port, wait_for_port
+from tests.support.wait import poll_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def poll_until(predicate, timeout_s: float = 10.0, interval_s: float = 0.02, message: str = ""):  # type: ignore[no-untyped-def]
-    """Call `predicate` until it returns a truthy value; fail with `message` at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(message or f"condition not met within {timeout_s}s")
-        time.sleep(interval_s)
 
 
 @dataclass

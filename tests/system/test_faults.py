@@ -38,7 +38,6 @@ from tests.support.load import (
     reconcile_outbound,
 )
 from tests.support.mx_sink import MxSink
-from tests.support.processes import free_port
 
 DOMAIN = "relay.test"
 REMOTE_DOMAIN = "example.test"
@@ -77,12 +76,6 @@ def redis_sync(durable_redis: EmbeddedRedis) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(durable_redis.url, socket_timeout=5)
     yield client
     client.close()
-
-
-@pytest.fixture
-def mx_sink() -> Iterator[MxSink]:
-    with MxSink("127.0.0.1", free_port()) as sink:
-        yield sink
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from shared.identity import Passport
 from tests.support.cluster import Cluster, soak_factor
 from tests.support.load import GatewayFleet, OutboundSend, SmtpLoad, make_message, reconcile, stream_header_of, token_of
 from tests.support.mx_sink import MxSink
-from tests.support.processes import free_port, poll_until
+from tests.support.wait import poll_until
 
 DOMAIN = "relay.test"
 REMOTE_DOMAIN = "example.test"
@@ -50,12 +50,6 @@ CLUSTER_ENV = {
     "RELAY_EGRESS_JOB_TIMEOUT_SECONDS": "5",
     "RELAY_EGRESS_CONNECT_TIMEOUT_SECONDS": "5",
 }
-
-
-@pytest.fixture
-def mx_sink() -> Iterator[MxSink]:
-    with MxSink("127.0.0.1", free_port()) as sink:
-        yield sink
 
 
 @pytest.fixture

@@ -32,8 +32,10 @@ from shared import keys, protocol
 from shared.identity import Passport
 from shared.payloads import InboxEntry, OutboundJob
 from shared.wakeup import Wakeup, WakeupKind
+from tests.support.clock import away_from_minute_boundary
 from tests.support.processes import ServiceProcess
-from tests.support.ws_client import GatewayClient, RawWsClient, eventually
+from tests.support.wait import eventually
+from tests.support.ws_client import GatewayClient, RawWsClient
 
 HONEST_IP = "127.0.0.2"
 FRESH_IP = "127.0.0.3"
@@ -173,11 +175,6 @@ async def raw_close_code(client: RawWsClient) -> int:
         if opcode == Opcode.CLOSE:
             code: int = struct.unpack(">H", payload[:2])[0]
             return code
-
-
-async def away_from_minute_boundary() -> None:
-    """Fixed one-minute rate windows: start a counting test well inside one."""
-    await eventually(lambda: time.time() % 60 < 50, timeout_s=15)
 
 
 # --- oversize, invalid UTF-8, garbage ----------------------------------------------------------

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
 
 import pytest
 import redis
@@ -17,16 +16,10 @@ from shared import keys, protocol
 from shared.identity import Passport
 from shared.payloads import InboxEntry
 from shared.wakeup import Wakeup, WakeupKind
-from tests.support.ws_client import GatewayClient, RawWsClient, RunningTunnel, eventually
+from tests.support.wait import eventually
+from tests.support.ws_client import GatewayClient, RawWsClient, RunningTunnel
 
 ACK = ["inbound_ack"]
-
-
-@pytest.fixture
-async def tunnel(redis_server: EmbeddedRedis) -> AsyncIterator[RunningTunnel]:
-    running = await RunningTunnel(redis_server.url).start()
-    yield running
-    await running.stop()
 
 
 def add_inbox_entry(
