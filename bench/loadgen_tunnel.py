@@ -26,7 +26,7 @@ from bench.gateway import (
     open_gateway,
 )
 from bench.smtp_client import make_message
-from shared import keys
+from shared import inbox_entries, keys
 from shared.identity import persona_address
 from shared.payloads import InboxEntry
 from shared.protocol import FrameType, decode_frame
@@ -51,8 +51,15 @@ async def run_relay(args: argparse.Namespace) -> dict[str, object]:
             int(time.time() * 1000),
             "127.0.0.1",
         )
+        # Stored as the enqueue script stores it (a large body apart, streamed by the tunnel),
+        # without its wake-up: the clock starts at ours.
+        packed, body = inbox_entries.stored_form(entry)
+        fields = {inbox_entries.ENTRY_FIELD: packed}
         async with redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(keys.inbox(persona_key), {b"m": entry.pack()})
+            if body:
+                pipe.set(keys.inbox_body(persona_key, entry.stream_id), body)
+                fields[inbox_entries.BODY_SIZE_FIELD] = str(len(body)).encode()
+            pipe.xadd(keys.inbox(persona_key), fields)
             pipe.incrby(keys.inbox_bytes(persona_key), len(message))
             await pipe.execute()
         started = time.perf_counter()

@@ -76,8 +76,12 @@ def wait_for_port(
 
 
 class EmbeddedRedis:
-    def __init__(self, data_dir: str | Path, port: int = 0, appendfsync: str = "everysec") -> None:
+    def __init__(
+        self, data_dir: str | Path, port: int = 0, appendfsync: str = "everysec", extra_args: tuple[str, ...] = ()
+    ) -> None:
+        """`extra_args`: more `redis-server` options, e.g. `("--maxmemory", "16mb")` or an `--aclfile`."""
         self.data_dir = Path(data_dir)
+        self.extra_args = extra_args
         self.port = port or free_port()
         self.appendfsync = appendfsync
         self.process: subprocess.Popen[bytes] | None = None
@@ -110,6 +114,7 @@ class EmbeddedRedis:
             "",
             "--daemonize",
             "no",
+            *self.extra_args,
         ]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout_s
@@ -127,7 +132,7 @@ class EmbeddedRedis:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as conn:
                 conn.sendall(b"PING\r\n")
-                return conn.recv(16).startswith(b"+PONG")
+                return conn.recv(16).startswith((b"+PONG", b"-NOAUTH"))  # NOAUTH: up, wants a password
         except OSError:
             return False
 

@@ -38,7 +38,7 @@ from shared.backlog import (
     scan_keys,
 )
 from shared.config import RelayConfig
-from shared.redis import redis_url
+from shared.redis import connect_sync, redis_url
 
 REDIS_TIMEOUT_S = 5.0
 NODE_FIELDS = ("role", "updated_ms")
@@ -69,7 +69,7 @@ class RelayStatus:
 def run_status(config: RelayConfig, as_json: bool = False) -> int:
     """Print the status table (or JSON); 1 when Redis cannot be read."""
     url = config.redis.url or running_embedded_url() or redis_url(config)
-    client = redis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S)
+    client = connect_sync(config, url, timeout_s=REDIS_TIMEOUT_S)
     try:
         status = collect_status(client, redacted_url(url), now_ms=int(time.time() * 1000))
     except redis.RedisError as exc:

@@ -17,6 +17,8 @@ from arq.constants import in_progress_key_prefix
 from prometheus_client import Gauge
 
 from shared import keys
+from shared.config import RelayConfig
+from shared.redis import connect_sync
 
 SCAN_BATCH = 1000
 
@@ -180,11 +182,11 @@ def refresh_gauges(client: redis.Redis, tier: str, now_ms: int) -> None:
         EGRESS_OLDEST_AGE.set(queue.oldest_age_s or 0)
 
 
-async def refresh_backlog_metrics(redis_url: str, tier: str) -> None:
+async def refresh_backlog_metrics(config: RelayConfig, tier: str) -> None:
     """Refresh the tier's backlog gauges before a scrape (a bounded SCAN, off the event loop)."""
 
     def scan() -> None:
-        client = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
+        client = connect_sync(config)
         try:
             refresh_gauges(client, tier, int(time.time() * 1000))
         finally:

@@ -22,6 +22,7 @@ import types
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
+from urllib.parse import urlsplit
 
 DEFAULT_CONFIG_PATH = Path("relay/config.json")
 ENV_PREFIX = "RELAY_"
@@ -40,8 +41,10 @@ class ConfigError(ValueError):
     """A config value that does not fit the schema; the message names the field."""
 
 
-def _field(default: Any, *, minimum: int | None = None, choices: tuple[str, ...] = ()) -> Any:
-    meta = {"minimum": minimum, "choices": choices}
+def _field(
+    default: Any, *, minimum: int | None = None, maximum: int | None = None, choices: tuple[str, ...] = ()
+) -> Any:
+    meta = {"minimum": minimum, "maximum": maximum, "choices": choices}
     if isinstance(default, list | dict):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     if dataclasses.is_dataclass(default):
@@ -90,6 +93,8 @@ class RateLimitsConfig:
     wsAuthAttemptsPerMinutePerIp: int = _field(20, minimum=1)
     denyWindowMs: int = _field(300_000, minimum=1)
     outboundMessagesPerMinutePerPersona: int = _field(60, minimum=1)
+    # bytes one SMTP client IP may add to the inboxes per clock hour (x recipients); over: 452 4.3.1
+    smtpQueuedBytesPerHourPerIp: int = _field(256 * 1024 * 1024, minimum=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +117,19 @@ class WsConfig:
     authTimeoutMs: int = _field(10_000, minimum=1)  # upgrade to auth_ok; over it: auth_error auth_timeout, 4401
     maxUnauthenticatedPerIp: int = _field(256, minimum=1)  # open sockets not yet authenticated, per client IP
     resultsSweepIntervalMs: int = _field(5_000, minimum=1)  # periodic results sweep (wake-ups are the fast path)
+    # Memory before auth_ok (docs/SECURITY.md "Memory before authentication"): auth messages are
+    # under 1 KiB, so a larger one is closed 1009; ws.maxMessageBytes applies from auth_ok on.
+    maxUnauthenticatedMessageBytes: int = _field(4096, minimum=1024)
+    maxUnauthenticated: int = _field(2048, minimum=1)  # open sockets not yet authenticated, per node
+    maxPendingHandshakesPerIp: int = _field(128, minimum=1)  # TCP connections before the upgrade, per peer IP
+    maxPendingHandshakes: int = _field(1024, minimum=1)  # TCP connections before the upgrade, per node
+    # Outbound memory (docs/SECURITY.md "Memory of outbound streams"): bytes of unfinished
+    # outbound streams held by this node, and outbound-role sockets.
+    outboundAssemblyBytesPerPersona: int = _field(24 * 1024 * 1024, minimum=1)
+    outboundAssemblyBytesPerIp: int = _field(32 * 1024 * 1024, minimum=1)
+    outboundAssemblyBytes: int = _field(256 * 1024 * 1024, minimum=1)
+    maxOutboundSocketsPerPersona: int = _field(4, minimum=1)
+    maxOutboundSocketsPerIp: int = _field(64, minimum=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +151,19 @@ class AttestationConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RedisConfig:
+    """Where Redis is and who the service is there (one ACL user per service, docs/SECURITY.md).
+
+    The password never comes from the config file or a command line: `passwordFile` (read
+    through `shared.secrets`' permission check) or the environment variable
+    `RELAY_REDIS_PASSWORD`; `load_config` puts it in `password` (kept out of `repr`).
+    """
+
     url: str = ""
+    username: str = ""
+    passwordFile: str = ""
+    password: str = dataclasses.field(default="", repr=False)
+    # new mail is refused (452 4.3.1) at this share of Redis `maxmemory`, largest backlogs first
+    admissionHighWatermarkPercent: int = _field(85, minimum=1, maximum=100)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +176,13 @@ class QueueConfig:
 @dataclasses.dataclass(frozen=True)
 class EgressTlsConfig:
     verify: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class MtaStsConfig:
+    enabled: bool = True  # apply recipient domains' MTA-STS policies (RFC 8461)
+    policyPort: int = _field(443, minimum=1)  # port of https://mta-sts.<domain>/ (tests serve policies elsewhere)
+    fetchTimeoutSeconds: int = _field(10, minimum=1)  # the whole policy fetch (connect, TLS, GET)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +199,10 @@ class EgressConfig:
     httpPort: int = _field(9026, minimum=0)
     retryBaseSeconds: int = _field(30, minimum=0)  # backoff base: full jitter over base * 2**(try-1)
     jobTimeoutSeconds: int = _field(300, minimum=2)  # one delivery attempt; a crashed one re-runs after this
+    allowPrivateDestinations: bool = False  # connect to MX addresses in loopback/private/... ranges (SSRF guard off)
+    bounces: bool = True  # a DSN in the persona's inbox when a message fails after a deferral
+    delayWarningSeconds: int = _field(4 * 3600, minimum=0)  # a `delayed` DSN once deferred this long; 0 = never
+    mtaSts: MtaStsConfig = _field(MtaStsConfig())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +226,11 @@ class RelayConfig:
     def node_id(self) -> str:
         return self.nodeId or f"{socket.gethostname()}-{os.getpid()}"
 
+    @property
+    def primary_mail_domain(self) -> str:
+        """The domain the egress's bounces come from (MAILER-DAEMON@ it)."""
+        return self.mailDomains[0] if self.mailDomains else ""
+
 
 # --- loading ---------------------------------------------------------------------------------
 
@@ -206,9 +252,37 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         if not isinstance(parsed, dict):
             raise ConfigError(f"config {chosen} must be a JSON object")
         document = parsed
+    if isinstance(document.get("redis"), dict) and "password" in document["redis"]:
+        raise ConfigError(f"config {chosen}: redis.password does not belong in a file; use {REDIS_PASSWORD_HELP}")
     _apply_env(document, RelayConfig, (), environ)
     config: RelayConfig = _build(RelayConfig, document, ())
-    return config
+    return dataclasses.replace(config, redis=_with_redis_password(config.redis))
+
+
+REDIS_PASSWORD_HELP = "redis.passwordFile (RELAY_REDIS_PASSWORD_FILE) or RELAY_REDIS_PASSWORD"
+
+
+def _with_redis_password(redis: RedisConfig) -> RedisConfig:
+    """Resolve the Redis password from exactly one source: the file, the env, or the URL."""
+    sources = [name for name, value in (("file", redis.passwordFile), ("env", redis.password)) if value]
+    if redis.url and urlsplit(redis.url).password is not None:
+        sources.append("url")
+    if len(sources) > 1:
+        raise ConfigError(
+            f"the Redis password is set more than once ({', '.join(sources)}); use one of {REDIS_PASSWORD_HELP}"
+        )
+    if not redis.passwordFile:
+        return redis
+    from shared.secrets import SecretFileError, read_secret_file
+
+    try:
+        secret = read_secret_file(redis.passwordFile, purpose="redis.passwordFile")
+    except SecretFileError as exc:
+        raise ConfigError(str(exc)) from None
+    password = secret.decode("utf-8", "replace").strip()
+    if not password:
+        raise ConfigError(f"redis.passwordFile: {redis.passwordFile} is empty")
+    return dataclasses.replace(redis, password=password)
 
 
 def env_variable_names() -> list[tuple[str, str]]:
@@ -313,6 +387,9 @@ def _check(value: Any, hint: Any, meta: Mapping[str, Any], path: tuple[str, ...]
         minimum = meta.get("minimum")
         if minimum is not None and value < minimum:
             raise ConfigError(f"config field {name} must be >= {minimum}")
+        maximum = meta.get("maximum")
+        if maximum is not None and value > maximum:
+            raise ConfigError(f"config field {name} must be <= {maximum}")
         if name.endswith(("port", "Port")) and value > 65535:
             raise ConfigError(f"config field {name} must be a port number (0-65535)")
         return value

@@ -17,12 +17,21 @@ another host of the same sending cluster). The script checks that key first: if 
 queue id is the answer and nothing is written. Scripts run one at a time, so two concurrent
 submissions of one message cannot both write.
 
+The marker protects a message only while it is undelivered: it is named (field `d`) in the
+persona's last entry of the message, and the tunnel deletes it when it removes that entry after
+the gateway has the message (shared/inbox_entries.py). An identical message sent again after
+delivery (a monitor repeating an alert, a user re-sending) is then a new message, delivered
+again; `ACCEPTED_TTL_S` only bounds how long a marker of an undelivered message protects it.
+
+Bodies larger than one chunk are written apart from their entry (`keys.inbox_body`), in the
+same script, so that the tunnel can stream them (shared/inbox_entries.py).
+
 The same script wakes the tunnel node that owns the persona (GET owner, PUBLISH on its channel,
 also when the message was accepted before: the first attempt may have committed without waking
 anyone). So the common one-persona message costs one round trip here, and the wake-up is sent
 before the 250 rather than after it.
 
-Redis Cluster: the script touches only the persona's keys (accepted, inbox, inbox_bytes, owner),
+Redis Cluster: the script touches only the persona's keys (accepted, inbox, inbox_bytes, owner, bodies),
 which share the `{pk}` hash tag, so each call is one slot; PUBLISH names a channel, not a key. A
 message for several personas is one call per persona: the first persona's call decides the queue
 id (ours, or the one it had stored), and the others are written with it, pipelined in one more
@@ -43,9 +52,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError
+from redis.asyncio.client import Pipeline
+from redis.exceptions import NoScriptError, OutOfMemoryError, RedisError
 
-from shared import keys
+from shared import inbox_entries, keys
 from shared.logs import get_logger, log
 from shared.payloads import InboxEntry
 from shared.wakeup import Wakeup, WakeupKind
@@ -55,18 +65,30 @@ logger = get_logger(__name__)
 QUEUE_ID_RANDOM_BYTES = 15
 ENQUEUE_TIMEOUT_S = 10.0
 ACCEPTED_TTL_S = 24 * 3600
-INBOX_ENTRY_FIELD = b"m"
 NODE_CHANNEL_PREFIX = keys.node_channel("")
 assert keys.node_channel("n") == NODE_CHANNEL_PREFIX + "n", "the script builds channel names from the prefix"
 
-# KEYS: accepted marker, inbox, inbox_bytes, owner.
-# ARGV: queue id, marker TTL (s), total bytes, channel prefix, wake-up message, entry field, entries...
+# KEYS: accepted marker, inbox, inbox_bytes, owner, then one body key per entry stored apart.
+# ARGV: queue id, marker TTL (s), total bytes, channel prefix, wake-up message, then three per
+# entry: field `m`, body stored apart (empty: inline), digest for field `d` (empty: none).
 # Returns the queue id stored by an earlier attempt, or nil when this call wrote the entries.
 ENQUEUE_SCRIPT = b"""
 local stored = redis.call('GET', KEYS[1])
 if not stored then
-  for i = 7, #ARGV do
-    redis.call('XADD', KEYS[2], '*', ARGV[6], ARGV[i])
+  local body_key = 5
+  for i = 6, #ARGV, 3 do
+    local fields = {'m', ARGV[i]}
+    if ARGV[i + 1] ~= '' then
+      redis.call('SET', KEYS[body_key], ARGV[i + 1])
+      body_key = body_key + 1
+      fields[#fields + 1] = 's'
+      fields[#fields + 1] = tostring(#ARGV[i + 1])
+    end
+    if ARGV[i + 2] ~= '' then
+      fields[#fields + 1] = 'd'
+      fields[#fields + 1] = ARGV[i + 2]
+    end
+    redis.call('XADD', KEYS[2], '*', unpack(fields))
   end
   redis.call('INCRBY', KEYS[3], ARGV[3])
   redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
@@ -77,11 +99,24 @@ if owner then
 end
 return stored
 """
+assert (inbox_entries.ENTRY_FIELD, inbox_entries.BODY_SIZE_FIELD, inbox_entries.DIGEST_FIELD) == (b"m", b"s", b"d")
 ENQUEUE_SCRIPT_SHA = hashlib.sha1(ENQUEUE_SCRIPT).hexdigest()
 
 
 class EnqueueFailed(Exception):
-    """Redis did not confirm the write; nothing may be reported as accepted."""
+    """Redis did not confirm the write; nothing may be reported as accepted.
+
+    `out_of_memory`: Redis refused the write because it is at `maxmemory` (`noeviction`), so
+    the caller answers "insufficient storage" (452 4.3.1) rather than a generic 451."""
+
+    def __init__(self, reason: str, *, out_of_memory: bool = False) -> None:
+        super().__init__(reason)
+        self.out_of_memory = out_of_memory
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Redis' OOM refusal, raised directly or, from inside a script, wrapped in its error text."""
+    return isinstance(exc, OutOfMemoryError) or "OOM command not allowed" in str(exc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +138,7 @@ class Enqueued:
 
 DeliveriesFor = Callable[[str], list[Delivery]]
 ScriptCall = tuple[list[str], list[Any]]  # keys, arguments (bytes, str, int)
+AlsoQueue = Callable[[Pipeline], object]  # more commands for the first script's round trip
 
 
 def new_queue_id() -> str:
@@ -126,24 +162,36 @@ async def load_script(redis: aioredis.Redis) -> None:
     await redis.script_load(ENQUEUE_SCRIPT)
 
 
-async def enqueue(redis: aioredis.Redis, digest: str, queue_id: str, deliveries_for: DeliveriesFor) -> Enqueued:
+async def enqueue(
+    redis: aioredis.Redis,
+    digest: str,
+    queue_id: str,
+    deliveries_for: DeliveriesFor,
+    *,
+    also: AlsoQueue | None = None,
+) -> Enqueued:
     """Write `deliveries_for(queue_id)` once per digest; returns the queue id to answer with.
 
     `deliveries_for` builds the entries for a queue id (the trace header and attestations name
     it), so a retry whose first persona was already stored is rebuilt with the stored id.
+    `also` queues bookkeeping commands (the ingress' per-IP byte count) into the first
+    script's round trip, pipelined, not transactional: their replies are not checked.
     """
     try:
         async with asyncio.timeout(ENQUEUE_TIMEOUT_S):
-            return await _enqueue(redis, digest, queue_id, deliveries_for)
+            return await _enqueue(redis, digest, queue_id, deliveries_for, also)
     except (RedisError, OSError, TimeoutError) as exc:
-        raise EnqueueFailed(type(exc).__name__) from exc
+        raise EnqueueFailed(type(exc).__name__, out_of_memory=is_out_of_memory(exc)) from exc
 
 
-async def _enqueue(redis: aioredis.Redis, digest: str, queue_id: str, deliveries_for: DeliveriesFor) -> Enqueued:
+async def _enqueue(
+    redis: aioredis.Redis, digest: str, queue_id: str, deliveries_for: DeliveriesFor, also: AlsoQueue | None
+) -> Enqueued:
     deliveries = deliveries_for(queue_id)
     by_persona = _group(deliveries)
     first_persona, *other_personas = by_persona
-    stored = _text(await _run_script(redis, _script_call(digest, queue_id, by_persona[first_persona])))
+    first_call = _script_call(digest, queue_id, by_persona[first_persona])
+    stored = _text(await _run_script(redis, first_call, also))
     if stored is None:
         written = len(by_persona[first_persona])
     else:
@@ -183,30 +231,45 @@ def _group(deliveries: list[Delivery]) -> dict[str, list[Delivery]]:
 
 def _script_call(digest: str, queue_id: str, deliveries: list[Delivery]) -> ScriptCall:
     persona_key = deliveries[0].persona_key
-    packed = [delivery.entry.pack() for delivery in deliveries]
     script_keys = [
         keys.accepted(persona_key, digest),
         keys.inbox(persona_key),
         keys.inbox_bytes(persona_key),
         keys.owner(persona_key),
     ]
+    per_entry: list[Any] = []
+    for position, delivery in enumerate(deliveries, start=1):
+        packed, body = inbox_entries.stored_form(delivery.entry)
+        if body:
+            script_keys.append(keys.inbox_body(persona_key, delivery.entry.stream_id))
+        # The marker goes with the persona's last entry: entries leave in order, so when that
+        # one is delivered, the whole message is.
+        per_entry += [packed, body, digest if position == len(deliveries) else ""]
     args: list[Any] = [
         queue_id,
         ACCEPTED_TTL_S,
         sum(len(delivery.entry.data) for delivery in deliveries),
         NODE_CHANNEL_PREFIX,
         Wakeup(WakeupKind.INBOX, persona_key).encode(),
-        INBOX_ENTRY_FIELD,
-        *packed,
+        *per_entry,
     ]
     return script_keys, args
 
 
-async def _run_script(redis: aioredis.Redis, call: ScriptCall) -> object:
-    """EVALSHA, loading the script once if this Redis does not have it (restarted, flushed)."""
+async def _run_script(redis: aioredis.Redis, call: ScriptCall, also: AlsoQueue | None = None) -> object:
+    """EVALSHA (with `also` in the same round trip), loading the script once if this Redis does
+    not have it (restarted, flushed)."""
     script_keys, args = call
     try:
-        return await redis.evalsha(ENQUEUE_SCRIPT_SHA, len(script_keys), *script_keys, *args)  # type: ignore[misc]
+        if also is None:
+            return await redis.evalsha(ENQUEUE_SCRIPT_SHA, len(script_keys), *script_keys, *args)  # type: ignore[misc]
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.evalsha(ENQUEUE_SCRIPT_SHA, len(script_keys), *script_keys, *args)
+            also(pipe)
+            replies = await pipe.execute(raise_on_error=False)
+        if isinstance(replies[0], Exception):
+            raise replies[0]
+        return replies[0]
     except NoScriptError:
         await redis.script_load(ENQUEUE_SCRIPT)
         return await redis.evalsha(ENQUEUE_SCRIPT_SHA, len(script_keys), *script_keys, *args)  # type: ignore[misc]

@@ -21,6 +21,12 @@ def inbox_bytes(persona_key: str) -> str:
     return f"relay:{{{persona_key}}}:inbox_bytes"
 
 
+def inbox_body(persona_key: str, stream_id: str) -> str:
+    """A large inbound message body, stored apart from its inbox entry so that the tunnel can
+    stream it (shared/inbox_entries.py); removed together with the entry."""
+    return f"relay:{{{persona_key}}}:body:{stream_id}"
+
+
 def owner(persona_key: str) -> str:
     """Node id of the tunnel node holding the persona's inbound socket (TTL, renewed)."""
     return f"relay:{{{persona_key}}}:owner"
@@ -92,7 +98,8 @@ def outbound_holders(persona_key: str) -> str:
 
 def accepted(persona_key: str, message_digest: str) -> str:
     """Queue id under which the ingress accepted a message (digest of envelope + content, TTL),
-    so the sender's retry after a lost EXEC reply is answered with it instead of stored again."""
+    so the sender's retry after a lost EXEC reply is answered with it instead of stored again;
+    removed with the persona's last entry of the message, once delivered."""
     return f"relay:{{{persona_key}}}:accepted:{message_digest}"
 
 

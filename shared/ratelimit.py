@@ -33,6 +33,7 @@ class RateKind(StrEnum):
     SMTP_CONNECTION = "smtp_conn"
     SMTP_MESSAGE = "smtp_msg"
     WS_AUTH = "ws_auth"
+    SMTP_BYTES = "smtp_bytes"  # bytes accepted per client IP per hour (ingress admission)
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,19 @@ With a `SmtpPool`, a connection whose transaction ended cleanly is kept for the 
 the same host; if a cached connection fails before anything was handed over (it went stale),
 the host is tried once more on a new connection.
 
-STARTTLS is used whenever offered. With `egress.tls.verify` off (the default, as for most
+An address that is not a public unicast destination (loopback, RFC 1918, link-local, CGNAT,
+ULA, multicast, ...; `destinations.py`) is never connected to unless the host comes from
+`egress.routes` or `egress.allowPrivateDestinations` is on; when no address is left the
+recipients fail permanently with `destination_not_allowed`.
+
+MTA-STS (RFC 8461, `mta_sts*.py`): for a domain whose policy is in `enforce` mode only MX hosts
+the policy lists are tried, and only over STARTTLS with a certificate valid for the MX name
+(whatever `egress.tls.verify` says); a host that falls short is skipped, and when none is left
+the attempt is deferred with `mta_sts_policy_violation: <reason>`. In `testing` mode the same
+checks only report (log, `relay_egress_mta_sts_violations_total`, the domain report) and
+delivery goes on as without a policy. A routed domain has no policy.
+
+Otherwise STARTTLS is used whenever offered. With `egress.tls.verify` off (the default, as for most
 MTAs) the certificate is not checked and a failed handshake falls back to plain text; with it
 on, the certificate must match the MX host name, and a failed handshake skips the host.
 """
@@ -27,6 +39,9 @@ from dataclasses import dataclass, field
 import aiosmtplib
 
 from services.egress import metrics
+from services.egress.destinations import destination_allowed
+from services.egress.mta_sts import Mode, Policy
+from services.egress.mta_sts_fetch import PolicySource
 from services.egress.mx import LookupFailed, MailHost, MxResolver
 from services.egress.outcome import Disposition, Outcome
 from services.egress.smtp_pool import PooledConnection, PoolKey, SmtpPool
@@ -35,6 +50,8 @@ from shared.logs import get_logger, log
 logger = get_logger(__name__)
 
 MAX_CONNECTIONS_PER_DOMAIN = 5
+DESTINATION_NOT_ALLOWED = "destination_not_allowed"
+MTA_STS_POLICY_VIOLATION = "mta_sts_policy_violation"
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +60,7 @@ class SmtpSettings:
     timeout_s: float  # connect, greeting and each command
     data_timeout_s: float  # the final "." reply, which may follow content scanning
     verify_tls: bool = False
+    allow_private_destinations: bool = False  # egress.allowPrivateDestinations
 
 
 @dataclass(slots=True)
@@ -54,6 +72,17 @@ class DomainReport:
     tls: bool = False
     connections: int = 0
     skipped: list[str] = field(default_factory=list)
+    mta_sts: str | None = None  # the domain's policy mode when it has one (enforce | testing)
+    mta_sts_violations: list[str] = field(default_factory=list)  # "<mx host>:<reason>", reported in both modes
+
+
+@dataclass(frozen=True, slots=True)
+class _Attempt:
+    """What every connection of one `deliver` call needs to know besides the host."""
+
+    domain: str
+    sts_mode: str  # "" (no policy), "testing" or "enforce"
+    report: DomainReport
 
 
 class _SkipHost(Exception):  # control flow inside this module only
@@ -62,7 +91,7 @@ class _SkipHost(Exception):  # control flow inside this module only
         self.outcome = outcome
 
 
-class _RetryWithoutTls(Exception):
+class _NextTlsPlan(Exception):  # STARTTLS failed: reconnect with the next, weaker plan
     pass
 
 
@@ -75,11 +104,21 @@ def tls_context(verify: bool) -> ssl.SSLContext:
 
 
 class Deliverer:
-    def __init__(self, resolver: MxResolver, settings: SmtpSettings, pool: SmtpPool | None = None) -> None:
+    def __init__(
+        self,
+        resolver: MxResolver,
+        settings: SmtpSettings,
+        pool: SmtpPool | None = None,
+        *,
+        mta_sts: PolicySource | None = None,
+        sts_tls_context: ssl.SSLContext | None = None,
+    ) -> None:
         self._resolver = resolver
         self._settings = settings
         self._tls_context = tls_context(settings.verify_tls)
         self._pool = pool  # None: one connection per transaction
+        self._mta_sts = mta_sts  # None: MTA-STS off
+        self._sts_tls_context = sts_tls_context or tls_context(True)  # certificate valid for the MX name
 
     async def close(self) -> None:
         if self._pool is not None:
@@ -92,9 +131,19 @@ class Deliverer:
         except LookupFailed as failure:
             return DomainReport({recipient: failure.outcome for recipient in recipients})
         report = DomainReport({})
+        policy = await self._policy(domain)
+        attempt = _Attempt(domain, policy.mode.value if policy is not None else "", report)
+        report.mta_sts = attempt.sts_mode or None
         last_failure: Outcome | None = None
         lookup_failures: list[Outcome] = []
+        refused_destinations = 0
         for host in hosts:
+            if policy is not None and not policy.allows(host.name):
+                violation = self._violation(attempt, host, "mx_not_listed")
+                if policy.mode is Mode.ENFORCE:
+                    last_failure = violation
+                    report.skipped.append(f"{host.name}:{violation.error}")
+                    continue
             try:
                 addresses = await self._resolver.addresses(host)
             except LookupFailed as failure:
@@ -102,11 +151,24 @@ class Deliverer:
                 report.skipped.append(f"{host.name}:{failure.outcome.error}")
                 continue
             for address in addresses:
+                if not self._may_connect(host, address):
+                    refused_destinations += 1
+                    report.skipped.append(f"{host.name}[{address}]:{DESTINATION_NOT_ALLOWED}")
+                    metrics.DESTINATIONS_REFUSED.inc()
+                    log(
+                        logger,
+                        logging.WARNING,
+                        "mail host address refused: not a public destination",
+                        domain=domain,
+                        host=host.name,
+                        address=address,
+                    )
+                    continue
                 if report.connections >= MAX_CONNECTIONS_PER_DOMAIN:
                     break
                 report.connections += 1
                 try:
-                    outcomes, used_tls = await self._session(host, address, mail_from, recipients, message)
+                    outcomes, used_tls = await self._session(attempt, host, address, mail_from, recipients, message)
                 except _SkipHost as skip:
                     last_failure = skip.outcome
                     report.skipped.append(f"{host.name}[{address}]:{skip.outcome.error}")
@@ -122,19 +184,61 @@ class Deliverer:
                 report.outcomes, report.host, report.tls = outcomes, host.name, used_tls
                 return report
         if last_failure is None:
-            if lookup_failures and all(not outcome.temporary for outcome in lookup_failures):
-                last_failure = Outcome.failure("no_mail_host", permanent=True)
-            elif lookup_failures:
+            if any(outcome.temporary for outcome in lookup_failures):
                 last_failure = Outcome.failure("dns_temporary", permanent=False)
+            elif refused_destinations:  # every address we could have tried is private
+                last_failure = Outcome.failure(DESTINATION_NOT_ALLOWED, permanent=True)
+            elif lookup_failures:
+                last_failure = Outcome.failure("no_mail_host", permanent=True)
             else:
                 last_failure = Outcome.failure("connection_failed", permanent=False)
         report.outcomes = {recipient: last_failure for recipient in recipients}
         return report
 
+    async def _policy(self, domain: str) -> Policy | None:
+        """The domain's MTA-STS policy in `enforce` or `testing` mode, if any (never for a routed domain)."""
+        if self._mta_sts is None or self._resolver.routed(domain):
+            return None
+        policy = await self._mta_sts.policy(domain)
+        return None if policy is None or policy.mode is Mode.NONE else policy
+
+    def _violation(self, attempt: _Attempt, host: MailHost, reason: str) -> Outcome:
+        """Count, log and report one MTA-STS violation; the outcome an `enforce` policy defers with."""
+        attempt.report.mta_sts_violations.append(f"{host.name}:{reason}")
+        metrics.MTA_STS_VIOLATIONS.labels(attempt.sts_mode, reason).inc()
+        log(
+            logger,
+            logging.WARNING,
+            "mta-sts policy violation"
+            + ("; host skipped" if attempt.sts_mode == "enforce" else "; testing mode, sent"),
+            domain=attempt.domain,
+            host=host.name,
+            mode=attempt.sts_mode,
+            reason=reason,
+        )
+        return Outcome.failure(f"{MTA_STS_POLICY_VIOLATION}: {reason}", permanent=False)
+
+    def _tls_plans(self, sts_mode: str) -> list[ssl.SSLContext | None]:
+        """STARTTLS contexts to try in order (None: plain text). `enforce`: a verified one only;
+        `testing`: verified first (to report), then the usual; no policy: the usual, which falls
+        back to plain text unless `egress.tls.verify`."""
+        usual: list[ssl.SSLContext | None] = (
+            [self._tls_context] if self._settings.verify_tls else [self._tls_context, None]
+        )
+        if sts_mode == "enforce":
+            return [self._sts_tls_context]
+        if sts_mode == "testing":
+            return [self._sts_tls_context, *usual]
+        return usual
+
+    def _may_connect(self, host: MailHost, address: str) -> bool:
+        """The private-destination rule (destinations.py), checked before any connection."""
+        return host.routed or self._settings.allow_private_destinations or destination_allowed(address)
+
     async def _session(
-        self, host: MailHost, address: str, mail_from: str, recipients: Sequence[str], message: bytes
+        self, attempt: _Attempt, host: MailHost, address: str, mail_from: str, recipients: Sequence[str], message: bytes
     ) -> tuple[dict[str, Outcome], bool]:
-        key = PoolKey(address, host.port, host.name)
+        key = PoolKey(address, host.port, host.name, attempt.sts_mode)
         pooled = self._pool.take(key) if self._pool is not None else None
         if pooled is not None:
             try:
@@ -151,19 +255,26 @@ class Deliverer:
             else:
                 metrics.SMTP_CONNECTIONS.labels("reused").inc()
                 return outcomes, pooled.tls
-        try:
-            return await self._connect_and_send(key, host, mail_from, recipients, message, True)
-        except _RetryWithoutTls:
-            return await self._connect_and_send(key, host, mail_from, recipients, message, False)
+        plans = self._tls_plans(attempt.sts_mode)
+        for index, context in enumerate(plans):
+            try:
+                return await self._connect_and_send(
+                    attempt, key, host, mail_from, recipients, message, context, index + 1 < len(plans)
+                )
+            except _NextTlsPlan:
+                continue
+        raise AssertionError("the last TLS plan never asks for another")
 
     async def _connect_and_send(
         self,
+        attempt: _Attempt,
         key: PoolKey,
         host: MailHost,
         mail_from: str,
         recipients: Sequence[str],
         message: bytes,
-        try_tls: bool,
+        context: ssl.SSLContext | None,
+        has_fallback: bool,
     ) -> tuple[dict[str, Outcome], bool]:
         smtp = aiosmtplib.SMTP(
             hostname=key.address,
@@ -173,7 +284,7 @@ class Deliverer:
             start_tls=False,
         )
         try:
-            await self._open(smtp, host, try_tls)
+            await self._open(attempt, smtp, host, context, has_fallback)
         except BaseException:
             smtp.close()
             raise
@@ -202,8 +313,16 @@ class Deliverer:
             smtp.close()
         return outcomes
 
-    async def _open(self, smtp: aiosmtplib.SMTP, host: MailHost, try_tls: bool) -> None:
-        """Connect, greet, EHLO and STARTTLS; any failure here skips the host."""
+    async def _open(
+        self,
+        attempt: _Attempt,
+        smtp: aiosmtplib.SMTP,
+        host: MailHost,
+        context: ssl.SSLContext | None,
+        has_fallback: bool,
+    ) -> None:
+        """Connect, greet, EHLO and STARTTLS with `context` (None: plain text); a failure here
+        skips the host, or (`_NextTlsPlan`) asks for the next TLS plan."""
         try:
             await smtp.connect()
             await smtp.ehlo()
@@ -218,16 +337,28 @@ class Deliverer:
             raise _SkipHost(Outcome.from_reply(exc.code, exc.message)) from None
         except (aiosmtplib.SMTPException, OSError):
             raise _SkipHost(Outcome.failure("connection_failed", permanent=False)) from None
-        if not (try_tls and smtp.supports_extension("starttls")):
+        if context is None:
+            return
+        sts_checked = context is self._sts_tls_context and bool(attempt.sts_mode)
+        if not smtp.supports_extension("starttls"):
+            if sts_checked:
+                violation = self._violation(attempt, host, "starttls_not_offered")
+                if attempt.sts_mode == "enforce":
+                    raise _SkipHost(violation)
             return
         try:
-            await smtp.starttls(server_hostname=host.name, tls_context=self._tls_context)
+            await smtp.starttls(server_hostname=host.name, tls_context=context)
             await smtp.ehlo()
         except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as exc:
             log(logger, logging.INFO, "starttls failed", host=host.name, error=type(exc).__name__)
-            if self._settings.verify_tls:
-                raise _SkipHost(Outcome.failure("tls_failed", permanent=False)) from None
-            raise _RetryWithoutTls() from None
+            if sts_checked:
+                reason = "certificate_invalid" if _certificate_error(exc) else "tls_failed"
+                violation = self._violation(attempt, host, reason)
+                if not has_fallback:
+                    raise _SkipHost(violation) from None
+            if has_fallback:
+                raise _NextTlsPlan() from None
+            raise _SkipHost(Outcome.failure("tls_failed", permanent=False)) from None
 
     async def _transaction(
         self, smtp: aiosmtplib.SMTP, mail_from: str, recipients: Sequence[str], message: bytes
@@ -284,6 +415,18 @@ class Deliverer:
             final = Outcome.failure("connection_lost", permanent=False)
         outcomes.update({recipient: final for recipient in accepted})
         return outcomes, clean
+
+
+def _certificate_error(exc: BaseException) -> bool:
+    """Whether a STARTTLS failure was the certificate (aiosmtplib may wrap the ssl error)."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            return False
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def split_recipient(address: str) -> tuple[str, str] | None:

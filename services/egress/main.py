@@ -27,7 +27,7 @@ from shared.config import RelayConfig
 from shared.health import HealthServer
 from shared.logs import get_logger, log
 from shared.nodeinfo import HEARTBEAT_INTERVAL_S, publish_node_info, remove_node_info
-from shared.redis import arq_settings, connect, redis_url
+from shared.redis import arq_settings, connect
 from shared.secrets import SecretFileError
 
 logger = get_logger(__name__)
@@ -149,7 +149,7 @@ async def serve(config: RelayConfig, stopping: asyncio.Event) -> None:
             config.host,
             config.egress.httpPort,
             service.ready,
-            refresh_metrics=lambda: refresh_backlog_metrics(redis_url(config), "egress"),
+            refresh_metrics=lambda: refresh_backlog_metrics(config, "egress"),
         )
         await health.start()
     tasks = [asyncio.ensure_future(service.run_worker(stopping)), asyncio.ensure_future(service.heartbeat(stopping))]

@@ -25,3 +25,22 @@ SMTP_CONNECTIONS = Counter(
     "SMTP transactions by whether they opened a new connection or reused a cached one",
     ["connection"],  # new | reused
 )
+DESTINATIONS_REFUSED = Counter(
+    "relay_egress_destinations_refused_total",
+    "MX addresses not connected to because they are not public destinations (loopback, private, ...)",
+)
+DSNS = Counter(
+    "relay_egress_dsns_total",
+    "Delivery status notifications put into a persona's inbox",
+    ["action", "result"],  # failed | delayed; stored | duplicate (a re-run found it stored)
+)
+MTA_STS_FETCHES = Counter(
+    "relay_egress_mta_sts_fetches_total",
+    "MTA-STS policy fetches (a new or changed policy id), by result",
+    ["result"],  # ok | failed
+)
+MTA_STS_VIOLATIONS = Counter(
+    "relay_egress_mta_sts_violations_total",
+    "MX hosts that did not meet their domain's MTA-STS policy, by policy mode and reason",
+    ["mode", "reason"],  # enforce (host skipped) | testing (reported, delivered anyway)
+)

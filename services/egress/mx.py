@@ -6,7 +6,8 @@ single MX of "." is a null MX: the domain accepts no mail, a permanent failure. 
 does not exist is a permanent failure; SERVFAIL or a timeout is temporary.
 
 `egress.routes` maps a domain (or "*" for every domain) to a fixed "host:port" and skips DNS:
-the way to send through a smarthost, and how tests reach local sinks. `egress.nameservers`
+the way to send through a smarthost, and how tests reach local sinks (a routed host is exempt
+from the private-destination rule, `destinations.py`). `egress.nameservers`
 ("ip" or "ip:port") replaces the system resolver. Answers, "no such domain" included
 (RFC 2308), are cached for their TTL; SERVFAIL and timeouts are not. A busy worker asks once
 per TTL per domain and MX host.
@@ -25,6 +26,7 @@ import dns.exception
 import dns.name
 import dns.nameserver
 import dns.rdtypes.ANY.MX
+import dns.rdtypes.ANY.TXT
 import dns.resolver
 
 from services.egress.outcome import Outcome
@@ -50,6 +52,7 @@ class MailHost:
     name: str
     port: int
     addresses: tuple[str, ...] = ()
+    routed: bool = False  # from `egress.routes`: the operator chose it, so private addresses are fine
 
 
 def _is_ip(host: str) -> bool:
@@ -85,7 +88,7 @@ class MxResolver:
         route = self._routes.get(domain) or self._routes.get(ROUTE_ANY_DOMAIN)
         if route is not None:
             host, port = parse_host_port(route, self._smtp_port)
-            return [MailHost(host, port, (host,))]
+            return [MailHost(host, port, (host,), routed=True)]
         name = self._name(domain)
         try:
             answer = await self._resolver.resolve(name, "MX", search=False)
@@ -131,6 +134,22 @@ class MxResolver:
         if temporary:
             raise LookupFailed(Outcome.failure("dns_temporary", permanent=False))
         raise LookupFailed(Outcome.failure("no_mail_host", permanent=True))
+
+    def routed(self, domain: str) -> bool:
+        """True when `egress.routes` decides where mail for `domain` goes (no DNS, no MTA-STS)."""
+        domain = domain.lower().rstrip(".")
+        return domain in self._routes or ROUTE_ANY_DOMAIN in self._routes
+
+    async def txt(self, name: str) -> list[bytes]:
+        """The TXT records of `name`, each one's strings joined (RFC 7208 3.3 style); [] when the
+        name or the type does not exist; raises `LookupFailed` (temporary) on other failures."""
+        try:
+            answer = await self._resolver.resolve(self._name(name), "TXT", search=False)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return []
+        except dns.exception.DNSException:
+            raise LookupFailed(Outcome.failure("dns_temporary", permanent=False)) from None
+        return [b"".join(record.strings) for record in answer if isinstance(record, dns.rdtypes.ANY.TXT.TXT)]
 
     @staticmethod
     def _name(domain: str) -> dns.name.Name:

@@ -11,14 +11,18 @@ The tokens are short and stable so a gateway can match on them:
 | `null_mx` | yes | the domain publishes an RFC 7505 null MX: it accepts no mail |
 | `nxdomain` | yes | the recipient domain does not exist |
 | `no_mail_host` | yes | no MX and no A/AAAA, or no MX host name has an address |
+| `destination_not_allowed` | yes | every MX address is loopback, private, link-local, ... (destinations.py) |
 | `invalid_recipient` | yes | the recipient is not `local@domain` |
 | `smtputf8_not_supported` | yes | a non-ASCII address, and the server lacks SMTPUTF8 |
 | `dns_temporary` | no | SERVFAIL, timeout or another DNS failure worth retrying |
 | `connection_failed` | no | no MX host accepted a connection and greeted us |
 | `tls_failed` | no | STARTTLS failed and `egress.tls.verify` forbids falling back to plain text |
+| `mta_sts_policy_violation: <reason>` | no | an enforced MTA-STS policy ruled out every MX (reasons below) |
 | `connection_lost` | no | the connection dropped or timed out inside the mail transaction |
 | `internal_error` | no | an unexpected error in the worker (logged with its traceback) |
 | `max_attempts_exceeded` | no | the job was re-run after crashes more often than `egress.maxAttempts` |
+
+MTA-STS reasons: `mx_not_listed`, `starttls_not_offered`, `certificate_invalid`, `tls_failed`.
 
 When temporary failures outlast `egress.maxAttempts` or `egress.maxAgeSeconds`, the final
 `failed` result carries the last temporary error with `permanent: false`.

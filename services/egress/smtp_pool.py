@@ -26,6 +26,7 @@ class PoolKey:
     address: str
     port: int
     host_name: str  # TLS server name: two MX names on one address are not interchangeable
+    tls_policy: str = ""  # the MTA-STS mode it was opened under: an enforce session needs a verified one
 
 
 @dataclass(eq=False, slots=True)

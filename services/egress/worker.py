@@ -5,7 +5,9 @@ endings; DKIM-sign when configured; per recipient domain resolve MX and send; re
 per-recipient outcomes; then either publish one result or, for temporary failures, raise
 `arq.Retry` with exponential backoff and full jitter until `egress.maxAttempts` tries or
 `egress.maxAgeSeconds` since the tunnel accepted the message, after which the last temporary
-error is published as a failed result with `permanent: false`.
+error is published as a failed result with `permanent: false`. A stream that fails after at
+least one deferral also gets a DSN in the persona's inbox (bounce.py), and one still deferred
+after `egress.delayWarningSeconds` a `delayed` DSN.
 """
 
 from __future__ import annotations
@@ -25,15 +27,19 @@ from arq import Retry
 from redis.exceptions import RedisError
 
 from services.egress import metrics
-from services.egress.delivery import Deliverer, SmtpSettings, split_recipient
+from services.egress.bounce import Bouncer
+from services.egress.delivery import Deliverer, SmtpSettings, split_recipient, tls_context
+from services.egress.destinations import destination_allowed
+from services.egress.mta_sts_fetch import PolicySource
 from services.egress.mx import MxResolver
-from services.egress.normalize import normalize_line_endings
 from services.egress.outcome import Outcome
 from services.egress.results import ResultStore
 from services.egress.signing import DkimSigner
 from services.egress.smtp_pool import SmtpPool
 from shared.config import RelayConfig
+from shared.enqueue import EnqueueFailed
 from shared.logs import get_logger, log
+from shared.normalize import normalize_line_endings
 from shared.payloads import DeliveryResult, OutboundJob
 
 logger = get_logger(__name__)
@@ -72,12 +78,16 @@ class Egress:
         policy: RetryPolicy,
         attempt_budget_s: float,
         signer: DkimSigner | None = None,
+        bouncer: Bouncer | None = None,
+        delay_warning_s: float = 0.0,
     ) -> None:
         self._deliverer = deliverer
         self._results = results
         self._policy = policy
         self._attempt_budget_s = attempt_budget_s
         self._signer = signer
+        self._bouncer = bouncer  # None: no DSNs
+        self._delay_warning_s = delay_warning_s  # 0: no `delayed` DSN
 
     @classmethod
     def from_config(cls, config: RelayConfig, redis: aioredis.Redis) -> Egress:
@@ -88,20 +98,41 @@ class Egress:
             smtp_port=egress.smtpPort,
             lifetime_s=DNS_LIFETIME_S,
         )
+        helo_name = egress.heloName or socket.gethostname()
         settings = SmtpSettings(
-            helo_name=egress.heloName or socket.gethostname(),
+            helo_name=helo_name,
             timeout_s=float(egress.connectTimeoutSeconds),
             data_timeout_s=float(egress.jobTimeoutSeconds),
             verify_tls=egress.tls.verify,
+            allow_private_destinations=egress.allowPrivateDestinations,
         )
+        mta_sts = None
+        if egress.mtaSts.enabled:
+            mta_sts = PolicySource(
+                resolver,
+                tls_context=tls_context(verify=True),
+                address_allowed=(lambda _address: True) if egress.allowPrivateDestinations else destination_allowed,
+                policy_port=egress.mtaSts.policyPort,
+                fetch_timeout_s=float(egress.mtaSts.fetchTimeoutSeconds),
+            )
+        pool = SmtpPool(idle_s=SMTP_CONNECTION_IDLE_S, max_uses=SMTP_CONNECTION_MAX_USES)
         return cls(
-            deliverer=Deliverer(
-                resolver, settings, SmtpPool(idle_s=SMTP_CONNECTION_IDLE_S, max_uses=SMTP_CONNECTION_MAX_USES)
-            ),
+            deliverer=Deliverer(resolver, settings, pool, mta_sts=mta_sts),
             results=ResultStore(redis, retention_s=config.queue.retentionSeconds),
             policy=RetryPolicy(egress.maxAttempts, float(egress.maxAgeSeconds), float(egress.retryBaseSeconds)),
             attempt_budget_s=float(egress.jobTimeoutSeconds),
             signer=DkimSigner.from_config(config.dkim),
+            bouncer=(
+                Bouncer(
+                    redis,
+                    reporting_mta=helo_name,
+                    mail_domain=config.primary_mail_domain,
+                    max_age_s=float(egress.maxAgeSeconds),
+                )
+                if egress.bounces
+                else None
+            ),
+            delay_warning_s=float(egress.delayWarningSeconds),
         )
 
     async def close(self) -> None:
@@ -129,6 +160,8 @@ class Egress:
         if open_recipients and self._policy.may_retry(attempt, age_s):
             defer_s = backoff_s(attempt, self._policy.base_s, self._policy.max_age_s - age_s)
             await self._results.record_final(job.persona_key, job.stream_id, _unrecorded(outcomes, recorded))
+            if self._bouncer is not None and 0 < self._delay_warning_s <= age_s:
+                await self._bouncer.delayed(job, outcomes)  # once: a later retry finds it stored
             log(
                 logger,
                 logging.INFO,
@@ -196,6 +229,8 @@ class Egress:
                 domain=domain,
                 host=report.host,
                 tls=report.tls,
+                mta_sts=report.mta_sts,
+                mta_sts_violations=report.mta_sts_violations or None,
                 connections=report.connections,
                 skipped=report.skipped,
                 dispositions=sorted({o.disposition.value for o in report.outcomes.values()}),
@@ -213,6 +248,10 @@ class Egress:
 
     async def _finish(self, job: OutboundJob, attempt: int, outcomes: dict[str, Outcome], ids: dict[str, Any]) -> str:
         result = summarize(job, outcomes, attempt)
+        if result.status == "failed" and attempt > 1 and self._bouncer is not None:
+            # after a deferral the gateway has stopped waiting for the result: tell the persona by
+            # mail, before publishing (bounce.py: a crash in between must not lose the bounce)
+            await self._bouncer.failed(job, outcomes)
         published = await self._results.publish(job.persona_key, result)
         label = "sent" if result.status == "sent" else ("failed_permanent" if result.permanent else "failed_temporary")
         metrics.JOBS.labels(label if published else "duplicate").inc()
@@ -266,7 +305,7 @@ async def deliver(ctx: dict[str, Any], packed_job: bytes) -> str:
     metrics.JOBS_IN_PROGRESS.inc()
     try:
         return await egress.run(job, attempt=int(ctx.get("job_try", 1)))
-    except RedisError as exc:  # final outcomes already recorded are not sent again on the retry
+    except (RedisError, EnqueueFailed) as exc:  # final outcomes already recorded are not sent again on the retry
         log(
             logger,
             logging.WARNING,

@@ -8,9 +8,11 @@ sender's retry after a reply lost on the way back gets the first queue id, not a
 Any Redis trouble is `451 4.3.0`, never a 250.
 
 Redis round trips of a message to one persona: one per RCPT (seen, inbox length and bytes, and
-at the transaction's first RCPT the per-IP message count, in one pipeline) and one at the final
-dot (the enqueue script, which also wakes the owning tunnel node); one more per connection (the
-connection rate, before the greeting). tests/test_ingress_roundtrips.py holds that budget.
+at the transaction's first RCPT the per-IP message count and the IP's bytes this hour, in one
+pipeline) and one at the final dot (the enqueue script, which also wakes the owning tunnel node,
+pipelined with the IP's byte count); one more per connection (the connection rate, before the
+greeting). Redis memory for the admission rule (`memory.MemoryWatch`) is one `INFO memory` per
+second per process, not per message. tests/test_ingress_roundtrips.py holds that budget.
 
 When sender authentication is on (`smtp.evaluateSenderAuth`, implied by `attestation.enabled`)
 DATA also runs SPF/DKIM/DMARC (`sender_auth`), adds an Authentication-Results header below
@@ -28,14 +30,17 @@ import asyncio
 import logging
 import socket
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import redis.asyncio as aioredis
 from aiosmtpd.smtp import SMTP, Envelope, Session
+from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
 from services.ingress import metrics, policy
+from services.ingress.memory import MemorySample, MemoryWatch
 from services.ingress.policy import InboxState, Reply
 from services.ingress.received import TraceInfo, received_header
 from services.ingress.sender_auth import (
@@ -58,6 +63,7 @@ REDIS_CHECK_TIMEOUT_S = 5.0
 REVERSE_DNS_TIMEOUT_S = 1.0
 NULL_SENDER = "<>"
 EXTRA_EHLO_KEYWORDS = ("PIPELINING", "ENHANCEDSTATUSCODES")
+IP_BYTES_WINDOW_S = 3600
 
 
 class IngressSession(Session):
@@ -71,16 +77,24 @@ class IngressSession(Session):
 
 class IngressEnvelope(Envelope):
     """aiosmtpd's envelope plus the per-IP message rate verdict, counted at the first RCPT that
-    reaches Redis (in that RCPT's round trip) and answered at DATA."""
+    reaches Redis (in that RCPT's round trip) and answered at DATA, and the client IP's bytes
+    queued this hour as read in that round trip (for `rateLimits.smtpQueuedBytesPerHourPerIp`)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.message_rate_allowed: bool | None = None
+        self.ip_bytes_this_hour = 0
 
 
 def _mail_from(envelope: Envelope) -> str:
     """MAIL FROM as stored and framed: "" for the null sender."""
     return "" if envelope.mail_from in (None, NULL_SENDER) else str(envelope.mail_from)
+
+
+def _ip_bytes_key(client_ip: str, now_s: float | None = None) -> str:
+    """The client IP's byte counter for this clock hour."""
+    window = int((time.time() if now_s is None else now_s) // IP_BYTES_WINDOW_S)
+    return keys.rate_counter(ratelimit.RateKind.SMTP_BYTES, client_ip, window)
 
 
 def client_ip_of(session: Session) -> str:
@@ -118,6 +132,7 @@ class IngressHandler:
             config.rateLimits.denyWindowMs,
             rate_clock,
         )
+        self._memory = MemoryWatch(redis)
 
     # --- connection ------------------------------------------------------------------------
 
@@ -175,11 +190,14 @@ class IngressHandler:
             try:
                 async with asyncio.timeout(REDIS_CHECK_TIMEOUT_S):
                     state = await self._inbox_state(route, envelope, client_ip)
+                    memory = await self._memory.sample()
             except (RedisError, OSError, TimeoutError) as exc:
                 return str(
                     self._refuse(policy.TEMPORARY_FAILURE, client_ip=client_ip, persona=route, error=type(exc).__name__)
                 )
-            refusal = policy.check_inbox(state, self._config.queue.maxMessages, self._config.queue.maxBytes)
+            refusal = policy.check_inbox(
+                state, self._config.queue.maxMessages, self._config.queue.maxBytes
+            ) or self._check_storage(memory, state.byte_count)
         if refusal is not None:
             return str(self._refuse(refusal, client_ip=client_ip, persona=route))
         envelope.rcpt_tos.append(address)
@@ -197,6 +215,17 @@ class IngressHandler:
         content = envelope.original_content or b""
         if len(content) > self._config.smtp.maxMessageBytes:
             return str(self._refuse(policy.MESSAGE_TOO_LARGE, client_ip=client_ip))
+        queued_bytes = len(content) * len(envelope.rcpt_tos)
+        ip_bytes = envelope.ip_bytes_this_hour if isinstance(envelope, IngressEnvelope) else 0
+        refusal = policy.check_ip_bytes(ip_bytes, queued_bytes, self._config.rateLimits.smtpQueuedBytesPerHourPerIp)
+        if refusal is None:
+            try:
+                async with asyncio.timeout(REDIS_CHECK_TIMEOUT_S):
+                    refusal = self._check_storage(await self._memory.sample(), queued_bytes)
+            except (RedisError, OSError, TimeoutError) as exc:
+                return str(self._refuse(policy.TEMPORARY_FAILURE, client_ip=client_ip, error=type(exc).__name__))
+        if refusal is not None:
+            return str(self._refuse(refusal, client_ip=client_ip, bytes=queued_bytes))
 
         # before anything of ours is added: a retry of the same message must hash the same
         digest = message_digest(_mail_from(envelope), list(envelope.rcpt_tos), content)
@@ -213,9 +242,13 @@ class IngressHandler:
         started_s = time.perf_counter()
         try:
             # also wakes the owning tunnel node, after a duplicate too (enqueue.py)
-            enqueued = await enqueue(self._redis, digest, queue_id, deliveries_for)
+            enqueued = await enqueue(
+                self._redis, digest, queue_id, deliveries_for, also=self._count_ip_bytes(client_ip, queued_bytes)
+            )
         except EnqueueFailed as exc:
-            return str(self._refuse(policy.TEMPORARY_FAILURE, client_ip=client_ip, queue_id=queue_id, error=str(exc)))
+            # Redis full (noeviction refused the write): "insufficient storage", still never a 250
+            reply = policy.STORAGE_FULL if exc.out_of_memory else policy.TEMPORARY_FAILURE
+            return str(self._refuse(reply, client_ip=client_ip, queue_id=queue_id, error=str(exc)))
         metrics.ENQUEUE_SECONDS.observe(time.perf_counter() - started_s)
         if enqueued.entries_written:
             metrics.MESSAGES_ACCEPTED.inc()
@@ -316,6 +349,20 @@ class IngressHandler:
         context = AttestationContext(stream_id, mail_from, rcpt_to)
         return create_attestation(self._attestation_signer, self._config.attestation.keyId, context, verdict.signals())
 
+    def _check_storage(self, memory: MemorySample, queued_bytes: int) -> Reply | None:
+        percent = self._config.redis.admissionHighWatermarkPercent
+        return policy.check_storage(memory.used_bytes, memory.max_bytes, percent, queued_bytes)
+
+    def _count_ip_bytes(self, client_ip: str, queued_bytes: int) -> Callable[[Pipeline], object]:
+        """INCRBY the client IP's hourly byte counter, in the enqueue script's round trip."""
+        counter = _ip_bytes_key(client_ip)
+
+        def queue(pipe: Pipeline) -> None:
+            pipe.incrby(counter, queued_bytes)
+            pipe.expire(counter, 2 * IP_BYTES_WINDOW_S)
+
+        return queue
+
     async def _inbox_state(self, persona_key: str, envelope: Envelope, client_ip: str) -> InboxState:
         """The persona's facts for the RCPT policy, in one round trip that also counts the
         transaction against the per-IP message rate (once, at its first RCPT to reach Redis).
@@ -331,11 +378,13 @@ class IngressHandler:
             pipe.get(keys.inbox_bytes(persona_key))
             if count_message:
                 ratelimit.count(pipe, self._message_limit, client_ip)
+                pipe.get(_ip_bytes_key(client_ip))
             replies = await pipe.execute()
         if count_message:
             assert isinstance(envelope, IngressEnvelope)
+            envelope.ip_bytes_this_hour = int(replies[6] or 0)
             envelope.message_rate_allowed = await ratelimit.judge(
-                self._redis, self._message_limit, client_ip, replies[3:]
+                self._redis, self._message_limit, client_ip, replies[3:6]
             )
         seen, message_count, byte_count = replies[:3]
         return InboxState(bool(seen), int(message_count), int(byte_count or 0))

@@ -32,7 +32,7 @@ from shared.identity import Passport
 from shared.logs import get_logger, log
 from shared.nodeinfo import HEARTBEAT_INTERVAL_S, publish_node_info, remove_node_info
 from shared.ratelimit import Clock
-from shared.redis import redis_url
+from shared.redis import credentials, redis_url
 from shared.secrets import SecretFileError, load_signing_key, read_secret_file
 
 logger = get_logger(__name__)
@@ -49,7 +49,10 @@ def redis_client(config: RelayConfig) -> aioredis.Redis:
     the hot path. Every call the ingress makes runs under its own `asyncio.timeout` instead
     (handler, enqueue, heartbeat, readiness), so a stalled Redis is still a 451, never a hang."""
     client: aioredis.Redis = aioredis.Redis.from_url(
-        redis_url(config), socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S, health_check_interval=30
+        redis_url(config),
+        socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
+        health_check_interval=30,
+        **credentials(config),
     )
     return client
 
@@ -127,7 +130,7 @@ async def serve(
                 config.smtp.host,
                 config.smtp.httpPort,
                 ready,
-                refresh_metrics=lambda: refresh_backlog_metrics(redis_url(config), "ingress"),
+                refresh_metrics=lambda: refresh_backlog_metrics(config, "ingress"),
             )
             await health.start()
         if config.smtp.enabled:

@@ -37,6 +37,10 @@ RECIPIENT_NOT_CONNECTED = Reply(450, "4.2.1", "relay_rejected_recipient_not_conn
 MAILBOX_FULL = Reply(452, "4.2.2", "mailbox full", "mailbox_full")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "relay_rejected_too_many_recipients", "too_many_recipients")
 MESSAGE_TOO_LARGE = Reply(552, "5.3.4", "relay_rejected_message_too_large", "message_too_large")
+STORAGE_FULL = Reply(452, "4.3.1", "insufficient system storage, try again later", "storage_full")
+IP_BYTES_BUDGET = Reply(  # same words: to the sender both mean "not now"; the label tells them apart
+    452, "4.3.1", "insufficient system storage, try again later", "ip_bytes_budget"
+)
 MESSAGE_RATE_LIMITED = Reply(451, "4.7.0", "relay_rejected_rate_limited", "message_rate_limited")
 TEMPORARY_FAILURE = Reply(451, "4.3.0", "temporary failure, try again later", "temporary_failure")
 SENDER_INVALID = Reply(553, "5.1.7", "sender address has invalid characters", "sender_invalid")
@@ -96,6 +100,28 @@ def check_inbox(state: InboxState, max_messages: int, max_bytes: int) -> Reply |
     if state.message_count >= max_messages or state.byte_count >= max_bytes:
         return MAILBOX_FULL
     return None
+
+
+def check_storage(used_bytes: int, max_bytes: int, high_watermark_percent: int, queued_bytes: int) -> Reply | None:
+    """The Redis memory admission rule (docs/SECURITY.md "Redis memory and admission").
+
+    `room` is what is left below the high watermark (`redis.admissionHighWatermarkPercent` of
+    Redis `maxmemory`). New mail is refused when there is no room, and before that whenever
+    `queued_bytes` (at RCPT the persona's inbox bytes, at DATA the bytes about to be written)
+    is at least the room left: as memory rises, the personas with the largest backlogs are
+    refused first, small inboxes keep receiving until the watermark itself. No `maxmemory`
+    (0): no watermark, Redis' own limit is the only one (set one: deploy/ does).
+    """
+    if max_bytes <= 0:
+        return None
+    room = max_bytes * high_watermark_percent // 100 - used_bytes
+    return STORAGE_FULL if room <= 0 or queued_bytes >= room else None
+
+
+def check_ip_bytes(queued_this_hour: int, message_bytes: int, budget: int) -> Reply | None:
+    """`rateLimits.smtpQueuedBytesPerHourPerIp`: bytes one client IP may add to the inboxes per
+    hour (all its recipients counted), so that a few addresses cannot fill Redis for everyone."""
+    return IP_BYTES_BUDGET if queued_this_hour + message_bytes > budget else None
 
 
 def check_sender(address: str) -> Reply | None:

@@ -20,12 +20,14 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from services.tunnel import metrics
+from services.tunnel.budget import Allowance
 from services.tunnel.challenges import ChallengeRecord, check_response
 from services.tunnel.challenges import now_ms as clock_ms
 from services.tunnel.inbox import InboxDelivery
 from services.tunnel.session import (
     RATE_LIMITED,
     ROLE_INBOUND,
+    TOO_MANY_SOCKETS,
     AckInbound,
     Action,
     Close,
@@ -88,6 +90,8 @@ class TunnelConnection:
         self.inbox_woken = False
         self.results_woken = False
         self.origin_streams: set[str] = set()  # accepted outbound streams whose result is not delivered
+        self.allowance: Allowance | None = None  # share of the node's outbound budget, from auth
+        self.counted_outbound: str | None = None  # persona counted in the node's outbound-role sockets
 
     @property
     def persona_key(self) -> str | None:
@@ -128,6 +132,8 @@ class TunnelConnection:
             metrics.CONNECTIONS_OPEN.dec()
             for task in list(self._tasks):
                 task.cancel()
+            if self.allowance is not None:
+                self.allowance.give_all()
             await self.node.detach(self)
 
     async def close(self, code: int, reason: str) -> None:
@@ -306,7 +312,11 @@ class TunnelConnection:
             return
         persona_key = record.persona_key
         inbound = action.role == ROLE_INBOUND
+        if not inbound and not self.node.take_outbound_slot(self, persona_key):
+            await self._auth_failed(TOO_MANY_SOCKETS, persona_key)
+            return
         replaced_socket_id = await self.node.claim(self, persona_key, inbound=inbound)
+        self._authenticated_limits(persona_key)
         await self._perform(self.session.auth_succeeded(persona_key, action.role, replaced_socket_id))
         metrics.AUTH_OUTCOMES.labels(code="ok").inc()
         log(
@@ -325,7 +335,24 @@ class TunnelConnection:
             self._deadline_task.cancel()  # an idle authenticated socket keeps no timer
         self.node.attach(self)
 
+    def _authenticated_limits(self, persona_key: str) -> None:
+        """Before auth_ok is sent (the gateway sends nothing larger before it): messages up to
+        ws.maxMessageBytes from now on, and outbound streams on the node's budget. websockets
+        reads the limit when the next frame starts arriving, so the next frame gets it."""
+        if self.session.state is not State.UNAUTHENTICATED:
+            return
+        self.ws.protocol.max_message_size = self.node.config.ws.maxMessageBytes
+        self.allowance = self.node.outbound_budget.allowance(persona_key, self.client_ip)
+        self.session.allowance = self.allowance
+
     async def _enqueue_outbound(self, action: EnqueueOutbound) -> None:
+        try:
+            await self._enqueue_outbound_job(action)
+        finally:
+            if self.allowance is not None:
+                self.allowance.give(action.size_bytes)
+
+    async def _enqueue_outbound_job(self, action: EnqueueOutbound) -> None:
         job = action.job
         origin = f"{self.node.node_id}/{self.socket_id}"
         if not await self.node.outbound.admit(job.persona_key, job.stream_id, origin):

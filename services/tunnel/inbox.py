@@ -11,41 +11,52 @@ wake-up (the fast path) or by the node's periodic sweep, which looks at every ow
 one pipelined pass (`TunnelNode.sweep_once`), so a lost wake-up only delays. A wake-up at least
 `RECLAIM_INTERVAL_S` after the last one also re-claims entries stranded by another consumer and
 trims expired ones.
+
+Memory: a socket holds at most `WINDOW` small entries and one body being streamed. A body
+stored apart (shared/inbox_entries.py: anything over one chunk, as the ingress writes it) is
+read with GETRANGE, `BODY_READ_BYTES` at a time with one read ahead, and sent as it arrives;
+the send waits while the gateway does not read, so a slow or silent gateway holds about two
+reads' worth, not whole messages. The frames are the same as for an inline body.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from services.tunnel import metrics
 from shared import keys, protocol
+from shared.inbox_entries import REMOVE_SCRIPT, StoredEntry, UnreadableEntry
 from shared.logs import get_logger, log
-from shared.payloads import InboxEntry
 
 logger = get_logger(__name__)
 
 WINDOW = 8
 RECLAIM_INTERVAL_S = 30.0
-TRIM_BATCH = 100
+TRIM_BATCH = 16  # entries per XRANGE when trimming: inline bodies are at most one chunk each
+BODY_READ_BYTES = 4 * protocol.MAX_CHUNK_BYTES  # one GETRANGE of a body stored apart
 
 SendBytes = Callable[[bytes], Awaitable[None]]
 Ping = Callable[[], Awaitable[Awaitable[Any]]]
 
 
+class BodyVanished(RuntimeError):
+    """A body stored apart disappeared while it was being sent: its entry was removed by another
+    socket of the persona (a replacement race). The partial stream must not be completed."""
+
+
 @dataclass(slots=True)
 class _InFlight:
-    entry_id: bytes
-    entry: InboxEntry
+    stored: StoredEntry
     waiter: asyncio.Future[Any]
     sent_at: float
 
@@ -59,31 +70,28 @@ async def ensure_group(redis: aioredis.Redis, persona_key: str) -> None:
 
 
 async def trim_expired(redis: aioredis.Redis, persona_key: str, retention_s: int) -> int:
-    """Remove entries older than the retention window (XTRIM MINID semantics), keeping the byte
-    counter right; returns how many were removed."""
+    """Remove entries older than the retention window (XTRIM MINID semantics), with their bodies
+    and markers, keeping the byte counter right; returns how many were removed."""
     stream = keys.inbox(persona_key)
     min_id = f"({int(time.time() * 1000) - retention_s * 1000}-0"
+    remove = redis.register_script(REMOVE_SCRIPT)
     removed = 0
     while True:
         entries = await redis.xrange(stream, "-", min_id, count=TRIM_BATCH)
         if not entries:
             return removed
-        ids = [entry_id for entry_id, _ in entries]
-        size_bytes = sum(_entry_size(fields) for _, fields in entries)
-        async with redis.pipeline(transaction=True) as pipe:
-            pipe.xack(stream, keys.INBOX_GROUP, *ids)
-            pipe.xdel(stream, *ids)
-            pipe.decrby(keys.inbox_bytes(persona_key), size_bytes)
+        async with redis.pipeline(transaction=False) as pipe:
+            for entry_id, fields in entries:
+                try:
+                    script_keys, args = StoredEntry.parse(entry_id, fields).remove_call(persona_key)
+                except UnreadableEntry:
+                    pipe.xack(stream, keys.INBOX_GROUP, entry_id)
+                    pipe.xdel(stream, entry_id)
+                    continue
+                await remove(keys=script_keys, args=args, client=pipe)
             await pipe.execute()
-        removed += len(ids)
-        log(logger, logging.INFO, "expired inbox entries trimmed", persona=persona_key, count=len(ids))
-
-
-def _entry_size(fields: dict[bytes, bytes]) -> int:
-    try:
-        return len(InboxEntry.unpack(fields[b"m"]).data)
-    except (KeyError, TypeError, ValueError, msgpack.UnpackException):
-        return 0
+        removed += len(entries)
+        log(logger, logging.INFO, "expired inbox entries trimmed", persona=persona_key, count=len(entries))
 
 
 def message_frames(stream_id: str, start: protocol.SmtpStart, message: bytes) -> Iterator[bytes]:
@@ -123,6 +131,7 @@ class InboxDelivery:
         self._use_ack = use_ack
         self._ack_timeout_s = ack_timeout_s
         self._retention_s = retention_s
+        self._remove = redis.register_script(REMOVE_SCRIPT)
         self._wakeup = asyncio.Event()
         self._acks: dict[str, asyncio.Future[Any]] = {}
         self._in_flight: deque[_InFlight] = deque()
@@ -158,8 +167,10 @@ class InboxDelivery:
                 if len(self._in_flight) < WINDOW and self._may_have_more():
                     entries = await self._next_entries(WINDOW - len(self._in_flight))
                     if entries:
-                        for entry_id, entry in entries:
-                            self._in_flight.append(await self._deliver(entry_id, entry))
+                        for stored in entries:
+                            in_flight = await self._deliver(stored)
+                            if in_flight is not None:
+                                self._in_flight.append(in_flight)
                         continue
                 if self._in_flight:
                     await self._settle_oldest()
@@ -176,7 +187,7 @@ class InboxDelivery:
         brings a wake-up (or the sweep's), so reading again now would be a wasted round trip."""
         return not self._drained or self._wakeup.is_set() or self._claim_cursor is not None
 
-    async def _next_entries(self, count: int) -> list[tuple[bytes, InboxEntry]]:
+    async def _next_entries(self, count: int) -> list[StoredEntry]:
         self._wakeup.clear()
         while self._claim_cursor is not None:
             entries = await self._claim(count)
@@ -193,7 +204,7 @@ class InboxDelivery:
         self._drained = len(raw) < count
         return await self._parse(raw)
 
-    async def _claim(self, count: int) -> list[tuple[bytes, InboxEntry]]:
+    async def _claim(self, count: int) -> list[StoredEntry]:
         assert self._claim_cursor is not None
         try:
             reply = await self._redis.xautoclaim(
@@ -211,20 +222,17 @@ class InboxDelivery:
             reply = [b"0-0", []]
         next_cursor = reply[0]
         self._claim_cursor = None if next_cursor in (b"0-0", "0-0") else next_cursor
-        in_flight = {item.entry_id for item in self._in_flight}
+        in_flight = {item.stored.entry_id for item in self._in_flight}
         claimed = [item for item in reply[1] if item and item[0] is not None and item[0] not in in_flight]
         return await self._parse(claimed)
 
-    async def _parse(self, raw: list[Any]) -> list[tuple[bytes, InboxEntry]]:
+    async def _parse(self, raw: list[Any]) -> list[StoredEntry]:
         """Decode entries; drop (ack and delete) ones that were deleted or cannot be read."""
-        parsed: list[tuple[bytes, InboxEntry]] = []
+        parsed: list[StoredEntry] = []
         for entry_id, fields in raw:
             try:
-                entry = InboxEntry.unpack(fields[b"m"])
-                if len(entry.stream_id.encode("utf-8")) > protocol.MAX_STREAM_ID_BYTES:
-                    raise ValueError("stream id too long for a frame")
-                parsed.append((entry_id, entry))
-            except (KeyError, TypeError, ValueError, msgpack.UnpackException):
+                parsed.append(StoredEntry.parse(entry_id, fields))
+            except UnreadableEntry:
                 log(logger, logging.WARNING, "unreadable inbox entry dropped", persona=self.persona_key)
                 async with self._redis.pipeline(transaction=True) as pipe:
                     pipe.xack(self._stream, keys.INBOX_GROUP, entry_id)
@@ -243,16 +251,30 @@ class InboxDelivery:
 
     # --- sending and acknowledging -----------------------------------------------------------
 
-    async def _deliver(self, entry_id: bytes, entry: InboxEntry) -> _InFlight:
+    async def _deliver(self, stored: StoredEntry) -> _InFlight | None:
+        """Send one message; None when its body is gone (the entry is then removed)."""
+        entry = stored.entry
         stream_id = entry.stream_id
         start = protocol.SmtpStart(entry.mail_from, entry.rcpt_to, entry.auth_attestation)
-        waiter: asyncio.Future[Any]
-        if self._use_ack:
-            # Registered before the first frame: the ack may be read before our send returns.
-            waiter = self._acks.get(stream_id) or asyncio.get_running_loop().create_future()
-            self._acks[stream_id] = waiter
-        for frame in message_frames(stream_id, start, entry.data):
-            await self._send(frame)
+        async with contextlib.aclosing(self._body_blocks(stored)) as blocks:
+            first_block = await anext(blocks, None) if stored.body_apart else b""
+            if first_block is None:
+                await self._drop_without_body(stored)
+                return None
+            waiter: asyncio.Future[Any]
+            if self._use_ack:
+                # Registered before the first frame: the ack may be read before our send returns.
+                waiter = self._acks.get(stream_id) or asyncio.get_running_loop().create_future()
+                self._acks[stream_id] = waiter
+            if not stored.body_apart:
+                for frame in message_frames(stream_id, start, entry.data):
+                    await self._send(frame)
+            else:
+                await self._send(protocol.encode_start(stream_id, start))
+                await self._send_block(stream_id, first_block)
+                async for block in blocks:
+                    await self._send_block(stream_id, block)
+                await self._send(protocol.encode_frame(protocol.FrameType.SMTP_END, stream_id))
         if not self._use_ack:
             waiter = asyncio.ensure_future(await self._ping())
         metrics.INBOUND_DELIVERED.inc()
@@ -263,12 +285,60 @@ class InboxDelivery:
             persona=self.persona_key,
             stream_id=stream_id,
             queue_id=entry.queue_id,
-            bytes=len(entry.data),
+            bytes=stored.size_bytes,
         )
-        return _InFlight(entry_id, entry, waiter, time.monotonic())
+        return _InFlight(stored, waiter, time.monotonic())
+
+    async def _send_block(self, stream_id: str, block: bytes) -> None:
+        """A block of a streamed body as smtp_chunk frames of `MAX_CHUNK_BYTES`, exactly as
+        `message_frames` cuts an inline body (blocks are whole multiples of a chunk)."""
+        view = memoryview(block)
+        for offset in range(0, len(block), protocol.MAX_CHUNK_BYTES):
+            chunk = view[offset : offset + protocol.MAX_CHUNK_BYTES]
+            await self._send(protocol.encode_frame(protocol.FrameType.SMTP_CHUNK, stream_id, chunk))  # type: ignore[arg-type]
+
+    async def _body_blocks(self, stored: StoredEntry) -> AsyncGenerator[bytes, None]:
+        """The body stored apart, `BODY_READ_BYTES` per GETRANGE, the next read in flight while
+        a block is sent. Ends early (nothing at all) if the body is missing before the first
+        block; raises `BodyVanished` if it disappears after."""
+        if not stored.body_apart:
+            return
+        body_key = stored.body_key(self.persona_key)
+        size = stored.size_bytes
+        offset = 0
+        read = asyncio.ensure_future(self._redis.getrange(body_key, 0, min(BODY_READ_BYTES, size) - 1))
+        try:
+            while offset < size:
+                block = await read
+                expected = min(BODY_READ_BYTES, size - offset)
+                if len(block) != expected:
+                    if offset == 0:
+                        return
+                    raise BodyVanished(stored.entry.stream_id)
+                offset += expected
+                if offset < size:
+                    end = offset + min(BODY_READ_BYTES, size - offset) - 1
+                    read = asyncio.ensure_future(self._redis.getrange(body_key, offset, end))
+                yield block
+        finally:
+            read.cancel()
+
+    async def _drop_without_body(self, stored: StoredEntry) -> None:
+        """An entry whose body is missing: removed by another socket meanwhile (the script then
+        changes nothing), or damaged; either way there is nothing to deliver."""
+        script_keys, args = stored.remove_call(self.persona_key)
+        if await self._remove(keys=script_keys, args=args):
+            log(
+                logger,
+                logging.WARNING,
+                "inbox entry without its body dropped",
+                persona=self.persona_key,
+                stream_id=stored.entry.stream_id,
+            )
 
     async def _settle_oldest(self) -> None:
         oldest = self._in_flight[0]
+        stream_id = oldest.stored.entry.stream_id
         remaining_s = self._ack_timeout_s - (time.monotonic() - oldest.sent_at)
         try:
             await asyncio.wait_for(asyncio.shield(oldest.waiter), max(remaining_s, 0))
@@ -278,18 +348,17 @@ class InboxDelivery:
                 logging.WARNING,
                 "inbound ack timed out, sending again",
                 persona=self.persona_key,
-                stream_id=oldest.entry.stream_id,
+                stream_id=stream_id,
             )
             self._in_flight.popleft()
-            self._in_flight.appendleft(await self._deliver(oldest.entry_id, oldest.entry))
+            again = await self._deliver(oldest.stored)
+            if again is not None:
+                self._in_flight.appendleft(again)
             return
         self._in_flight.popleft()
-        self._acks.pop(oldest.entry.stream_id, None)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xack(self._stream, keys.INBOX_GROUP, oldest.entry_id)
-            pipe.xdel(self._stream, oldest.entry_id)
-            pipe.decrby(keys.inbox_bytes(self.persona_key), len(oldest.entry.data))
-            await pipe.execute()
+        self._acks.pop(stream_id, None)
+        script_keys, args = oldest.stored.remove_call(self.persona_key)
+        await self._remove(keys=script_keys, args=args)
         metrics.INBOUND_ACKED.inc()
         metrics.INBOUND_ACK_SECONDS.observe(time.monotonic() - oldest.sent_at)
         log(
@@ -297,6 +366,6 @@ class InboxDelivery:
             logging.INFO,
             "inbound stream acknowledged",
             persona=self.persona_key,
-            stream_id=oldest.entry.stream_id,
-            queue_id=oldest.entry.queue_id,
+            stream_id=stream_id,
+            queue_id=oldest.stored.entry.queue_id,
         )

@@ -6,7 +6,9 @@ outbound-holder registrations (so result wake-ups reach `send`-only sockets too)
 inbox and results stream it serves in one pipelined pass (pub/sub is only a wake-up), runs the
 one heartbeat loop of all its sockets, decides which socket gets each delivery result (the one
 that sent the stream, see services/tunnel/results.py) and publishes the node's liveness record.
-It also counts each client IP's unauthenticated sockets for `ws.maxUnauthenticatedPerIp`.
+It also counts unauthenticated sockets (`ws.maxUnauthenticatedPerIp`, `ws.maxUnauthenticated`),
+outbound-role sockets (`ws.maxOutboundSocketsPerPersona`, `ws.maxOutboundSocketsPerIp`) and
+holds the outbound assembly budget (services/tunnel/budget.py).
 Idle sockets cost no timer and no Redis call of their own: that is what lets one node hold
 many thousands of them.
 """
@@ -25,6 +27,7 @@ from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
 from services.tunnel import ownership, results
+from services.tunnel.budget import BudgetLimits, OutboundBudget
 from services.tunnel.challenges import ChallengeStore
 from services.tunnel.connection import GOING_AWAY_REASON, TunnelConnection
 from services.tunnel.outbound import OutboundQueue
@@ -72,6 +75,16 @@ class TunnelNode:
         # to detach; a superset of `outbound_only`, which they join only once auth_ok is sent.
         self.outbound_registered: dict[str, set[TunnelConnection]] = defaultdict(set)
         self.unauthenticated_by_ip: Counter[str] = Counter()
+        self.unauthenticated_total = 0
+        self.outbound_by_persona: Counter[str] = Counter()  # outbound-role sockets, claim to detach
+        self.outbound_by_ip: Counter[str] = Counter()
+        self.outbound_budget = OutboundBudget(
+            BudgetLimits(
+                per_persona=config.ws.outboundAssemblyBytesPerPersona,
+                per_ip=config.ws.outboundAssemblyBytesPerIp,
+                per_node=config.ws.outboundAssemblyBytes,
+            )
+        )
         self._result_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._tasks: list[asyncio.Task[Any]] = []
 
@@ -109,8 +122,12 @@ class TunnelNode:
 
     def unauthenticated_full(self, client_ip: str) -> bool:
         """True when `client_ip` already has `ws.maxUnauthenticatedPerIp` sockets not yet
-        authenticated here: a new one would only hold a file descriptor and memory."""
-        return self.unauthenticated_by_ip[client_ip] >= self.config.ws.maxUnauthenticatedPerIp
+        authenticated here, or the node `ws.maxUnauthenticated`: a new one would only hold a
+        file descriptor and memory."""
+        return (
+            self.unauthenticated_by_ip[client_ip] >= self.config.ws.maxUnauthenticatedPerIp
+            or self.unauthenticated_total >= self.config.ws.maxUnauthenticated
+        )
 
     def connected(self, connection: TunnelConnection) -> bool:
         """Take a new socket, counted as unauthenticated; False (not taken) over the per-IP cap."""
@@ -118,13 +135,40 @@ class TunnelNode:
             return False
         self.connections.add(connection)
         self.unauthenticated_by_ip[connection.client_ip] += 1
+        self.unauthenticated_total += 1
         connection.counted_unauthenticated = True
         return True
+
+    def take_outbound_slot(self, connection: TunnelConnection, persona_key: str) -> bool:
+        """Count an outbound-role socket about to authenticate; False over
+        `ws.maxOutboundSocketsPerPersona` or `ws.maxOutboundSocketsPerIp` on this node (each
+        such socket may hold up to 8 streams being assembled)."""
+        ws = self.config.ws
+        if (
+            self.outbound_by_persona[persona_key] >= ws.maxOutboundSocketsPerPersona
+            or self.outbound_by_ip[connection.client_ip] >= ws.maxOutboundSocketsPerIp
+        ):
+            return False
+        self.outbound_by_persona[persona_key] += 1
+        self.outbound_by_ip[connection.client_ip] += 1
+        connection.counted_outbound = persona_key
+        return True
+
+    def _uncount_outbound(self, connection: TunnelConnection) -> None:
+        persona_key = connection.counted_outbound
+        if persona_key is None:
+            return
+        connection.counted_outbound = None
+        for counter, key in ((self.outbound_by_persona, persona_key), (self.outbound_by_ip, connection.client_ip)):
+            counter[key] -= 1
+            if counter[key] <= 0:
+                del counter[key]
 
     def _uncount_unauthenticated(self, connection: TunnelConnection) -> None:
         if not connection.counted_unauthenticated:
             return
         connection.counted_unauthenticated = False
+        self.unauthenticated_total -= 1
         remaining = self.unauthenticated_by_ip[connection.client_ip] - 1
         if remaining > 0:
             self.unauthenticated_by_ip[connection.client_ip] = remaining
@@ -175,6 +219,7 @@ class TunnelNode:
         for claimed_key, claimant in list(self.claiming.items()):
             if claimant is connection:
                 del self.claiming[claimed_key]
+        self._uncount_outbound(connection)
         persona_key = connection.persona_key
         if persona_key is None:
             return

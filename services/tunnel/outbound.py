@@ -24,6 +24,8 @@ RATE_LIMITED = "rate_limited"
 STREAM_NOT_STARTED = "stream_not_started"
 INVALID_RECIPIENT = "invalid_recipient"
 TOO_MANY_STREAMS = "too_many_streams"
+HEADER_FROM_NOT_ALLOWED = "header_from_not_allowed"  # services/tunnel/header_from.py
+OUTBOUND_BUSY = "outbound_busy"  # over an assembly budget: services/tunnel/budget.py
 
 DELIVER_FUNCTION = "deliver"
 RATE_WINDOW_S = 60

@@ -32,7 +32,7 @@ def parse_trusted_proxies(entries: Iterable[str]) -> list[_Network]:
     return networks
 
 
-def _is_trusted(address: str, trusted: list[_Network]) -> bool:
+def is_trusted(address: str, trusted: list[_Network]) -> bool:
     try:
         ip = ipaddress.ip_address(address.strip())
     except ValueError:
@@ -41,10 +41,10 @@ def _is_trusted(address: str, trusted: list[_Network]) -> bool:
 
 
 def client_ip(peer_ip: str, forwarded_for: str | None, trusted: list[_Network]) -> str:
-    if not forwarded_for or not _is_trusted(peer_ip, trusted):
+    if not forwarded_for or not is_trusted(peer_ip, trusted):
         return peer_ip
     for hop in reversed([part.strip() for part in forwarded_for.split(",") if part.strip()]):
-        if not _is_trusted(hop, trusted):
+        if not is_trusted(hop, trusted):
             try:
                 return str(ipaddress.ip_address(hop))
             except ValueError:

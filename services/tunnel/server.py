@@ -2,9 +2,12 @@
 (PROTOCOL.md A1, B), and the handler that owns each connection's lifecycle.
 
 Before a socket authenticates it costs a descriptor and memory and proves nothing, so each
-client IP may hold at most `ws.maxUnauthenticatedPerIp` of them: one more upgrade is answered
-`429` (or closed 1013 if it raced past that check). Silent TCP connections are bounded by the
-handshake timeout (TLS handshake included), upgraded silent sockets by `ws.authTimeoutMs`.
+client IP may hold at most `ws.maxUnauthenticatedPerIp` of them and the node
+`ws.maxUnauthenticated`: one more upgrade is answered `429` (or closed 1013 if it raced past
+that check). Until auth_ok a message may be at most `ws.maxUnauthenticatedMessageBytes` (close
+1009), then `ws.maxMessageBytes`. Connections that have not finished the upgrade are capped
+per peer IP and per node (services/tunnel/handshakes.py). Silent TCP connections are bounded by
+the handshake timeout (TLS handshake included), upgraded silent sockets by `ws.authTimeoutMs`.
 """
 
 from __future__ import annotations
@@ -19,12 +22,12 @@ from websockets.http11 import Request, Response
 
 from services.tunnel import metrics
 from services.tunnel.connection import TunnelConnection
+from services.tunnel.handshakes import HandshakeGate, gated_connection_class
 from services.tunnel.node import TunnelNode
-from services.tunnel.ratelimit import client_ip, parse_trusted_proxies
+from services.tunnel.ratelimit import client_ip, is_trusted, parse_trusted_proxies
 from shared.backlog import refresh_backlog_metrics
 from shared.health import health_response, refresh_before_scrape
 from shared.logs import get_logger
-from shared.redis import redis_url
 
 logger = get_logger(__name__)
 
@@ -53,6 +56,11 @@ def http_response(status: int, content_type: str, body: bytes) -> Response:
 async def start_server(node: TunnelNode, tls: ssl.SSLContext | None = None) -> Server:
     config = node.config
     trusted_proxies = parse_trusted_proxies(config.ws.trustedProxies)
+    gate = HandshakeGate(
+        config.ws.maxPendingHandshakesPerIp,
+        config.ws.maxPendingHandshakes,
+        lambda ip: is_trusted(ip, trusted_proxies),
+    )
 
     def request_client_ip(ws: ServerConnection, request: Request) -> str:
         peer = ws.remote_address[0] if ws.remote_address else ""
@@ -67,7 +75,7 @@ async def start_server(node: TunnelNode, tls: ssl.SSLContext | None = None) -> S
             return None
         ready = await node.ready() if path == "/readyz" else None
         if path == "/metrics":
-            await refresh_before_scrape(lambda: refresh_backlog_metrics(redis_url(config), "tunnel"))
+            await refresh_before_scrape(lambda: refresh_backlog_metrics(config, "tunnel"))
         return http_response(*health_response(path, ready))
 
     async def handle(ws: ServerConnection) -> None:
@@ -90,7 +98,9 @@ async def start_server(node: TunnelNode, tls: ssl.SSLContext | None = None) -> S
         process_request=route,
         ssl=tls,
         **listen_options,
-        max_size=config.ws.maxMessageBytes,
+        create_connection=gated_connection_class(gate),
+        # Raised to ws.maxMessageBytes at auth_ok (TunnelConnection._authenticated_limits).
+        max_size=min(config.ws.maxUnauthenticatedMessageBytes, config.ws.maxMessageBytes),
         max_queue=MAX_QUEUED_MESSAGES,
         write_limit=WRITE_LIMIT_BYTES,
         open_timeout=config.ws.handshakeTimeoutMs / 1000,

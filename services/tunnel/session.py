@@ -12,8 +12,11 @@ Choices the protocol leaves open:
   open (as unknown types do); only an invalid *binary* frame closes it (A4).
 - Auth messages after auth get `{"type":"error","code":"already_authenticated"}`.
 - `sessionRole` of the response wins over the request's (the original reads the response's).
-- Frames of a refused outbound stream (too large) are ignored until its smtp_end, so the
-  gateway gets exactly one result for it.
+- Frames of a refused outbound stream (too large, over a budget) are ignored until its
+  smtp_end, so the gateway gets exactly one result for it.
+- The bytes of unfinished outbound streams are taken from a node-wide budget (`allowance`,
+  services/tunnel/budget.py) and given back when a stream ends in any way; a queued stream's
+  bytes are given back by the server once the job is queued (`EnqueueOutbound.size_bytes`).
 - A socket that has not authenticated `ws.authTimeoutMs` after the upgrade gets auth_error
   `auth_timeout` and close 4401: A3 makes every auth failure auth_error + 4401, so an unmodified
   gateway treats it like any refused attempt and reconnects. (A silent TCP connection that never
@@ -30,9 +33,9 @@ import enum
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from services.tunnel import outbound
+from services.tunnel import header_from, outbound
 from services.tunnel.challenges import ChallengeRecord, iso_utc_ms, new_challenge, normalize_key
 from shared import protocol
 from shared.identity import is_public_key
@@ -45,6 +48,7 @@ REPLACED = "replaced_by_new_session"
 UNKNOWN_TYPE = "unknown_type"
 ALREADY_AUTHENTICATED = "already_authenticated"
 AUTH_TIMEOUT = "auth_timeout"
+TOO_MANY_SOCKETS = "too_many_sockets"  # outbound-role sockets per persona / per IP (4408)
 
 ROLE_INBOUND = "inbound"
 ROLE_OUTBOUND = "outbound"
@@ -101,9 +105,11 @@ class AckInbound:
 
 @dataclass(frozen=True, slots=True)
 class EnqueueOutbound:
-    """Check the persona's outbound rate, then queue `job` (a refusal: `outbound_refused`)."""
+    """Check the persona's outbound rate, then queue `job` (a refusal: `outbound_refused`);
+    then give `size_bytes` back to the allowance."""
 
     job: OutboundJob
+    size_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +153,22 @@ class SessionLimits:
     max_open_streams: int = MAX_OPEN_STREAMS
 
 
+class ByteAllowance(Protocol):
+    """This socket's share of the node's outbound assembly budget."""
+
+    def take(self, size: int) -> bool: ...
+
+    def give(self, size: int) -> None: ...
+
+
+class _Unlimited:
+    def take(self, size: int) -> bool:
+        return True
+
+    def give(self, size: int) -> None:
+        return None
+
+
 @dataclass(slots=True)
 class _OutboundStream:
     start: protocol.SmtpStart
@@ -175,6 +197,7 @@ class TunnelSession:
         self._requested_role: str | None = None
         self._streams: dict[str, _OutboundStream] = {}
         self._refused_streams: dict[str, None] = {}
+        self.allowance: ByteAllowance = _Unlimited()  # set by the server at auth
 
     @property
     def authenticated(self) -> bool:
@@ -245,7 +268,7 @@ class TunnelSession:
     def replaced(self) -> list[Action]:
         """Another socket took this persona: close without auth_error (PROTOCOL.md A3)."""
         self.state = State.CLOSED
-        self._streams.clear()
+        self._drop_all_streams()
         return [Close(protocol.CLOSE_REPLACED, REPLACED)]
 
     def expire_streams(self) -> list[Action]:
@@ -253,7 +276,7 @@ class TunnelSession:
         deadline_ms = self._clock_ms() - self.limits.outbound_stream_timeout_ms
         expired = [sid for sid, stream in self._streams.items() if stream.started_at_ms <= deadline_ms]
         for stream_id in expired:
-            del self._streams[stream_id]
+            self._drop_stream(stream_id)
         return [OutboundDropped(stream_id, "stream_timeout") for stream_id in expired]
 
     @property
@@ -267,8 +290,9 @@ class TunnelSession:
         if self.state is State.CLOSED:
             return []
         self.state = State.CLOSED
-        self._streams.clear()
-        close_code = protocol.CLOSE_RATE_LIMITED if code == RATE_LIMITED else protocol.CLOSE_AUTH_FAILED
+        self._drop_all_streams()
+        back_off = code in (RATE_LIMITED, TOO_MANY_SOCKETS)
+        close_code = protocol.CLOSE_RATE_LIMITED if back_off else protocol.CLOSE_AUTH_FAILED
         return [SendText(protocol.auth_error(code)), Close(close_code, code)]
 
     def _receive_auth_message(self, text: str) -> list[Action]:
@@ -334,7 +358,7 @@ class TunnelSession:
         stream_id = frame.stream_id
         if frame.frame_type is protocol.FrameType.SMTP_START:
             self._refused_streams.pop(stream_id, None)
-            self._streams.pop(stream_id, None)
+            self._drop_stream(stream_id)
             if len(self._streams) >= self.limits.max_open_streams:
                 return [*actions, *self._refuse(stream_id, outbound.TOO_MANY_STREAMS)]
             start = protocol.decode_start_body(frame.body)
@@ -348,14 +372,29 @@ class TunnelSession:
         if stream is None:
             return [*actions, RefuseOutbound(stream_id, outbound.STREAM_NOT_STARTED)]
         if frame.frame_type is protocol.FrameType.SMTP_CHUNK:
-            stream.size_bytes += len(frame.body)
-            if stream.size_bytes > self.limits.max_message_bytes:
-                del self._streams[stream_id]
-                return [*actions, *self._refuse(stream_id, outbound.MESSAGE_TOO_LARGE)]
+            size = len(frame.body)
+            refusal = None
+            if stream.size_bytes + size > self.limits.max_message_bytes:
+                refusal = outbound.MESSAGE_TOO_LARGE
+            elif not self.allowance.take(size):
+                refusal = outbound.OUTBOUND_BUSY
+            if refusal is not None:
+                self._drop_stream(stream_id)
+                return [*actions, *self._refuse(stream_id, refusal)]
+            stream.size_bytes += size
             stream.chunks.append(frame.body)
             return actions
         del self._streams[stream_id]
         return [*actions, *self._finish(stream_id, stream)]
+
+    def _drop_stream(self, stream_id: str) -> None:
+        stream = self._streams.pop(stream_id, None)
+        if stream is not None:
+            self.allowance.give(stream.size_bytes)
+
+    def _drop_all_streams(self) -> None:
+        for stream_id in list(self._streams):
+            self._drop_stream(stream_id)
 
     def _refuse(self, stream_id: str, reason: str) -> list[Action]:
         self._refused_streams[stream_id] = None
@@ -364,21 +403,28 @@ class TunnelSession:
         return [RefuseOutbound(stream_id, reason)]
 
     def _finish(self, stream_id: str, stream: _OutboundStream) -> list[Action]:
+        """Envelope, then header From/Sender; the stream's bytes stay taken until queued."""
         assert self.persona_key is not None
-        refusal = outbound.check_sender(
-            stream.start.mail_from, self.persona_key, list(self.limits.mail_domains)
-        ) or outbound.check_recipient(stream.start.rcpt_to)
+        domains = list(self.limits.mail_domains)
+        data = b"".join(stream.chunks)
+        stream.chunks.clear()
+        refusal = (
+            outbound.check_sender(stream.start.mail_from, self.persona_key, domains)
+            or outbound.check_recipient(stream.start.rcpt_to)
+            or header_from.check_header_from(data, self.persona_key, domains)
+        )
         if refusal is not None:
+            self.allowance.give(stream.size_bytes)
             return [RefuseOutbound(stream_id, refusal)]
         job = OutboundJob(
             persona_key=self.persona_key,
             stream_id=stream_id,
             mail_from=outbound.bare_address(stream.start.mail_from),
             rcpt_to=[outbound.bare_address(stream.start.rcpt_to)],
-            data=b"".join(stream.chunks),
+            data=data,
             enqueued_at_ms=self._clock_ms(),
         )
-        return [EnqueueOutbound(job)]
+        return [EnqueueOutbound(job, stream.size_bytes)]
 
 
 def _role(value: object) -> str:

@@ -20,10 +20,19 @@ MESSAGE = b"From: p@relay.test\r\nTo: user@example.test\r\nSubject: hi\r\n\r\nhe
 
 
 def deliverer(
-    dns_server: DnsServer, smtp_port: int, *, timeout_s: float = 5, verify: bool = False, pool: SmtpPool | None = None
+    dns_server: DnsServer,
+    smtp_port: int,
+    *,
+    timeout_s: float = 5,
+    verify: bool = False,
+    pool: SmtpPool | None = None,
+    allow_private: bool = True,  # the sinks listen on loopback
 ) -> Deliverer:
     resolver = MxResolver(nameservers=[dns_server.nameserver], smtp_port=smtp_port, lifetime_s=2)
-    return Deliverer(resolver, SmtpSettings("egress.relay.test", timeout_s, timeout_s, verify_tls=verify), pool)
+    settings = SmtpSettings(
+        "egress.relay.test", timeout_s, timeout_s, verify_tls=verify, allow_private_destinations=allow_private
+    )
+    return Deliverer(resolver, settings, pool)
 
 
 async def test_message_is_sent_to_the_preferred_mx(dns_server: DnsServer, smtp_port: int) -> None:

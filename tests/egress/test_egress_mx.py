@@ -94,8 +94,8 @@ async def test_dns_timeout_is_temporary(dns_server: DnsServer) -> None:
 
 async def test_routes_bypass_dns(dns_server: DnsServer) -> None:
     mx = resolver(dns_server, routes={"routed.test": "127.0.0.9:2600", "*": "smarthost.local"})
-    assert await mx.mail_hosts("ROUTED.test") == [MailHost("127.0.0.9", 2600, ("127.0.0.9",))]
-    assert await mx.mail_hosts("nowhere.test") == [MailHost("smarthost.local", 2525, ("smarthost.local",))]
+    assert await mx.mail_hosts("ROUTED.test") == [MailHost("127.0.0.9", 2600, ("127.0.0.9",), routed=True)]
+    assert await mx.mail_hosts("nowhere.test") == [MailHost("smarthost.local", 2525, ("smarthost.local",), routed=True)]
     assert dns_server.queries == []
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import email
+import email.policy
 import json
 import signal
 import time
@@ -17,6 +19,7 @@ from typing import Any
 import dkim
 import pytest
 import redis.asyncio as aioredis
+import trustme
 from arq import create_pool
 from arq.connections import ArqRedis
 from cryptography.hazmat.primitives import serialization
@@ -27,11 +30,12 @@ from services.egress.main import serve
 from shared import keys
 from shared.config import RelayConfig, load_config
 from shared.identity import Passport
-from shared.payloads import DeliveryResult, OutboundJob
+from shared.payloads import DeliveryResult, InboxEntry, OutboundJob
 from shared.redis import arq_settings
 from shared.wakeup import Wakeup, WakeupKind
 from tests.support.dns_server import DnsServer
 from tests.support.mx_sink import MxSink
+from tests.support.policy_server import PolicyServer
 from tests.support.processes import free_port
 from tests.support.wait import eventually, poll_until
 
@@ -48,6 +52,7 @@ def egress_env(redis_server: EmbeddedRedis, dns_server: DnsServer, smtp_port: in
     env = {
         "RELAY_REDIS_URL": redis_server.url,
         "RELAY_EGRESS_NAMESERVERS": json.dumps([dns_server.nameserver]),
+        "RELAY_EGRESS_ALLOW_PRIVATE_DESTINATIONS": "true",  # the sinks listen on loopback
         "RELAY_EGRESS_SMTP_PORT": str(smtp_port),
         "RELAY_EGRESS_HTTP_PORT": "0",
         "RELAY_EGRESS_RETRY_BASE_SECONDS": "1",
@@ -85,6 +90,10 @@ class Harness:
     async def results(self) -> list[DeliveryResult]:
         entries = await self.redis.xrange(keys.results(self.persona_key))
         return [DeliveryResult.unpack(fields[b"r"]) for _, fields in entries]
+
+    async def inbox(self) -> list[InboxEntry]:
+        entries = await self.redis.xrange(keys.inbox(self.persona_key))
+        return [InboxEntry.unpack(fields[b"m"]) for _, fields in entries]
 
     async def result(self, timeout_s: float = 15.0) -> DeliveryResult:
         results = await eventually(self.results, timeout_s, "no delivery result")
@@ -195,6 +204,25 @@ async def test_permanent_refusal_is_a_failed_result_without_retry(
     )
     assert result.error == "smtp_5xx: 550 5.1.1 user unknown" and result.recipient == "nobody@example.test"
     assert mx1.received() == []
+    assert await egress.inbox() == []  # the gateway got this result in its window: no bounce
+
+
+async def test_mx_on_loopback_is_refused_by_default_without_a_connection(
+    start_egress: Callable[..., Awaitable[Harness]], smtp_port: int
+) -> None:
+    """Issue 9 item 6 through the worker: `egress.allowPrivateDestinations` off (its default)."""
+    egress = await start_egress(RELAY_EGRESS_ALLOW_PRIVATE_DESTINATIONS="false")
+    assert egress.config.egress.allowPrivateDestinations is False
+    with MxSink("127.0.0.2", smtp_port) as mx1, MxSink("127.0.0.3", smtp_port) as mx2:
+        await egress.enqueue(egress.job("stream-private"))
+        result = await egress.result()
+        assert (result.status, result.error, result.permanent, result.attempts) == (
+            "failed",
+            "destination_not_allowed",
+            True,
+            1,
+        )
+        assert mx1.accepted == 0 == mx2.accepted and mx1.data_payloads == [] == mx2.data_payloads
 
 
 async def test_temporary_failures_are_retried_until_sent(
@@ -207,6 +235,103 @@ async def test_temporary_failures_are_retried_until_sent(
         result = await egress.result(timeout_s=20)
     assert (result.status, result.attempts, result.message_id) == ("sent", 3, mx1.received()[0].queue_id)
     assert len(mx1.data_payloads) == 3 and len(mx1.received()) == 1
+
+
+async def test_failure_after_a_deferral_puts_one_dsn_in_the_persona_inbox(
+    start_egress: Callable[..., Awaitable[Harness]], smtp_port: int, persona_key: str
+) -> None:
+    """Issue 14 item 1: 4xx, then 5xx on the retry -> failed, and an RFC 3464 bounce stored
+    through the inbound enqueue path; a re-run of the same job does not bounce twice."""
+    egress = await start_egress(RELAY_MAIL_DOMAINS="relay.test")
+    replies = ["451 4.3.0 try again later", "550 5.7.1 message refused"]
+    with MxSink("127.0.0.2", smtp_port, data_replies=replies) as mx1:
+        job = egress.job("stream-bounce", data=b"Subject: report\nMessage-ID: <m1@relay.test>\n\nbody\n")
+        await egress.enqueue(job)
+        result = await egress.result(timeout_s=20)
+        assert (result.status, result.permanent, result.attempts, result.smtp_code) == ("failed", True, 2, 550)
+        assert mx1.received() == [] and len(mx1.data_payloads) == 2
+    [notice] = await egress.inbox()
+    assert (notice.mail_from, notice.rcpt_to, notice.recipient_index) == ("", f"{persona_key}@relay.test", 0)
+    assert int(await egress.redis.get(keys.inbox_bytes(persona_key))) == len(notice.data)
+    message = email.message_from_bytes(notice.data, policy=email.policy.default)
+    assert str(message["From"]) == "Mail Delivery System <MAILER-DAEMON@relay.test>"
+    assert str(message["To"]) == f"{persona_key}@relay.test" and str(message["In-Reply-To"]) == "<m1@relay.test>"
+    assert message.get_content_type() == "multipart/report" and message.get_param("report-type") == "delivery-status"
+    _, status, headers = message.iter_parts()
+    _, recipient = status.get_payload()
+    assert (recipient["Final-Recipient"], recipient["Action"], recipient["Status"]) == (
+        "rfc822; user@example.test",
+        "failed",
+        "5.7.1",
+    )
+    assert recipient["Diagnostic-Code"] == "smtp; 550 5.7.1 message refused"
+    assert headers.get_payload(decode=True) == b"Subject: report\r\nMessage-ID: <m1@relay.test>\r\n"
+
+    # a re-run of the same job (as after a crash right after the bounce): the bounce is not stored again
+    await egress.redis.delete(keys.egress_result_published(persona_key, job.stream_id), keys.results(persona_key))
+    await egress.pool.enqueue_job(
+        "deliver",
+        job.pack(),
+        _job_id=keys.egress_job_id(job.persona_key, job.stream_id),
+        _queue_name=keys.EGRESS_QUEUE,
+        _job_try=egress.config.egress.maxAttempts + 1,  # a crashed re-run: no SMTP, max_attempts_exceeded
+    )
+    assert (await egress.result()).error == "max_attempts_exceeded"
+    assert [entry.stream_id for entry in await egress.inbox()] == [notice.stream_id]
+
+
+async def test_a_message_deferred_past_the_warning_time_gets_a_delayed_dsn(
+    start_egress: Callable[..., Awaitable[Harness]], smtp_port: int
+) -> None:
+    egress = await start_egress(
+        RELAY_MAIL_DOMAINS="relay.test", RELAY_EGRESS_DELAY_WARNING_SECONDS="1", RELAY_EGRESS_MAX_AGE_SECONDS="600"
+    )
+    with MxSink("127.0.0.2", smtp_port, data_replies=["452 4.2.2 mailbox full"]) as mx1:
+        job = egress.job("stream-slow")
+        aged = OutboundJob(
+            job.persona_key, job.stream_id, job.mail_from, job.rcpt_to, job.data, job.enqueued_at_ms - 5000
+        )
+        await egress.enqueue(aged)
+        result = await egress.result(timeout_s=20)
+        assert (result.status, result.attempts) == ("sent", 2) and len(mx1.received()) == 1
+    [notice] = await egress.inbox()
+    message = email.message_from_bytes(notice.data, policy=email.policy.default)
+    assert str(message["Subject"]) == "Delayed Mail (still being retried)"
+    _, status, _ = message.iter_parts()
+    _, recipient = status.get_payload()
+    assert (recipient["Action"], recipient["Status"]) == ("delayed", "4.2.2")
+    assert recipient["Will-Retry-Until"]
+
+
+async def test_enforced_mta_sts_policy_defers_an_unlisted_mx_until_it_fails(
+    start_egress: Callable[..., Awaitable[Harness]],
+    dns_server: DnsServer,
+    smtp_port: int,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 14 item 4 through the worker: the policy comes from a local HTTPS server whose CA the
+    process trusts (SSL_CERT_FILE, as an operator's CA bundle would), and allows only mail.example.test."""
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+    dns_server.set_records("_mta-sts.example.test", {"TXT": ['"v=STSv1; id=one"']})
+    dns_server.set_records("mta-sts.example.test", {"A": ["127.0.0.5"]})
+    policy = "version: STSv1\nmode: enforce\nmx: mail.example.test\nmax_age: 86400\n"
+    with (
+        PolicyServer("127.0.0.5", free_port(), ca.issue_cert("mta-sts.example.test"), policy) as policy_server,
+        MxSink("127.0.0.2", smtp_port, tls_cert=ca.issue_cert("mx1.example.test")) as mx1,
+    ):
+        egress = await start_egress(
+            RELAY_EGRESS_MTA_STS_POLICY_PORT=str(policy_server.port),
+            RELAY_EGRESS_MAX_ATTEMPTS="2",
+            RELAY_EGRESS_RETRY_BASE_SECONDS="0",
+        )
+        await egress.enqueue(egress.job("stream-sts"))
+        result = await egress.result()
+        assert mx1.accepted == 0 and policy_server.fetched() == 1  # the second attempt used the cached policy
+    assert (result.status, result.permanent, result.attempts) == ("failed", False, 2)
+    assert result.error == "mta_sts_policy_violation: mx_not_listed"
 
 
 async def test_retries_stop_at_max_attempts_with_the_last_temporary_error(

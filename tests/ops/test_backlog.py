@@ -15,6 +15,7 @@ from prometheus_client import REGISTRY
 from protege_relay.embedded_redis import EmbeddedRedis
 from shared import keys
 from shared.backlog import refresh_backlog_metrics, refresh_gauges
+from shared.config import load_config
 from shared.health import HealthServer
 from tests.support.processes import free_port
 
@@ -54,7 +55,7 @@ async def test_egress_tier_reports_the_arq_queue(redis_server: EmbeddedRedis) ->
         await pool.enqueue_job("deliver", b"job-2", _job_id="j2", _queue_name=keys.EGRESS_QUEUE, _defer_by=600)
     finally:
         await pool.aclose()
-    await refresh_backlog_metrics(redis_server.url, "egress")
+    await refresh_backlog_metrics(load_config(environ={"RELAY_REDIS_URL": redis_server.url}), "egress")
     assert sample("relay_egress_queue_jobs", state="ready") == 1
     assert sample("relay_egress_queue_jobs", state="deferred") == 1
     assert sample("relay_egress_queue_jobs", state="running") == 0
@@ -68,7 +69,12 @@ async def test_metrics_scrape_refreshes_the_gauges_first(redis_server: EmbeddedR
     async def ready() -> bool:
         return True
 
-    server = HealthServer("127.0.0.1", 0, ready, lambda: refresh_backlog_metrics(redis_server.url, "ingress"))
+    server = HealthServer(
+        "127.0.0.1",
+        0,
+        ready,
+        lambda: refresh_backlog_metrics(load_config(environ={"RELAY_REDIS_URL": redis_server.url}), "ingress"),
+    )
     await server.start()
     try:
         client.xadd(keys.inbox(PERSONA_B), {b"m": b"x"})  # after start: only a refresh can count it

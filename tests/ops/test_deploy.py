@@ -54,6 +54,13 @@ def compose() -> dict[str, Any]:
     return document
 
 
+def parse_bytes(size: str) -> int:
+    """`1536mb` (redis), `2Gi` (Kubernetes), `2g` (compose) -> bytes, all powers of 1024."""
+    match = re.fullmatch(r"(\d+)\s*([kmg]?)i?b?", size.strip().lower())
+    assert match, size
+    return int(match.group(1)) * 1024 ** " kmg".index(match.group(2) or " ")
+
+
 def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {item["name"]: item for item in container.get("env", [])}
 
@@ -239,6 +246,8 @@ def test_redis_statefulset_persists_an_append_only_file() -> None:
     assert args[args.index("--appendonly") + 1] == "yes"
     assert args[args.index("--appendfsync") + 1] in ("everysec", "always")
     assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    limit = container["resources"]["limits"]["memory"]
+    assert parse_bytes(args[args.index("--maxmemory") + 1]) <= 0.8 * parse_bytes(limit), "headroom for the fork"
     (claim,) = statefulset["spec"]["volumeClaimTemplates"]
     mount = next(m for m in container["volumeMounts"] if m["name"] == claim["metadata"]["name"])
     assert mount["mountPath"] == "/data"
@@ -269,6 +278,9 @@ def test_compose_redis_uses_aof_on_a_named_volume_with_a_health_check() -> None:
     command = redis_service["command"]
     assert command[command.index("--appendonly") + 1] == "yes"
     assert command[command.index("--appendfsync") + 1] == "everysec"
+    assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+    maxmemory = parse_bytes(command[command.index("--maxmemory") + 1])
+    assert maxmemory <= 0.8 * parse_bytes(redis_service["mem_limit"]), "headroom for the fork"
     assert redis_service["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
     volume, mount_path = redis_service["volumes"][0].split(":")[:2]
     assert mount_path == "/data" and volume in document["volumes"]

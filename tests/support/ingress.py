@@ -8,6 +8,7 @@ the blocking `smtplib` and the sync Redis client exactly as an outside sender wo
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import smtplib
 import tempfile
 import threading
@@ -22,6 +23,7 @@ from services.ingress.main import serve
 from shared import keys
 from shared.config import RelayConfig, load_config
 from shared.identity import Passport
+from shared.inbox_entries import StoredEntry
 from shared.payloads import InboxEntry
 from shared.ratelimit import Clock
 from tests.support.processes import free_port, wait_for_port
@@ -131,7 +133,13 @@ def mark_seen(client: redis.Redis, persona_key: str) -> None:
 
 
 def inbox_entries(client: redis.Redis, persona_key: str) -> list[InboxEntry]:
-    return [InboxEntry.unpack(fields[b"m"]) for _, fields in client.xrange(keys.inbox(persona_key))]
+    """The persona's entries as written, with bodies stored apart read back into `data`."""
+    entries = []
+    for entry_id, fields in client.xrange(keys.inbox(persona_key)):
+        stored = StoredEntry.parse(entry_id, fields)
+        body = client.get(stored.body_key(persona_key)) if stored.body_apart else None
+        entries.append(stored.entry if body is None else dataclasses.replace(stored.entry, data=body))
+    return entries
 
 
 def split_trace_header(data: bytes) -> tuple[bytes, bytes]:

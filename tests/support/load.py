@@ -528,10 +528,10 @@ def outbound_sends(gateways: list[FleetGateway], count: int, domain: str, remote
     for index in range(count):
         gateway = gateways[index % len(gateways)]
         stream_id = str(uuid.uuid4())
-        message = make_message(f"out-{index:05d}", extra_headers={STREAM_HEADER: stream_id}).replace(b"\r\n", b"\n")
-        sends.append(
-            OutboundSend(stream_id, f"{gateway.persona_key}@{domain}", f"user{index}@{remote_domain}", message)
-        )
+        sender = f"{gateway.persona_key}@{domain}"
+        headers = {"From": sender, STREAM_HEADER: stream_id}
+        message = make_message(f"out-{index:05d}", extra_headers=headers).replace(b"\r\n", b"\n")
+        sends.append(OutboundSend(stream_id, sender, f"user{index}@{remote_domain}", message))
     return sends
 
 

@@ -90,6 +90,19 @@ class _Handler:
         return f"250 2.0.0 Ok: queued as {queue_id}"
 
 
+class _CountingController(Controller):
+    """Counts TCP connections as they are accepted, before any SMTP is spoken."""
+
+    def __init__(self, sink: MxSink, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._sink = sink
+
+    def factory(self) -> SMTP:
+        with self._sink.lock:
+            self._sink.accepted += 1
+        return super().factory()  # type: ignore[no-any-return]
+
+
 class MxSink:
     """An SMTP server recording messages. Behaviour knobs (all optional):
 
@@ -101,7 +114,8 @@ class MxSink:
     - `tls_cert`: offer STARTTLS with this trustme certificate.
     - `reused_mail_reply`: reply MAIL FROM with this on a connection that already carried a
       message (e.g. "421 4.4.2 idle too long"), as a server closing a cached connection does.
-    `drop_connections()` closes every client connection from the server side.
+    `drop_connections()` closes every client connection from the server side; `accepted` counts
+    TCP connections accepted (the probe of "no connection attempt").
     """
 
     def __init__(
@@ -123,6 +137,7 @@ class MxSink:
         self.hold_data = hold_data
         self.reused_mail_reply = reused_mail_reply
         self.connections: dict[str, SMTP] = {}  # peer -> session, from its first MAIL FROM
+        self.accepted = 0
         self.lock = threading.Lock()
         self.messages: list[ReceivedMessage] = []
         self.data_payloads: list[bytes] = []
@@ -133,10 +148,12 @@ class MxSink:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             tls_cert.configure_cert(context)
             kwargs.update(tls_context=context, require_starttls=False)
-        self._controller = Controller(_Handler(self), hostname=host, port=port, **kwargs)
+        self._controller = _CountingController(self, _Handler(self), hostname=host, port=port, **kwargs)
 
     def start(self) -> MxSink:
         self._controller.start()
+        with self.lock:
+            self.accepted = 0  # start() itself connects once to see that the server is up
         return self
 
     def stop(self) -> None:

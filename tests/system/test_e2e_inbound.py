@@ -266,10 +266,15 @@ def test_two_personas_in_one_transaction_each_get_their_own_copy(
     assert_delivered_intact(to_first, sent, queue_id, first.address)
     assert_delivered_intact(to_second, sent, queue_id, second.address)
     assert second.address.encode() not in split_received(to_first)[0]  # no Bcc leak
-    stream_ids = {
-        event["stream_id"] for g in (first_gateway, second_gateway) for event in log_events(g, "message stored")
-    }
-    assert stream_ids == {f"{queue_id}.0", f"{queue_id}.1"}
+    # The gateway logs "message stored" just after the file appears in its Maildir.
+    expected_ids = {f"{queue_id}.0", f"{queue_id}.1"}
+    poll_until(
+        lambda: (
+            {event["stream_id"] for g in (first_gateway, second_gateway) for event in log_events(g, "message stored")}
+            == expected_ids
+        ),
+        message=f"gateways did not log {expected_ids} as stored",
+    )
 
 
 def test_8bitmime_and_smtputf8_messages_arrive_intact(

@@ -5,6 +5,8 @@ and the delivery result back to the gateway."""
 from __future__ import annotations
 
 import asyncio
+import email
+import email.policy
 import json
 import subprocess
 import sys
@@ -27,8 +29,15 @@ from tests.support.wait import poll_until
 from tests.support.ws_client import GatewayClient
 
 DOMAIN = "relay.test"
-MESSAGE = b"From: persona\nTo: user@example.test\nSubject: outbound\n\nHello from the agent.\n.\n..two dots\n"
-MESSAGE_CRLF = MESSAGE.replace(b"\n", b"\r\n")
+
+
+def message_from(author: str) -> bytes:
+    """The message as a gateway writes it (bare LF), its header From the persona's address."""
+    return (
+        f"From: {author}\nTo: user@example.test\nSubject: outbound\n\nHello from the agent.\n.\n..two dots\n".encode()
+    )
+
+
 GATEWAY_RESULT_WINDOW_S = 20.0
 
 Spawn = Callable[..., ServiceProcess]
@@ -73,6 +82,7 @@ def start_relay(
             urls.append(f"ws://127.0.0.1:{port}/ws")
         env = {
             "RELAY_EGRESS_NAMESERVERS": json.dumps([dns_server.nameserver]),
+            "RELAY_EGRESS_ALLOW_PRIVATE_DESTINATIONS": "true",  # the sinks listen on loopback
             "RELAY_EGRESS_SMTP_PORT": str(smtp_port),
             "RELAY_EGRESS_RETRY_BASE_SECONDS": "1",
             "RELAY_EGRESS_CONNECT_TIMEOUT_SECONDS": "5",
@@ -97,7 +107,7 @@ def run_send(
     relay: Relay, key_path: Path, mail_from: str, rcpt_to: str, tmp_path: Path
 ) -> tuple[int, list[dict[str, Any]]]:
     message_path = tmp_path / "message.eml"
-    message_path.write_bytes(MESSAGE)
+    message_path.write_bytes(message_from(mail_from))
     done = subprocess.run(
         [
             sys.executable,
@@ -139,7 +149,7 @@ def test_sent_mail_reaches_the_mx_and_the_gateway_gets_the_queue_id(
     assert (result["type"], result["status"]) == ("relay_delivery_result", "sent")
     assert result["messageId"] == received.queue_id
     assert (result["smtpCode"], result["attempts"], result["recipient"]) == (250, 1, "user@example.test")
-    assert received.data == MESSAGE_CRLF
+    assert received.data == message_from(f"{passport.persona_key}@{DOMAIN}").replace(b"\n", b"\r\n")
     assert (received.mail_from, received.rcpt_tos) == (f"{passport.persona_key}@{DOMAIN}", ["user@example.test"])
     assert elapsed < GATEWAY_RESULT_WINDOW_S
 
@@ -206,7 +216,8 @@ async def test_result_reaches_the_gateway_after_it_reconnected_to_another_tunnel
     with MxSink("127.0.0.2", smtp_port, hold_data=1) as mx1:
         first = await GatewayClient.open(relay.tunnel_urls[0])
         await first.authenticate(passport)
-        await first.send_outbound(stream_id, f"{passport.persona_key}@{DOMAIN}", "user@example.test", MESSAGE)
+        own = f"{passport.persona_key}@{DOMAIN}"
+        await first.send_outbound(stream_id, own, "user@example.test", message_from(own))
         assert await asyncio.to_thread(mx1.holding.wait, 15)
         await first.abort()
         second = await GatewayClient.open(relay.tunnel_urls[1])
@@ -228,9 +239,9 @@ async def test_same_stream_id_sent_twice_is_delivered_once(
     with MxSink("127.0.0.2", smtp_port) as mx1:
         client = await GatewayClient.open(relay.tunnel_urls[0])
         await client.authenticate(passport)
-        await client.send_outbound(stream_id, mail_from, "user@example.test", MESSAGE)
+        await client.send_outbound(stream_id, mail_from, "user@example.test", message_from(mail_from))
         first = await next_result(client)
-        await client.send_outbound(stream_id, mail_from, "user@example.test", MESSAGE)
+        await client.send_outbound(stream_id, mail_from, "user@example.test", message_from(mail_from))
         await asyncio.to_thread(
             poll_until, lambda: redis_client.zcard(keys.EGRESS_QUEUE) == 0, 10, message="job still queued"
         )
@@ -240,3 +251,52 @@ async def test_same_stream_id_sent_twice_is_delivered_once(
     assert first["status"] == "sent"
     assert len(mx1.received()) == 1
     assert redis_client.xlen(keys.results(passport.persona_key)) == 0
+
+
+async def test_late_failure_reaches_the_gateway_as_a_dsn_in_its_inbox(
+    start_relay: Callable[..., Relay], persona: tuple[Passport, Path], smtp_port: int
+) -> None:
+    """Issue 14 item 1 with real processes: tunnel + egress; the MX defers, then refuses; the
+    bounce is stored through the inbound enqueue path and streamed to the persona's gateway."""
+    passport, _ = persona
+    relay = start_relay()
+    stream_id = str(uuid.uuid4())
+    mail_from = f"{passport.persona_key}@{DOMAIN}"
+    replies = ["451 4.3.0 greylisted, try again later", "550 5.7.1 message refused by policy"]
+    original = b"From: " + mail_from.encode() + b"\nTo: user@example.test\nSubject: numbers\n"
+    original += b"Message-ID: <orig-1@relay.test>\n\nbody that must not come back\n"
+    with MxSink("127.0.0.2", smtp_port, data_replies=replies) as mx1:
+        client = await GatewayClient.open(relay.tunnel_urls[0])
+        await client.authenticate(passport, capabilities=["inbound_ack"])
+        await client.send_outbound(stream_id, mail_from, "user@example.test", original)
+        result = await next_result(client, timeout_s=30)
+        inbound = await client.next_inbound(timeout_s=30)
+        await client.ack(inbound.stream_id)
+        await client.close()
+    assert (result["streamId"], result["status"], result["attempts"], result["smtpCode"]) == (
+        stream_id,
+        "failed",
+        2,
+        550,
+    )
+    assert len(mx1.data_payloads) == 2 and mx1.received() == []
+    assert (inbound.start.mail_from, inbound.start.rcpt_to) == ("", mail_from)
+    message = email.message_from_bytes(inbound.data, policy=email.policy.default)
+    print(f"DSN {len(inbound.data)} bytes, stream {inbound.stream_id}: {message['Subject']}")
+    assert str(message["From"]) == f"Mail Delivery System <MAILER-DAEMON@{DOMAIN}>"
+    assert str(message["To"]) == mail_from and str(message["In-Reply-To"]) == "<orig-1@relay.test>"
+    assert message.get_content_type() == "multipart/report"
+    assert message.get_param("report-type") == "delivery-status"
+    text, status, headers = message.iter_parts()
+    assert "550 5.7.1 message refused by policy" in text.get_content()
+    per_message, recipient = status.get_payload()
+    assert per_message["X-Protege-Relay-Stream-Id"] == stream_id
+    assert (recipient["Final-Recipient"], recipient["Action"], recipient["Status"]) == (
+        "rfc822; user@example.test",
+        "failed",
+        "5.7.1",
+    )
+    assert recipient["Diagnostic-Code"] == "smtp; 550 5.7.1 message refused by policy"
+    returned = headers.get_payload(decode=True)
+    assert headers.get_content_type() == "text/rfc822-headers"
+    assert b"Subject: numbers\r\n" in returned and b"must not come back" not in inbound.data

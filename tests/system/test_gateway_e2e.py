@@ -37,7 +37,8 @@ def test_send_gets_its_result_while_a_receiving_gateway_is_connected(
         ).start()
         try:
             poll_until(lambda: "gateway connected" in receiver.logs(), 20, message=receiver.logs())
-            (tmp_path / "out.eml").write_bytes(b"Subject: out\n\nhello\n")
+            own = f"{passport.persona_key}@localhost"
+            (tmp_path / "out.eml").write_bytes(f"From: {own}\nSubject: out\n\nhello\n".encode())
             done = subprocess.run(
                 [sys.executable, "-m", "protege_relay.cli", "send", "--key", str(tmp_path / "passport.key"),
                  "--url", url, "--from", f"{passport.persona_key}@localhost", "--to", "bob@example.test",

@@ -91,8 +91,9 @@ async def test_three_tunnel_nodes_lose_nothing_when_one_is_killed_and_one_stoppe
         gateway = fleet.gateways[index % PERSONAS]
         stream_id = str(uuid.uuid4())
         token = f"out-{index:05d}"
-        message = make_message(token, extra_headers={"X-Load-Stream": stream_id}).replace(b"\r\n", b"\n")
         sender, recipient = f"{gateway.persona_key}@{DOMAIN}", f"user{index}@{REMOTE_DOMAIN}"
+        headers = {"From": sender, "X-Load-Stream": stream_id}
+        message = make_message(token, extra_headers=headers).replace(b"\r\n", b"\n")
         outbound.append(OutboundSend(stream_id, sender, recipient, message))
 
     async def send_outbound() -> None:

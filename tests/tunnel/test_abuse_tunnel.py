@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import random
 import struct
@@ -97,14 +98,17 @@ async def open_client(target: Target | str, ip: str = ATTACK_IP, **options: Any)
 class HonestGateway:
     """Authenticated before the attack; proves the node still serves it during and after."""
 
-    def __init__(self, target: Target, redis_client: redis.Redis) -> None:
+    def __init__(
+        self, target: Target, redis_client: redis.Redis, ip: str = HONEST_IP, fresh_ip: str = FRESH_IP
+    ) -> None:
         self.target = target
         self.redis = redis_client
+        self.ip, self.fresh_ip = ip, fresh_ip
         self.passport = Passport.generate()
         self.client: GatewayClient | None = None
 
     async def connect(self) -> HonestGateway:
-        self.client = await open_client(self.target, HONEST_IP)
+        self.client = await open_client(self.target, self.ip)
         await self.client.authenticate(self.passport, capabilities=["inbound_ack"])
         return self
 
@@ -127,17 +131,21 @@ class HonestGateway:
         await self.client.ack(message.stream_id)
 
     async def fresh_auth_succeeds(self) -> None:
-        client = await open_client(self.target, FRESH_IP)
+        client = await open_client(self.target, self.fresh_ip)
         auth_ok = await client.authenticate(Passport.generate())
         assert auth_ok["type"] == "auth_ok"
         await client.close()
 
 
 async def while_serving_honest(
-    target: Target, redis_client: redis.Redis, attack: Callable[[], Awaitable[Any]], during_timeout_s: float = 30
+    target: Target,
+    redis_client: redis.Redis,
+    attack: Callable[[], Awaitable[Any]],
+    during_timeout_s: float = 30,
+    honest_ips: tuple[str, str] = (HONEST_IP, FRESH_IP),
 ) -> Any:
     """Run `attack` with an honest gateway connected beforehand; assert it was served throughout."""
-    honest = await HonestGateway(target, redis_client).connect()
+    honest = await HonestGateway(target, redis_client, *honest_ips).connect()
     attack_task = asyncio.get_running_loop().create_task(attack())
     during = honest.send_mail("during the attack")
     await honest.receives(during, during_timeout_s)
@@ -243,12 +251,13 @@ async def test_garbage_binary_before_and_after_auth(spawn: Any, redis_client: re
         await expect_auth_error(client, "invalid_tunnel_frame")
 
     async def deep_json() -> None:
-        """500 KB of nesting: invalid like any other garbage, not an internal error (1011)."""
+        """500 KB of nesting: invalid like any other garbage, not an internal error (1011).
+        Before auth it is over ws.maxUnauthenticatedMessageBytes: 1009 before any parsing."""
         deep = "[" * 500_000
-        await before_auth(deep.encode())
-        client = await open_client(target)
-        await client.send_json({"type": "auth_challenge_request", "publicKeyBase32": deep})
-        await expect_auth_error(client, "invalid_message")
+        for oversize in (deep.encode(), json.dumps({"type": "auth_challenge_request", "publicKeyBase32": deep})):
+            client = await open_client(target)
+            await client.ws.send(oversize)
+            assert (await client.closed())[0] == 1009
         await after_auth(protocol.encode_frame(protocol.FrameType.SMTP_START, "s", deep.encode()))
         client = await open_client(target)
         await client.authenticate(Passport.generate())
@@ -438,6 +447,10 @@ async def test_silent_connection_flood_is_bounded(spawn: Any, redis_client: redi
         RELAY_WS_HANDSHAKE_TIMEOUT_MS="2000",
         RELAY_WS_AUTH_TIMEOUT_MS="5000",
         RELAY_WS_MAX_UNAUTHENTICATED_PER_IP=str(cap),
+        # The flood holds ~5,000 silent TCP connections at once, 50 per address: this test is
+        # about the timeouts, the pending-upgrade caps have their own (test_abuse_tunnel_memory.py).
+        RELAY_WS_MAX_PENDING_HANDSHAKES=str(4 * SILENT_CONNECTIONS),
+        RELAY_WS_MAX_UNAUTHENTICATED=str(4 * SILENT_CONNECTIONS),
     )
     open_files = target.open_files_limits()
     assert open_files[0] == open_files[1], f"soft fd limit not raised to the hard one: {open_files}"
@@ -585,13 +598,13 @@ async def test_outbound_abuse_is_refused_and_never_reaches_arq(
         RELAY_RATE_LIMITS_OUTBOUND_MESSAGES_PER_MINUTE_PER_PERSONA="3",
     )
     await away_from_minute_boundary()
-    message = b"Subject: hi\r\n\r\nhello\r\n"
 
     async def attack() -> list[str]:
         abuser, victim = Passport.generate(), Passport.generate()
         client = await open_client(target)
         await client.authenticate(abuser, role="outbound")
         own = f"{abuser.persona_key}@{DOMAIN}"
+        message = f"From: {own}\r\nSubject: hi\r\n\r\nhello\r\n".encode()
         refusals = [
             (f"{victim.persona_key}@{DOMAIN}", "a@example.org", message, "sender_not_allowed"),
             (f"{abuser.persona_key}@elsewhere.example", "a@example.org", message, "sender_not_allowed"),

@@ -161,7 +161,8 @@ async def test_result_of_a_stream_sent_through_a_killed_node_reaches_the_persona
     pk = passport.persona_key
     sender = await GatewayClient.open(url_a)
     await sender.authenticate(passport, role="outbound")
-    await sender.send_outbound("out-1", f"{pk}@relay.test", "bob@example.org", b"Subject: hi\r\n\r\nhi\r\n")
+    own = f"{pk}@relay.test"
+    await sender.send_outbound("out-1", own, "bob@example.org", f"From: {own}\r\nSubject: hi\r\n\r\nhi\r\n".encode())
     await eventually(lambda: redis_client.get(keys.outbound_origin(pk, "out-1")) is not None)
     node_a.kill()
     await sender.abort()

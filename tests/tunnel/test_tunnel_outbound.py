@@ -57,6 +57,11 @@ async def barrier(client: GatewayClient) -> None:
     await client.next_of_type("pong")
 
 
+def mail_from(author: str, body: bytes) -> bytes:
+    """A message whose header From is `author`."""
+    return f"From: {author}\r\n\r\n".encode() + body
+
+
 async def queued(arq_pool: ArqRedis) -> list[Any]:
     return list(await arq_pool.queued_jobs(queue_name=keys.EGRESS_QUEUE))
 
@@ -64,8 +69,8 @@ async def queued(arq_pool: ArqRedis) -> list[Any]:
 async def test_accepted_outbound_is_one_arq_job_even_when_sent_twice(tunnel: RunningTunnel, arq_pool: ArqRedis) -> None:
     client, passport = await connected(tunnel)
     stream_id = str(uuid.uuid4())
-    message = os.urandom(100_000)
     sender = f"{passport.persona_key.upper()}@{DOMAIN}"
+    message = f"From: {sender}\r\n\r\n".encode() + os.urandom(100_000)
     await client.send_outbound(stream_id, sender, "someone@example.org", message)
     await client.send_outbound(stream_id, sender, "someone@example.org", message)
     await barrier(client)
@@ -103,7 +108,7 @@ async def test_outbound_refusals_are_failed_results(
     client, passport = await connected(tunnel)
     sender = mail_from.format(pk=passport.persona_key, other=Passport.generate().persona_key)
     stream_id = str(uuid.uuid4())
-    await client.send_outbound(stream_id, sender, rcpt_to, b"Subject: x\r\n\r\nhi\r\n")
+    await client.send_outbound(stream_id, sender, rcpt_to, f"From: {sender}\r\nSubject: x\r\n\r\nhi\r\n".encode())
     result = await client.next_text()
     assert result == {"type": "relay_delivery_result", "streamId": stream_id, "status": "failed", "error": error}
     assert await queued(arq_pool) == []
@@ -135,9 +140,9 @@ async def test_outbound_rate_per_persona(tunnel: RunningTunnel, arq_pool: ArqRed
     client, passport = await connected(tunnel)
     sender = f"{passport.persona_key}@{DOMAIN}"
     for _ in range(3):
-        await client.send_outbound(str(uuid.uuid4()), sender, "a@example.org", b"ok")
+        await client.send_outbound(str(uuid.uuid4()), sender, "a@example.org", mail_from(sender, b"ok"))
     limited = str(uuid.uuid4())
-    await client.send_outbound(limited, sender, "a@example.org", b"one too many")
+    await client.send_outbound(limited, sender, "a@example.org", mail_from(sender, b"one too many"))
     result = await client.next_text()
     assert (result["streamId"], result["error"]) == (limited, "rate_limited")
     assert len(await queued(arq_pool)) == 3
@@ -150,7 +155,8 @@ async def test_outbound_rate_per_persona(tunnel: RunningTunnel, arq_pool: ArqRed
 
 async def test_outbound_role_socket_may_send(tunnel: RunningTunnel, arq_pool: ArqRedis) -> None:
     client, passport = await connected(tunnel, role="outbound")
-    await client.send_outbound(str(uuid.uuid4()), f"{passport.persona_key}@{DOMAIN}", "a@example.org", b"hi")
+    sender = f"{passport.persona_key}@{DOMAIN}"
+    await client.send_outbound(str(uuid.uuid4()), sender, "a@example.org", mail_from(sender, b"hi"))
     await barrier(client)
     assert len(await queued(arq_pool)) == 1
     await client.close()

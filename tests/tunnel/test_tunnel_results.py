@@ -48,7 +48,8 @@ def results_received(client: GatewayClient) -> list[str]:
 async def send_stream(client: GatewayClient, passport: Passport) -> str:
     """An accepted outbound stream (the tunnel recorded its origin once the barrier returns)."""
     stream_id = str(uuid.uuid4())
-    await client.send_outbound(stream_id, f"{passport.persona_key}@{DOMAIN}", "bob@example.org", b"hi\r\n")
+    own = f"{passport.persona_key}@{DOMAIN}"
+    await client.send_outbound(stream_id, own, "bob@example.org", f"From: {own}\r\n\r\nhi\r\n".encode())
     await barrier(client)
     return stream_id
 

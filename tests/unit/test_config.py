@@ -81,6 +81,7 @@ def test_the_seeds_short_example_loads_with_defaults_for_the_rest(tmp_path: Path
         ({"unknownTopLevel": 1}, "unknownTopLevel"),
         ({"mailDomains": [1]}, "mailDomains"),
         ({"egress": {"routes": {"a.test": 5}}}, "egress.routes"),
+        ({"redis": {"admissionHighWatermarkPercent": 101}}, "redis.admissionHighWatermarkPercent"),
     ],
 )
 def test_bad_fields_are_errors_naming_the_field(tmp_path: Path, document: object, field: str) -> None:
@@ -149,3 +150,38 @@ def test_cli_exits_non_zero_with_the_field_named(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "smtp.maxMessageBytes" in result.stderr
+
+
+# --- Redis credentials: a file or the environment, never the config file ------------------------
+
+
+def test_redis_password_comes_from_a_private_file(tmp_path: Path) -> None:
+    secret = tmp_path / "redis-password"
+    secret.write_text("s3cret-from-file\n")
+    secret.chmod(0o600)
+    config = load_config(write(tmp_path, {"redis": {"username": "ingress", "passwordFile": str(secret)}}), environ={})
+    assert (config.redis.username, config.redis.password) == ("ingress", "s3cret-from-file")
+    assert "s3cret" not in repr(config), "the password must never reach a log through repr"
+    secret.chmod(0o644)
+    with pytest.raises(ConfigError, match=r"redis\.passwordFile.*0644"):
+        load_config(environ={"RELAY_REDIS_PASSWORD_FILE": str(secret)})
+
+
+def test_redis_password_from_the_environment() -> None:
+    config = load_config(environ={"RELAY_REDIS_USERNAME": "tunnel", "RELAY_REDIS_PASSWORD": "from-env"})
+    assert (config.redis.username, config.redis.password) == ("tunnel", "from-env")
+
+
+def test_redis_password_in_the_config_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"redis\.password does not belong in a file"):
+        load_config(write(tmp_path, {"redis": {"password": "oops"}}), environ={})
+
+
+def test_redis_password_from_two_sources_is_refused(tmp_path: Path) -> None:
+    secret = tmp_path / "redis-password"
+    secret.write_text("a")
+    secret.chmod(0o600)
+    with pytest.raises(ConfigError, match=r"more than once \(file, env\)"):
+        load_config(environ={"RELAY_REDIS_PASSWORD_FILE": str(secret), "RELAY_REDIS_PASSWORD": "b"})
+    with pytest.raises(ConfigError, match=r"more than once \(env, url\)"):
+        load_config(environ={"RELAY_REDIS_URL": "redis://:pw@redis:6379/0", "RELAY_REDIS_PASSWORD": "b"})

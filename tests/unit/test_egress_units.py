@@ -13,11 +13,11 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.egress.normalize import normalize_line_endings
 from services.egress.outcome import Disposition, Outcome
 from services.egress.signing import DkimSigner, header_names
 from services.egress.worker import MAX_BACKOFF_S, backoff_s, summarize
 from shared.config import DkimConfig
+from shared.normalize import normalize_line_endings
 from shared.payloads import OutboundJob
 from shared.secrets import SecretFileError
 

@@ -322,26 +322,32 @@ def feed(session: TunnelSession, messages: list[bytes]) -> list[Action]:
 SENDER = f"{RFC8032_KEY}@{DOMAIN}"
 
 
+def mail(body: bytes, author: str = SENDER) -> bytes:
+    """A message whose header From is `author` (the persona's own address by default)."""
+    return f"From: {author}\r\nSubject: test\r\n\r\n".encode() + body
+
+
 def test_complete_stream_becomes_one_enqueue_action() -> None:
     session = authenticated_session()
-    [action] = feed(session, frames("s1", SENDER.upper().replace(DOMAIN.upper(), DOMAIN), "a@example.org", b"hi"))
+    message = mail(b"hi")
+    [action] = feed(session, frames("s1", SENDER.upper().replace(DOMAIN.upper(), DOMAIN), "a@example.org", message))
     assert isinstance(action, EnqueueOutbound)
     assert (action.job.persona_key, action.job.stream_id, action.job.rcpt_to, action.job.data) == (
         RFC8032_KEY,
         "s1",
         ["a@example.org"],
-        b"hi",
+        message,
     )
     assert action.job.enqueued_at_ms == NOW_MS
 
 
 def test_interleaved_streams_are_assembled_separately() -> None:
     session = authenticated_session()
-    a, b = frames("a", SENDER, "x@example.org", b"AAAA"), frames("b", SENDER, "y@example.org", b"BB")
+    a, b = frames("a", SENDER, "x@example.org", mail(b"AAAA")), frames("b", SENDER, "y@example.org", mail(b"BB"))
     actions = feed(session, [a[0], b[0], b[1], a[1], a[2], b[2]])
     assert [(x.job.stream_id, x.job.data) for x in actions if isinstance(x, EnqueueOutbound)] == [
-        ("a", b"AAAA"),
-        ("b", b"BB"),
+        ("a", mail(b"AAAA")),
+        ("b", mail(b"BB")),
     ]
 
 
@@ -376,7 +382,8 @@ def test_refusal_text_is_a_failed_delivery_result() -> None:
 
 def test_sender_domain_free_when_no_domains_configured() -> None:
     session = authenticated_session(mail_domains=())
-    [action] = feed(session, frames("s", f"<{RFC8032_KEY}@anything.example>", "a@example.org", b"x"))
+    address = f"{RFC8032_KEY}@anything.example"
+    [action] = feed(session, frames("s", f"<{address}>", "a@example.org", mail(b"x", address)))
     assert isinstance(action, EnqueueOutbound) and action.job.mail_from == f"{RFC8032_KEY}@anything.example"
 
 
@@ -398,13 +405,15 @@ def test_too_large_stream_refused_once_and_memory_freed() -> None:
     assert actions == [RefuseOutbound("big", "message_too_large")]
     assert session.open_stream_bytes == 0
     # The same stream id may be started afresh.
-    [action] = feed(session, frames("big", SENDER, "a@example.org", b"small"))
+    [action] = feed(session, frames("big", SENDER, "a@example.org", mail(b"small")))
     assert isinstance(action, EnqueueOutbound)
 
 
 def test_exactly_max_bytes_is_accepted() -> None:
     session = authenticated_session(max_message_bytes=1000)
-    [action] = feed(session, frames("s", SENDER, "a@example.org", b"x" * 1000))
+    message = mail(b"x" * (1000 - len(mail(b""))))
+    assert len(message) == 1000
+    [action] = feed(session, frames("s", SENDER, "a@example.org", message))
     assert isinstance(action, EnqueueOutbound)
 
 
