@@ -531,6 +531,7 @@ def test_egress_process_delivers_and_serves_health(
     assert process.terminate(timeout_s=15) == 0
 
 
+@pytest.mark.system  # a fault / flood run: left out of make test-fast
 def test_job_of_a_killed_worker_runs_again_on_another_and_publishes_once(
     spawn: Any,
     redis_server: EmbeddedRedis,
@@ -566,6 +567,7 @@ def test_job_of_a_killed_worker_runs_again_on_another_and_publishes_once(
     assert rerun_s < 12
 
 
+@pytest.mark.system  # a fault / flood run: left out of make test-fast
 def test_domain_delivered_before_a_crash_is_not_sent_again_by_the_rerun(
     spawn: Any,
     redis_server: EmbeddedRedis,

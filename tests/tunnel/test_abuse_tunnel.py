@@ -437,6 +437,7 @@ async def silent_connection(port: int, ip: str, upgrade: bool, opening: asyncio.
     return await silent_end(silent)
 
 
+@pytest.mark.system  # a fault / flood run: left out of make test-fast
 async def test_silent_connection_flood_is_bounded(spawn: Any, redis_client: redis.Redis) -> None:
     """Silent TCP connections are closed by the handshake timeout, silent upgraded sockets by the
     auth deadline (auth_error auth_timeout, 4401), one IP cannot hold more than
