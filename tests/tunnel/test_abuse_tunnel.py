@@ -24,6 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 from arq.connections import RedisSettings, create_pool
 from websockets.frames import Opcode
