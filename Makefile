@@ -3,15 +3,21 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast lint bench soak fuzz clean
+.PHONY: install constraints run test test-fast lint bench soak fuzz clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# constraints.txt: the exact versions the suite passed with; the Dockerfile installs the same.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
+
+# Re-pin constraints.txt from .venv after an upgrade the suite passed with.
+constraints: install
+	{ head -3 constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^#'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 run: install
 	$(BIN)/protege-relay run

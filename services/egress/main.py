@@ -29,6 +29,7 @@ from shared.logs import get_logger, log
 from shared.nodeinfo import HEARTBEAT_INTERVAL_S, publish_node_info, remove_node_info
 from shared.redis import arq_settings, connect
 from shared.secrets import SecretFileError
+from shared.versions import require_tested
 
 logger = get_logger(__name__)
 
@@ -138,6 +139,7 @@ class EgressService:
 
 
 async def serve(config: RelayConfig, stopping: asyncio.Event) -> None:
+    require_tested("egress", "arq")  # prompt_worker.py reads and writes arq's Redis keys
     try:
         service = EgressService(config)
     except SecretFileError as exc:

@@ -34,6 +34,7 @@ from shared.nodeinfo import HEARTBEAT_INTERVAL_S, publish_node_info, remove_node
 from shared.ratelimit import Clock
 from shared.redis import credentials, redis_url
 from shared.secrets import SecretFileError, load_signing_key, read_secret_file
+from shared.versions import require_tested
 
 logger = get_logger(__name__)
 
@@ -98,6 +99,7 @@ async def serve(
     rate_clock: Clock = time.time,
 ) -> None:
     """Run the ingress until `stopping` is set; `rate_clock` cuts the rate windows (tests hold it still)."""
+    require_tested("ingress", "aiosmtpd")  # server.py overrides its private members
     try:
         signer = attestation_signer(config)
         tls = tls_context(config.smtp)

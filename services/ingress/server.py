@@ -27,7 +27,8 @@ And the abuse defences of tests/ingress/test_abuse_smtp.py (docs/SECURITY.md):
   into our reply stream.
 
 These rely on private members of aiosmtpd 1.4 (`_handle_client`, `_smtp_methods`,
-`_timeout_cb`, `_reader`); tests cover each, so an upgrade that changes them fails loudly.
+`_timeout_cb`, `_reader`); tests cover each, so an upgrade that changes them fails loudly, and
+the ingress refuses to start on a release outside the tested range (shared/versions.py).
 """
 
 from __future__ import annotations
