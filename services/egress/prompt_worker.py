@@ -21,7 +21,9 @@ The jobs run as arq would run them for this service's configuration (one functio
 `job_try`, `enqueue_time` and `score`; `Retry(defer)` re-queues; a cancelled job (shutdown)
 is handed back at once; any other exception, the job timeout, `max_tries` exceeded or an
 undecodable or expired job ends the job as failed. `tests/egress/test_egress_prompt_worker.py` pins
-this against arq's own enqueueing side.
+this against arq's own enqueueing side, and `tests/egress/test_prompt_worker_arq_layout.py` against
+arq's job status, dedupe, in-progress claims and try count (a stock arq `Worker` on the same
+queue), so a change of arq's layout fails there; the service refuses an untested arq at start.
 """
 
 from __future__ import annotations
