@@ -39,6 +39,7 @@ from shared.protocol import (
     encode_message_frames,
 )
 from tests.support.processes import REPO_ROOT
+from tests.support.wait import eventually
 
 STEP_TIMEOUT_S = 20.0
 Handler = Callable[[ServerConnection], Awaitable[None]]
@@ -122,15 +123,6 @@ def launch(tmp_path: Path) -> Iterator[Launch]:
     for process in started:
         with contextlib.suppress(ProcessLookupError):
             os.kill(process.pid, signal.SIGKILL)
-
-
-async def poll_async(predicate: Callable[[], bool], interval_s: float = 0.02) -> None:
-    """Await `predicate` with a deadline (the event loop keeps serving the relay meanwhile)."""
-    async with asyncio.timeout(STEP_TIMEOUT_S):
-        while True:
-            if predicate():
-                return
-            await asyncio.sleep(interval_s)
 
 
 async def wait_exit(process: asyncio.subprocess.Process) -> int:
@@ -263,7 +255,7 @@ async def test_gateway_sends_no_acks_unless_the_relay_agreed_to_them(tmp_path: P
         reader = asyncio.create_task(read_all())
         for n in range(2):
             await push_message(ws, f"legacy-{n}", b"Subject: legacy\r\n\r\nbody\r\n")
-        await poll_async(lambda: len(stored(maildir)) == 2)
+        await eventually(lambda: len(stored(maildir)) == 2, STEP_TIMEOUT_S)
         await (await ws.ping())  # the pong follows anything the gateway wrote before
         await ws.close()
         await reader

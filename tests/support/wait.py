@@ -18,7 +18,10 @@ POLL_INTERVAL_S = 0.02
 
 
 def poll_until(
-    predicate: Callable[[], T], timeout_s: float = 15.0, interval_s: float = POLL_INTERVAL_S, message: str = ""
+    predicate: Callable[[], T],
+    timeout_s: float = 15.0,
+    interval_s: float = POLL_INTERVAL_S,
+    message: str | Callable[[], str] = "",
 ) -> T:
     """Call `predicate` until it returns a truthy value (returned); AssertionError at the deadline."""
     deadline = time.monotonic() + timeout_s
@@ -27,14 +30,14 @@ def poll_until(
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(message or f"condition not met within {timeout_s}s (last value {value!r})")
+            raise AssertionError(_failure(message, timeout_s, value))
         time.sleep(interval_s)
 
 
 async def eventually(
     predicate: Callable[[], T | Awaitable[T]],
     timeout_s: float = 15.0,
-    message: str = "",
+    message: str | Callable[[], str] = "",
     interval_s: float = POLL_INTERVAL_S,
 ) -> T:
     """Async `poll_until`: the event loop (an in-process service) keeps running while we wait.
@@ -48,8 +51,15 @@ async def eventually(
         if value:
             return value  # type: ignore[no-any-return]
         if loop.time() > deadline:
-            raise AssertionError(message or f"condition not met within {timeout_s}s (last value {value!r})")
+            raise AssertionError(_failure(message, timeout_s, value))
         await asyncio.sleep(interval_s)
+
+
+def _failure(message: str | Callable[[], str], timeout_s: float, value: object) -> str:
+    """The assertion text: `message` (called if it is a function, so it can show the state at the
+    deadline), else the timeout and the predicate's last value."""
+    text = message() if callable(message) else message
+    return text or f"condition not met within {timeout_s}s (last value {value!r})"
 
 
 __all__ = ["eventually", "poll_until"]
