@@ -147,7 +147,7 @@ async def test_outbound_rate_per_persona(tunnel: RunningTunnel, arq_pool: ArqRed
     assert (result["streamId"], result["error"]) == (limited, "rate_limited")
     assert len(await queued(arq_pool)) == 3
     rate_clock.advance(60)  # the next minute window admits the persona again
-    await client.send_outbound(str(uuid.uuid4()), sender, "a@example.org", b"next minute")
+    await client.send_outbound(str(uuid.uuid4()), sender, "a@example.org", mail_from(sender, b"next minute"))
     await barrier(client)
     assert len(await queued(arq_pool)) == 4
     await client.close()
