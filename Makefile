@@ -25,9 +25,12 @@ run: install
 test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-# Everything but the system tier (tests/system: several processes at once, faults, multi-node).
+# Everything but the system tier (tests/system: several processes at once, faults, multi-node),
+# on TEST_WORKERS pytest-xdist workers: the tests mostly wait on sockets and processes, so more
+# workers than cores pays. `make test` runs the whole suite in one process.
+TEST_WORKERS ?= 4
 test-fast: install
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not system"
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not system" -n $(TEST_WORKERS) --dist worksteal
 
 lint: install
 	$(BIN)/ruff check shared services protege_relay tests bench fuzz

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -106,9 +107,7 @@ class TunnelNode:
         closing = [connection.close(protocol.CLOSE_GOING_AWAY, GOING_AWAY_REASON) for connection in connections]
         if closing:
             await asyncio.wait([asyncio.ensure_future(c) for c in closing], timeout=SHUTDOWN_CLOSE_TIMEOUT_S)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await _cancel_all(self._tasks)
         with contextlib.suppress(RedisError):
             await remove_node_info(self.redis, self.node_id)
 
@@ -444,6 +443,21 @@ class TunnelNode:
             except RedisError as exc:
                 log(logger, logging.WARNING, "node liveness not published", error=repr(exc))
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+
+
+async def _cancel_all(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """Cancel `tasks` and wait for them, cancelling again any still running a second later: under
+    load a cancellation can be lost inside a Redis call (seen in tests: the liveness loop went on to
+    its next sleep and shutdown waited forever)."""
+    tasks = list(tasks)
+    pending = set(tasks)
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=1.0)
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()  # retrieved, as gather(return_exceptions=True) did
 
 
 def _ignore_outcome(task: asyncio.Task[Any]) -> None:

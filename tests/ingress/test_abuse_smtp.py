@@ -31,7 +31,9 @@ from tests.support.wait import poll_until
 
 StartIngress = Callable[..., InProcessIngress]
 HONEST_IP = "127.0.0.2"
-ATTACKER_IP = "127.0.0.1"
+# Not 127.0.0.1: the readiness probe of the test ingress connects from there and may count
+# towards that address's connection rate.
+ATTACKER_IP = "127.0.0.3"
 HONEST_PACING_S = 0.05  # the honest sender's rate, not a synchronisation
 DRIP_INTERVAL_S = 0.25  # the slowloris attacker's rate: one byte per interval
 MAX_MESSAGE_BYTES = 64 * 1024

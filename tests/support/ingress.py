@@ -26,7 +26,7 @@ from shared.identity import Passport
 from shared.inbox_entries import StoredEntry
 from shared.payloads import InboxEntry
 from shared.ratelimit import Clock
-from tests.support.processes import free_port, wait_for_port
+from tests.support.processes import PROBE_IP, free_port, wait_for_port
 
 MAIL_DOMAIN = "relay.test"
 
@@ -49,7 +49,7 @@ class InProcessIngress:
         self._thread.start()
         assert self._started.wait(10), "ingress loop did not start"
         if self.config.smtp.enabled:
-            wait_for_port(self.port)
+            wait_for_port(self.port, source_ip=PROBE_IP)
         if self.http_port:
             wait_for_port(self.http_port)
         return self

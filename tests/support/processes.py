@@ -13,6 +13,9 @@ from protege_relay.embedded_redis import free_port, wait_for_port
 from tests.support.wait import poll_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# Readiness probes connect from here, so they never count towards the per-IP limits a test
+# measures from 127.0.0.1 (the probe's connection may or may not reach the rate check).
+PROBE_IP = "127.0.0.254"
 
 
 @dataclass
@@ -36,7 +39,7 @@ class ServiceProcess:
         )
         if self.port is not None:
             try:
-                wait_for_port(self.port, timeout_s=timeout_s, process=self.process)
+                wait_for_port(self.port, timeout_s=timeout_s, process=self.process, source_ip=PROBE_IP)
             except TimeoutError:
                 raise AssertionError(f"{self.service} did not start:\n{self.logs()}") from None
         return self
@@ -71,4 +74,4 @@ def service_env(redis_url: str, **overrides: str) -> dict[str, str]:
     return env
 
 
-__all__ = ["ServiceProcess", "free_port", "poll_until", "service_env", "wait_for_port"]
+__all__ = ["PROBE_IP", "ServiceProcess", "free_port", "poll_until", "service_env", "wait_for_port"]
