@@ -12,7 +12,7 @@ at the transaction's first RCPT the per-IP message count and the IP's bytes this
 pipeline) and one at the final dot (the enqueue script, which also wakes the owning tunnel node,
 pipelined with the IP's byte count); one more per connection (the connection rate, before the
 greeting). Redis memory for the admission rule (`memory.MemoryWatch`) is one `INFO memory` per
-second per process, not per message. tests/test_ingress_roundtrips.py holds that budget.
+second per process, not per message. tests/ingress/test_ingress_roundtrips.py holds that budget.
 
 When sender authentication is on (`smtp.evaluateSenderAuth`, implied by `attestation.enabled`)
 DATA also runs SPF/DKIM/DMARC (`sender_auth`), adds an Authentication-Results header below
