@@ -153,19 +153,28 @@ class Bench:
         return self.work_dir / f"{self._counter:03d}-{name}.log"
 
     def start_service(
-        self, service: str, port: int | None = None, ready_http_port: int | None = None, **env: str
+        self,
+        service: str,
+        port: int | None = None,
+        ready_http_port: int | None = None,
+        pass_fds: Sequence[int] = (),
+        inherited_env: dict[str, str] | None = None,
+        **env: str,
     ) -> Child:
         """`protege-relay <service>`; waits until `port` accepts connections and/or
-        `ready_http_port` answers /readyz with 200, when given."""
+        `ready_http_port` answers /readyz with 200, when given. `pass_fds`: descriptors the
+        child inherits (the SMTP socket several ingress workers share), named to it in
+        `inherited_env`."""
         log_path = self._log_path(service)
         with log_path.open("wb") as log_file:
             process = subprocess.Popen(
                 [sys.executable, "-m", "protege_relay.cli", service],
-                env=self.env(**env),
+                env=self.env(**env, **(inherited_env or {})),
                 cwd=REPO_ROOT,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 preexec_fn=raise_fd_limit,
+                pass_fds=tuple(pass_fds),
             )
         child = Child(service, process, log_path)
         self.children.append(child)

@@ -18,6 +18,7 @@ from bench.modes import Mode
 from bench.report import FigureResult, Target, print_line
 from shared import keys
 from shared.identity import Passport
+from shared.listen import INHERITED_SMTP_FD_ENV, bind_listener
 
 FIGURE = "ingress_rate"
 PERSONAS = 50
@@ -121,7 +122,9 @@ def listening_on(pid: int, port: int) -> bool:
 def measure_relay(bench: Bench, mode: Mode, workers: int, persona_keys: list[str], recipients: list[str]) -> float:
     bench.flush()
     mark_seen(bench, persona_keys)
-    port = free_port()
+    # One socket bound here and inherited by every worker, as `protege-relay run` does.
+    listener = bind_listener("127.0.0.1", 0, field="smtp.port")
+    port = listener.getsockname()[1]
     processes = []
     try:
         for index in range(workers):
@@ -130,13 +133,16 @@ def measure_relay(bench: Bench, mode: Mode, workers: int, persona_keys: list[str
                 bench.start_service(
                     "ingress",
                     ready_http_port=http_port,
+                    pass_fds=(listener.fileno(),),
                     RELAY_SMTP_PORT=str(port),
                     RELAY_SMTP_HTTP_PORT=str(http_port),
+                    inherited_env={INHERITED_SMTP_FD_ENV: str(listener.fileno())},
                     RELAY_NODE_ID=f"bench-ingress-{index}",
                 )
             )
         return loadgen(bench, mode, port, recipients)
     finally:
+        listener.close()
         for process in processes:
             bench.stop(process)
 
@@ -148,7 +154,7 @@ def run(bench: Bench, mode: Mode) -> FigureResult:
         f"{mode.ingress_connections} concurrent SMTP sessions (one command at a time), "
         f"{MESSAGE_BYTES // 1024} KB messages, {mode.ingress_seconds:g} s window; baseline: bare "
         "aiosmtpd (one process, default event loop, handler answers 250 and discards). Relay: N "
-        "`protege-relay ingress` processes sharing the port with SO_REUSEPORT, AOF on "
+        "`protege-relay ingress` processes sharing one inherited listening socket (as `run` does), AOF on "
         "(appendfsync everysec), every 250 after the enqueue script.",
     )
     persona_keys = personas()

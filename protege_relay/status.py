@@ -7,6 +7,11 @@ from the node set, which their expired liveness hashes already declared dead.
 
 Keys are found with SCAN over the patterns `shared.keys` produces, so this works on a single
 Redis or a Sentinel-managed primary; on Redis Cluster it would have to visit every primary.
+
+Replication (docs/HA.md): the primary's replicas with their lag (bytes of replication stream
+not yet acknowledged, seconds since their last acknowledgement) from INFO replication, and with
+`redis.sentinels` which primary each sentinel names, so a split view or a lagging replica (which
+`redis.minReplicasToAck` would turn into 451s) shows here.
 """
 
 from __future__ import annotations
@@ -18,11 +23,11 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any, cast
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
+import redis.sentinel as sync_sentinel
 
-from protege_relay.embedded_redis import running_embedded_url
+from protege_relay.embedded_redis import data_dir, running_embedded_url
 from shared import keys
 from shared.backlog import (
     EgressQueue,
@@ -37,8 +42,8 @@ from shared.backlog import (
     results_backlog,
     scan_keys,
 )
-from shared.config import RelayConfig
-from shared.redis import connect_sync, redis_url
+from shared.config import ConfigError, RelayConfig
+from shared.redis import connect_sync, redacted_url, sentinel_addresses, sentinel_for_status, uses_sentinel
 
 REDIS_TIMEOUT_S = 5.0
 NODE_FIELDS = ("role", "updated_ms")
@@ -54,6 +59,23 @@ class NodeStatus:
 
 
 @dataclasses.dataclass(frozen=True)
+class ReplicaStatus:
+    address: str
+    state: str
+    lag_bytes: int | None
+    last_ack_s: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicationStatus:
+    role: str
+    replicas: list[ReplicaStatus]
+    min_replicas_to_ack: int
+    sentinel_master: str | None = None
+    sentinels: dict[str, str] = dataclasses.field(default_factory=dict)  # sentinel -> primary it names
+
+
+@dataclasses.dataclass(frozen=True)
 class RelayStatus:
     redis: str
     generated_ms: int
@@ -64,16 +86,53 @@ class RelayStatus:
     inbox: StreamBacklog
     egress: EgressQueue
     results: StreamBacklog
+    replication: ReplicationStatus | None = None
+
+
+class NoRelayFound(Exception):
+    """Neither a configured Redis nor a running `protege-relay run` for this data directory."""
+
+
+def relay_redis_url(config: RelayConfig) -> str | None:
+    """The Redis of the relay an operator command means: `redis.url` / `RELAY_REDIS_URL` when
+    set, else the embedded Redis a `protege-relay run` published in its data directory; None
+    with `redis.sentinels` (`connect_sync(config, None)` then asks the sentinels for the primary)."""
+    if uses_sentinel(config):
+        return None
+    if config.redis.url:
+        return config.redis.url
+    found = running_embedded_url()
+    if found:
+        return found
+    where = data_dir()
+    raise NoRelayFound(
+        f"no running relay found for data directory {where} (no {where / 'redis.url'}): start one with "
+        "`make run`, or point at one with RELAY_DATA_DIR=<its data directory> or RELAY_REDIS_URL=redis://HOST:PORT/0"
+    )
 
 
 def run_status(config: RelayConfig, as_json: bool = False) -> int:
-    """Print the status table (or JSON); 1 when Redis cannot be read."""
-    url = config.redis.url or running_embedded_url() or redis_url(config)
+    """Print the status table (or JSON); 1 when there is no relay to ask or Redis cannot be read."""
+    try:
+        url = relay_redis_url(config)
+        label = redis_label(config, url)
+    except (NoRelayFound, ConfigError) as exc:
+        print(f"protege-relay status: {exc}", file=sys.stderr)
+        return 1
+    sentinels = sentinel_for_status(config, timeout_s=REDIS_TIMEOUT_S)
     client = connect_sync(config, url, timeout_s=REDIS_TIMEOUT_S)
     try:
-        status = collect_status(client, redacted_url(url), now_ms=int(time.time() * 1000))
+        status = collect_status(client, label, now_ms=int(time.time() * 1000))
+        status = dataclasses.replace(status, replication=collect_replication(client, config, sentinels))
     except redis.RedisError as exc:
-        print(f"protege-relay status: cannot read Redis at {redacted_url(url)}: {exc}", file=sys.stderr)
+        if url is None:
+            source = "redis.sentinels / RELAY_REDIS_SENTINELS"
+        else:
+            source = "RELAY_REDIS_URL / redis.url" if config.redis.url else f"{data_dir() / 'redis.url'}"
+        print(
+            f"protege-relay status: cannot read Redis at {label} (from {source}): {exc}; is the relay running?",
+            file=sys.stderr,
+        )
         return 1
     finally:
         client.close()
@@ -81,15 +140,12 @@ def run_status(config: RelayConfig, as_json: bool = False) -> int:
     return 0
 
 
-def redacted_url(url: str) -> str:
-    """The Redis URL without its password, fit for a terminal or a log."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+def redis_label(config: RelayConfig, url: str | None) -> str:
+    """Where the command reads, fit for a terminal (no password); checks `redis.sentinels`."""
+    if url is None:
+        sentinel_addresses(config)
+        return f"sentinel primary {config.redis.sentinelMaster!r} via {', '.join(config.redis.sentinels)}"
+    return redacted_url(url)
 
 
 # --- reading Redis ---------------------------------------------------------------------------
@@ -109,6 +165,48 @@ def collect_status(client: redis.Redis, redis_label: str, now_ms: int) -> RelayS
         inbox=inbox_backlog(client, now_ms),
         egress=egress_queue(client, now_ms),
         results=results_backlog(client, now_ms),
+    )
+
+
+def collect_replication(
+    client: redis.Redis, config: RelayConfig, sentinels: sync_sentinel.Sentinel | None
+) -> ReplicationStatus:
+    """The primary's replicas and their lag; with Sentinel, the primary each sentinel names."""
+    info = cast(dict[str, Any], client.info("replication"))
+    primary_offset = int_or_none(str(info.get("master_repl_offset", ""))) or 0
+    replicas = []
+    for index in range(int(info.get("connected_slaves", 0))):
+        replica = info.get(f"slave{index}")
+        if not isinstance(replica, dict):
+            continue
+        offset = int_or_none(str(replica.get("offset", "")))
+        replicas.append(
+            ReplicaStatus(
+                address=f"{replica.get('ip')}:{replica.get('port')}",
+                state=str(replica.get("state", "?")),
+                lag_bytes=None if offset is None else max(0, primary_offset - offset),
+                last_ack_s=int_or_none(str(replica.get("lag", ""))),
+            )
+        )
+    named: dict[str, str] = {}
+    if sentinels is not None:
+        for sentinel in sentinels.sentinels:
+            where = sentinel.connection_pool.connection_kwargs
+            try:
+                address = sentinel.sentinel_get_master_addr_by_name(  # type: ignore[no-untyped-call]
+                    config.redis.sentinelMaster
+                )
+                named[f"{where['host']}:{where['port']}"] = f"{as_text(address[0])}:{address[1]}" if address else "none"
+            except redis.RedisError as exc:
+                named[f"{where['host']}:{where['port']}"] = f"unreachable ({type(exc).__name__})"
+            finally:
+                sentinel.close()
+    return ReplicationStatus(
+        role=str(info.get("role", "?")),
+        replicas=replicas,
+        min_replicas_to_ack=config.redis.minReplicasToAck,
+        sentinel_master=config.redis.sentinelMaster if sentinels is not None else None,
+        sentinels=named,
     )
 
 
@@ -140,7 +238,10 @@ def _live_nodes(client: redis.Redis, owners: dict[str, int], now_ms: int) -> tup
         )
     if pruned:
         # A node re-adds itself on its next heartbeat, so pruning one that just came back is harmless.
-        client.srem(keys.NODES_KEY, *pruned)
+        try:
+            client.srem(keys.NODES_KEY, *pruned)
+        except redis.exceptions.NoPermissionError:  # the read-only `status` ACL user: report, don't prune
+            return nodes, []
     return nodes, pruned
 
 
@@ -203,7 +304,38 @@ def render(status: RelayStatus) -> str:
         queue_rows,
         numeric={1, 2, 3, 4, 5},
     )
+    if status.replication is not None:
+        lines += ["", *_render_replication(status.replication)]
     return "\n".join(lines)
+
+
+def _render_replication(replication: ReplicationStatus) -> list[str]:
+    lines = [
+        f"Redis {replication.role}: {len(replication.replicas)} replica(s) connected,"
+        f" minReplicasToAck={replication.min_replicas_to_ack}"
+    ]
+    if replication.replicas:
+        rows = [
+            [
+                replica.address,
+                replica.state,
+                "-" if replica.lag_bytes is None else str(replica.lag_bytes),
+                "-" if replica.last_ack_s is None else f"{replica.last_ack_s}s",
+            ]
+            for replica in replication.replicas
+        ]
+        lines += _table(["REPLICA", "STATE", "LAG BYTES", "LAST ACK"], rows, numeric={2, 3})
+    online = sum(replica.state == "online" for replica in replication.replicas)
+    if online < replication.min_replicas_to_ack:
+        lines.append(f"  WARNING: {online} replica(s) online, fewer than minReplicasToAck: new mail gets 451")
+    if replication.sentinels:
+        lines.append(f"Sentinels for {replication.sentinel_master!r}:")
+        lines += _table(
+            ["SENTINEL", "NAMES PRIMARY"], [[k, v] for k, v in sorted(replication.sentinels.items())], set()
+        )
+        if len(set(replication.sentinels.values())) > 1:
+            lines.append("  WARNING: the sentinels disagree on the primary (a failover in progress, or a split)")
+    return lines
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], numeric: set[int]) -> list[str]:

@@ -54,7 +54,7 @@ def _field(
 
 @dataclasses.dataclass(frozen=True)
 class LoggingConfig:
-    consoleLogFormat: str = _field("json", choices=("json", "pretty"))
+    consoleLogFormat: str = _field("auto", choices=("auto", "json", "pretty"))  # auto: pretty on a terminal
     prettyLogThemePath: str = ""  # accepted, ignored: see IGNORED_FIELDS
     level: str = _field("info", choices=("debug", "info", "warning", "error"))
 
@@ -83,6 +83,7 @@ class SmtpConfig:
     evaluateSenderAuth: bool = False  # SPF/DKIM/DMARC + Authentication-Results; implied by attestation.enabled
     authNameservers: list[str] = _field([])  # "ip:port" for sender-auth DNS; empty = system resolver
     senderAuthTimeoutMs: int = _field(4000, minimum=100)  # whole SPF+DKIM+DMARC budget; over it = unknown
+    maxFailedRecipients: int = _field(20, minimum=1)  # refused RCPTs per session; the next: 421 4.7.0, close
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +131,9 @@ class WsConfig:
     outboundAssemblyBytes: int = _field(256 * 1024 * 1024, minimum=1)
     maxOutboundSocketsPerPersona: int = _field(4, minimum=1)
     maxOutboundSocketsPerIp: int = _field(64, minimum=1)
+    # Gateways without inbound_ack: a message leaves Redis only when the socket stayed open this
+    # long after the pong that followed smtp_end (the WebSocket library pongs before storing).
+    legacyAckGraceMs: int = _field(5_000, minimum=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +168,15 @@ class RedisConfig:
     password: str = dataclasses.field(default="", repr=False)
     # new mail is refused (452 4.3.1) at this share of Redis `maxmemory`, largest backlogs first
     admissionHighWatermarkPercent: int = _field(85, minimum=1, maximum=100)
+    # Sentinel (docs/HA.md): "host:port" of each sentinel; when set, the primary of
+    # `sentinelMaster` is asked for (and asked again after a failover) instead of using `url`.
+    sentinels: list[str] = _field([])
+    sentinelMaster: str = "relay"
+    sentinelAuth: bool = False  # the sentinels too require username/password (their own ACL)
+    # Replicated acknowledgements: a 250 (and an accepted outbound stream, a published result)
+    # only once WAIT confirms this many replicas hold the write, else 451 4.3.0.
+    minReplicasToAck: int = _field(0, minimum=0)
+    replicaAckTimeoutMs: int = _field(1000, minimum=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,6 +311,11 @@ def env_variable_names() -> list[tuple[str, str]]:
 
     walk(RelayConfig, ())
     return names
+
+
+def env_name(field_path: str) -> str:
+    """The environment variable of a dotted field path: `smtp.httpPort` -> `RELAY_SMTP_HTTP_PORT`."""
+    return _env_name(tuple(field_path.split(".")))
 
 
 def _env_name(path: tuple[str, ...]) -> str:

@@ -38,6 +38,11 @@ id (ours, or the one it had stored), and the others are written with it, pipelin
 round trip. If one persona's write fails after another committed, the answer is 451 and the retry
 completes the rest under the same queue id: every persona ends up with exactly one copy, each
 stream id `<queue_id>.<n>` as on the first attempt.
+
+High availability (docs/HA.md): with `redis.minReplicasToAck`, WAIT follows the script in the
+same pipeline (still one round trip) and the caller answers 250 only if enough replicas
+confirmed; a connection error or READONLY during a failover sends the script again to the new
+primary, which idempotence makes safe (`shared.replication`).
 """
 
 from __future__ import annotations
@@ -47,17 +52,19 @@ import base64
 import hashlib
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
-from redis.exceptions import NoScriptError, OutOfMemoryError, RedisError
+from redis.exceptions import OutOfMemoryError, RedisError
 
 from shared import inbox_entries, keys
 from shared.logs import get_logger, log
 from shared.payloads import InboxEntry
+from shared.replication import NO_ACK, LuaScript, ReplicaAck, ScriptCall, run_scripts
 from shared.wakeup import Wakeup, WakeupKind
 
 logger = get_logger(__name__)
@@ -100,7 +107,7 @@ end
 return stored
 """
 assert (inbox_entries.ENTRY_FIELD, inbox_entries.BODY_SIZE_FIELD, inbox_entries.DIGEST_FIELD) == (b"m", b"s", b"d")
-ENQUEUE_SCRIPT_SHA = hashlib.sha1(ENQUEUE_SCRIPT).hexdigest()
+ENQUEUE_LUA = LuaScript.of(ENQUEUE_SCRIPT)
 
 
 class EnqueueFailed(Exception):
@@ -137,7 +144,6 @@ class Enqueued:
 
 
 DeliveriesFor = Callable[[str], list[Delivery]]
-ScriptCall = tuple[list[str], list[Any]]  # keys, arguments (bytes, str, int)
 AlsoQueue = Callable[[Pipeline], object]  # more commands for the first script's round trip
 
 
@@ -167,6 +173,7 @@ async def enqueue(
     digest: str,
     queue_id: str,
     deliveries_for: DeliveriesFor,
+    ack: ReplicaAck = NO_ACK,
     *,
     also: AlsoQueue | None = None,
 ) -> Enqueued:
@@ -176,22 +183,32 @@ async def enqueue(
     it), so a retry whose first persona was already stored is rebuilt with the stored id.
     `also` queues bookkeeping commands (the ingress' per-IP byte count) into the first
     script's round trip, pipelined, not transactional: their replies are not checked.
+    With `ack.replicas`, each write is confirmed by that many replicas (WAIT) before this
+    returns; a failover meanwhile is followed (`shared.replication`: the script is idempotent).
     """
+    deadline = time.monotonic() + ENQUEUE_TIMEOUT_S
     try:
         async with asyncio.timeout(ENQUEUE_TIMEOUT_S):
-            return await _enqueue(redis, digest, queue_id, deliveries_for, also)
+            return await _enqueue(redis, digest, queue_id, deliveries_for, ack, also, deadline)
     except (RedisError, OSError, TimeoutError) as exc:
         raise EnqueueFailed(type(exc).__name__, out_of_memory=is_out_of_memory(exc)) from exc
 
 
 async def _enqueue(
-    redis: aioredis.Redis, digest: str, queue_id: str, deliveries_for: DeliveriesFor, also: AlsoQueue | None
+    redis: aioredis.Redis,
+    digest: str,
+    queue_id: str,
+    deliveries_for: DeliveriesFor,
+    ack: ReplicaAck,
+    also: AlsoQueue | None,
+    deadline: float,
 ) -> Enqueued:
     deliveries = deliveries_for(queue_id)
     by_persona = _group(deliveries)
     first_persona, *other_personas = by_persona
     first_call = _script_call(digest, queue_id, by_persona[first_persona])
-    stored = _text(await _run_script(redis, first_call, also))
+    (reply,) = await run_scripts(redis, [first_call], ack, deadline_s=deadline - time.monotonic(), also=also)
+    stored = _text(reply)
     if stored is None:
         written = len(by_persona[first_persona])
     else:
@@ -200,11 +217,8 @@ async def _enqueue(
             queue_id = stored
             by_persona = _group(deliveries_for(queue_id))
     if other_personas:
-        async with redis.pipeline(transaction=False) as pipe:
-            for persona_key in other_personas:
-                persona_keys, args = _script_call(digest, queue_id, by_persona[persona_key])
-                pipe.evalsha(ENQUEUE_SCRIPT_SHA, len(persona_keys), *persona_keys, *args)
-            replies = await pipe.execute(raise_on_error=True)
+        calls = [_script_call(digest, queue_id, by_persona[persona_key]) for persona_key in other_personas]
+        replies = await run_scripts(redis, calls, ack, deadline_s=deadline - time.monotonic())
         for persona_key, reply in zip(other_personas, replies, strict=True):
             stored = _text(reply)
             if stored is None:
@@ -253,26 +267,7 @@ def _script_call(digest: str, queue_id: str, deliveries: list[Delivery]) -> Scri
         Wakeup(WakeupKind.INBOX, persona_key).encode(),
         *per_entry,
     ]
-    return script_keys, args
-
-
-async def _run_script(redis: aioredis.Redis, call: ScriptCall, also: AlsoQueue | None = None) -> object:
-    """EVALSHA (with `also` in the same round trip), loading the script once if this Redis does
-    not have it (restarted, flushed)."""
-    script_keys, args = call
-    try:
-        if also is None:
-            return await redis.evalsha(ENQUEUE_SCRIPT_SHA, len(script_keys), *script_keys, *args)  # type: ignore[misc]
-        async with redis.pipeline(transaction=False) as pipe:
-            pipe.evalsha(ENQUEUE_SCRIPT_SHA, len(script_keys), *script_keys, *args)
-            also(pipe)
-            replies = await pipe.execute(raise_on_error=False)
-        if isinstance(replies[0], Exception):
-            raise replies[0]
-        return replies[0]
-    except NoScriptError:
-        await redis.script_load(ENQUEUE_SCRIPT)
-        return await redis.evalsha(ENQUEUE_SCRIPT_SHA, len(script_keys), *script_keys, *args)  # type: ignore[misc]
+    return ScriptCall(ENQUEUE_LUA, script_keys, args)
 
 
 def _text(reply: object) -> str | None:

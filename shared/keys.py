@@ -90,6 +90,12 @@ def egress_delivered(persona_key: str, stream_id: str) -> str:
     return f"relay:{{{persona_key}}}:egress_sent:{stream_id}"
 
 
+def egress_last_error(persona_key: str, stream_id: str) -> str:
+    """The last temporary error of an outbound stream waiting for its next attempt (TTL), shown
+    by `protege-relay queue list`; the result carries the final one."""
+    return f"relay:{{{persona_key}}}:egress_error:{stream_id}"
+
+
 def outbound_holders(persona_key: str) -> str:
     """Sorted set: node ids holding an outbound-role socket of the persona, scored by expiry
     (epoch ms, renewed like `owner`), so a result wake-up reaches a `send`-only socket too."""

@@ -11,6 +11,7 @@ import redis
 import trustme
 
 from protege_relay.embedded_redis import EmbeddedRedis
+from shared.redis_acl import write_secrets
 from tests.support.clock import ManualClock
 from tests.support.processes import ServiceProcess, free_port, service_env
 
@@ -71,6 +72,23 @@ def smtp_port() -> int:
 def ca() -> trustme.CA:
     """A test certificate authority (trustme); one per run, it only issues certificates."""
     return trustme.CA()
+
+
+@pytest.fixture
+def acl_dir(tmp_path: Path) -> Path:
+    """The Redis ACL file and per-user credentials, as `python -m shared.redis_acl` writes them."""
+    directory = tmp_path / "secrets"
+    write_secrets(directory)
+    return directory
+
+
+@pytest.fixture
+def acl_redis(tmp_path: Path, acl_dir: Path) -> Iterator[EmbeddedRedis]:
+    """A redis-server that requires those users (`--aclfile`)."""
+    server = EmbeddedRedis(tmp_path / "redis-acl", extra_args=("--aclfile", str(acl_dir / "users.acl")))
+    server.start()
+    yield server
+    server.stop()
 
 
 __all__ = ["free_port"]

@@ -1,7 +1,9 @@
 """Opening an authenticated relay session: connect, ask for a challenge, sign it (PROTOCOL.md A3).
 
-Everything that can go wrong is one of two errors the caller acts on: `AuthFailed` (the relay
-refused us; `fatal` says whether retrying can ever help) and `RelayUnreachable` (network,
+Everything that can go wrong is one of three errors the caller acts on: `AuthFailed` (the relay
+refused us; `fatal` says whether retrying can ever help), `BadRelayUrl` (the URL cannot be a
+relay's WebSocket endpoint: not ws:// or wss://, or the server there answered the upgrade with
+an HTTP client error such as 404; retrying cannot help) and `RelayUnreachable` (network,
 handshake or protocol trouble; always worth retrying).
 """
 
@@ -11,9 +13,10 @@ import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from shared.identity import Passport
 from shared.protocol import (
@@ -33,6 +36,8 @@ MAX_INCOMING_MESSAGE_BYTES = 32 * 1024 * 1024
 FATAL_AUTH_CODES = frozenset(
     {"invalid_signature", "invalid_signature_encoding", "invalid_message", "invalid_public_key"}
 )
+URL_HINT = "use ws://HOST:PORT/ws (wss:// when the relay serves TLS), e.g. ws://127.0.0.1:8080/ws"
+HTTP_TOO_MANY_REQUESTS = 429
 
 
 class GatewayError(Exception):
@@ -51,6 +56,20 @@ class AuthFailed(GatewayError):
 
 class RelayUnreachable(GatewayError):
     """Could not reach the relay or it broke off the handshake; try again later."""
+
+
+class BadRelayUrl(GatewayError):
+    """The URL is not a relay's WebSocket endpoint; the message ends with what to use instead."""
+
+
+def check_relay_url(url: str) -> None:
+    """Refuse what can never be a relay endpoint before connecting (BadRelayUrl)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss"):
+        problem = f"scheme {parts.scheme}:// is not a WebSocket scheme" if parts.scheme else "no ws:// scheme"
+        raise BadRelayUrl(f"{url}: {problem}; {URL_HINT}")
+    if not parts.hostname:
+        raise BadRelayUrl(f"{url}: no host; {URL_HINT}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,9 +92,19 @@ async def open_session(
     timeout_s: float = AUTH_TIMEOUT_S,
 ) -> RelaySession:
     """Connect to `url` and authenticate as `passport`'s persona, or raise a GatewayError."""
+    check_relay_url(url)
     try:
         connection = await connect(url, max_size=MAX_INCOMING_MESSAGE_BYTES, open_timeout=timeout_s)
-    except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
+    except InvalidURI as exc:
+        raise BadRelayUrl(f"{url}: {exc}; {URL_HINT}") from None
+    except InvalidStatus as exc:
+        status = exc.response.status_code
+        if 400 <= status < 500 and status != HTTP_TOO_MANY_REQUESTS:
+            raise BadRelayUrl(
+                f"{url}: the server answered HTTP {status}, not a WebSocket upgrade; {URL_HINT}"
+            ) from None
+        raise RelayUnreachable(f"HTTP {status} from {url}") from None
+    except (OSError, InvalidHandshake, TimeoutError) as exc:
         raise RelayUnreachable(f"{type(exc).__name__}: {exc}") from None
     try:
         async with asyncio.timeout(timeout_s):

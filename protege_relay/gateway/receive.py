@@ -5,6 +5,11 @@ fsynced into the Maildir; until then the relay keeps it and sends it again after
 under the same stream id, which the Maildir store deduplicates. Any disconnect is followed by a
 reconnect with exponential backoff and full jitter; `--url` may list several relays separated
 by commas, tried in turn (what a load balancer would do for us).
+
+Retrying is for network trouble only. A URL that cannot be a relay endpoint, a key the relay
+refuses for good, and being replaced by another gateway with the same key (close 4400) end
+the run with one line and a non-zero exit: two gateways with one key would otherwise take the
+persona from each other forever. `--take-over` keeps the old behaviour for the last case.
 """
 
 from __future__ import annotations
@@ -15,13 +20,21 @@ import logging
 import os
 import random
 import signal
+import sys
 import time
 from dataclasses import dataclass
 
 from websockets.exceptions import ConnectionClosed
 
 from protege_relay.gateway.assembler import InboundAssembler, InboundMessage
-from protege_relay.gateway.client import AuthFailed, GatewayError, RelaySession, open_session
+from protege_relay.gateway.client import (
+    AuthFailed,
+    BadRelayUrl,
+    GatewayError,
+    RelaySession,
+    check_relay_url,
+    open_session,
+)
 from protege_relay.gateway.keyfile import KeyFileError, load_passport
 from protege_relay.gateway.maildir import MaildirStore
 from shared.identity import Passport
@@ -43,6 +56,7 @@ CLOSE_INTERNAL_ERROR = 1011
 EXIT_OK = 0
 EXIT_AUTH_REFUSED = 3
 EXIT_BAD_ARGUMENTS = 2
+EXIT_REPLACED = 4
 EXIT_TEST_CRASH = 86
 
 # Test hooks (never set in production): simulate a gateway that dies after storing a message
@@ -63,18 +77,32 @@ def reconnect_delay_s(attempt: int, base_s: float = RECONNECT_BASE_S, cap_s: flo
     return random.uniform(0.0, min(cap_s, base_s * 2 ** min(attempt, 32)))
 
 
-def run_gateway(key_path: str, url: str, maildir: str, inbound_ack: bool = True) -> int:
-    """`protege-relay gateway`: 0 on SIGTERM/SIGINT, 3 when the relay refuses our key for good."""
+def fail(message: str, exit_code: int) -> int:
+    """The one line a gateway run ends with when retrying cannot help."""
+    print(f"protege-relay gateway: {message}", file=sys.stderr, flush=True)
+    return exit_code
+
+
+def run_gateway(key_path: str, url: str, maildir: str, inbound_ack: bool = True, *, take_over: bool = False) -> int:
+    """`protege-relay gateway`: 0 on SIGTERM/SIGINT, 2 for a bad key, URL or Maildir, 3 when the
+    relay refuses our key for good, 4 when another gateway took the persona (unless `take_over`)."""
     try:
         passport = load_passport(key_path)
     except KeyFileError as exc:
-        log(logger, logging.ERROR, "cannot load passport", path=key_path, error=str(exc))
-        return EXIT_BAD_ARGUMENTS
+        return fail(str(exc), EXIT_BAD_ARGUMENTS)
     urls = parse_urls(url)
     if not urls:
-        log(logger, logging.ERROR, "no relay url given")
-        return EXIT_BAD_ARGUMENTS
-    receiver = InboundReceiver(passport, urls, MaildirStore(maildir), inbound_ack=inbound_ack)
+        return fail("no relay url given (--url ws://HOST:PORT/ws)", EXIT_BAD_ARGUMENTS)
+    try:
+        for each in urls:
+            check_relay_url(each)
+    except BadRelayUrl as exc:
+        return fail(str(exc), EXIT_BAD_ARGUMENTS)
+    try:
+        store = MaildirStore(maildir)
+    except OSError as exc:
+        return fail(f"cannot use {maildir} as a Maildir: {exc.strerror}; give a directory path", EXIT_BAD_ARGUMENTS)
+    receiver = InboundReceiver(passport, urls, store, inbound_ack=inbound_ack, take_over=take_over)
     return asyncio.run(receiver.run_until_signal())
 
 
@@ -92,8 +120,11 @@ class _TestHooks:
 
 
 class InboundReceiver:
-    def __init__(self, passport: Passport, urls: list[str], store: MaildirStore, *, inbound_ack: bool) -> None:
+    def __init__(
+        self, passport: Passport, urls: list[str], store: MaildirStore, *, inbound_ack: bool, take_over: bool = False
+    ) -> None:
         self._passport = passport
+        self._take_over = take_over
         self._urls = urls
         self._store = store
         self._inbound_ack = inbound_ack
@@ -119,7 +150,7 @@ class InboundReceiver:
         return EXIT_OK
 
     async def run_forever(self) -> int:
-        """Reconnect until cancelled; returns only when the relay refuses our key for good."""
+        """Reconnect until cancelled; returns (an exit code) only when retrying cannot help."""
         attempt = 0
         url_index = 0
         while True:
@@ -130,23 +161,23 @@ class InboundReceiver:
                     self._passport,
                     capabilities=[CAPABILITY_INBOUND_ACK] if self._inbound_ack else [],
                 )
+            except BadRelayUrl as exc:
+                return fail(str(exc), EXIT_BAD_ARGUMENTS)
             except AuthFailed as exc:
                 if exc.fatal:
-                    log(
-                        logger,
-                        logging.ERROR,
-                        "relay refused our key",
-                        url=url,
-                        code=exc.code,
-                        persona=self._passport.persona_key,
-                    )
-                    return EXIT_AUTH_REFUSED
+                    return fail(f"the relay at {url} refused the key for good: {exc.code}", EXIT_AUTH_REFUSED)
                 log(logger, logging.WARNING, "authentication refused, will retry", url=url, code=exc.code)
             except GatewayError as exc:
                 log(logger, logging.WARNING, "relay unreachable", url=url, error=str(exc))
             else:
                 connected_at = time.monotonic()
                 replaced = await self._serve(session)
+                if replaced and not self._take_over:
+                    return fail(
+                        f"another gateway connected with this key and took persona {self._passport.persona_key} "
+                        "(close 4400 replaced_by_new_session); stop the other one, or run this one with --take-over",
+                        EXIT_REPLACED,
+                    )
                 # Only a session that lasted resets the backoff: a relay that accepts us and
                 # drops us at once (or another gateway with our key) must not cause a hot loop.
                 if not replaced and time.monotonic() - connected_at >= STABLE_SESSION_S:

@@ -5,6 +5,10 @@ endings (the relay normalises to CRLF) in chunks of at most 64 KiB, then a wait 
 `timeout_s` for each stream's `relay_delivery_result` (PROTOCOL.md A6, A7). Each outcome is
 printed as one JSON line; a stream with no result in time is printed with status "timeout"
 (it may still be delivered later: the relay queued it).
+
+The envelope sender must be the persona's own address, `<key>@<one of the relay's
+mailDomains>`; without `--from` it is exactly that, the key read from the key file and the
+domain from the relay's config (`mailDomains`, else `localhost`).
 """
 
 from __future__ import annotations
@@ -20,10 +24,10 @@ from typing import Any, TextIO
 
 from websockets.exceptions import ConnectionClosed
 
-from protege_relay.gateway.client import AuthFailed, GatewayError, RelaySession, open_session
+from protege_relay.gateway.client import AuthFailed, BadRelayUrl, GatewayError, RelaySession, open_session
 from protege_relay.gateway.keyfile import KeyFileError, load_passport
 from protege_relay.gateway.receive import parse_urls
-from shared.identity import Passport
+from shared.identity import Passport, persona_address
 from shared.logs import get_logger, log
 from shared.protocol import ControlMessageError, SmtpStart, decode_control, encode_message_frames
 
@@ -31,6 +35,10 @@ DELIVERY_RESULT_TIMEOUT_S = 20.0
 EXIT_ALL_SENT = 0
 EXIT_NOT_ALL_SENT = 1
 EXIT_BAD_ARGUMENTS = 2
+FALLBACK_MAIL_DOMAIN = "localhost"
+# the relay's refusal tokens (services/tunnel/outbound.py)
+SENDER_NOT_ALLOWED = "sender_not_allowed"
+HEADER_FROM_NOT_ALLOWED = "header_from_not_allowed"
 
 logger = get_logger(__name__)
 
@@ -55,15 +63,23 @@ class SendReport:
         return all(self.outcomes.get(s, {}).get("status") == "sent" for s in self.recipients)
 
 
+def default_sender(passport: Passport, mail_domain: str) -> str:
+    """The persona's own address: what the relay requires as the envelope sender."""
+    return persona_address(passport.persona_key, mail_domain or FALLBACK_MAIL_DOMAIN)
+
+
 def run_send(
     key_path: str,
     url: str,
-    mail_from: str,
+    mail_from: str | None,
     recipients: list[str],
     file_path: str,
     timeout_s: float = DELIVERY_RESULT_TIMEOUT_S,
+    *,
+    mail_domain: str = "",
 ) -> int:
-    """0 if every recipient's result is "sent"; 1 if any failed or timed out; 2 on bad input."""
+    """0 if every recipient's result is "sent"; 1 if any failed or timed out; 2 on bad input.
+    `mail_from` None: the persona's own address at `mail_domain`."""
     try:
         passport = load_passport(key_path)
         message = Path(file_path).read_bytes()
@@ -75,16 +91,28 @@ def run_send(
         return EXIT_BAD_ARGUMENTS
     urls = parse_urls(url)
     if not urls:
-        print("protege-relay send: no relay url given", file=sys.stderr)
+        print("protege-relay send: no relay url given (--url ws://HOST:PORT/ws)", file=sys.stderr)
         return EXIT_BAD_ARGUMENTS
+    sender = mail_from or default_sender(passport, mail_domain)
     try:
-        report = asyncio.run(send_message(urls, passport, mail_from, recipients, message, timeout_s, sys.stdout))
+        report = asyncio.run(send_message(urls, passport, sender, recipients, message, timeout_s, sys.stdout))
+    except BadRelayUrl as exc:
+        print(f"protege-relay send: {exc}", file=sys.stderr)
+        return EXIT_BAD_ARGUMENTS
     except AuthFailed as exc:
         print(f"protege-relay send: relay refused authentication: {exc.code}", file=sys.stderr)
         return EXIT_NOT_ALL_SENT
     except GatewayError as exc:
         print(f"protege-relay send: relay unreachable: {exc}", file=sys.stderr)
         return EXIT_NOT_ALL_SENT
+    for outcome in report.outcomes.values():
+        expected = outcome.get("expectedSender") or default_sender(passport, mail_domain)
+        if outcome.get("error") == SENDER_NOT_ALLOWED:
+            print(f"protege-relay send: the relay refused sender {sender}; it expects {expected}", file=sys.stderr)
+            break
+        if outcome.get("error") == HEADER_FROM_NOT_ALLOWED:
+            print(f"protege-relay send: the message's From/Sender header must be {expected}", file=sys.stderr)
+            break
     return EXIT_ALL_SENT if report.all_sent else EXIT_NOT_ALL_SENT
 
 
@@ -144,7 +172,7 @@ async def _open_first(urls: list[str], passport: Passport) -> RelaySession:
     for url in urls:
         try:
             return await open_session(url, passport, session_role="outbound")
-        except AuthFailed:
+        except (AuthFailed, BadRelayUrl):
             raise
         except GatewayError as exc:
             last_error = exc

@@ -27,7 +27,7 @@ from shared.config import RelayConfig
 from shared.health import HealthServer
 from shared.logs import get_logger, log
 from shared.nodeinfo import HEARTBEAT_INTERVAL_S, publish_node_info, remove_node_info
-from shared.redis import arq_settings, connect
+from shared.redis import connect, connect_arq, wait_for_redis
 from shared.secrets import SecretFileError
 from shared.versions import require_tested
 
@@ -44,7 +44,7 @@ def build_worker(config: RelayConfig, egress: Egress) -> Worker:
     job_timeout_s = config.egress.jobTimeoutSeconds + PUBLISH_MARGIN_S
     worker = PromptWorker(
         functions=[func(deliver, name="deliver")],
-        redis_settings=arq_settings(config),
+        redis_pool=connect_arq(config),  # Sentinel's primary when configured
         queue_name=keys.EGRESS_QUEUE,
         max_jobs=config.egress.maxJobs,
         poll_delay=POLL_DELAY_S,
@@ -65,6 +65,10 @@ class EgressService:
         self._egress = Egress.from_config(config, self._redis)
         self._worker: Worker | None = None
         self._node_id = config.node_id
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        return self._redis
 
     async def ready(self) -> bool:
         if self._worker is None or self._worker.main_task is None or self._worker.main_task.done():
@@ -152,8 +156,18 @@ async def serve(config: RelayConfig, stopping: asyncio.Event) -> None:
             config.egress.httpPort,
             service.ready,
             refresh_metrics=lambda: refresh_backlog_metrics(config, "egress"),
+            field="egress.httpPort",
         )
-        await health.start()
+        try:
+            await health.start()
+        except BaseException:
+            await service.close()
+            raise
+    if not await wait_for_redis(service.redis, config, logger, stopping):
+        if health is not None:
+            await health.close()
+        await service.close()
+        return
     tasks = [asyncio.ensure_future(service.run_worker(stopping)), asyncio.ensure_future(service.heartbeat(stopping))]
     log(
         logger,

@@ -19,7 +19,9 @@ SMTP_SESSIONS = Counter(
     "SMTP sessions that reached MAIL FROM, by whether STARTTLS was in use",
     ["tls"],
 )
-JOBS_IN_PROGRESS = Gauge("relay_egress_jobs_in_progress", "Delivery jobs running in this process")
+JOBS_IN_PROGRESS = Gauge(
+    "relay_egress_jobs_in_progress", "Delivery jobs running in this process", multiprocess_mode="livesum"
+)
 SMTP_CONNECTIONS = Counter(
     "relay_egress_smtp_connections_total",
     "SMTP transactions by whether they opened a new connection or reused a cached one",

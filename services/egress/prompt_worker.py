@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,10 +45,13 @@ from arq.worker import Retry, Worker
 from redis.commands.core import AsyncScript
 
 from shared.logs import get_logger, log
+from shared.replication import FAILOVER_ERRORS
 
 logger = get_logger(__name__)
 
 RETRY_KEY_TTL_S = 88400  # as arq
+FINISH_DEADLINE_S = 10.0
+FINISH_RETRY_S = 0.2
 
 # KEYS: queue, abort set.
 # ARGV: now (ms), jobs to claim, queue entries to look at, in-progress TTL (ms), finished job
@@ -197,7 +201,21 @@ class PromptWorker(Worker):
             self.jobs_retried += 1
             ending = Ending(done=False)
         self.job_counter -= 1
-        await asyncio.shield(self._finish_and_claim(job.job_id, ending))
+        await asyncio.shield(self._finish_through_failover(job.job_id, ending))
+
+    async def _finish_through_failover(self, finished: str, ending: Ending) -> None:
+        """Record the job's end, sent again to the new primary after a failover (docs/HA.md):
+        otherwise the job would wait out its in-progress key and run once more. Finishing is
+        idempotent; jobs claimed by a reply that was lost run after their in-progress key expires."""
+        deadline = time.monotonic() + FINISH_DEADLINE_S
+        while True:
+            try:
+                await self._finish_and_claim(finished, ending)
+                return
+            except FAILOVER_ERRORS:
+                if time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(FINISH_RETRY_S)
 
     def handle_sig(self, signum: Any) -> None:
         self.allow_pick_jobs = False  # jobs ending from here on claim nothing new

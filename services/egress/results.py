@@ -17,6 +17,11 @@ duplicate).
 
 The publish script also wakes the persona's tunnel nodes (as `shared.wakeup.wake_owner` does
 for a RESULT), so publishing a result is one round trip.
+
+With `redis.minReplicasToAck` (docs/HA.md) the publish is followed by WAIT in the same round
+trip; too few replicas raise `NotReplicated`, a RedisError, so the job is retried. The re-run
+finds the marker and calls `confirm`: the script refreshes the marker's TTL (a write), and a
+replica acknowledging that write holds everything the primary wrote before it, the result too.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import redis.asyncio as aioredis
 from services.egress.outcome import Disposition, Outcome
 from shared import keys
 from shared.payloads import DeliveryResult
+from shared.replication import NO_ACK, LuaScript, ReplicaAck, ScriptCall, run_scripts
 from shared.wakeup import Wakeup, WakeupKind
 
 IDEMPOTENCY_TTL_S = 2 * 24 * 3600  # longer than arq keeps a job (1 day + its deferral)
@@ -39,8 +45,11 @@ RESULTS_STREAM_MAX_ENTRIES = 10_000  # bounds a persona that never reconnects
 # ARGV: status, marker TTL, packed result, stream max length, stream TTL, now (ms), node channel
 # prefix, wake-up message. The wake-up mirrors `shared.wakeup.wake_owner(..., RESULT)`: the
 # owner and every unexpired outbound holder, each node once.
-_PUBLISH_ONCE = """
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 0 end
+_PUBLISH_ONCE = LuaScript.of("""
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  return 0
+end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'r', ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
 redis.call('DEL', KEYS[3])
@@ -50,7 +59,10 @@ if owner then nodes[owner] = true end
 for _, node in ipairs(redis.call('ZRANGEBYSCORE', KEYS[5], ARGV[6], '+inf')) do nodes[node] = true end
 for node in pairs(nodes) do redis.call('PUBLISH', ARGV[7] .. node, ARGV[8]) end
 return 1
-"""
+""")
+# KEYS: published marker. ARGV: marker TTL. A write, so that a WAIT after it means something.
+_TOUCH_MARKER = LuaScript.of("return redis.call('EXPIRE', KEYS[1], ARGV[1])")
+PUBLISH_DEADLINE_S = 10.0  # retries through a failover
 NODE_CHANNEL_PREFIX = keys.node_channel("")
 
 
@@ -63,10 +75,10 @@ class PriorState:
 
 
 class ResultStore:
-    def __init__(self, redis: aioredis.Redis, *, retention_s: int) -> None:
+    def __init__(self, redis: aioredis.Redis, *, retention_s: int, ack: ReplicaAck = NO_ACK) -> None:
         self._redis = redis
         self._retention_s = retention_s
-        self._publish_once = redis.register_script(_PUBLISH_ONCE)
+        self._ack = ack
 
     async def prior_state(self, persona_key: str, stream_id: str) -> PriorState:
         """The published marker and the recorded final outcomes, in one round trip."""
@@ -80,15 +92,16 @@ class ResultStore:
     async def publish(self, persona_key: str, result: DeliveryResult) -> bool:
         """Append the result, drop the per-recipient record (the marker supersedes it) and wake
         the tunnel nodes holding the persona, atomically; False if one was already published."""
-        published = await self._publish_once(
-            keys=[
+        call = ScriptCall(
+            _PUBLISH_ONCE,
+            [
                 keys.egress_result_published(persona_key, result.stream_id),
                 keys.results(persona_key),
                 keys.egress_delivered(persona_key, result.stream_id),
                 keys.owner(persona_key),
                 keys.outbound_holders(persona_key),
             ],
-            args=[
+            [
                 result.status,
                 IDEMPOTENCY_TTL_S,
                 result.pack(),
@@ -99,15 +112,32 @@ class ResultStore:
                 Wakeup(WakeupKind.RESULT, persona_key).encode(),
             ],
         )
+        (published,) = await run_scripts(self._redis, [call], self._ack, deadline_s=PUBLISH_DEADLINE_S)
         return bool(published)
 
-    async def record_final(self, persona_key: str, stream_id: str, outcomes: dict[str, Outcome]) -> None:
-        if not outcomes:
+    async def confirm(self, persona_key: str, stream_id: str) -> None:
+        """Raise NotReplicated unless the required replicas hold the published result (a re-run
+        of a job whose publish was not confirmed); nothing to do when none are required."""
+        if self._ack.replicas:
+            call = ScriptCall(
+                _TOUCH_MARKER, [keys.egress_result_published(persona_key, stream_id)], [IDEMPOTENCY_TTL_S]
+            )
+            await run_scripts(self._redis, [call], self._ack, deadline_s=PUBLISH_DEADLINE_S)
+
+    async def record_final(
+        self, persona_key: str, stream_id: str, outcomes: dict[str, Outcome], last_error: str | None = None
+    ) -> None:
+        """Remember final outcomes; `last_error` (a deferral's temporary error) is kept for
+        operators (`protege-relay queue list`), in the same round trip."""
+        if not outcomes and last_error is None:
             return
         key = keys.egress_delivered(persona_key, stream_id)
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(key, mapping={recipient: _encode_outcome(o) for recipient, o in outcomes.items()})
-            pipe.expire(key, IDEMPOTENCY_TTL_S)
+            if outcomes:
+                pipe.hset(key, mapping={recipient: _encode_outcome(o) for recipient, o in outcomes.items()})
+                pipe.expire(key, IDEMPOTENCY_TTL_S)
+            if last_error is not None:
+                pipe.set(keys.egress_last_error(persona_key, stream_id), last_error, ex=IDEMPOTENCY_TTL_S)
             await pipe.execute()
 
 

@@ -41,6 +41,7 @@ from shared.enqueue import EnqueueFailed
 from shared.logs import get_logger, log
 from shared.normalize import normalize_line_endings
 from shared.payloads import DeliveryResult, OutboundJob
+from shared.replication import ReplicaAck
 
 logger = get_logger(__name__)
 
@@ -118,7 +119,7 @@ class Egress:
         pool = SmtpPool(idle_s=SMTP_CONNECTION_IDLE_S, max_uses=SMTP_CONNECTION_MAX_USES)
         return cls(
             deliverer=Deliverer(resolver, settings, pool, mta_sts=mta_sts),
-            results=ResultStore(redis, retention_s=config.queue.retentionSeconds),
+            results=ResultStore(redis, retention_s=config.queue.retentionSeconds, ack=ReplicaAck.from_config(config)),
             policy=RetryPolicy(egress.maxAttempts, float(egress.maxAgeSeconds), float(egress.retryBaseSeconds)),
             attempt_budget_s=float(egress.jobTimeoutSeconds),
             signer=DkimSigner.from_config(config.dkim),
@@ -144,6 +145,7 @@ class Egress:
         prior = await self._results.prior_state(job.persona_key, job.stream_id)
         if prior.published:
             log(logger, logging.INFO, "result already published; not sending again", **ids)
+            await self._results.confirm(job.persona_key, job.stream_id)
             metrics.JOBS.labels("duplicate").inc()
             return "duplicate"
         if attempt > self._policy.max_attempts:  # only re-runs after crashes get here
@@ -159,7 +161,12 @@ class Egress:
         age_s = time.time() - job.enqueued_at_ms / 1000
         if open_recipients and self._policy.may_retry(attempt, age_s):
             defer_s = backoff_s(attempt, self._policy.base_s, self._policy.max_age_s - age_s)
-            await self._results.record_final(job.persona_key, job.stream_id, _unrecorded(outcomes, recorded))
+            await self._results.record_final(
+                job.persona_key,
+                job.stream_id,
+                _unrecorded(outcomes, recorded),
+                last_error=outcomes[open_recipients[0]].error,
+            )
             if self._bouncer is not None and 0 < self._delay_warning_s <= age_s:
                 await self._bouncer.delayed(job, outcomes)  # once: a later retry finds it stored
             log(

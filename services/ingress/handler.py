@@ -56,6 +56,7 @@ from shared.enqueue import Delivery, EnqueueFailed, enqueue, message_digest, new
 from shared.identity import Passport
 from shared.logs import get_logger, log
 from shared.payloads import InboxEntry
+from shared.replication import ReplicaAck
 
 logger = get_logger(__name__)
 
@@ -73,6 +74,8 @@ class IngressSession(Session):
         super().__init__(loop)
         self.reverse_name: str | None = None
         self.reverse_looked_up = False
+        self.failed_recipients = 0
+        self.close_after_reply = False  # set with a 421: the server closes once it is sent
 
 
 class IngressEnvelope(Envelope):
@@ -120,6 +123,7 @@ class IngressHandler:
         self._hostname = hostname
         self._sender_auth = sender_auth
         self._attestation_signer = attestation_signer
+        self._replica_ack = ReplicaAck.from_config(config)
         self._connection_limit = ratelimit.RateLimit(
             ratelimit.RateKind.SMTP_CONNECTION,
             config.rateLimits.smtpConnectionsPerMinutePerIp,
@@ -184,7 +188,7 @@ class IngressHandler:
         client_ip = client_ip_of(session)
         route = policy.route_recipient(address, self._config.mailDomains)
         if isinstance(route, Reply):
-            return str(self._refuse(route, client_ip=client_ip))
+            return str(self._refuse_recipient(session, route, client_ip=client_ip))
         refusal = policy.check_recipient_count(len(envelope.rcpt_tos), self._config.smtp.maxRecipients)
         if refusal is None:
             try:
@@ -199,7 +203,7 @@ class IngressHandler:
                 state, self._config.queue.maxMessages, self._config.queue.maxBytes
             ) or self._check_storage(memory, state.byte_count)
         if refusal is not None:
-            return str(self._refuse(refusal, client_ip=client_ip, persona=route))
+            return str(self._refuse_recipient(session, refusal, client_ip=client_ip, persona=route))
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return str(policy.RECIPIENT_OK)
@@ -243,7 +247,12 @@ class IngressHandler:
         try:
             # also wakes the owning tunnel node, after a duplicate too (enqueue.py)
             enqueued = await enqueue(
-                self._redis, digest, queue_id, deliveries_for, also=self._count_ip_bytes(client_ip, queued_bytes)
+                self._redis,
+                digest,
+                queue_id,
+                deliveries_for,
+                self._replica_ack,
+                also=self._count_ip_bytes(client_ip, queued_bytes),
             )
         except EnqueueFailed as exc:
             # Redis full (noeviction refused the write): "insufficient storage", still never a 250
@@ -278,7 +287,7 @@ class IngressHandler:
     async def handle_exception(self, error: Exception) -> str:
         """Anything unexpected in a hook: logged with its traceback, answered 451, never 250."""
         logger.error("unexpected error in SMTP session", exc_info=error)
-        metrics.REJECTIONS.labels(reason="internal_error").inc()
+        metrics.REJECTIONS.labels(reason="internal_error", code=str(policy.TEMPORARY_FAILURE.code)).inc()
         return str(policy.TEMPORARY_FAILURE)
 
     # --- helpers ---------------------------------------------------------------------------
@@ -412,8 +421,19 @@ class IngressHandler:
                 session.reverse_name = None
         return session.reverse_name
 
+    def _refuse_recipient(self, session: Session, reply: Reply, **fields: Any) -> Reply:
+        """A refused RCPT, counted per session; past `smtp.maxFailedRecipients` the answer is
+        421 and the server closes the connection after sending it."""
+        if isinstance(session, IngressSession):
+            over = policy.check_failed_recipients(session.failed_recipients, self._config.smtp.maxFailedRecipients)
+            if over is not None:
+                session.close_after_reply = True
+                return self._refuse(over, failed_recipients=session.failed_recipients, **fields)
+            session.failed_recipients += 1
+        return self._refuse(reply, **fields)
+
     def _refuse(self, reply: Reply, **fields: Any) -> Reply:
-        metrics.REJECTIONS.labels(reason=reply.reason).inc()
+        metrics.REJECTIONS.labels(reason=reply.reason, code=str(reply.code)).inc()
         log(logger, logging.INFO, "rejected", reason=reply.text, code=reply.code, **fields)
         return reply
 

@@ -5,6 +5,10 @@ Private keys (the STARTTLS key, the attestation signing key) are read through
 missing, too open or malformed stops the start with a one-line reason and a non-zero exit:
 running without it would silently drop TLS or attestation.
 
+The SMTP socket is inherited from the `protege-relay run` supervisor when it started us, else
+bound here without SO_REUSEPORT (`shared.listen`): a port in use is a one-line error, never a
+silently shared port. Mail is taken only once Redis answers; until then /readyz says false.
+
 Runs until `stopping` is set, then drains (DESIGN.md "Running it"): stop accepting, let
 transactions in flight finish up to `DRAIN_TIMEOUT_S`, answer the rest `421`, then exit.
 """
@@ -29,10 +33,11 @@ from shared.config import RelayConfig, SmtpConfig
 from shared.enqueue import load_script
 from shared.health import HealthServer
 from shared.identity import Passport
+from shared.listen import bind_listener, inherited_socket
 from shared.logs import get_logger, log
 from shared.nodeinfo import HEARTBEAT_INTERVAL_S, publish_node_info, remove_node_info
 from shared.ratelimit import Clock
-from shared.redis import credentials, redis_url
+from shared.redis import connect, wait_for_redis
 from shared.secrets import SecretFileError, load_signing_key, read_secret_file
 from shared.versions import require_tested
 
@@ -45,16 +50,11 @@ REDIS_CALL_TIMEOUT_S = 5.0
 
 
 def redis_client(config: RelayConfig) -> aioredis.Redis:
-    """A pooled client like `shared.redis.connect`, minus its per-command `socket_timeout`: with
+    """The shared client (one Redis or Sentinel's primary) minus its per-command `socket_timeout`: with
     one set, redis-py wraps every command's send in `asyncio.wait_for`, a task per command on
     the hot path. Every call the ingress makes runs under its own `asyncio.timeout` instead
     (handler, enqueue, heartbeat, readiness), so a stalled Redis is still a 451, never a hang."""
-    client: aioredis.Redis = aioredis.Redis.from_url(
-        redis_url(config),
-        socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
-        health_check_interval=30,
-        **credentials(config),
-    )
+    client: aioredis.Redis = connect(config, timeout_s=None, connect_timeout_s=REDIS_CONNECT_TIMEOUT_S)
     return client
 
 
@@ -133,10 +133,18 @@ async def serve(
                 config.smtp.httpPort,
                 ready,
                 refresh_metrics=lambda: refresh_backlog_metrics(config, "ingress"),
+                field="smtp.httpPort",
             )
             await health.start()
+        listen_socket = None
         if config.smtp.enabled:
-            await listener.start()
+            listen_socket = inherited_socket() or bind_listener(config.smtp.host, config.smtp.port, field="smtp.port")
+        if not await wait_for_redis(redis, config, logger, stopping):
+            if listen_socket is not None:
+                listen_socket.close()
+            return
+        if listen_socket is not None:
+            await listener.start(listen_socket)
         heartbeat = asyncio.create_task(_heartbeat(redis, config.node_id, listener))
         log(
             logger,

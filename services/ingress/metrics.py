@@ -5,7 +5,9 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 CONNECTIONS = Counter("relay_ingress_connections_total", "SMTP connections accepted by the listener")
-OPEN_CONNECTIONS = Gauge("relay_ingress_open_connections", "SMTP connections currently open")
+OPEN_CONNECTIONS = Gauge(
+    "relay_ingress_open_connections", "SMTP connections currently open", multiprocess_mode="livesum"
+)
 MESSAGES_ACCEPTED = Counter("relay_ingress_messages_accepted_total", "Messages answered 250 after a confirmed enqueue")
 RECIPIENTS_ACCEPTED = Counter(
     "relay_ingress_recipients_accepted_total", "Inbox entries written (one per accepted recipient)"
@@ -18,7 +20,11 @@ DUPLICATES = Counter(
     "Messages answered 250 with the queue id of an earlier acceptance of the same envelope and "
     "bytes (a retry after a lost reply), nothing stored again",
 )
-REJECTIONS = Counter("relay_ingress_rejections_total", "Refusals by reason (PROTOCOL.md part C)", ["reason"])
+REJECTIONS = Counter(
+    "relay_ingress_rejections_total",
+    "Refusals by reason (PROTOCOL.md part C) and SMTP reply code (4xx: the sender retries; 5xx: it bounces)",
+    ["reason", "code"],
+)
 ENQUEUE_SECONDS = Histogram(
     "relay_ingress_enqueue_seconds",
     "Time of the idempotent write (WATCH + MULTI/EXEC per persona) that makes a message durable",

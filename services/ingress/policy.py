@@ -28,8 +28,8 @@ class Reply:
 
 
 CONNECTION_RATE_LIMITED = Reply(421, "4.7.0", "relay_rejected_connection_rate_limited", "connection_rate_limited")
-TOO_MANY_CONNECTIONS = Reply(  # same line as the rate refusal: to the sender both mean "later"
-    421, "4.7.0", "relay_rejected_connection_rate_limited", "too_many_connections"
+TOO_MANY_CONNECTIONS = Reply(  # its own text: an operator reading a bounce can tell cap from rate
+    421, "4.7.0", "relay_rejected_too_many_connections", "too_many_connections"
 )
 RECIPIENT_INVALID = Reply(550, "5.1.1", "relay_rejected_recipient_invalid", "recipient_invalid")
 RELAY_ACCESS_DENIED = Reply(550, "5.7.1", "relay access denied", "relay_access_denied")
@@ -50,6 +50,9 @@ EARLY_TALKER = Reply(554, "5.5.1", "protocol error: command sent before the gree
 BAD_SEQUENCE = Reply(503, "5.5.1", "bad sequence of commands", "bad_sequence")
 COMMAND_LINE_TOO_LONG = Reply(500, "5.5.2", "command line too long", "command_line_too_long")
 DATA_LINE_TOO_LONG = Reply(500, "5.5.2", "message line too long (RFC 5321 4.5.3.1.6)", "data_line_too_long")
+TOO_MANY_FAILED_RECIPIENTS = Reply(
+    421, "4.7.0", "too many failed recipients, closing connection", "too_many_failed_recipients"
+)
 CLOSING = Reply(221, "2.0.0", "closing connection")
 
 SENDER_OK = Reply(250, "2.1.0", "OK")
@@ -122,6 +125,13 @@ def check_ip_bytes(queued_this_hour: int, message_bytes: int, budget: int) -> Re
     """`rateLimits.smtpQueuedBytesPerHourPerIp`: bytes one client IP may add to the inboxes per
     hour (all its recipients counted), so that a few addresses cannot fill Redis for everyone."""
     return IP_BYTES_BUDGET if queued_this_hour + message_bytes > budget else None
+
+
+def check_failed_recipients(failed_so_far: int, max_failed: int) -> Reply | None:
+    """`smtp.maxFailedRecipients` refused RCPTs per session are answered as they are; the next
+    refusal is `421 4.7.0` and the connection closes (directory harvesting, log flooding). A
+    temporary failure of ours (Redis) is not the client's and is not counted."""
+    return TOO_MANY_FAILED_RECIPIENTS if failed_so_far >= max_failed else None
 
 
 def check_sender(address: str) -> Reply | None:

@@ -1,7 +1,9 @@
-"""The SMTP listener: aiosmtpd's protocol on an asyncio server with SO_REUSEPORT.
+"""The SMTP listener: aiosmtpd's protocol on an asyncio server over a socket we bound.
 
 aiosmtpd's thread-based `Controller` cannot share a port between processes, so we run its
-`SMTP` protocol on our own `loop.create_server(..., reuse_port=True)`. The subclass adds
+`SMTP` protocol on our own `loop.create_server(sock=...)`: the socket is bound by this process
+(`shared.listen`, never SO_REUSEPORT) or inherited from the `protege-relay run` supervisor,
+which binds it once for all its ingress workers. The subclass adds
 three things aiosmtpd has no hook for:
 
 * the per-IP caps checked before the greeting: open connections from one IP in this process
@@ -37,6 +39,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import socket
 import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -219,6 +222,10 @@ class IngressSMTP(SMTP):
                 await method(arg)
             finally:
                 self._busy = False
+            if isinstance(self.session, IngressSession) and self.session.close_after_reply:
+                if self.transport is not None:
+                    self.transport.close()  # after the 421 already written (flushed first)
+                return
             if self._listener.draining:
                 self.close_if_idle()
 
@@ -258,9 +265,10 @@ class SmtpListener:
     def listening(self) -> bool:
         return self._server is not None and self._server.is_serving()
 
-    async def start(self) -> None:
+    async def start(self, listen_socket: socket.socket) -> None:
+        """Accept on `listen_socket` (already bound and listening; see `shared.listen`)."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._new_protocol, self._smtp.host, self._smtp.port, reuse_port=True)
+        self._server = await loop.create_server(self._new_protocol, sock=listen_socket)
 
     def _new_protocol(self) -> IngressSMTP:
         return IngressSMTP(

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State as SocketState
 
 from services.tunnel import metrics
 from services.tunnel.budget import Allowance
@@ -130,11 +131,30 @@ class TunnelConnection:
             await self.close(INTERNAL_ERROR_CODE, "internal_error")
         finally:
             metrics.CONNECTIONS_OPEN.dec()
+            self._log_closed()
             for task in list(self._tasks):
                 task.cancel()
             if self.allowance is not None:
                 self.allowance.give_all()
             await self.node.detach(self)
+
+    def _log_closed(self) -> None:
+        """Every close, with who closed and why, and what was cut off mid-message."""
+        unacked = self.delivery.unacknowledged if self.delivery is not None else 0
+        dropped = self.session.open_outbound_streams
+        log(
+            logger,
+            logging.INFO,
+            "socket closed mid-message" if unacked or dropped else "socket closed",
+            socket_id=self.socket_id,
+            persona=self.persona_key,
+            client_ip=self.client_ip,
+            closed_by="relay" if self._closing else "gateway",
+            close_code=self.ws.close_code,
+            close_reason=self.ws.close_reason or None,
+            inbound_unacknowledged=unacked,
+            outbound_streams_dropped=dropped,
+        )
 
     async def close(self, code: int, reason: str) -> None:
         """Close the socket; safe to call from any task and more than once."""
@@ -148,6 +168,13 @@ class TunnelConnection:
 
     def evict(self) -> None:
         """Another socket took the persona: close with 4400, without waiting here."""
+        log(
+            logger,
+            logging.INFO,
+            "socket replaced by a newer session",
+            socket_id=self.socket_id,
+            persona=self.persona_key,
+        )
         self._cancel_delivery()
         for action in self.session.replaced():
             if isinstance(action, Close):
@@ -171,6 +198,9 @@ class TunnelConnection:
             use_ack=self.session.wants_inbound_ack,
             ack_timeout_s=config.ws.ackTimeoutMs / 1000,
             retention_s=config.queue.retentionSeconds,
+            legacy_ack_grace_s=config.ws.legacyAckGraceMs / 1000,
+            is_open=lambda: self.ws.state is SocketState.OPEN,
+            ack=self.node.replica_ack,
         )
         self._delivery_task = self._spawn(self.delivery.run(known_empty=not self.inbox_woken))
 

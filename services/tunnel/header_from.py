@@ -2,10 +2,11 @@
 
 The envelope check (`outbound.check_sender`) only covers MAIL FROM; what a reader sees, and
 what DMARC aligns and our DKIM signature vouches for, is the header `From`. So before an
-outbound message is queued, its header section is parsed (RFC 5322, stdlib `email` with
-`policy.default`) and every mailbox of `From` and of `Sender` (when present) must be one of the
-persona's own addresses: its key as local part (any case, `+tag` allowed as inbound routing
-allows it), at one of `mailDomains` (or any well-formed domain when none are configured).
+outbound message is queued, its header section is parsed (RFC 5322, UTF-8 allowed as RFC 6532
+allows it; stdlib `email` with `policy.default`) and every mailbox of `From` and of `Sender`
+(when present) must be one of the persona's own addresses: its key as local part (any case,
+`+tag` allowed as inbound routing allows it), at one of `mailDomains` (or any well-formed
+domain when none are configured).
 A display name is fine. Anything else, including a missing, repeated or unparsable `From`,
 is refused with `header_from_not_allowed`.
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 from email.errors import MessageDefect
 from email.headerregistry import Address, Group
 from email.message import EmailMessage
-from email.parser import BytesHeaderParser
+from email.parser import HeaderParser
 from email.policy import default as default_policy
 
 from services.tunnel.outbound import HEADER_FROM_NOT_ALLOWED
@@ -74,13 +75,15 @@ def check_header_from(message_head: bytes, persona_key: str, mail_domains: list[
 
 
 def _parse(section: bytes) -> EmailMessage | None:
+    """Headers may be UTF-8 (RFC 6532: a raw `Café <key@…>` is a valid From); other 8-bit
+    bytes are not text, so no reader would agree on what they say."""
     try:
-        headers = BytesHeaderParser(policy=default_policy).parsebytes(section)
+        headers = HeaderParser(policy=default_policy).parsestr(section.decode("utf-8"))
         defects: list[MessageDefect] = list(headers.defects)
         for name in CHECKED_FIELDS:
             for value in headers.get_all(name) or []:  # parses the field: may raise on garbage
                 defects.extend(getattr(value, "defects", ()))
-    except (ValueError, TypeError, IndexError, AttributeError):
+    except (ValueError, TypeError, IndexError, AttributeError):  # UnicodeDecodeError is a ValueError
         return None
     if defects or not isinstance(headers, EmailMessage):
         return None

@@ -1,10 +1,19 @@
 """Delivering one persona's inbox to its inbound socket (DESIGN.md "Inbound" 3-4, PROTOCOL.md A5, B).
 
 An entry leaves Redis only when the gateway has it: on its `smtp_ack` (capability
-`inbound_ack`) or on the pong of a ping sent after smtp_end (legacy gateways). Until then it
-stays pending in the consumer group, so a dropped socket or a dead node loses nothing: the next
+`inbound_ack`), or, for legacy gateways, once the socket has stayed open `ws.legacyAckGraceMs`
+after the pong of a ping sent after smtp_end. The pong alone proves nothing: the WebSocket
+library answers pings by itself, before the application has stored anything, so a gateway that
+dies right after receiving would lose the message; one that stays connected for the grace has
+almost certainly stored it (the original relay trusts the pong alone). Until then an entry stays
+pending in the consumer group, so a dropped socket or a dead node loses nothing: the next
 authentication re-claims every pending entry (XAUTOCLAIM, min-idle 0) and sends it again under
 the same stream id. Up to `WINDOW` messages are in flight; they are sent, and removed, in order.
+Entries waiting out their grace do not count against the window (they are delivered).
+
+With `redis.minReplicasToAck` (docs/HA.md) a read is sent on only once that many replicas
+confirmed it (`shared.replication.confirmed_read`); else the delivery fails like on any Redis
+error (the socket closes, the gateway reconnects, the entries are claimed again).
 
 An idle delivery costs no timer and no Redis call: it waits to be woken, by the pub/sub
 wake-up (the fast path) or by the node's periodic sweep, which looks at every owned inbox in
@@ -37,6 +46,7 @@ from services.tunnel import metrics
 from shared import keys, protocol
 from shared.inbox_entries import REMOVE_SCRIPT, StoredEntry, UnreadableEntry
 from shared.logs import get_logger, log
+from shared.replication import NO_ACK, ReplicaAck, confirmed_read
 
 logger = get_logger(__name__)
 
@@ -47,6 +57,7 @@ BODY_READ_BYTES = 4 * protocol.MAX_CHUNK_BYTES  # one GETRANGE of a body stored 
 
 SendBytes = Callable[[bytes], Awaitable[None]]
 Ping = Callable[[], Awaitable[Awaitable[Any]]]
+IsOpen = Callable[[], bool]
 
 
 class BodyVanished(RuntimeError):
@@ -121,8 +132,12 @@ class InboxDelivery:
         use_ack: bool,
         ack_timeout_s: float,
         retention_s: int,
+        legacy_ack_grace_s: float = 5.0,
+        is_open: IsOpen = lambda: True,
+        ack: ReplicaAck = NO_ACK,
     ) -> None:
         self._redis = redis
+        self._ack = ack
         self.persona_key = persona_key
         self._stream = keys.inbox(persona_key)
         self._consumer = consumer
@@ -131,10 +146,14 @@ class InboxDelivery:
         self._use_ack = use_ack
         self._ack_timeout_s = ack_timeout_s
         self._retention_s = retention_s
+        self._legacy_ack_grace_s = legacy_ack_grace_s
+        self._is_open = is_open
         self._remove = redis.register_script(REMOVE_SCRIPT)
         self._wakeup = asyncio.Event()
         self._acks: dict[str, asyncio.Future[Any]] = {}
         self._in_flight: deque[_InFlight] = deque()
+        self._in_grace: deque[tuple[float, _InFlight]] = deque()  # (removable at, delivered entry)
+        self._grace_started = asyncio.Event()
         self._claim_cursor: bytes | None = b"0-0"
         self._claim_min_idle_ms = 0
         self._last_reclaim = time.monotonic()
@@ -143,9 +162,14 @@ class InboxDelivery:
     def wake(self) -> None:
         self._wakeup.set()
 
+    @property
+    def unacknowledged(self) -> int:
+        """Messages sent on this socket and not yet acknowledged (kept in Redis, sent again)."""
+        return len(self._in_flight)
+
     def behind(self, stream_length: int) -> bool:
         """True when the inbox holds entries beyond those in flight here (the sweep's test)."""
-        return stream_length > len(self._in_flight)
+        return stream_length > len(self._in_flight) + len(self._in_grace)
 
     def acked(self, stream_id: str) -> None:
         waiter = self._acks.get(stream_id)
@@ -160,6 +184,7 @@ class InboxDelivery:
         else:
             await ensure_group(self._redis, self.persona_key)
             await trim_expired(self._redis, self.persona_key, self._retention_s)
+        confirm = None if self._use_ack else asyncio.get_running_loop().create_task(self._remove_after_grace())
         try:
             if known_empty:
                 await self._idle()
@@ -179,6 +204,8 @@ class InboxDelivery:
         finally:
             for waiter in self._acks.values():
                 waiter.cancel()
+            if confirm is not None:
+                confirm.cancel()
 
     # --- reading -----------------------------------------------------------------------------
 
@@ -194,7 +221,12 @@ class InboxDelivery:
             if entries:
                 return entries
         try:
-            reply = await self._redis.xreadgroup(keys.INBOX_GROUP, self._consumer, {self._stream: ">"}, count=count)
+            reply = await confirmed_read(
+                self._redis,
+                lambda pipe: pipe.xreadgroup(keys.INBOX_GROUP, self._consumer, {self._stream: ">"}, count=count),
+                self._ack,
+                is_empty=lambda reply: not any(entries for _, entries in reply or []),
+            )
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
@@ -205,15 +237,21 @@ class InboxDelivery:
         return await self._parse(raw)
 
     async def _claim(self, count: int) -> list[StoredEntry]:
-        assert self._claim_cursor is not None
+        cursor = self._claim_cursor
+        assert cursor is not None
         try:
-            reply = await self._redis.xautoclaim(
-                self._stream,
-                keys.INBOX_GROUP,
-                self._consumer,
-                min_idle_time=self._claim_min_idle_ms,
-                start_id=self._claim_cursor,
-                count=count,
+            reply = await confirmed_read(
+                self._redis,
+                lambda pipe: pipe.xautoclaim(
+                    self._stream,
+                    keys.INBOX_GROUP,
+                    self._consumer,
+                    min_idle_time=self._claim_min_idle_ms,
+                    start_id=cursor,
+                    count=count,
+                ),
+                self._ack,
+                is_empty=lambda reply: not reply[1],
             )
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
@@ -223,6 +261,7 @@ class InboxDelivery:
         next_cursor = reply[0]
         self._claim_cursor = None if next_cursor in (b"0-0", "0-0") else next_cursor
         in_flight = {item.stored.entry_id for item in self._in_flight}
+        in_flight.update(item.stored.entry_id for _, item in self._in_grace)
         claimed = [item for item in reply[1] if item and item[0] is not None and item[0] not in in_flight]
         return await self._parse(claimed)
 
@@ -356,16 +395,47 @@ class InboxDelivery:
                 self._in_flight.appendleft(again)
             return
         self._in_flight.popleft()
+        if not self._use_ack:
+            self._in_grace.append((time.monotonic() + self._legacy_ack_grace_s, oldest))
+            self._grace_started.set()
+            return
         self._acks.pop(stream_id, None)
-        script_keys, args = oldest.stored.remove_call(self.persona_key)
-        await self._remove(keys=script_keys, args=args)
-        metrics.INBOUND_ACKED.inc()
-        metrics.INBOUND_ACK_SECONDS.observe(time.monotonic() - oldest.sent_at)
-        log(
-            logger,
-            logging.INFO,
-            "inbound stream acknowledged",
-            persona=self.persona_key,
-            stream_id=stream_id,
-            queue_id=oldest.stored.entry.queue_id,
-        )
+        await self._removed([oldest])
+
+    async def _remove_after_grace(self) -> None:
+        """Legacy gateways: remove entries whose pong came `legacy_ack_grace_s` ago, if the
+        socket is still open. If it closed, stop: the entries stay pending and are sent again,
+        under the same stream ids, to the persona's next socket."""
+        while True:
+            if not self._in_grace:
+                self._grace_started.clear()
+                await self._grace_started.wait()
+                continue
+            await asyncio.sleep(max(self._in_grace[0][0] - time.monotonic(), 0))
+            if not self._is_open():
+                return
+            now = time.monotonic()
+            due: list[_InFlight] = []
+            while self._in_grace and self._in_grace[0][0] <= now:
+                due.append(self._in_grace.popleft()[1])
+            await self._removed(due)
+
+    async def _removed(self, delivered: list[_InFlight]) -> None:
+        """The gateway has these messages: remove them (entry, body, marker) in one round trip."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for item in delivered:
+                script_keys, args = item.stored.remove_call(self.persona_key)
+                await self._remove(keys=script_keys, args=args, client=pipe)
+            await pipe.execute()
+        now = time.monotonic()
+        for item in delivered:
+            metrics.INBOUND_ACKED.inc()
+            metrics.INBOUND_ACK_SECONDS.observe(now - item.sent_at)
+            log(
+                logger,
+                logging.INFO,
+                "inbound stream acknowledged",
+                persona=self.persona_key,
+                stream_id=item.stored.entry.stream_id,
+                queue_id=item.stored.entry.queue_id,
+            )

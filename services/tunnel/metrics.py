@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-CONNECTIONS_OPEN = Gauge("relay_tunnel_connections_open", "Open WebSocket connections on this node")
+CONNECTIONS_OPEN = Gauge(
+    "relay_tunnel_connections_open", "Open WebSocket connections on this node", multiprocess_mode="livesum"
+)
 AUTH_OUTCOMES = Counter(
     "relay_tunnel_auth_total", "Authentication outcomes by code (ok or the auth_error code)", ["code"]
 )

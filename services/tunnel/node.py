@@ -24,7 +24,6 @@ from collections.abc import Iterable
 from typing import Any
 
 import redis.asyncio as aioredis
-from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
 from services.tunnel import ownership, results
@@ -37,6 +36,7 @@ from shared import keys, protocol, ratelimit
 from shared.config import RelayConfig
 from shared.logs import get_logger, log
 from shared.nodeinfo import HEARTBEAT_INTERVAL_S, publish_node_info, remove_node_info
+from shared.replication import ReplicaAck
 from shared.wakeup import Wakeup, WakeupKind, wake_owner
 
 logger = get_logger(__name__)
@@ -48,9 +48,7 @@ SHUTDOWN_CLOSE_TIMEOUT_S = 5.0
 
 
 class TunnelNode:
-    def __init__(
-        self, config: RelayConfig, redis: aioredis.Redis, arq: ArqRedis, rate_clock: ratelimit.Clock = time.time
-    ) -> None:
+    def __init__(self, config: RelayConfig, redis: aioredis.Redis, rate_clock: ratelimit.Clock = time.time) -> None:
         self.config = config
         self.redis = redis
         self.node_id = config.node_id
@@ -59,11 +57,12 @@ class TunnelNode:
         self.auth_rate = AuthRateLimiter(
             redis, config.rateLimits.wsAuthAttemptsPerMinutePerIp, config.rateLimits.denyWindowMs, rate_clock
         )
+        self.replica_ack = ReplicaAck.from_config(config)
         self.outbound = OutboundQueue(
             redis,
-            arq,
             config.rateLimits.outboundMessagesPerMinutePerPersona,
             config.queue.retentionSeconds,
+            self.replica_ack,
             rate_clock,
         )
         self.connections: set[TunnelConnection] = set()

@@ -3,6 +3,14 @@ handing an accepted message to the egress queue.
 
 The envelope rules are pure functions used by the session; `OutboundQueue` holds the two
 rules that need Redis (the per-persona rate and the once-only arq job).
+
+The job is written as arq's `enqueue_job` writes it (the job key, then the queue's sorted set,
+nothing if the job id exists), by a script instead of WATCH/MULTI: one round trip, and it can be
+followed by WAIT on the same connection, so a stream counts as accepted only once
+`redis.minReplicasToAck` replicas hold its job, and it can be sent again to a new primary after
+a failover (the job id makes it idempotent). Not confirmed in time, the write raises, which
+closes the socket as any Redis failure does; the gateway sends the stream again on its next
+socket, under the same stream id, hence the same job id.
 """
 
 from __future__ import annotations
@@ -11,11 +19,14 @@ import re
 import time
 
 import redis.asyncio as aioredis
-from arq.connections import ArqRedis
+from arq.constants import expires_extra_ms, job_key_prefix, result_key_prefix
+from arq.jobs import serialize_job
+from arq.utils import timestamp_ms
 
 from shared import keys, ratelimit
 from shared.envelope import has_control_characters
 from shared.payloads import OutboundJob
+from shared.replication import NO_ACK, LuaScript, ReplicaAck, ScriptCall, run_scripts
 
 SENDER_NOT_ALLOWED = "sender_not_allowed"
 TOO_MANY_RECIPIENTS = "too_many_recipients"
@@ -29,6 +40,7 @@ OUTBOUND_BUSY = "outbound_busy"  # over an assembly budget: services/tunnel/budg
 
 DELIVER_FUNCTION = "deliver"
 RATE_WINDOW_S = 60
+ENQUEUE_DEADLINE_S = 10.0  # retries through a failover, well inside the gateway's 20 s wait
 
 _ADDRESS = re.compile(r'[^\s<>@,;"]+@[^\s<>@,;"]+')
 # A domain of dot-separated labels (ASCII letters, digits, hyphens, or non-ASCII for IDNs),
@@ -54,6 +66,11 @@ def check_sender(mail_from: str, persona_key: str, mail_domains: list[str]) -> s
     if mail_domains and domain.lower().rstrip(".") not in {d.lower().rstrip(".") for d in mail_domains}:
         return SENDER_NOT_ALLOWED
     return None
+
+
+def expected_sender(persona_key: str, mail_domains: list[str]) -> str:
+    """The address `check_sender` accepts, for the refusal's `expectedSender` field."""
+    return f"{persona_key}@{mail_domains[0] if mail_domains else '<any domain>'}"
 
 
 def check_recipient(rcpt_to: str) -> str | None:
@@ -87,6 +104,16 @@ return 1
 """
 
 
+# arq's enqueue_job as one script. KEYS: job key, result key, queue. ARGV: job TTL (ms),
+# serialized job, score, job id. 1 if queued, 0 if the job id exists (queued before).
+_ENQUEUE_JOB = LuaScript.of("""
+if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then return 0 end
+redis.call('PSETEX', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
+return 1
+""")
+
+
 class OutboundQueue:
     """Per-persona outbound rate (fixed one-minute windows), the socket each accepted stream
     came from, and the arq `deliver` job."""
@@ -94,14 +121,14 @@ class OutboundQueue:
     def __init__(
         self,
         redis: aioredis.Redis,
-        arq: ArqRedis,
         messages_per_minute: int,
         origin_ttl_s: int,
+        ack: ReplicaAck = NO_ACK,
         clock: ratelimit.Clock = time.time,
     ) -> None:
         self._redis = redis
+        self._ack = ack
         self._clock = clock
-        self._arq = arq
         self._messages_per_minute = messages_per_minute
         self._origin_ttl_s = origin_ttl_s
         self._admit = redis.register_script(_ADMIT)
@@ -116,11 +143,15 @@ class OutboundQueue:
         return bool(admitted)
 
     async def enqueue(self, job: OutboundJob) -> bool:
-        """True if a new job was queued; False if this stream id was already accepted."""
-        queued = await self._arq.enqueue_job(
-            DELIVER_FUNCTION,
-            job.pack(),
-            _job_id=keys.egress_job_id(job.persona_key, job.stream_id),
-            _queue_name=keys.EGRESS_QUEUE,
+        """True if a new job was queued; False if this stream id was already accepted. Raises
+        a RedisError if it could not be written (and replicated, when required) in time."""
+        job_id = keys.egress_job_id(job.persona_key, job.stream_id)
+        now_ms = timestamp_ms()
+        serialized = serialize_job(DELIVER_FUNCTION, (job.pack(),), {}, None, now_ms, serializer=None)
+        call = ScriptCall(
+            _ENQUEUE_JOB,
+            [job_key_prefix + job_id, result_key_prefix + job_id, keys.EGRESS_QUEUE],
+            [expires_extra_ms, serialized, now_ms, job_id],
         )
-        return queued is not None
+        (queued,) = await run_scripts(self._redis, [call], self._ack, deadline_s=ENQUEUE_DEADLINE_S)
+        return bool(queued)

@@ -13,6 +13,7 @@ the handshake timeout (TLS handshake included), upgraded silent sockets by `ws.a
 from __future__ import annotations
 
 import http
+import socket
 import ssl
 from typing import Any
 
@@ -28,6 +29,7 @@ from services.tunnel.ratelimit import client_ip, is_trusted, parse_trusted_proxi
 from shared.backlog import refresh_backlog_metrics
 from shared.health import health_response, refresh_before_scrape
 from shared.logs import get_logger
+from shared.redis_metrics import refresh_redis_memory
 
 logger = get_logger(__name__)
 
@@ -53,7 +55,10 @@ def http_response(status: int, content_type: str, body: bytes) -> Response:
     return Response(status, http.HTTPStatus(status).phrase, headers, body)
 
 
-async def start_server(node: TunnelNode, tls: ssl.SSLContext | None = None) -> Server:
+async def start_server(
+    node: TunnelNode, tls: ssl.SSLContext | None = None, *, sock: socket.socket | None = None
+) -> Server:
+    """Serve on `sock` when given (bound by the caller), else bind `host`/`port` from config."""
     config = node.config
     trusted_proxies = parse_trusted_proxies(config.ws.trustedProxies)
     gate = HandshakeGate(
@@ -76,6 +81,7 @@ async def start_server(node: TunnelNode, tls: ssl.SSLContext | None = None) -> S
         ready = await node.ready() if path == "/readyz" else None
         if path == "/metrics":
             await refresh_before_scrape(lambda: refresh_backlog_metrics(config, "tunnel"))
+            await refresh_before_scrape(lambda: refresh_redis_memory(config))
         return http_response(*health_response(path, ready))
 
     async def handle(ws: ServerConnection) -> None:
@@ -89,12 +95,14 @@ async def start_server(node: TunnelNode, tls: ssl.SSLContext | None = None) -> S
 
     # asyncio's own TLS handshake timeout (60 s) runs before websockets' open_timeout starts.
     listen_options: dict[str, Any] = {"backlog": LISTEN_BACKLOG}
+    if sock is not None:
+        listen_options["sock"] = sock
     if tls is not None:
         listen_options["ssl_handshake_timeout"] = config.ws.handshakeTimeoutMs / 1000
     server: Server = await serve(
         handle,
-        config.host,
-        config.port,
+        None if sock is not None else config.host,
+        None if sock is not None else config.port,
         process_request=route,
         ssl=tls,
         **listen_options,

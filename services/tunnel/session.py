@@ -118,10 +118,14 @@ class RefuseOutbound:
 
     stream_id: str
     reason: str
+    # sender_not_allowed: the address this persona may use (a detail for the reader, not part
+    # of the refusal's identity, hence not compared)
+    expected_sender: str | None = field(default=None, compare=False)
 
     @property
     def text(self) -> str:
-        return protocol.delivery_result(self.stream_id, sent=False, error=self.reason)
+        extra = {"expectedSender": self.expected_sender} if self.expected_sender else None
+        return protocol.delivery_result(self.stream_id, sent=False, error=self.reason, extra=extra)
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +210,11 @@ class TunnelSession:
     @property
     def wants_inbound_ack(self) -> bool:
         return CAPABILITY_INBOUND_ACK in self.capabilities
+
+    @property
+    def open_outbound_streams(self) -> int:
+        """Outbound messages begun and not finished: dropped if the socket closes now."""
+        return len(self._streams)
 
     # --- input -------------------------------------------------------------------------------
 
@@ -415,7 +424,9 @@ class TunnelSession:
         )
         if refusal is not None:
             self.allowance.give(stream.size_bytes)
-            return [RefuseOutbound(stream_id, refusal)]
+            wrong_sender = refusal in (outbound.SENDER_NOT_ALLOWED, outbound.HEADER_FROM_NOT_ALLOWED)
+            expected = outbound.expected_sender(self.persona_key, domains) if wrong_sender else None
+            return [RefuseOutbound(stream_id, refusal, expected)]
         job = OutboundJob(
             persona_key=self.persona_key,
             stream_id=stream_id,

@@ -20,7 +20,6 @@ import dkim
 import pytest
 import redis.asyncio as aioredis
 import trustme
-from arq import create_pool
 from arq.connections import ArqRedis
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -31,7 +30,7 @@ from shared import keys
 from shared.config import RelayConfig, load_config
 from shared.identity import Passport
 from shared.payloads import DeliveryResult, InboxEntry, OutboundJob
-from shared.redis import arq_settings
+from shared.redis import connect_arq
 from shared.wakeup import Wakeup, WakeupKind
 from tests.support.dns_server import DnsServer
 from tests.support.mx_sink import MxSink
@@ -112,7 +111,7 @@ async def start_egress(
         config = egress_config(tmp_path, egress_env(redis_server, dns_server, smtp_port, **overrides))
         stopping = asyncio.Event()
         running.append((stopping, asyncio.create_task(serve(config, stopping))))
-        pool = await create_pool(arq_settings(config))
+        pool = connect_arq(config)
         redis = aioredis.Redis.from_url(redis_server.url)
         clients.extend([pool, redis])
         return Harness(config, pool, redis, persona_key)
@@ -487,7 +486,7 @@ def sync_results(redis_client: Any, persona_key: str) -> list[DeliveryResult]:
 
 
 async def enqueue_once(redis_url: str, job: OutboundJob) -> None:
-    pool = await create_pool(arq_settings(load_config(environ={"RELAY_REDIS_URL": redis_url})))
+    pool = connect_arq(load_config(environ={"RELAY_REDIS_URL": redis_url}))
     try:
         await pool.enqueue_job(
             "deliver",

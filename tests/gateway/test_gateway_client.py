@@ -187,7 +187,7 @@ async def test_gateway_with_an_unreadable_key_exits_2(tmp_path: Path, launch: La
 # --- receiving ----------------------------------------------------------------------------------
 
 
-async def test_gateway_acks_only_stored_messages_dedupes_and_reconnects_when_replaced(
+async def test_gateway_acks_only_stored_messages_dedupes_and_with_take_over_reconnects_when_replaced(
     tmp_path: Path, launch: Launch
 ) -> None:
     maildir = tmp_path / "mail"
@@ -226,7 +226,7 @@ async def test_gateway_acks_only_stored_messages_dedupes_and_reconnects_when_rep
     _, key_path = new_key(tmp_path)
     async with scripted_relay(relay) as url:
         gateway = await launch("gateway", "--key", str(key_path), "--url", url,
-                                      "--maildir", str(maildir))  # fmt: skip
+                                      "--maildir", str(maildir), "--take-over")  # fmt: skip
         async with asyncio.timeout(STEP_TIMEOUT_S):
             await all_done.wait()
         gateway.send_signal(signal.SIGTERM)

@@ -176,7 +176,7 @@ def test_health_port_serves_readiness_and_metrics(
     assert samples["relay_ingress_messages_accepted_total"] >= 1
     assert samples["relay_ingress_connections_total"] >= 2
     assert samples["relay_ingress_bytes_accepted_total"] >= len(MESSAGE)
-    assert samples['relay_ingress_rejections_total{reason="recipient_not_connected"}'] >= 1
+    assert samples['relay_ingress_rejections_total{code="450",reason="recipient_not_connected"}'] >= 1
     assert samples["relay_ingress_enqueue_seconds_count"] >= 1
     redis_server.kill()
     assert http_get(ingress.http_port, "/readyz")[0] == 503

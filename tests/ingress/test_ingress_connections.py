@@ -27,7 +27,7 @@ from tests.support.wait import poll_until
 
 StartIngress = Callable[..., InProcessIngress]
 CAP = 3
-REFUSAL = b"421 4.7.0 relay_rejected_connection_rate_limited\r\n"
+REFUSAL = b"421 4.7.0 relay_rejected_too_many_connections\r\n"
 MESSAGE = b"Subject: capped\r\n\r\nfrom the other address\r\n"
 
 
@@ -58,7 +58,10 @@ def hold(port: int) -> socket.socket:
 
 
 def refusals() -> float:
-    return REGISTRY.get_sample_value("relay_ingress_rejections_total", {"reason": "too_many_connections"}) or 0.0
+    return (
+        REGISTRY.get_sample_value("relay_ingress_rejections_total", {"reason": "too_many_connections", "code": "421"})
+        or 0.0
+    )
 
 
 def test_the_default_cap_is_20_per_ip() -> None:

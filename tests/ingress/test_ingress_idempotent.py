@@ -4,7 +4,9 @@ A sender retries after a 451 even when Redis had committed (the reply was lost);
 be answered with the first queue id and must not be stored again, or the gateway would get one
 message under two stream ids. tests/system/test_faults.py::test_lost_exec_reply_then_retry_is_one_message_not_two
 proves the lost-reply case itself through a TCP proxy; these tests pin down what "the same
-message" means and the multi-persona and concurrent cases.
+message" means and the multi-persona and concurrent cases. The protection lasts only while the
+first copy is undelivered (the tunnel removes the marker with the entry):
+tests/system/test_e2e_inbound.py::test_identical_message_is_stored_once_while_queued_and_delivered_again_after_delivery.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from shared.enqueue import (
     message_digest,
     new_queue_id,
 )
+from shared.inbox_entries import DIGEST_FIELD
 from shared.payloads import InboxEntry
 from tests.support.ingress import (
     InProcessIngress,
@@ -96,6 +99,18 @@ def test_a_different_envelope_or_content_is_another_message(
     assert first[0] == second[0] == 250
     assert queue_id_of(first[1]) != queue_id_of(second[1])
     assert len(inbox_entries(redis_client, persona)) == 2
+
+
+def test_the_marker_is_named_by_the_personas_last_entry_of_the_message(
+    start_ingress: StartIngress, persona: str, redis_client: redis.Redis
+) -> None:
+    """The tunnel removes the marker with that entry (tests/system/test_e2e_inbound.py proves the resend)."""
+    ingress = start_ingress()
+    recipients = [address(persona), address(persona, "work")]
+    assert send_raw(ingress.port, "s@example.org", recipients, MESSAGE)[0] == 250
+    first, last = [fields for _, fields in redis_client.xrange(keys.inbox(persona))]
+    assert DIGEST_FIELD not in first
+    assert last[DIGEST_FIELD].decode() == message_digest("s@example.org", recipients, MESSAGE)
 
 
 def test_duplicates_are_counted_and_logged_apart_from_acceptances(start_ingress: StartIngress, persona: str) -> None:

@@ -29,7 +29,7 @@ DOMAINS = ["relay.test", "Other.Example"]
     ("reply", "line"),
     [
         (policy.CONNECTION_RATE_LIMITED, "421 4.7.0 relay_rejected_connection_rate_limited"),
-        (policy.TOO_MANY_CONNECTIONS, "421 4.7.0 relay_rejected_connection_rate_limited"),
+        (policy.TOO_MANY_CONNECTIONS, "421 4.7.0 relay_rejected_too_many_connections"),
         (policy.RECIPIENT_INVALID, "550 5.1.1 relay_rejected_recipient_invalid"),
         (policy.RELAY_ACCESS_DENIED, "550 5.7.1 relay access denied"),
         (policy.RECIPIENT_NOT_CONNECTED, "450 4.2.1 relay_rejected_recipient_not_connected"),

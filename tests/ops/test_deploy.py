@@ -8,6 +8,7 @@ operator relies on (probes, non-root, node id from the pod name, AOF) by reading
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -20,7 +21,8 @@ import yaml
 from kubernetes_validate import utils as kubernetes_validate
 
 from protege_relay.cli import SERVICES
-from shared.config import EgressConfig, RelayConfig, SmtpConfig, load_config
+from shared.config import EgressConfig, RelayConfig, SmtpConfig, env_variable_names, load_config
+from shared.redis_acl import SERVICE_USERS, write_secrets
 from tests.support.processes import REPO_ROOT
 
 K8S_DIR = REPO_ROOT / "deploy" / "k8s"
@@ -28,6 +30,7 @@ COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 MATRIX = json.loads((REPO_ROOT / "deploy" / "service_matrix.json").read_text())
 SERVICE_MATRIX: dict[str, dict[str, Any]] = MATRIX["services"]
 NODE_ID_ENV = MATRIX["nodeIdEnv"]
+REDIS_CREDENTIALS: dict[str, str] = MATRIX["redisCredentials"]
 MANIFESTS = sorted(path for path in K8S_DIR.glob("*.yaml") if path.name != "kustomization.yaml")
 OLDEST_SUPPORTED_KUBERNETES = "1.29.0"
 SECRET_FILE_MODE = 0o400
@@ -254,21 +257,125 @@ def test_redis_statefulset_persists_an_append_only_file() -> None:
     assert statefulset["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
 
 
+# --- Kubernetes: the Sentinel overlay (deploy/k8s/ha, docs/HA.md) ------------------------------
+
+HA_DIR = K8S_DIR / "ha"
+
+
+def ha_resources() -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all((HA_DIR / "redis-sentinel.yaml").read_text()) if doc]
+
+
+def test_ha_manifests_are_valid_kubernetes_in_strict_mode() -> None:
+    resources = kubernetes_validate.resources_from_file(str(HA_DIR / "redis-sentinel.yaml"))
+    for version in kubernetes_versions():
+        for resource in resources:
+            kubernetes_validate.validate(resource, version, strict=True)
+
+
+def test_ha_overlay_replaces_the_single_redis_and_patches_only_base_resources() -> None:
+    kustomization = yaml.safe_load((HA_DIR / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["../", "redis-sentinel.yaml"]
+    assert kustomization["namespace"] == yaml.safe_load((K8S_DIR / "kustomization.yaml").read_text())["namespace"]
+    base = {(item["kind"], item["metadata"]["name"]) for item in k8s_resources()}
+    patched: list[dict[str, Any]] = []
+    for entry in kustomization["patches"]:
+        patched += [doc for doc in yaml.safe_load_all((HA_DIR / entry["path"]).read_text()) if doc]
+    assert all((doc["kind"], doc["metadata"]["name"]) in base for doc in patched)
+    deleted = {(doc["kind"], doc["metadata"]["name"]) for doc in patched if doc.get("$patch") == "delete"}
+    assert deleted == {("StatefulSet", "redis"), ("Service", "redis")}
+    added = {(item["kind"], item["metadata"]["name"]) for item in ha_resources()}
+    assert {("StatefulSet", "redis"), ("Service", "redis"), ("StatefulSet", "redis-sentinel")} <= added
+    assert not (added - deleted) & base, "the overlay adds nothing the base already has"
+    # Every tier is told where the sentinels are and to wait for a replica, with variables the config knows.
+    known = {name for name, _ in env_variable_names()}
+    tiers = {doc["metadata"]["name"]: doc for doc in patched if doc["kind"] == "Deployment"}
+    assert sorted(tiers) == sorted(SERVICE_MATRIX)
+    for deployment in tiers.values():
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        env = {item["name"]: item["value"] for item in container["env"]}
+        assert set(env) <= known
+        assert env["RELAY_REDIS_MIN_REPLICAS_TO_ACK"] == "1"
+        config = load_config(environ=env)
+        assert len(config.redis.sentinels) == 3 and config.redis.sentinelMaster == "relay"
+
+
+def test_ha_redis_and_sentinels_are_spread_over_nodes_with_disruption_budgets() -> None:
+    statefulsets = {item["metadata"]["name"]: item for item in ha_resources() if item["kind"] == "StatefulSet"}
+    budgets = {
+        item["metadata"]["name"]: item["spec"] for item in ha_resources() if item["kind"] == "PodDisruptionBudget"
+    }
+    for name, replicas in (("redis", 3), ("redis-sentinel", 3)):
+        spec = statefulsets[name]["spec"]
+        assert spec["replicas"] == replicas
+        (term,) = spec["template"]["spec"]["affinity"]["podAntiAffinity"][
+            "requiredDuringSchedulingIgnoredDuringExecution"
+        ]
+        assert term["topologyKey"] == "kubernetes.io/hostname"
+        assert term["labelSelector"]["matchLabels"] == spec["selector"]["matchLabels"]
+        assert budgets[name]["selector"]["matchLabels"] == spec["selector"]["matchLabels"]
+        assert spec["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert budgets["redis"]["maxUnavailable"] == 1  # a primary and a replica stay: minReplicasToAck=1 holds
+    assert budgets["redis-sentinel"]["minAvailable"] == 2  # the majority that authorises a failover
+    scripts = next(item for item in ha_resources() if item["kind"] == "ConfigMap")["data"]
+    assert (
+        "--appendonly yes" in scripts["redis-start.sh"] and "--maxmemory-policy noeviction" in scripts["redis-start.sh"]
+    )
+    assert "sentinel monitor relay ${primary} 6379 2" in scripts["sentinel-start.sh"]
+    # The ACL of the base applies; replication and sentinel links authenticate, from a mounted Secret.
+    assert "--aclfile /etc/redis/acl/users.acl" in scripts["redis-start.sh"]
+    assert "masterauth" in scripts["redis-start.sh"] and "auth-pass" in scripts["sentinel-start.sh"]
+    assert "/etc/redis/admin/password" in scripts["redis-start.sh"]
+
+
 # --- docker-compose ----------------------------------------------------------------------------
 
 
-def test_docker_compose_accepts_the_compose_file() -> None:
+def test_docker_compose_accepts_the_compose_file(tmp_path: Path) -> None:
     binary = shutil.which("docker-compose")
     if binary is None:
-        pytest.skip("docker-compose is not installed (.ci/run installs it)")
+        pytest.skip("docker-compose is not installed (make test installs it: scripts/test-tools.sh)")
+    write_secrets(tmp_path)  # what an operator runs first; compose needs its env files
     completed = subprocess.run(
         [binary, "-f", str(COMPOSE_FILE), "config", "-q"],
         cwd=REPO_ROOT,
+        env={**os.environ, REDIS_CREDENTIALS["secretsDirEnv"]: str(tmp_path)},
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert completed.returncode == 0, completed.stderr
+
+
+def test_docker_compose_accepts_the_ha_profile(tmp_path: Path) -> None:
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.skip("docker-compose is not installed (.ci/run installs it)")
+    write_secrets(tmp_path)
+    completed = subprocess.run(
+        [binary, "-f", str(COMPOSE_FILE), "--profile", "ha", "config", "-q"],
+        cwd=REPO_ROOT,
+        env={**os.environ, REDIS_CREDENTIALS["secretsDirEnv"]: str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert completed.returncode == 0, completed.stderr
+
+
+def test_compose_ha_profile_has_a_replica_and_three_sentinels() -> None:
+    services = compose()["services"]
+    ha = sorted(name for name, service in services.items() if service.get("profiles") == ["ha"])
+    assert ha == ["redis-replica", "redis-sentinel-1", "redis-sentinel-2", "redis-sentinel-3"]
+    replica = services["redis-replica"]["command"][0]
+    assert "--replicaof redis 6379" in replica and "--appendonly yes" in replica
+    assert "--aclfile /etc/redis/users.acl" in replica and "masterauth" in replica
+    sentinel = services["redis-sentinel-1"]["command"][0]
+    assert "sentinel monitor relay redis 6379 2" in sentinel and "--sentinel" in sentinel
+    assert "sentinel auth-pass relay $$RELAY_REDIS_PASSWORD" in sentinel
+    env = services["ingress"]["environment"]
+    assert env["RELAY_REDIS_SENTINELS"] == "${RELAY_REDIS_SENTINELS:-}"  # empty: one Redis, as without the profile
+    assert load_config(environ={"RELAY_REDIS_SENTINELS": ""}).redis.sentinels == []
 
 
 def test_compose_redis_uses_aof_on_a_named_volume_with_a_health_check() -> None:
@@ -364,3 +471,121 @@ def test_dockerignore_sends_only_the_package_sources() -> None:
     assert rules[0] == "*"
     allowed = {rule[1:].rstrip("/") for rule in rules if rule.startswith("!")}
     assert allowed == {"pyproject.toml", "constraints.txt", "shared", "services", "protege_relay"}
+
+
+# --- Redis access: one ACL user per service, credentials from outside the image ------------------
+
+
+def secrets_path(file_name: str) -> str:
+    return f"${{{REDIS_CREDENTIALS['secretsDirEnv']}:-{REDIS_CREDENTIALS['defaultSecretsDir']}}}/{file_name}"
+
+
+def test_every_service_has_its_own_redis_user_in_the_acl_source() -> None:
+    assert {service["redisUser"] for service in SERVICE_MATRIX.values()} | {"status"} == {
+        user.name for user in SERVICE_USERS
+    }
+
+
+def test_compose_redis_requires_the_acl_file_and_each_tier_its_credentials() -> None:
+    services = compose()["services"]
+    command = services["redis"]["command"]
+    acl_path = command[command.index("--aclfile") + 1]
+    assert f"{secrets_path('users.acl')}:{acl_path}:ro" in services["redis"]["volumes"]
+    for name, expected in SERVICE_MATRIX.items():
+        assert services[name]["env_file"] == secrets_path(f"{expected['redisUser']}.env"), name
+        env = services[name]["environment"]
+        assert not {"RELAY_REDIS_PASSWORD", "RELAY_REDIS_USERNAME"} & set(env), "credentials come from env_file"
+    ignored = (REPO_ROOT / ".gitignore").read_text().splitlines()
+    assert REDIS_CREDENTIALS["defaultSecretsDir"].removeprefix("./") + "/" in ignored
+
+
+def test_k8s_redis_loads_the_acl_secret_and_each_tier_reads_its_password_file() -> None:
+    (statefulset,) = resources_of_kind("StatefulSet").values()
+    pod = statefulset["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    acl_path = Path(container["args"][container["args"].index("--aclfile") + 1])
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    (acl_mount,) = [mount for mount in container["volumeMounts"] if Path(mount["mountPath"]) == acl_path.parent]
+    assert volumes[acl_mount["name"]]["secret"]["secretName"] == REDIS_CREDENTIALS["k8sAclSecret"]
+    assert volumes[acl_mount["name"]]["secret"]["defaultMode"] == SECRET_FILE_MODE and acl_mount["readOnly"]
+    for name, deployment in resources_of_kind("Deployment").items():
+        user = SERVICE_MATRIX[name]["redisUser"]
+        pod = deployment["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        env = env_of(container)
+        assert env["RELAY_REDIS_USERNAME"]["value"] == user
+        assert "RELAY_REDIS_PASSWORD" not in env
+        password_file = Path(env[REDIS_CREDENTIALS["passwordFileEnv"]]["value"])
+        volumes = {volume["name"]: volume for volume in pod["volumes"]}
+        (mount,) = [m for m in container["volumeMounts"] if Path(m["mountPath"]) == password_file.parent]
+        secret = volumes[mount["name"]]["secret"]
+        assert secret["secretName"] == REDIS_CREDENTIALS["k8sPasswordSecretPrefix"] + user, name
+
+
+def network_policies() -> dict[str, dict[str, Any]]:
+    return resources_of_kind("NetworkPolicy")
+
+
+def test_network_policies_deny_by_default_and_open_only_each_pods_own_ports() -> None:
+    policies = network_policies()
+    default = [p for p in policies.values() if p["spec"]["podSelector"] == {}]
+    assert len(default) == 1 and "ingress" not in default[0]["spec"], "default deny for every pod"
+    for name, expected in SERVICE_MATRIX.items():
+        (policy,) = [
+            p
+            for p in policies.values()
+            if p["spec"]["podSelector"].get("matchLabels") == {"app.kubernetes.io/name": name}
+        ]
+        ports = {port["port"] for rule in policy["spec"]["ingress"] for port in rule["ports"]}
+        assert ports == {expected["containerPort"], expected["healthPort"]} - {None}, name
+        public = [rule for rule in policy["spec"]["ingress"] if "from" not in rule]
+        assert [port["port"] for rule in public for port in rule["ports"]] == (
+            [expected["containerPort"]] if name == "ingress" else []
+        ), "only SMTP is open to everyone"
+
+
+def test_network_policy_lets_only_relay_pods_reach_redis() -> None:
+    policy = network_policies()["redis"]["spec"]
+    assert policy["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "redis"}
+    assert policy["egress"] == [] and "Egress" in policy["policyTypes"]
+    (rule,) = policy["ingress"]
+    assert [port["port"] for port in rule["ports"]] == [6379]
+    (source,) = rule["from"]
+    assert set(source) == {"podSelector"}, "pods of this namespace only"
+    (expression,) = source["podSelector"]["matchExpressions"]
+    assert (expression["key"], expression["operator"]) == ("app.kubernetes.io/name", "In")
+    assert sorted(expression["values"]) == sorted(SERVICE_MATRIX)
+
+
+# --- smaller items: what is public, whom the tunnel trusts, the hardened infrastructure ----------
+
+
+def test_compose_nginx_proxies_only_the_websocket_endpoint() -> None:
+    proxy = compose()["services"]["tunnel-proxy"]
+    config_path = proxy["volumes"][0].split(":")[0]
+    nginx_conf = (REPO_ROOT / config_path).read_text()
+    locations = dict(re.findall(r"location\s+([^{]+?)\s*\{(.*?)\n    \}", nginx_conf, re.S))
+    proxied = sorted(path for path, body in locations.items() if "proxy_pass" in body)
+    assert proxied == ["= /ws"], "never /metrics, /readyz or /healthz of the tunnel"
+    assert "return 404" in locations["/"]
+
+
+def test_the_tunnel_trusts_only_its_proxy() -> None:
+    services = compose()["services"]
+    proxy_ip = services["tunnel-proxy"]["networks"]["relay"]["ipv4_address"]
+    trusted = json.loads(services["tunnel"]["environment"]["RELAY_WS_TRUSTED_PROXIES"])
+    assert trusted == [f"{proxy_ip}/32"]
+    (config_map,) = resources_of_kind("ConfigMap").values()
+    k8s_trusted = json.loads(config_map["data"]["config.json"])["ws"]["trustedProxies"]
+    assert all(int(entry.partition("/")[2] or 32) >= 16 for entry in k8s_trusted), "never a whole /8"
+
+
+def test_compose_redis_and_nginx_run_without_capabilities_read_only_and_bounded() -> None:
+    services = compose()["services"]
+    for name in ("redis", "tunnel-proxy"):
+        service = services[name]
+        assert service["cap_drop"] == ["ALL"] and "cap_add" not in service, name
+        assert service["read_only"] is True, name
+        assert service["security_opt"] == ["no-new-privileges:true"], name
+        assert parse_bytes(service["mem_limit"]) > 0, name
+        assert service["user"].split(":")[0] not in ("0", "root"), name

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 import redis
-from arq import create_pool
 
 from protege_relay.embedded_redis import EmbeddedRedis
 from services.ingress.main import redis_client as ingress_redis_client
 from shared.config import load_config
-from shared.redis import arq_settings, connect, connect_sync
+from shared.redis import connect, connect_arq, connect_sync
 from tests.support.processes import REPO_ROOT, service_env
 
 PASSWORD = "correct-horse-battery-staple"
@@ -50,7 +49,7 @@ def test_every_client_authenticates_as_the_configured_user(auth_redis: EmbeddedR
         for client in (connect(config), ingress_redis_client(config)):
             who.append(_text(await client.acl_whoami()))
             await client.aclose()
-        pool = await create_pool(arq_settings(config))
+        pool = connect_arq(config)
         who.append(_text(await pool.acl_whoami()))  # arq's pool decodes responses
         await pool.aclose()
         return who

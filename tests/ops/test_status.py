@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 import redis
 import redis.asyncio as aioredis
-from arq import create_pool
 from arq.constants import in_progress_key_prefix
 
 from protege_relay.embedded_redis import EmbeddedRedis
@@ -20,7 +19,7 @@ from shared import keys
 from shared.config import load_config
 from shared.nodeinfo import publish_node_info
 from shared.payloads import DeliveryResult, InboxEntry, OutboundJob
-from shared.redis import arq_settings
+from shared.redis import connect_arq
 from tests.support.processes import REPO_ROOT, free_port, service_env
 
 PK_A = "a" * 52
@@ -82,7 +81,7 @@ async def populate(redis_url: str) -> None:
         await client.aclose()
 
     config = load_config(environ={"RELAY_REDIS_URL": redis_url})
-    pool = await create_pool(arq_settings(config))
+    pool = connect_arq(config)
     try:
         for stream_id, defer_s in (("out-2", 0), ("out-3", 3600)):
             job = OutboundJob(PK_A, stream_id, f"{PK_A}@relay.test", ["r@example.org"], b"hi", 0)
@@ -161,10 +160,8 @@ async def test_table_status_is_aligned_and_names_every_node(redis_server: Embedd
         "egress": "2",
         "results": "1",
     }
-    # The age is counted when the CLI runs, a second or more after `populate` on a loaded machine.
-    age = re.search(r"(\d+)m(\d\d)s$", queue_rows["inbox"].rstrip())
-    assert age is not None, queue_rows["inbox"]
-    assert OLDEST_INBOX_AGE_S <= int(age[1]) * 60 + int(age[2]) < OLDEST_INBOX_AGE_S + CLI_TIMEOUT_S
+    # The oldest entry was written 60 s in the past; the CLI may take a few seconds on a loaded machine.
+    assert re.search(r" 1m0\ds$", queue_rows["inbox"].rstrip()), queue_rows["inbox"]
 
 
 def test_empty_redis_reports_nothing_waiting(redis_server: EmbeddedRedis) -> None:

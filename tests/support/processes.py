@@ -26,6 +26,7 @@ class ServiceProcess:
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
     extra_args: list[str] = field(default_factory=list)
+    pass_fds: tuple[int, ...] = ()  # descriptors the child inherits (a listening socket)
 
     def start(self, timeout_s: float = 20.0) -> ServiceProcess:
         assert self.log_path is not None
@@ -36,6 +37,7 @@ class ServiceProcess:
             cwd=REPO_ROOT,
             stdout=log_file,
             stderr=subprocess.STDOUT,
+            pass_fds=self.pass_fds,
         )
         if self.port is not None:
             try:

@@ -10,6 +10,7 @@ import base64
 import contextlib
 import json
 import os
+import ssl
 import struct
 import time
 from collections.abc import Callable
@@ -258,17 +259,31 @@ class RunningTunnel:
         self._task = asyncio.get_running_loop().create_task(
             serve(self.config, self.stopping, rate_clock=self._rate_clock)
         )
+        # The port accepts as soon as it is bound, before the server is up: wait for /readyz.
         async with asyncio.timeout(10):
             while True:
                 if self._task.done():
                     self._task.result()
                 try:
-                    _, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                    reader, writer = await asyncio.open_connection("127.0.0.1", self.port, ssl=self._probe_tls())
                 except OSError:
                     await asyncio.sleep(0.01)
                     continue
+                writer.write(b"GET /readyz HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+                status_line = await reader.readline()
                 writer.close()
-                return self
+                if status_line.startswith(b"HTTP/1.1 200"):
+                    return self
+                await asyncio.sleep(0.01)
+
+    def _probe_tls(self) -> ssl.SSLContext | None:
+        """The readiness probe speaks TLS to a `wss://` tunnel; it checks readiness, not trust."""
+        if not self.config.ws.tls.enabled:
+            return None
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
 
     async def stop(self) -> None:
         self.stopping.set()

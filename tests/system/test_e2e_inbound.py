@@ -230,7 +230,7 @@ def test_swaks_message_reaches_the_maildir(
     (tmp_path / "message.eml").write_bytes(body)
     transcript = subprocess.run(
         [
-            "/usr/bin/swaks",
+            "swaks",
             "--server",
             "127.0.0.1",
             "--port",
@@ -331,3 +331,43 @@ def test_legacy_gateway_without_ack_receives_and_the_inbox_empties(
         DELIVERY_TIMEOUT_S,
         message="the legacy gateway's message was not removed after the ping/pong",
     )
+
+
+def accepted_markers(client: redis.Redis, persona: Persona) -> list[bytes]:
+    return list(client.scan_iter(match=keys.accepted(persona.persona_key, "*")))
+
+
+def test_identical_message_is_stored_once_while_queued_and_delivered_again_after_delivery(
+    tmp_path: Path, start_relay: Callable[..., Relay], gateways: Gateways, redis_client: redis.Redis
+) -> None:
+    """Issue 14 item 2: the retry protection lasts only while the first copy is undelivered."""
+    relay = start_relay()
+    persona = make_persona(tmp_path, "p")
+    gateway = gateways.start(persona, relay.ws_url)  # known to the relay from now on
+    gateway.terminate()
+    alert = sample_message("disk full")
+
+    # The gateway is offline: a retry of the same message (after a lost reply) is the same message.
+    first_id = smtp_send(relay.smtp_port, [persona.address], alert)
+    assert smtp_send(relay.smtp_port, [persona.address], alert) == first_id
+    assert inbox_length(redis_client, persona) == 1
+
+    gateways.start(persona, relay.ws_url)
+    [stored] = wait_stored(persona)
+    assert_delivered_intact(stored, alert, first_id, persona.address)
+    poll_until(
+        lambda: inbox_length(redis_client, persona) == 0 and not accepted_markers(redis_client, persona),
+        DELIVERY_TIMEOUT_S,
+        message="delivered message or its retry marker left in Redis",
+    )
+
+    # Delivered: the same alert sent again is a new message, and it is delivered.
+    second_id = smtp_send(relay.smtp_port, [persona.address], alert)
+    assert second_id != first_id
+    stored_messages = wait_stored(persona, 2)
+    assert len(stored_messages) == 2
+    by_queue_id = {queue_id: message for message in stored_messages for queue_id in (first_id, second_id)
+                   if queue_id.encode() in split_received(message)[0]}  # fmt: skip
+    assert set(by_queue_id) == {first_id, second_id}
+    for queue_id, message in by_queue_id.items():
+        assert_delivered_intact(message, alert, queue_id, persona.address)

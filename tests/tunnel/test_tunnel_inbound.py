@@ -22,6 +22,12 @@ from tests.support.ws_client import GatewayClient, RawWsClient, RunningTunnel
 ACK = ["inbound_ack"]
 
 
+@pytest.fixture
+def tunnel_env() -> dict[str, str]:
+    # A short legacy-ack grace: these tests prove the pong barrier; tests/tunnel/test_tunnel_legacy_ack.py the grace.
+    return {"RELAY_WS_LEGACY_ACK_GRACE_MS": "300"}
+
+
 def add_inbox_entry(
     redis_client: redis.Redis,
     persona_key: str,

@@ -110,6 +110,8 @@ async def test_outbound_refusals_are_failed_results(
     stream_id = str(uuid.uuid4())
     await client.send_outbound(stream_id, sender, rcpt_to, f"From: {sender}\r\nSubject: x\r\n\r\nhi\r\n".encode())
     result = await client.next_text()
+    expected_sender = result.pop("expectedSender", None)  # PROTOCOL.md B: says which address to use
+    assert expected_sender == (f"{passport.persona_key}@{DOMAIN}" if error == "sender_not_allowed" else None)
     assert result == {"type": "relay_delivery_result", "streamId": stream_id, "status": "failed", "error": error}
     assert await queued(arq_pool) == []
     await client.close()

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from shared.config import ConfigError, RelayConfig, env_variable_names, load_config
+from shared.redis import sentinel_addresses
 
 ORIGINAL_FULL_CONFIG = {
     "host": "127.0.0.1",
@@ -185,3 +186,35 @@ def test_redis_password_from_two_sources_is_refused(tmp_path: Path) -> None:
         load_config(environ={"RELAY_REDIS_PASSWORD_FILE": str(secret), "RELAY_REDIS_PASSWORD": "b"})
     with pytest.raises(ConfigError, match=r"more than once \(env, url\)"):
         load_config(environ={"RELAY_REDIS_URL": "redis://:pw@redis:6379/0", "RELAY_REDIS_PASSWORD": "b"})
+
+
+def test_sentinel_and_replicated_ack_settings_from_the_environment() -> None:
+    config = load_config(
+        environ={
+            "RELAY_REDIS_SENTINELS": "s1:26379, s2:26380,[::1]:26381",
+            "RELAY_REDIS_SENTINEL_MASTER": "mail",
+            "RELAY_REDIS_MIN_REPLICAS_TO_ACK": "1",
+            "RELAY_REDIS_REPLICA_ACK_TIMEOUT_MS": "250",
+        }
+    )
+    assert config.redis.sentinels == ["s1:26379", "s2:26380", "[::1]:26381"]
+    assert sentinel_addresses(config) == [("s1", 26379), ("s2", 26380), ("::1", 26381)]
+    assert (config.redis.sentinelMaster, config.redis.minReplicasToAck, config.redis.replicaAckTimeoutMs) == (
+        "mail",
+        1,
+        250,
+    )
+    defaults = RelayConfig().redis
+    assert (defaults.sentinels, defaults.minReplicasToAck) == ([], 0)  # one Redis, no WAIT, unless asked
+
+
+@pytest.mark.parametrize("entry", ["s1:port", "s1:70000", ":26379"])
+def test_a_malformed_sentinel_address_is_an_error_naming_it(entry: str) -> None:
+    config = load_config(environ={"RELAY_REDIS_SENTINELS": entry})
+    with pytest.raises(ConfigError, match=r"redis\.sentinels"):
+        sentinel_addresses(config)
+
+
+def test_negative_min_replicas_to_ack_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"redis\.minReplicasToAck"):
+        load_config(environ={"RELAY_REDIS_MIN_REPLICAS_TO_ACK": "-1"})

@@ -28,6 +28,7 @@ def check(head: str | bytes, domains: tuple[str, ...] = (DOMAIN,)) -> str | None
         f"From: <{OWN}>\r\nTo: a@example.org\r\n\r\nbody",
         f'From: "Agent Smith, the assistant" <{OWN}>\r\n\r\n',
         f"From: =?utf-8?q?Caf=C3=A9?= <{OWN}>\r\n\r\n",
+        f"From: Café <{OWN}>\r\nSubject: naïve\r\n\r\n",  # RFC 6532 UTF-8 headers
         f"From: {KEY.upper()}@RELAY.TEST\r\n\r\n",
         f"From: {KEY}+newsletter@{DOMAIN}\r\n\r\n",
         f"From: Me <{OWN}>\nSubject: LF line endings, as the reference gateway sends\n\nbody\n",
@@ -70,10 +71,16 @@ def test_own_addresses_are_allowed(message: str) -> None:
         f"From: +{KEY}@{DOMAIN}\r\n\r\n",
         f'From: "{KEY} "@{DOMAIN}\r\n\r\n',
         f"From: {OWN}\r\n\x00garbage\r\n\r\n",
+        f"From: {KEY}\uff20{DOMAIN}\r\n\r\n",  # a fullwidth at sign is no at sign
+        f"From: {OWN}\u2028From: security@bank.example\r\n\r\n",
     ],
 )
 def test_other_or_unparsable_addresses_are_refused(message: str) -> None:
     assert check(message) == REFUSED, message
+
+
+def test_header_bytes_that_are_not_utf8_are_refused() -> None:
+    assert check(f"From: Caf\xe9 <{OWN}>\r\n\r\n".encode("latin-1")) == REFUSED
 
 
 def test_without_mail_domains_any_well_formed_domain_of_the_key() -> None:

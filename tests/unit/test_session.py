@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.tunnel import outbound
+from services.tunnel.budget import BudgetLimits, OutboundBudget
 from services.tunnel.challenges import ChallengeRecord, check_response, iso_utc_ms, new_challenge
 from services.tunnel.session import (
     AckInbound,
@@ -542,3 +543,59 @@ def test_deeply_nested_json_is_invalid_not_a_recursion_error() -> None:
     assert session.receive_text(DEEP_JSON) == [SendText('{"type":"error","code":"invalid_message"}')]
     deep_start = protocol.encode_frame(protocol.FrameType.SMTP_START, "s", DEEP_JSON.encode())
     assert session.receive_binary(deep_start) == auth_error("invalid_tunnel_frame")
+
+
+# --- outbound assembly budget (services/tunnel/budget.py) --------------------------------------
+
+
+def budgeted_session(per_persona: int, clock: Clock | None = None) -> tuple[TunnelSession, OutboundBudget]:
+    budget = OutboundBudget(BudgetLimits(per_persona=per_persona, per_ip=10 * per_persona, per_node=10 * per_persona))
+    session = make_session(clock or Clock(), outbound_stream_timeout_ms=1000)
+    session.receive_text(request())
+    session.auth_succeeded(RFC8032_KEY, "inbound", None)
+    session.allowance = budget.allowance(RFC8032_KEY, "192.0.2.1")
+    return session, budget
+
+
+def test_a_chunk_over_the_budget_fails_its_stream_outbound_busy_and_gives_its_bytes_back() -> None:
+    session, budget = budgeted_session(per_persona=1000)
+    a, b = (
+        frames("a", SENDER, "x@example.org", mail(b"x" * 600)),
+        frames("b", SENDER, "y@example.org", mail(b"y" * 600)),
+    )
+    actions = feed(session, [a[0], b[0], a[1], b[1], b[1], b[2], a[2]])
+    assert actions[0] == RefuseOutbound("b", "outbound_busy")  # once, however many frames follow
+    [queued] = actions[1:]
+    assert isinstance(queued, EnqueueOutbound) and queued.size_bytes == len(mail(b"x" * 600))
+    assert budget.total == queued.size_bytes  # held until the server has queued the job
+    session.allowance.give(queued.size_bytes)
+    assert (budget.total, dict(budget.by_persona), dict(budget.by_ip)) == (0, {}, {})
+
+
+def test_refused_expired_and_replaced_streams_give_their_bytes_back() -> None:
+    clock = Clock()
+    session, budget = budgeted_session(per_persona=10_000, clock=clock)
+    spoofed = frames("spoof", SENDER, "a@example.org", mail(b"x", "postmaster@relay.test"))
+    assert feed(session, spoofed) == [RefuseOutbound("spoof", "header_from_not_allowed")]
+    assert budget.total == 0
+    feed(session, frames("slow", SENDER, "a@example.org", b"abc")[:2])
+    assert budget.total == 3
+    clock.now_ms += 1000
+    assert session.expire_streams() == [OutboundDropped("slow", "stream_timeout")]
+    assert budget.total == 0
+    feed(session, frames("open", SENDER, "a@example.org", b"abcd")[:2])
+    assert budget.total == 4
+    session.replaced()
+    assert budget.total == 0
+
+
+def test_budget_is_per_persona_per_ip_and_per_node() -> None:
+    budget = OutboundBudget(BudgetLimits(per_persona=10, per_ip=15, per_node=20))
+    assert budget.take("p1", "ip1", 10) and not budget.take("p1", "ip2", 1)  # persona full
+    assert budget.take("p2", "ip1", 5) and not budget.take("p3", "ip1", 1)  # ip1 full
+    assert budget.take("p3", "ip2", 5) and not budget.take("p4", "ip3", 1)  # node full
+    allowance = budget.allowance("p4", "ip3")
+    budget.give("p1", "ip1", 10)
+    assert allowance.take(4) and allowance.held == 4
+    allowance.give(100)  # never more than it took
+    assert allowance.held == 0 and budget.total == 10

@@ -1,0 +1,165 @@
+"""Writes that count as done only when Redis says so, through a failover: the ingress enqueue
+(behind `250`), the tunnel's egress job (an accepted outbound stream) and the egress result.
+
+Replicated acknowledgements (`redis.minReplicasToAck`, docs/HA.md): Redis replicates
+asynchronously, so a primary that dies a moment after confirming a write may take it along.
+`WAIT n timeout` after the write, on the same connection (WAIT counts that client's writes),
+blocks until n replicas confirmed it; fewer within `redis.replicaAckTimeoutMs` raises
+`NotReplicated`, which callers treat like any Redis failure (451, socket closed, job retried).
+The scripts and the WAIT go out in one pipeline: one round trip, as without WAIT.
+
+Failover: a write that failed on a connection error (primary dead, sentinels still electing) or
+on READONLY (a demoted primary) is sent again until `deadline_s`, each time to the primary the
+sentinels name then. That is safe only because every script run here is idempotent: it checks
+a marker (accepted digest, arq job key, published marker) before writing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ReadOnlyError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from shared.config import RelayConfig
+
+FAILOVER_ERRORS = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, ConnectionError, OSError)
+RETRY_FIRST_DELAY_S = 0.05
+RETRY_MAX_DELAY_S = 0.5
+
+
+class NotReplicated(RedisError):
+    """WAIT returned before enough replicas confirmed the write: it may not survive a failover."""
+
+    def __init__(self, confirmed: int, required: int) -> None:
+        super().__init__(f"{confirmed} of {required} replicas confirmed the write")
+        self.confirmed = confirmed
+        self.required = required
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaAck:
+    """How many replicas must confirm a write, and how long to wait for them."""
+
+    replicas: int = 0
+    timeout_ms: int = 1000
+
+    @classmethod
+    def from_config(cls, config: RelayConfig) -> ReplicaAck:
+        return cls(config.redis.minReplicasToAck, config.redis.replicaAckTimeoutMs)
+
+
+NO_ACK = ReplicaAck()
+
+
+@dataclass(frozen=True, slots=True)
+class LuaScript:
+    source: bytes
+    sha: str
+
+    @classmethod
+    def of(cls, source: str | bytes) -> LuaScript:
+        raw = source.encode() if isinstance(source, str) else source
+        return cls(raw, hashlib.sha1(raw).hexdigest())
+
+
+@dataclass(frozen=True, slots=True)
+class ScriptCall:
+    """One idempotent script run: running it twice must leave what running it once leaves."""
+
+    script: LuaScript
+    keys: list[str]
+    args: list[Any]
+
+
+AlsoQueue = Callable[[Pipeline], object]
+
+
+async def run_scripts(
+    redis: aioredis.Redis,
+    calls: list[ScriptCall],
+    ack: ReplicaAck,
+    *,
+    deadline_s: float,
+    also: AlsoQueue | None = None,
+) -> list[Any]:
+    """The calls' replies, after `ack.replicas` replicas confirmed them (if any are required).
+
+    Retried on failover errors until `deadline_s` (seconds from now); other errors, a reply that
+    is an error and `NotReplicated` are raised. `also` queues bookkeeping commands after the
+    scripts, in the same round trip; their replies are not checked (and they run again on a retry).
+    """
+    deadline = time.monotonic() + deadline_s
+    delay_s = RETRY_FIRST_DELAY_S
+    while True:
+        try:
+            return await _run_once(redis, calls, ack, also)
+        except FAILOVER_ERRORS:
+            if time.monotonic() + delay_s >= deadline:
+                raise
+        await asyncio.sleep(delay_s)
+        delay_s = min(delay_s * 2, RETRY_MAX_DELAY_S)
+
+
+async def confirmed_read(
+    redis: aioredis.Redis, command: Callable[[Pipeline], object], ack: ReplicaAck, *, is_empty: Callable[[Any], bool]
+) -> Any:
+    """The reply of one stream read that is also a write (XREADGROUP, XAUTOCLAIM move entries
+    into the reader's pending list), confirmed by `ack.replicas` replicas when it returned
+    entries. Replication is in order, so the confirmation covers the entries themselves: a
+    reader hands on nothing a failover could take back (an entry a client was answered 451 for,
+    then stored again under another id on its retry)."""
+    if not ack.replicas:
+        async with redis.pipeline(transaction=False) as pipe:
+            command(pipe)
+            (reply,) = await pipe.execute()
+        return reply
+    async with redis.pipeline(transaction=False) as pipe:
+        command(pipe)
+        pipe.wait(ack.replicas, ack.timeout_ms)
+        reply, replicas = await pipe.execute()
+    if not is_empty(reply) and int(replicas) < ack.replicas:
+        raise NotReplicated(int(replicas), ack.replicas)
+    return reply
+
+
+async def _run_once(
+    redis: aioredis.Redis, calls: list[ScriptCall], ack: ReplicaAck, also: AlsoQueue | None
+) -> list[Any]:
+    replies = await _pipeline(redis, calls, ack, also)
+    if any(isinstance(reply, NoScriptError) for reply in replies):
+        # This Redis lacks a script (restarted, flushed, just promoted): load them all and run
+        # the batch again; the calls that did run find their markers the second time.
+        for script in {call.script for call in calls}:
+            await redis.script_load(script.source)
+        replies = await _pipeline(redis, calls, ack, None)
+    confirmed = int(replies.pop()) if ack.replicas else 0
+    replies = replies[: len(calls)]
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    if ack.replicas and confirmed < ack.replicas:
+        raise NotReplicated(confirmed, ack.replicas)
+    return replies
+
+
+async def _pipeline(
+    redis: aioredis.Redis, calls: list[ScriptCall], ack: ReplicaAck, also: AlsoQueue | None
+) -> list[Any]:
+    async with redis.pipeline(transaction=False) as pipe:
+        for call in calls:
+            pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+        if also is not None:
+            also(pipe)
+        if ack.replicas:
+            pipe.wait(ack.replicas, ack.timeout_ms)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+    return replies
