@@ -28,13 +28,13 @@ from arq.jobs import DeserializationError, deserialize_job_raw
 from services.egress.results import ResultStore
 from shared import keys, lua
 from shared.backlog import as_text, int_or_none
+from shared.codes import DeliveryError
 from shared.config import RelayConfig
 from shared.payloads import DeliveryResult, OutboundJob
 from shared.redis import connect, credentials
 
 PAGE = 100
 CANCEL_CLAIM_TTL_MS = 60_000  # a cancel that dies midway leaves the job to run (as a no-op) after this
-CANCELLED_ERROR = "cancelled_by_operator"
 
 
 class JobNotQueued(Exception):
@@ -189,7 +189,7 @@ async def _publish_cancelled(client: aioredis.Redis, job: OutboundJob, tries: in
     result = DeliveryResult(
         stream_id=job.stream_id,
         status="failed",
-        error=CANCELLED_ERROR,
+        error=DeliveryError.CANCELLED_BY_OPERATOR,
         recipient=next(iter(unsent or job.rcpt_to), None),
         permanent=True,
         attempts=tries,

@@ -32,6 +32,7 @@ import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript, Script
 
 from shared import keys
+from shared.codes import AuthError
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,12 +163,12 @@ return 1
 # services/tunnel/challenges.py: check a challenge in the order PROTOCOL.md A3 gives the errors
 # and mark it used, so two sockets racing with one signed response cannot both win.
 # KEYS: challenge. ARGV: persona key, now (ms). Returns 'ok' or the wire code.
-CONSUME_CHALLENGE = LuaScript.of("""
+CONSUME_CHALLENGE = LuaScript.of(f"""
 local record = redis.call('HMGET', KEYS[1], 'pk', 'exp', 'used')
-if not record[1] then return 'challenge_not_found' end
-if record[1] ~= ARGV[1] then return 'challenge_mismatch' end
-if record[3] == '1' then return 'challenge_already_used' end
-if tonumber(ARGV[2]) >= tonumber(record[2]) then return 'challenge_expired' end
+if not record[1] then return {lua_string(AuthError.CHALLENGE_NOT_FOUND)} end
+if record[1] ~= ARGV[1] then return {lua_string(AuthError.CHALLENGE_MISMATCH)} end
+if record[3] == '1' then return {lua_string(AuthError.CHALLENGE_ALREADY_USED)} end
+if tonumber(ARGV[2]) >= tonumber(record[2]) then return {lua_string(AuthError.CHALLENGE_EXPIRED)} end
 redis.call('HSET', KEYS[1], 'used', '1')
 return 'ok'
 """)

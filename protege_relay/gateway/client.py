@@ -18,10 +18,9 @@ from urllib.parse import urlsplit
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
+from shared.codes import AuthError, CloseCode
 from shared.identity import Passport
 from shared.protocol import (
-    CLOSE_AUTH_FAILED,
-    CLOSE_RATE_LIMITED,
     ControlMessageError,
     decode_control,
     encode_control,
@@ -178,6 +177,7 @@ async def _next_control(connection: ClientConnection, expected_type: str) -> dic
 
 def _close_to_error(closed: ConnectionClosed) -> GatewayError:
     received = closed.rcvd
-    if received is not None and received.code in (CLOSE_AUTH_FAILED, CLOSE_RATE_LIMITED):
-        return AuthFailed(received.reason or ("rate_limited" if received.code == CLOSE_RATE_LIMITED else "unknown"))
+    if received is not None and received.code in (CloseCode.AUTH_FAILED, CloseCode.RATE_LIMITED):
+        rate_limited = received.code == CloseCode.RATE_LIMITED
+        return AuthFailed(received.reason or (AuthError.RATE_LIMITED if rate_limited else "unknown"))
     return RelayUnreachable(f"connection closed during authentication: {closed}")

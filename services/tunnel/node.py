@@ -29,10 +29,11 @@ from redis.exceptions import RedisError
 from services.tunnel import ownership, results
 from services.tunnel.budget import BudgetLimits, OutboundBudget
 from services.tunnel.challenges import ChallengeStore
-from services.tunnel.connection import GOING_AWAY_REASON, TunnelConnection
+from services.tunnel.connection import TunnelConnection
 from services.tunnel.outbound import OutboundQueue
 from services.tunnel.ratelimit import AuthRateLimiter
-from shared import keys, protocol, ratelimit
+from shared import keys, ratelimit
+from shared.codes import CLOSE_REASON_CODE, CloseReason
 from shared.config import RelayConfig
 from shared.logs import get_logger, log
 from shared.nodeinfo import HEARTBEAT_INTERVAL_S, publish_node_info, remove_node_info
@@ -103,7 +104,10 @@ class TunnelNode:
             if connection.claimed_inbound and connection.persona_key is not None:
                 with contextlib.suppress(RedisError):
                     await self.ownership.release(connection.persona_key, connection.socket_id)
-        closing = [connection.close(protocol.CLOSE_GOING_AWAY, GOING_AWAY_REASON) for connection in connections]
+        closing = [
+            connection.close(CLOSE_REASON_CODE[CloseReason.GOING_AWAY], CloseReason.GOING_AWAY)
+            for connection in connections
+        ]
         if closing:
             await asyncio.wait([asyncio.ensure_future(c) for c in closing], timeout=SHUTDOWN_CLOSE_TIMEOUT_S)
         await _cancel_all(self._tasks)

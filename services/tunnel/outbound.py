@@ -24,19 +24,10 @@ from arq.jobs import serialize_job
 from arq.utils import timestamp_ms
 
 from shared import keys, lua, ratelimit
+from shared.codes import OutboundRefusal
 from shared.envelope import has_control_characters
 from shared.payloads import OutboundJob
 from shared.replication import NO_ACK, ReplicaAck, ScriptCall, run_scripts
-
-SENDER_NOT_ALLOWED = "sender_not_allowed"
-TOO_MANY_RECIPIENTS = "too_many_recipients"
-MESSAGE_TOO_LARGE = "message_too_large"
-RATE_LIMITED = "rate_limited"
-STREAM_NOT_STARTED = "stream_not_started"
-INVALID_RECIPIENT = "invalid_recipient"
-TOO_MANY_STREAMS = "too_many_streams"
-HEADER_FROM_NOT_ALLOWED = "header_from_not_allowed"  # services/tunnel/header_from.py
-OUTBOUND_BUSY = "outbound_busy"  # over an assembly budget: services/tunnel/budget.py
 
 DELIVER_FUNCTION = "deliver"
 RATE_WINDOW_S = 60
@@ -55,16 +46,16 @@ def _bare(address: str) -> str:
     return address
 
 
-def check_sender(mail_from: str, persona_key: str, mail_domains: list[str]) -> str | None:
+def check_sender(mail_from: str, persona_key: str, mail_domains: list[str]) -> OutboundRefusal | None:
     """The sender must be the persona's own address: local part is its key (any case), and the
     domain one of ours when domains are configured, else at least a well-formed domain."""
     if has_control_characters(mail_from):
-        return SENDER_NOT_ALLOWED
+        return OutboundRefusal.SENDER_NOT_ALLOWED
     local_part, at, domain = _bare(mail_from).rpartition("@")
     if not at or local_part.lower() != persona_key or not _DOMAIN.fullmatch(domain):
-        return SENDER_NOT_ALLOWED
+        return OutboundRefusal.SENDER_NOT_ALLOWED
     if mail_domains and domain.lower().rstrip(".") not in {d.lower().rstrip(".") for d in mail_domains}:
-        return SENDER_NOT_ALLOWED
+        return OutboundRefusal.SENDER_NOT_ALLOWED
     return None
 
 
@@ -73,18 +64,18 @@ def expected_sender(persona_key: str, mail_domains: list[str]) -> str:
     return f"{persona_key}@{mail_domains[0] if mail_domains else '<any domain>'}"
 
 
-def check_recipient(rcpt_to: str) -> str | None:
+def check_recipient(rcpt_to: str) -> OutboundRefusal | None:
     """One `local@domain` address, nothing that could smuggle SMTP syntax."""
     if has_control_characters(rcpt_to):
-        return INVALID_RECIPIENT
+        return OutboundRefusal.INVALID_RECIPIENT
     address = _bare(rcpt_to)
     if "," in address and all(part.strip() for part in address.split(",")):
-        return TOO_MANY_RECIPIENTS
+        return OutboundRefusal.TOO_MANY_RECIPIENTS
     if not _ADDRESS.fullmatch(address):
-        return INVALID_RECIPIENT
+        return OutboundRefusal.INVALID_RECIPIENT
     local_part, _, domain = address.rpartition("@")
     if not local_part or not domain or len(address) > 320:
-        return INVALID_RECIPIENT
+        return OutboundRefusal.INVALID_RECIPIENT
     return None
 
 
