@@ -33,8 +33,8 @@ MAX_INCOMING_MESSAGE_BYTES = 32 * 1024 * 1024
 
 # Refusals that mean our key or our client is wrong: a retry gets the same answer.
 FATAL_AUTH_CODES = frozenset(
-    {"invalid_signature", "invalid_signature_encoding", "invalid_message", "invalid_public_key"}
-)
+    {AuthError.INVALID_SIGNATURE, AuthError.INVALID_SIGNATURE_ENCODING, AuthError.INVALID_MESSAGE, "invalid_public_key"}
+)  # `invalid_public_key` is not among this relay's codes (shared/codes.py); kept as it was
 URL_HINT = "use ws://HOST:PORT/ws (wss:// when the relay serves TLS), e.g. ws://127.0.0.1:8080/ws"
 HTTP_TOO_MANY_REQUESTS = 429
 

@@ -38,7 +38,6 @@ EXIT_NOT_ALL_SENT = 1
 EXIT_BAD_ARGUMENTS = 2
 FALLBACK_MAIL_DOMAIN = "localhost"
 # the relay's refusal tokens (services/tunnel/outbound.py)
-SENDER_NOT_ALLOWED = "sender_not_allowed"
 
 logger = get_logger(__name__)
 
@@ -107,7 +106,7 @@ def run_send(
         return EXIT_NOT_ALL_SENT
     for outcome in report.outcomes.values():
         expected = outcome.get("expectedSender") or default_sender(passport, mail_domain)
-        if outcome.get("error") == SENDER_NOT_ALLOWED:
+        if outcome.get("error") == OutboundRefusal.SENDER_NOT_ALLOWED:
             print(f"protege-relay send: the relay refused sender {sender}; it expects {expected}", file=sys.stderr)
             break
         if outcome.get("error") == OutboundRefusal.HEADER_FROM_NOT_ALLOWED:
