@@ -26,9 +26,7 @@ from services.tunnel.challenges import ChallengeRecord, check_response
 from services.tunnel.challenges import now_ms as clock_ms
 from services.tunnel.inbox import InboxDelivery
 from services.tunnel.session import (
-    RATE_LIMITED,
     ROLE_INBOUND,
-    TOO_MANY_SOCKETS,
     AckInbound,
     Action,
     Close,
@@ -42,17 +40,13 @@ from services.tunnel.session import (
     TunnelSession,
     VerifyChallenge,
 )
-from shared import protocol
-from shared.logs import log
+from shared.codes import CLOSE_REASON_CODE, AuthError, CloseCode, CloseReason, OutboundRefusal
+from shared.logs import get_logger, log
 
 if TYPE_CHECKING:
     from services.tunnel.node import TunnelNode
 
-logger = logging.getLogger("relay.tunnel.connection")
-
-GOING_AWAY_REASON = "going_away"
-INTERNAL_ERROR_CODE = 1011
-IDLE_REASON = "idle_timeout"
+logger = get_logger(__name__)
 
 
 def session_limits(node: TunnelNode) -> SessionLimits:
@@ -128,7 +122,7 @@ class TunnelConnection:
                 persona=self.persona_key,
                 error=repr(exc),
             )
-            await self.close(INTERNAL_ERROR_CODE, "internal_error")
+            await self.close(CLOSE_REASON_CODE[CloseReason.INTERNAL_ERROR], CloseReason.INTERNAL_ERROR)
         finally:
             metrics.CONNECTIONS_OPEN.dec()
             self._log_closed()
@@ -228,7 +222,7 @@ class TunnelConnection:
                 persona=self.persona_key,
                 error=repr(error),
             )
-            self._spawn(self.close(protocol.CLOSE_GOING_AWAY, GOING_AWAY_REASON))
+            self._spawn(self.close(CLOSE_REASON_CODE[CloseReason.GOING_AWAY], CloseReason.GOING_AWAY))
 
     def heartbeat(self, now: float, heartbeat_s: float, idle_s: float) -> None:
         """One tick of the node-wide heartbeat (no timer per socket): close 1001 after `idle_s`
@@ -237,7 +231,7 @@ class TunnelConnection:
             return
         if now - self._last_heard >= idle_s:
             log(logger, logging.INFO, "idle socket closed", socket_id=self.socket_id, persona=self.persona_key)
-            self._spawn(self.close(protocol.CLOSE_GOING_AWAY, IDLE_REASON))
+            self._spawn(self.close(CLOSE_REASON_CODE[CloseReason.IDLE_TIMEOUT], CloseReason.IDLE_TIMEOUT))
             return
         if now - self._last_ping >= heartbeat_s:
             self._last_ping = now
@@ -270,7 +264,7 @@ class TunnelConnection:
             if isinstance(action, SendText):
                 await self.ws.send(action.text)
             elif isinstance(action, Close):
-                if action.code in (protocol.CLOSE_AUTH_FAILED, protocol.CLOSE_RATE_LIMITED):
+                if action.code in (CloseCode.AUTH_FAILED, CloseCode.RATE_LIMITED):
                     self._auth_outcome(action.reason)
                 await self.close(action.code, action.reason)
             elif isinstance(action, IssueChallenge):
@@ -300,7 +294,7 @@ class TunnelConnection:
             client_ip=self.client_ip,
         )
 
-    async def _auth_failed(self, code: str, persona_key: str | None = None) -> None:
+    async def _auth_failed(self, code: AuthError, persona_key: str | None = None) -> None:
         self._attempted_key = persona_key
         await self._perform(self.session.auth_failed(code))
 
@@ -314,7 +308,7 @@ class TunnelConnection:
             replies = await pipe.execute()
         if not await self.node.auth_rate.judge(self.client_ip, replies):
             await self.node.challenges.forget(action.challenge.challenge_id)
-            await self._auth_failed(RATE_LIMITED, action.challenge.persona_key)
+            await self._auth_failed(AuthError.RATE_LIMITED, action.challenge.persona_key)
             return
         self._issued = action.challenge
         await self.ws.send(action.reply)
@@ -328,7 +322,7 @@ class TunnelConnection:
 
     async def _verify_challenge_steps(self, action: VerifyChallenge) -> None:
         if not self._challenge_requested and not await self.node.auth_rate.allow(self.client_ip):
-            await self._auth_failed(RATE_LIMITED, action.persona_key)
+            await self._auth_failed(AuthError.RATE_LIMITED, action.persona_key)
             return
         at_ms = clock_ms()
         record = self._issued
@@ -338,12 +332,12 @@ class TunnelConnection:
         if code is None:
             code = await self.node.challenges.consume(action.challenge_id, action.persona_key, at_ms)
         if code is not None or record is None:
-            await self._auth_failed(code or "challenge_not_found", action.persona_key)
+            await self._auth_failed(code or AuthError.CHALLENGE_NOT_FOUND, action.persona_key)
             return
         persona_key = record.persona_key
         inbound = action.role == ROLE_INBOUND
         if not inbound and not self.node.take_outbound_slot(self, persona_key):
-            await self._auth_failed(TOO_MANY_SOCKETS, persona_key)
+            await self._auth_failed(AuthError.TOO_MANY_SOCKETS, persona_key)
             return
         replaced_socket_id = await self.node.claim(self, persona_key, inbound=inbound)
         self._authenticated_limits(persona_key)
@@ -386,8 +380,8 @@ class TunnelConnection:
         job = action.job
         origin = f"{self.node.node_id}/{self.socket_id}"
         if not await self.node.outbound.admit(job.persona_key, job.stream_id, origin):
-            await self._perform(self.session.outbound_refused(job.stream_id, RATE_LIMITED))
-            self._outbound_outcome(job.stream_id, RATE_LIMITED)
+            await self._perform(self.session.outbound_refused(job.stream_id, OutboundRefusal.RATE_LIMITED))
+            self._outbound_outcome(job.stream_id, OutboundRefusal.RATE_LIMITED)
             return
         self.origin_streams.add(job.stream_id)
         queued = await self.node.outbound.enqueue(job)

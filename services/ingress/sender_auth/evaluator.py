@@ -33,9 +33,9 @@ from services.ingress.sender_auth.header import from_domains, header_section_end
 from services.ingress.sender_auth.resolver import MAX_TTL_S, AsyncDns, BoundedResolver, replay
 from services.ingress.sender_auth.spf_check import check_spf
 from services.ingress.sender_auth.verdict import UNEVALUATED, DkimResult, SenderAuthVerdict, SpfResult
-from shared.logs import log
+from shared.logs import get_logger, log
 
-logger = logging.getLogger("relay.ingress")
+logger = get_logger(__name__)
 
 CPU_THREADS = 2  # DKIM hashing and RSA only; no thread ever waits for DNS
 WAIT_GRACE_S = 0.5  # past the DNS deadline, for the CPU work (hashing, RSA) to finish
