@@ -210,6 +210,10 @@ class BoundedResolver:
         """The records of `rtype` at `name`; [] for NXDOMAIN or no data."""
         key = _key(name, rtype)
         found = self.answers.get(key)
+        if found is None and (cached := self._dns.cached(name, rtype)) is not None:
+            # answered from the process's cache: no replay needed for a name asked before
+            found = self.answers[key] = cached
+            self.expires = min(self.expires, self._dns.expiry(name, rtype))
         if found is None:
             if self.remaining_s() <= 0:
                 found = self.answers[key] = DnsTimedOut(name)
