@@ -13,12 +13,16 @@ import smtplib
 import time
 from collections.abc import Callable, Iterator
 
+import dns.rdata
+import dns.rdataclass
+import dns.rdatatype
 import pytest
 import redis
 
 from protege_relay.embedded_redis import EmbeddedRedis
 from services.ingress.sender_auth.evaluator import SenderFacts, SpfCache, evaluate_async, evaluate_spf
 from services.ingress.sender_auth.resolver import AsyncDns, BoundedResolver, NeedLookup, build_resolver, replay
+from services.ingress.sender_auth.spf_prefetch import SpfPrefetch
 from tests.support.dns_server import DnsServer
 from tests.support.ingress import InProcessIngress, address, inbox_entries, ingress_starter, mark_seen, new_persona
 from tests.support.sender_auth import HONEST_IP, SENDER_DOMAIN, dkim_key, message_from, sender_zones, txt
@@ -212,3 +216,58 @@ def test_a_new_transaction_with_another_sender_gets_its_own_spf(
         assert code == 250
     [entry] = inbox_entries(redis_client, persona)
     assert b"\tspf=fail smtp.mailfrom=x@other.test;\r\n" in entry.data
+
+
+def test_a_lookup_heavy_spf_record_is_bounded_while_an_honest_sender_is_evaluated() -> None:
+    """Hostile: SPF with the most DNS mechanisms pyspf allows and more, each an MX of ten hosts.
+    Twenty such evaluations run beside an honest one; all end, the honest one passes."""
+    hostile: dict[str, dict[str, list[str]]] = {
+        "evil.test": {"TXT": [txt(" ".join(["v=spf1", *(f"mx:m{i}.evil.test" for i in range(12)), "-all"]))]}
+    }
+    for i in range(12):
+        hostile[f"m{i}.evil.test"] = {"MX": [f"10 h{i}-{j}.evil.test." for j in range(10)]}
+        for j in range(10):
+            hostile[f"h{i}-{j}.evil.test"] = {"A": ["192.0.2.99"]}
+    zones = {**sender_zones(), **hostile}
+
+    async def attack(server: DnsServer) -> tuple[dict[str, str], list[str], float, int]:
+        dns_client = AsyncDns(build_resolver([server.nameserver]))
+        started = time.monotonic()
+        honest = evaluate_async(
+            dns_client,
+            SenderFacts(HONEST_IP, "h.test", f"b@{SENDER_DOMAIN}", message_from(f"a@{SENDER_DOMAIN}")),
+            started + 5,
+        )
+        evil = [
+            evaluate_spf(dns_client, HONEST_IP, f"x{index}@evil.test", "h.test", started + 5) for index in range(20)
+        ]
+        honest_verdict, *evil_results = await asyncio.gather(honest, *evil)
+        return (
+            honest_verdict.signals(),
+            [result.result for result in evil_results],
+            time.monotonic() - started,
+            dns_client.queries,
+        )
+
+    with DnsServer(zones) as server:
+        honest, evil, elapsed_s, queries = asyncio.run(attack(server))
+    print(f"20 lookup-heavy SPF evaluations + 1 honest: {elapsed_s:.2f} s, {queries} DNS queries, results {set(evil)}")
+    assert honest == {"spf": "pass", "dkim": "unknown", "dmarc": "pass"}
+    assert set(evil) <= {"permerror", "fail", "temperror"}
+    assert queries < 200  # shared and cached across the twenty, not 20 x the record's fan-out
+
+
+def test_spf_prefetch_reads_the_next_names_from_the_record() -> None:
+    record = dns.rdata.from_text(
+        dns.rdataclass.IN,
+        dns.rdatatype.TXT,
+        txt("v=spf1 include:_spf.a.test a a:b.test/24 mx:c.test exists:%{i}.x.test ip4:192.0.2.0/24 redirect=d.test"),
+    )
+    assert SpfPrefetch("192.0.2.1")("s.test", "TXT", [record]) == [
+        ("_spf.a.test", "TXT"),
+        ("s.test", "A"),
+        ("b.test", "A"),
+        ("c.test", "MX"),
+        ("d.test", "TXT"),
+    ]
+    assert SpfPrefetch("2001:db8::1")("s.test", "TXT", [record])[1] == ("s.test", "AAAA")

@@ -32,6 +32,7 @@ from services.ingress.sender_auth.dmarc import check_dmarc, lookup_policy
 from services.ingress.sender_auth.header import from_domains, header_section_end, strip_our_authentication_results
 from services.ingress.sender_auth.resolver import MAX_TTL_S, AsyncDns, BoundedResolver, replay
 from services.ingress.sender_auth.spf_check import check_spf
+from services.ingress.sender_auth.spf_prefetch import SpfPrefetch
 from services.ingress.sender_auth.verdict import UNEVALUATED, DkimResult, SenderAuthVerdict, SpfResult
 from shared.logs import get_logger, log
 
@@ -93,7 +94,7 @@ async def evaluate_spf(
     key = (client_ip, mail_from, helo)
     if cache is not None and (cached := cache.get(key)) is not None:
         return cached
-    resolver = BoundedResolver(dns_client, deadline)
+    resolver = BoundedResolver(dns_client, deadline, SpfPrefetch(client_ip))
     result = await replay(resolver, lambda: check_spf(resolver, client_ip, mail_from, helo))
     if cache is not None and not resolver.failed and not resolver.timed_out and not result.timed_out:
         cache.put(key, result, resolver.expires)

@@ -51,6 +51,8 @@ MAX_RUNS = 128  # a library check is replayed at most this often (each run adds 
 T = TypeVar("T")
 Records = list[dns.rdata.Rdata]
 Key = tuple[str, str]
+# given an answer (name, type, records): the names the check will ask next (spf_prefetch.py)
+Prefetch = Callable[[str, str, Records], list[Key]]
 
 
 class DnsTimedOut(Exception):
@@ -193,9 +195,10 @@ class BoundedResolver:
     value). Blocking-style calls (`resolve`, `txt`) never block: they answer from `answers` or
     raise `NeedLookup`; `fetch_pending` and the `*_async` calls do the waiting."""
 
-    def __init__(self, dns_client: AsyncDns, deadline: float) -> None:
+    def __init__(self, dns_client: AsyncDns, deadline: float, prefetch: Prefetch | None = None) -> None:
         self._dns = dns_client
         self._deadline = deadline
+        self._prefetch = prefetch
         self.answers: dict[Key, Records | DnsTimedOut | DnsFailed] = {}
         self.pending: list[Key] = []
         self.timed_out = False
@@ -244,6 +247,10 @@ class BoundedResolver:
             self.failed = True
             return
         self.expires = min(self.expires, self._dns.expiry(name, rtype))
+        answer = self.answers[key]
+        if self._prefetch is not None and isinstance(answer, list):
+            following = self._prefetch(name, rtype, answer)
+            await asyncio.gather(*(self.fetch(next_name, next_type) for next_name, next_type in following))
 
     async def fetch_pending(self) -> None:
         pending, self.pending = self.pending, []
