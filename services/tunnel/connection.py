@@ -22,7 +22,6 @@ from websockets.protocol import State as SocketState
 
 from services.tunnel import metrics
 from services.tunnel.budget import Allowance
-from services.tunnel.challenges import ChallengeRecord, check_response
 from services.tunnel.challenges import now_ms as clock_ms
 from services.tunnel.inbox import InboxDelivery
 from services.tunnel.session import (
@@ -31,16 +30,21 @@ from services.tunnel.session import (
     TOO_MANY_SOCKETS,
     AckInbound,
     Action,
+    Authenticated,
+    CheckAuthRate,
+    ClaimPersona,
     Close,
+    ConsumeChallenge,
+    DiscardChallenge,
     EnqueueOutbound,
     IssueChallenge,
+    LoadChallenge,
     OutboundDropped,
     RefuseOutbound,
     SendText,
     SessionLimits,
     State,
     TunnelSession,
-    VerifyChallenge,
 )
 from shared import protocol
 from shared.logs import log
@@ -78,14 +82,8 @@ class TunnelConnection:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._last_heard = time.monotonic()
         self._last_ping = self._last_heard
-        self._challenge_requested = False
-        # The challenge issued on this socket: its response (almost always sent here) is checked
-        # without reading the record back; `consume` still decides used/expired in Redis.
-        self._issued: ChallengeRecord | None = None
         self.claimed_inbound = False
-        self._attempted_key: str | None = None
         self._closing = False
-        self._verifying = False
         self.counted_unauthenticated = False  # in the node's per-IP unauthenticated count
         # Set from the auth-time claim (non-empty) and by wake-ups before attach: read at once.
         self.inbox_woken = False
@@ -251,13 +249,10 @@ class TunnelConnection:
         pong.add_done_callback(self._pong_received)
 
     async def _auth_deadline(self) -> None:
-        """Close a socket still unauthenticated `ws.authTimeoutMs` after the upgrade (4401).
-
-        A verification already under way is left to finish: it ends in auth_ok or a refusal.
-        """
+        """`ws.authTimeoutMs` after the upgrade; the session decides what it means (4401 for a
+        socket still unauthenticated, nothing during a verification or after auth)."""
         await asyncio.sleep(self.node.config.ws.authTimeoutMs / 1000)
-        if not self._verifying:
-            await self._perform(self.session.auth_timed_out())
+        await self._perform(self.session.auth_timed_out())
 
     def _pong_received(self, pong: asyncio.Future[Any]) -> None:
         if not pong.cancelled() and pong.exception() is None:
@@ -266,6 +261,8 @@ class TunnelConnection:
     # --- carrying out the session's actions --------------------------------------------------
 
     async def _perform(self, actions: list[Action]) -> None:
+        """Carry out the session's actions in order; a Redis step reports its outcome back to
+        the session and carries out what that returns before the next action."""
         for action in actions:
             if isinstance(action, SendText):
                 await self.ws.send(action.text)
@@ -274,9 +271,20 @@ class TunnelConnection:
                     self._auth_outcome(action.reason)
                 await self.close(action.code, action.reason)
             elif isinstance(action, IssueChallenge):
-                await self._issue_challenge(action)
-            elif isinstance(action, VerifyChallenge):
-                await self._verify_challenge(action)
+                await self._perform(self.session.challenge_stored(await self._store_challenge(action)))
+            elif isinstance(action, DiscardChallenge):
+                await self.node.challenges.forget(action.challenge_id)
+            elif isinstance(action, CheckAuthRate):
+                await self._perform(self.session.auth_rate_checked(await self.node.auth_rate.allow(self.client_ip)))
+            elif isinstance(action, LoadChallenge):
+                await self._perform(self.session.challenge_loaded(await self.node.challenges.load(action.challenge_id)))
+            elif isinstance(action, ConsumeChallenge):
+                code = await self.node.challenges.consume(action.challenge_id, action.persona_key, action.at_ms)
+                await self._perform(self.session.challenge_consumed(code))
+            elif isinstance(action, ClaimPersona):
+                await self._perform(await self._claim(action))
+            elif isinstance(action, Authenticated):
+                self._authenticated(action)
             elif isinstance(action, AckInbound):
                 if self.delivery is not None:
                     self.delivery.acked(action.stream_id)
@@ -296,58 +304,29 @@ class TunnelConnection:
             "auth refused" if self.persona_key is None else "socket refused",
             code=code,
             socket_id=self.socket_id,
-            persona=self.persona_key or self._attempted_key,
+            persona=self.persona_key or self.session.attempted_key,
             client_ip=self.client_ip,
         )
 
-    async def _auth_failed(self, code: str, persona_key: str | None = None) -> None:
-        self._attempted_key = persona_key
-        await self._perform(self.session.auth_failed(code))
-
-    async def _issue_challenge(self, action: IssueChallenge) -> None:
-        """Rate check and challenge record in one round trip; a refused attempt's record is
-        deleted again (one more round trip, only for refused attempts)."""
-        self._challenge_requested = True
+    async def _store_challenge(self, action: IssueChallenge) -> bool:
+        """Rate count and challenge record in one round trip; True when within the rate."""
         async with self.node.redis.pipeline(transaction=False) as pipe:
             self.node.auth_rate.count(pipe, self.client_ip)
             self.node.challenges.queue_save(pipe, action.challenge)
             replies = await pipe.execute()
-        if not await self.node.auth_rate.judge(self.client_ip, replies):
-            await self.node.challenges.forget(action.challenge.challenge_id)
-            await self._auth_failed(RATE_LIMITED, action.challenge.persona_key)
-            return
-        self._issued = action.challenge
-        await self.ws.send(action.reply)
+        return await self.node.auth_rate.judge(self.client_ip, replies)
 
-    async def _verify_challenge(self, action: VerifyChallenge) -> None:
-        self._verifying = True
-        try:
-            await self._verify_challenge_steps(action)
-        finally:
-            self._verifying = False
-
-    async def _verify_challenge_steps(self, action: VerifyChallenge) -> None:
-        if not self._challenge_requested and not await self.node.auth_rate.allow(self.client_ip):
-            await self._auth_failed(RATE_LIMITED, action.persona_key)
-            return
-        at_ms = clock_ms()
-        record = self._issued
-        if record is None or record.challenge_id != action.challenge_id:  # issued elsewhere
-            record = await self.node.challenges.load(action.challenge_id)
-        code = check_response(record, action.persona_key, action.signature_base64, at_ms)
-        if code is None:
-            code = await self.node.challenges.consume(action.challenge_id, action.persona_key, at_ms)
-        if code is not None or record is None:
-            await self._auth_failed(code or "challenge_not_found", action.persona_key)
-            return
-        persona_key = record.persona_key
+    async def _claim(self, action: ClaimPersona) -> list[Action]:
+        """An outbound-role slot on this node, then ownership in Redis (one round trip)."""
+        persona_key = action.persona_key
         inbound = action.role == ROLE_INBOUND
         if not inbound and not self.node.take_outbound_slot(self, persona_key):
-            await self._auth_failed(TOO_MANY_SOCKETS, persona_key)
-            return
+            return self.session.auth_failed(TOO_MANY_SOCKETS)
         replaced_socket_id = await self.node.claim(self, persona_key, inbound=inbound)
         self._authenticated_limits(persona_key)
-        await self._perform(self.session.auth_succeeded(persona_key, action.role, replaced_socket_id))
+        return self.session.auth_succeeded(persona_key, action.role, replaced_socket_id)
+
+    def _authenticated(self, action: Authenticated) -> None:
         metrics.AUTH_OUTCOMES.labels(code="ok").inc()
         log(
             logger,
@@ -355,9 +334,9 @@ class TunnelConnection:
             "auth ok",
             code="ok",
             socket_id=self.socket_id,
-            persona=persona_key,
-            role=self.session.role,
-            replaced_socket_id=replaced_socket_id,
+            persona=action.persona_key,
+            role=action.role,
+            replaced_socket_id=action.replaced_socket_id,
             capabilities=list(self.session.capabilities),
             client_ip=self.client_ip,
         )
@@ -369,7 +348,7 @@ class TunnelConnection:
         """Before auth_ok is sent (the gateway sends nothing larger before it): messages up to
         ws.maxMessageBytes from now on, and outbound streams on the node's budget. websockets
         reads the limit when the next frame starts arriving, so the next frame gets it."""
-        if self.session.state is not State.UNAUTHENTICATED:
+        if self.session.state is not State.VERIFYING:
             return
         self.ws.protocol.max_message_size = self.node.config.ws.maxMessageBytes
         self.allowance = self.node.outbound_budget.allowance(persona_key, self.client_ip)
