@@ -11,12 +11,12 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/relay
 WORKDIR /src
-COPY pyproject.toml ./
+COPY pyproject.toml constraints.txt ./
 COPY shared ./shared
 COPY services ./services
 COPY protege_relay ./protege_relay
 RUN /opt/relay/bin/pip install --upgrade pip \
- && /opt/relay/bin/pip install . \
+ && /opt/relay/bin/pip install -c constraints.txt . \
  && /opt/relay/bin/python -m compileall -q /opt/relay
 
 # --- runtime stage: Python, the virtualenv, a non-root user; no compilers, no package caches

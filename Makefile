@@ -4,24 +4,30 @@ BIN := $(VENV)/bin
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-tools test-fast lint bench soak fuzz clean
+.PHONY: install constraints run test test-tools test-fast lint bench soak fuzz clean
 
 # `make run` needs only the runtime dependencies; everything else also needs the test extras.
 install: $(STAMP)
 
-$(RUNTIME_STAMP): pyproject.toml
+# constraints.txt: the exact versions the suite passed with; the Dockerfile installs the same.
+$(RUNTIME_STAMP): pyproject.toml constraints.txt
 	@echo "==> creating $(VENV) and installing the relay's runtime dependencies (first run only, ~30 s)"
 	@$(PYTHON) -m venv $(VENV)
 	@$(BIN)/pip install --quiet --upgrade pip
-	@$(BIN)/pip install --quiet -e .
+	@$(BIN)/pip install --quiet -c constraints.txt -e .
 	@touch $(RUNTIME_STAMP)
 	@echo "==> runtime dependencies installed"
 
 $(STAMP): $(RUNTIME_STAMP)
 	@echo "==> installing the test and lint tools into $(VENV) (pytest, mypy, ruff, ...)"
-	@$(BIN)/pip install --quiet -e '.[test]'
+	@$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
 	@touch $(STAMP)
 	@echo "==> test tools installed"
+
+# Re-pin constraints.txt from .venv after an upgrade the suite passed with.
+constraints: install
+	{ head -3 constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^#'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 run: $(RUNTIME_STAMP)
 	@echo "==> starting the relay (Ctrl-C stops it)"
@@ -35,9 +41,12 @@ test-tools:
 test: install test-tools
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-# Everything but the system tier (tests/system: several processes at once, faults, multi-node).
+# Everything but the system tier (tests/system: several processes at once, faults, multi-node),
+# on TEST_WORKERS pytest-xdist workers: the tests mostly wait on sockets and processes, so more
+# workers than cores pays. `make test` runs the whole suite in one process.
+TEST_WORKERS ?= 4
 test-fast: install test-tools
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not system"
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not system" -n $(TEST_WORKERS) --dist worksteal
 
 lint: install
 	$(BIN)/ruff check shared services protege_relay tests bench fuzz

@@ -24,13 +24,13 @@ from protege_relay import queue
 from protege_relay.supervisor import SUPERVISED_ENV, tunnel_url
 from shared.config import ConfigError, RelayConfig, env_variable_names, load_config
 from shared.listen import ListenError
-from shared.logs import log, setup_logging
+from shared.logs import get_logger, log, setup_logging
 
 SERVICES = ("ingress", "tunnel", "egress")
 ServeFunction = Callable[[RelayConfig, asyncio.Event], Awaitable[None]]
 DEFAULT_TUNNEL_URL = "ws://127.0.0.1:8080/ws"
 DEFAULT_DATA_DIR = "./var"
-logger = logging.getLogger("protege_relay.cli")
+logger = get_logger(__name__)
 
 CONFIG_HELP = (
     "config file (JSON, docs/PROTOCOL.md part D). Default: $RELAY_CONFIG, else relay/config.json if it exists, "

@@ -60,15 +60,21 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def wait_for_port(
-    port: int, host: str = "127.0.0.1", timeout_s: float = 15.0, process: subprocess.Popen[bytes] | None = None
+    port: int,
+    host: str = "127.0.0.1",
+    timeout_s: float = 15.0,
+    process: subprocess.Popen[bytes] | None = None,
+    source_ip: str | None = None,
 ) -> None:
-    """Wait until `port` accepts; give up early if `process` (the would-be listener) exited."""
+    """Wait until `port` accepts; give up early if `process` (the would-be listener) exited.
+    `source_ip` is the address the probe connects from (a listener may count connections per IP)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise TimeoutError(f"process exited with {process.returncode} before {host}:{port} listened")
         try:
-            with socket.create_connection((host, port), timeout=0.5):
+            source = (source_ip, 0) if source_ip else None
+            with socket.create_connection((host, port), timeout=0.5, source_address=source):
                 return
         except OSError:
             time.sleep(0.02)

@@ -28,9 +28,9 @@ from protege_relay.embedded_redis import EmbeddedRedis, data_dir
 from protege_relay.metrics_dirs import MULTIPROC_DIR_ENV, prepare_metrics_dirs
 from shared.config import RelayConfig
 from shared.listen import INHERITED_SMTP_FD_ENV, ListenError, bind_listener, bound_port
-from shared.logs import log
+from shared.logs import get_logger, log
 
-logger = logging.getLogger("protege_relay.supervisor")
+logger = get_logger(__name__)
 SHUTDOWN_GRACE_S = 30.0
 READY_PROBE_TIMEOUT_S = 1.0
 # Set in every child's environment: a supervised service leaves startup warnings about the

@@ -20,7 +20,6 @@ from shared.identity import Passport, verify_signature
 from shared.protocol import compact_json
 
 Signal = Literal["pass", "fail", "unknown"]
-UNKNOWN_SIGNALS: dict[str, Signal] = {"spf": "unknown", "dkim": "unknown", "dmarc": "unknown"}
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,15 @@ DEFAULT_CONFIG_PATH = Path("relay/config.json")
 ENV_PREFIX = "RELAY_"
 
 
+# Fields of the original's schema that are accepted (so its config files load unchanged) but have
+# no effect here, with the reason; README.md "Configuration" lists them too.
+IGNORED_FIELDS: dict[str, str] = {
+    "logging.prettyLogThemePath": "the pretty console format is plain text; there is no theme to load",
+    "auth.maxChallengeRecords": "challenge records are Redis hashes that expire on their own, none held in memory",
+    "auth.challengeGcIntervalMs": "challenge records expire in Redis; there is no sweep to schedule",
+}
+
+
 class ConfigError(ValueError):
     """A config value that does not fit the schema; the message names the field."""
 
@@ -46,7 +55,7 @@ def _field(
 @dataclasses.dataclass(frozen=True)
 class LoggingConfig:
     consoleLogFormat: str = _field("auto", choices=("auto", "json", "pretty"))  # auto: pretty on a terminal
-    prettyLogThemePath: str = ""
+    prettyLogThemePath: str = ""  # accepted, ignored: see IGNORED_FIELDS
     level: str = _field("info", choices=("debug", "info", "warning", "error"))
 
 
@@ -92,8 +101,8 @@ class RateLimitsConfig:
 @dataclasses.dataclass(frozen=True)
 class AuthConfig:
     challengeTtlSeconds: int = _field(60, minimum=1)
-    maxChallengeRecords: int = _field(10_000, minimum=1)
-    challengeGcIntervalMs: int = _field(60_000, minimum=1)
+    maxChallengeRecords: int = _field(10_000, minimum=1)  # accepted, ignored: see IGNORED_FIELDS
+    challengeGcIntervalMs: int = _field(60_000, minimum=1)  # accepted, ignored: see IGNORED_FIELDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,6 +241,7 @@ class RelayConfig:
 
     @property
     def primary_mail_domain(self) -> str:
+        """The domain the egress's bounces come from (MAILER-DAEMON@ it)."""
         return self.mailDomains[0] if self.mailDomains else ""
 
 

@@ -62,12 +62,12 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import OutOfMemoryError, RedisError
 
 from shared import inbox_entries, keys
-from shared.logs import log
+from shared.logs import get_logger, log
 from shared.payloads import InboxEntry
 from shared.replication import NO_ACK, LuaScript, ReplicaAck, ScriptCall, run_scripts
 from shared.wakeup import Wakeup, WakeupKind
 
-logger = logging.getLogger("relay.enqueue")
+logger = get_logger(__name__)
 
 QUEUE_ID_RANDOM_BYTES = 15
 ENQUEUE_TIMEOUT_S = 10.0

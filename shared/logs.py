@@ -6,6 +6,11 @@ collectors, tests). Both carry the same facts: timestamp, level, service, messag
 
 Callers pass ids as keyword fields (`queue_id=`, `stream_id=`, `persona=`) so a message can be
 followed across services with one grep. Never pass secrets or message bodies.
+
+Logger names follow one scheme, `relay.<service>[.<module>]`, derived from the module by
+`get_logger(__name__)`: `services.tunnel.node` logs as `relay.tunnel.node`, a service's `main` as
+`relay.<service>`, `shared.enqueue` as `relay.shared.enqueue`, `protege_relay.gateway.send` as
+`relay.gateway.send`.
 """
 
 from __future__ import annotations
@@ -17,6 +22,19 @@ import time
 from typing import Any, TextIO
 
 _RESERVED = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+_PACKAGE_PREFIXES = ("services.", "protege_relay.")
+
+
+def logger_name(module: str) -> str:
+    """`relay.<service>[.<module>]` for a module's `__name__` (see the module docstring)."""
+    for prefix in _PACKAGE_PREFIXES:
+        module = module.removeprefix(prefix)
+    return "relay." + module.removesuffix(".main")
+
+
+def get_logger(module: str) -> logging.Logger:
+    """The logger for a module: `logger = get_logger(__name__)`."""
+    return logging.getLogger(logger_name(module))
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:

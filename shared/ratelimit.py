@@ -11,6 +11,7 @@ acceptable imprecision for a flood limit.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -22,6 +23,10 @@ from shared import keys
 
 WINDOW_MS = 60_000
 COUNTER_TTL_MS = 2 * WINDOW_MS
+
+Clock = Callable[[], float]
+"""Seconds since the epoch (`time.time`): what the minute windows are cut from. Services take one
+so that tests can hold a window still instead of waiting for a minute boundary."""
 
 
 class RateKind(StrEnum):
@@ -36,6 +41,7 @@ class RateLimit:
     kind: RateKind
     per_minute: int
     deny_window_ms: int
+    clock: Clock = time.time
 
 
 async def allow(redis: aioredis.Redis, limit: RateLimit, subject: str, *, now_ms: int | None = None) -> bool:
@@ -52,7 +58,7 @@ async def allow(redis: aioredis.Redis, limit: RateLimit, subject: str, *, now_ms
 def count(pipe: Pipeline, limit: RateLimit, subject: str, *, now_ms: int | None = None) -> None:
     """Queue one hit on `pipe` (its first three replies are for `judge`), so that the count can
     share a round trip with the step it guards."""
-    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    now_ms = int(limit.clock() * 1000) if now_ms is None else now_ms
     counter_key = keys.rate_counter(limit.kind, subject, now_ms // WINDOW_MS)
     pipe.exists(keys.deny(limit.kind, subject))
     pipe.incr(counter_key)

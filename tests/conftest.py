@@ -1,4 +1,5 @@
-"""Fixtures: a real redis-server per test on a free port, and real service processes."""
+"""Fixtures every test group uses: a real redis-server per test on a free port, real service
+processes, a free SMTP port for sinks, a test CA. A group's own fixtures live in its conftest.py."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ from pathlib import Path
 
 import pytest
 import redis
+import trustme
 
 from protege_relay.embedded_redis import EmbeddedRedis
 from shared.redis_acl import write_secrets
+from tests.support.clock import ManualClock
 from tests.support.processes import ServiceProcess, free_port, service_env
 
 
@@ -50,6 +53,25 @@ def spawn(tmp_path: Path, redis_server: EmbeddedRedis) -> Iterator[object]:
                 process.terminate(timeout_s=10)
             except Exception:
                 process.kill()
+
+
+@pytest.fixture
+def rate_clock() -> ManualClock:
+    """The clock in-process services cut their rate windows from: it stands mid-minute until a
+    test advances it, so rate tests never wait for (or straddle) a minute boundary."""
+    return ManualClock()
+
+
+@pytest.fixture
+def smtp_port() -> int:
+    """The port every loopback MX sink of a test listens on (egress routes point at it)."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    """A test certificate authority (trustme); one per run, it only issues certificates."""
+    return trustme.CA()
 
 
 @pytest.fixture

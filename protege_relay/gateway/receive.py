@@ -38,7 +38,7 @@ from protege_relay.gateway.client import (
 from protege_relay.gateway.keyfile import KeyFileError, load_passport
 from protege_relay.gateway.maildir import MaildirStore
 from shared.identity import Passport
-from shared.logs import log
+from shared.logs import get_logger, log
 from shared.protocol import (
     CLOSE_REPLACED,
     ControlMessageError,
@@ -65,7 +65,7 @@ ENV_TEST_EXIT_BEFORE_ACK = "PROTEGE_GATEWAY_TEST_EXIT_BEFORE_ACK"
 ENV_TEST_SKIP_ACKS = "PROTEGE_GATEWAY_TEST_SKIP_ACKS"
 ENV_RECONNECT_CAP_S = "PROTEGE_GATEWAY_RECONNECT_CAP_S"
 
-logger = logging.getLogger("protege_relay.gateway")
+logger = get_logger(__name__)
 
 
 def parse_urls(url_list: str) -> list[str]:

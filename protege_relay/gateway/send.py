@@ -28,7 +28,7 @@ from protege_relay.gateway.client import AuthFailed, BadRelayUrl, GatewayError, 
 from protege_relay.gateway.keyfile import KeyFileError, load_passport
 from protege_relay.gateway.receive import parse_urls
 from shared.identity import Passport, persona_address
-from shared.logs import log
+from shared.logs import get_logger, log
 from shared.protocol import ControlMessageError, SmtpStart, decode_control, encode_message_frames
 
 DELIVERY_RESULT_TIMEOUT_S = 20.0
@@ -40,7 +40,7 @@ FALLBACK_MAIL_DOMAIN = "localhost"
 SENDER_NOT_ALLOWED = "sender_not_allowed"
 HEADER_FROM_NOT_ALLOWED = "header_from_not_allowed"
 
-logger = logging.getLogger("protege_relay.gateway.send")
+logger = get_logger(__name__)
 
 
 def to_lf_line_endings(message: bytes) -> bytes:

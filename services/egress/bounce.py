@@ -30,10 +30,10 @@ from services.egress import dsn, metrics
 from services.egress.outcome import Outcome
 from shared import enqueue
 from shared.enqueue import Delivery
-from shared.logs import log
+from shared.logs import get_logger, log
 from shared.payloads import InboxEntry, OutboundJob
 
-logger = logging.getLogger("egress.bounce")
+logger = get_logger(__name__)
 
 NOTICE_RECIPIENT_INDEX = 0
 

@@ -45,9 +45,9 @@ from services.egress.mta_sts_fetch import PolicySource
 from services.egress.mx import LookupFailed, MailHost, MxResolver
 from services.egress.outcome import Disposition, Outcome
 from services.egress.smtp_pool import PooledConnection, PoolKey, SmtpPool
-from shared.logs import log
+from shared.logs import get_logger, log
 
-logger = logging.getLogger("egress.delivery")
+logger = get_logger(__name__)
 
 MAX_CONNECTIONS_PER_DOMAIN = 5
 DESTINATION_NOT_ALLOWED = "destination_not_allowed"

@@ -25,12 +25,13 @@ from shared import keys
 from shared.backlog import refresh_backlog_metrics
 from shared.config import RelayConfig
 from shared.health import HealthServer
-from shared.logs import log
+from shared.logs import get_logger, log
 from shared.nodeinfo import HEARTBEAT_INTERVAL_S, publish_node_info, remove_node_info
 from shared.redis import connect, connect_arq, wait_for_redis
 from shared.secrets import SecretFileError
+from shared.versions import require_tested
 
-logger = logging.getLogger("egress")
+logger = get_logger(__name__)
 
 POLL_DELAY_S = 0.1  # idle only: a finishing job starts the next at once (prompt_worker)
 PUBLISH_MARGIN_S = 2  # after the attempt budget: time to record and publish the result
@@ -142,6 +143,7 @@ class EgressService:
 
 
 async def serve(config: RelayConfig, stopping: asyncio.Event) -> None:
+    require_tested("egress", "arq")  # prompt_worker.py reads and writes arq's Redis keys
     try:
         service = EgressService(config)
     except SecretFileError as exc:

@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from services.egress import metrics
 from services.egress.mta_sts import Mode, Policy, PolicyError, parse_policy, parse_txt
 from services.egress.mx import LookupFailed, MailHost, MxResolver
-from shared.logs import log
+from shared.logs import get_logger, log
 
-logger = logging.getLogger("egress.mta_sts")
+logger = get_logger(__name__)
 
 MAX_POLICY_BYTES = 64 * 1024  # RFC 8461 3.3 suggests 64 KiB
 MAX_RESPONSE_HEAD_BYTES = 16 * 1024

@@ -5,7 +5,10 @@ Stock arq (0.26-0.28) starts jobs only at its next poll: with `max_jobs` short j
 `start_jobs` stops and the freed slots wait out `poll_delay`, so a worker delivers at most
 `max_jobs / poll_delay` messages per second however fast the MX answers. Per job it then
 reads the due ids, claims the job (WATCH / EXISTS / ZSCORE / MULTI-PSETEX-EXEC), fetches it
-(GET, INCR try) and finishes it (MULTI-DEL-ZREM-EXEC), each a round trip.
+(GET, INCR try) and finishes it (MULTI-DEL-ZREM-EXEC), each a round trip. Measured on a loaded
+2-core machine, 2000 jobs of 5 ms with `max_jobs=50`: stock arq drains 428 jobs/s at its default
+`poll_delay` 0.5 s, 761 at 0.05 s, 935 at 0.01 s; this worker 2576 (at 0.5 s). Tuning arq does not
+close the gap, so the relay keeps this worker, in this one module, pinned by the tests below.
 
 Here one Lua script does all of that between two jobs: it finishes the job that just ended
 (removes it from the queue, or re-queues it with its retry delay), reads the due ids, and for
@@ -21,7 +24,9 @@ The jobs run as arq would run them for this service's configuration (one functio
 `job_try`, `enqueue_time` and `score`; `Retry(defer)` re-queues; a cancelled job (shutdown)
 is handed back at once; any other exception, the job timeout, `max_tries` exceeded or an
 undecodable or expired job ends the job as failed. `tests/egress/test_egress_prompt_worker.py` pins
-this against arq's own enqueueing side.
+this against arq's own enqueueing side, and `tests/egress/test_prompt_worker_arq_layout.py` against
+arq's job status, dedupe, in-progress claims and try count (a stock arq `Worker` on the same
+queue), so a change of arq's layout fails there; the service refuses an untested arq at start.
 """
 
 from __future__ import annotations
@@ -39,10 +44,10 @@ from arq.utils import ms_to_datetime, timestamp_ms
 from arq.worker import Retry, Worker
 from redis.commands.core import AsyncScript
 
-from shared.logs import log
+from shared.logs import get_logger, log
 from shared.replication import FAILOVER_ERRORS
 
-logger = logging.getLogger("egress.worker")
+logger = get_logger(__name__)
 
 RETRY_KEY_TTL_S = 88400  # as arq
 FINISH_DEADLINE_S = 10.0

@@ -38,12 +38,12 @@ from services.egress.signing import DkimSigner
 from services.egress.smtp_pool import SmtpPool
 from shared.config import RelayConfig
 from shared.enqueue import EnqueueFailed
-from shared.logs import log
+from shared.logs import get_logger, log
 from shared.normalize import normalize_line_endings
 from shared.payloads import DeliveryResult, OutboundJob
 from shared.replication import ReplicaAck
 
-logger = logging.getLogger("egress.worker")
+logger = get_logger(__name__)
 
 MAX_BACKOFF_S = 3600.0
 DNS_LIFETIME_S = 10.0

@@ -12,7 +12,7 @@ at the transaction's first RCPT the per-IP message count and the IP's bytes this
 pipeline) and one at the final dot (the enqueue script, which also wakes the owning tunnel node,
 pipelined with the IP's byte count); one more per connection (the connection rate, before the
 greeting). Redis memory for the admission rule (`memory.MemoryWatch`) is one `INFO memory` per
-second per process, not per message. tests/test_ingress_roundtrips.py holds that budget.
+second per process, not per message. tests/ingress/test_ingress_roundtrips.py holds that budget.
 
 When sender authentication is on (`smtp.evaluateSenderAuth`, implied by `attestation.enabled`)
 DATA also runs SPF/DKIM/DMARC (`sender_auth`), adds an Authentication-Results header below
@@ -54,11 +54,11 @@ from shared.attestation import AttestationContext, create_attestation
 from shared.config import RelayConfig
 from shared.enqueue import Delivery, EnqueueFailed, enqueue, message_digest, new_queue_id
 from shared.identity import Passport
-from shared.logs import log
+from shared.logs import get_logger, log
 from shared.payloads import InboxEntry
 from shared.replication import ReplicaAck
 
-logger = logging.getLogger("relay.ingress")
+logger = get_logger(__name__)
 
 REDIS_CHECK_TIMEOUT_S = 5.0
 REVERSE_DNS_TIMEOUT_S = 1.0
@@ -116,6 +116,7 @@ class IngressHandler:
         *,
         sender_auth: SenderAuthenticator | None = None,
         attestation_signer: Passport | None = None,
+        rate_clock: ratelimit.Clock = time.time,
     ) -> None:
         self._redis = redis
         self._config = config
@@ -127,11 +128,13 @@ class IngressHandler:
             ratelimit.RateKind.SMTP_CONNECTION,
             config.rateLimits.smtpConnectionsPerMinutePerIp,
             config.rateLimits.denyWindowMs,
+            rate_clock,
         )
         self._message_limit = ratelimit.RateLimit(
             ratelimit.RateKind.SMTP_MESSAGE,
             config.rateLimits.smtpMessagesPerMinutePerIp,
             config.rateLimits.denyWindowMs,
+            rate_clock,
         )
         self._memory = MemoryWatch(redis)
 
@@ -368,10 +371,6 @@ class IngressHandler:
             pipe.expire(counter, 2 * IP_BYTES_WINDOW_S)
 
         return queue
-
-    def _route(self, rcpt_to: str) -> str | None:
-        route = policy.route_recipient(rcpt_to, self._config.mailDomains)
-        return None if isinstance(route, Reply) else route
 
     async def _inbox_state(self, persona_key: str, envelope: Envelope, client_ip: str) -> InboxState:
         """The persona's facts for the RCPT policy, in one round trip that also counts the

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import time
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -33,12 +34,14 @@ from shared.enqueue import load_script
 from shared.health import HealthServer
 from shared.identity import Passport
 from shared.listen import bind_listener, inherited_socket
-from shared.logs import log
+from shared.logs import get_logger, log
 from shared.nodeinfo import HEARTBEAT_INTERVAL_S, publish_node_info, remove_node_info
+from shared.ratelimit import Clock
 from shared.redis import connect, wait_for_redis
 from shared.secrets import SecretFileError, load_signing_key, read_secret_file
+from shared.versions import require_tested
 
-logger = logging.getLogger("relay.ingress")
+logger = get_logger(__name__)
 
 DRAIN_TIMEOUT_S = 20.0
 ROLE = "ingress"
@@ -88,7 +91,15 @@ def sender_authenticator(config: RelayConfig) -> SenderAuthenticator | None:
     return SenderAuthenticator(config.smtp.authNameservers, config.smtp.senderAuthTimeoutMs / 1000)
 
 
-async def serve(config: RelayConfig, stopping: asyncio.Event, *, drain_timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+async def serve(
+    config: RelayConfig,
+    stopping: asyncio.Event,
+    *,
+    drain_timeout_s: float = DRAIN_TIMEOUT_S,
+    rate_clock: Clock = time.time,
+) -> None:
+    """Run the ingress until `stopping` is set; `rate_clock` cuts the rate windows (tests hold it still)."""
+    require_tested("ingress", "aiosmtpd")  # server.py overrides its private members
     try:
         signer = attestation_signer(config)
         tls = tls_context(config.smtp)
@@ -98,7 +109,12 @@ async def serve(config: RelayConfig, stopping: asyncio.Event, *, drain_timeout_s
     redis = redis_client(config)
     hostname = config.smtp.hostname or socket.gethostname()
     handler = IngressHandler(
-        redis, config, hostname, sender_auth=sender_authenticator(config), attestation_signer=signer
+        redis,
+        config,
+        hostname,
+        sender_auth=sender_authenticator(config),
+        attestation_signer=signer,
+        rate_clock=rate_clock,
     )
     listener = SmtpListener(
         handler, config.smtp, hostname, tls, max_connections_per_ip=config.rateLimits.smtpConcurrentConnectionsPerIp

@@ -29,7 +29,8 @@ And the abuse defences of tests/ingress/test_abuse_smtp.py (docs/SECURITY.md):
   into our reply stream.
 
 These rely on private members of aiosmtpd 1.4 (`_handle_client`, `_smtp_methods`,
-`_timeout_cb`, `_reader`); tests cover each, so an upgrade that changes them fails loudly.
+`_timeout_cb`, `_reader`); tests cover each, so an upgrade that changes them fails loudly, and
+the ingress refuses to start on a release outside the tested range (shared/versions.py).
 """
 
 from __future__ import annotations
@@ -49,9 +50,9 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from services.ingress import metrics, policy
 from services.ingress.handler import IngressEnvelope, IngressHandler, IngressSession
 from shared.config import RateLimitsConfig, SmtpConfig
-from shared.logs import log
+from shared.logs import get_logger, log
 
-logger = logging.getLogger("relay.ingress")
+logger = get_logger(__name__)
 
 IDENT = "ESMTP Protege Relay"
 AIOSMTPD_SIZE_REFUSALS = (b"552 Error: message size exceeds", b"552 Error: Too much mail data")

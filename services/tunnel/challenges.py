@@ -111,11 +111,6 @@ class ChallengeStore:
         self._redis = redis
         self._consume = redis.register_script(_CONSUME)
 
-    async def save(self, record: ChallengeRecord) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            self.queue_save(pipe, record)
-            await pipe.execute()
-
     def queue_save(self, pipe: Pipeline, record: ChallengeRecord) -> None:
         """Queue the record's writes on `pipe` (two replies), to share a round trip."""
         key = keys.challenge(record.challenge_id)

@@ -47,12 +47,12 @@ from services.tunnel.session import (
     TunnelSession,
 )
 from shared import protocol
-from shared.logs import log
+from shared.logs import get_logger, log
 
 if TYPE_CHECKING:
     from services.tunnel.node import TunnelNode
 
-logger = logging.getLogger("relay.tunnel.connection")
+logger = get_logger(__name__)
 
 GOING_AWAY_REASON = "going_away"
 INTERNAL_ERROR_CODE = 1011

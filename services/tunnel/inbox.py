@@ -45,10 +45,10 @@ from redis.exceptions import ResponseError
 from services.tunnel import metrics
 from shared import keys, protocol
 from shared.inbox_entries import REMOVE_SCRIPT, StoredEntry, UnreadableEntry
-from shared.logs import log
+from shared.logs import get_logger, log
 from shared.replication import NO_ACK, ReplicaAck, confirmed_read
 
-logger = logging.getLogger("relay.tunnel.inbox")
+logger = get_logger(__name__)
 
 WINDOW = 8
 RECLAIM_INTERVAL_S = 30.0

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import time
 
 from redis.asyncio import Redis
 
@@ -22,17 +23,19 @@ from services.tunnel.startup import raise_open_files_limit, tls_context
 from shared.config import RelayConfig
 from shared.health import HealthServer
 from shared.listen import bind_listener
-from shared.logs import log
+from shared.logs import get_logger, log
+from shared.ratelimit import Clock
 from shared.redis import connect, redis_answers, wait_for_redis
 from shared.secrets import SecretFileError
 
-logger = logging.getLogger("relay.tunnel")
+logger = get_logger(__name__)
 
 SERVER_DRAIN_TIMEOUT_S = 10.0
 SOCKET_READ_BYTES = 1024 * 1024
 
 
-async def serve(config: RelayConfig, stopping: asyncio.Event) -> None:
+async def serve(config: RelayConfig, stopping: asyncio.Event, *, rate_clock: Clock = time.time) -> None:
+    """Run one tunnel node until `stopping` is set; `rate_clock` cuts the rate windows (tests hold it still)."""
     try:
         tls = tls_context(config.ws.tls)
     except SecretFileError as exc:
@@ -49,7 +52,7 @@ async def serve(config: RelayConfig, stopping: asyncio.Event) -> None:
         listen_socket.close()
         await redis.aclose()
         return
-    node = TunnelNode(config, redis)
+    node = TunnelNode(config, redis, rate_clock)
     await node.start()
     server = await start_server(node, tls, sock=listen_socket)
     log(

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -31,14 +32,14 @@ from services.tunnel.challenges import ChallengeStore
 from services.tunnel.connection import GOING_AWAY_REASON, TunnelConnection
 from services.tunnel.outbound import OutboundQueue
 from services.tunnel.ratelimit import AuthRateLimiter
-from shared import keys, protocol
+from shared import keys, protocol, ratelimit
 from shared.config import RelayConfig
-from shared.logs import log
+from shared.logs import get_logger, log
 from shared.nodeinfo import HEARTBEAT_INTERVAL_S, publish_node_info, remove_node_info
 from shared.replication import ReplicaAck
 from shared.wakeup import Wakeup, WakeupKind, wake_owner
 
-logger = logging.getLogger("relay.tunnel.node")
+logger = get_logger(__name__)
 
 PUBSUB_POLL_S = 1.0
 SWEEP_BATCH = 500  # personas per pipelined round trip of the sweep and the owner renewal
@@ -47,14 +48,14 @@ SHUTDOWN_CLOSE_TIMEOUT_S = 5.0
 
 
 class TunnelNode:
-    def __init__(self, config: RelayConfig, redis: aioredis.Redis) -> None:
+    def __init__(self, config: RelayConfig, redis: aioredis.Redis, rate_clock: ratelimit.Clock = time.time) -> None:
         self.config = config
         self.redis = redis
         self.node_id = config.node_id
         self.challenges = ChallengeStore(redis)
         self.ownership = ownership.Ownership(redis, self.node_id)
         self.auth_rate = AuthRateLimiter(
-            redis, config.rateLimits.wsAuthAttemptsPerMinutePerIp, config.rateLimits.denyWindowMs
+            redis, config.rateLimits.wsAuthAttemptsPerMinutePerIp, config.rateLimits.denyWindowMs, rate_clock
         )
         self.replica_ack = ReplicaAck.from_config(config)
         self.outbound = OutboundQueue(
@@ -62,6 +63,7 @@ class TunnelNode:
             config.rateLimits.outboundMessagesPerMinutePerPersona,
             config.queue.retentionSeconds,
             self.replica_ack,
+            rate_clock,
         )
         self.connections: set[TunnelConnection] = set()
         self.sockets: dict[str, TunnelConnection] = {}  # authenticated ones, by socket id
@@ -104,9 +106,7 @@ class TunnelNode:
         closing = [connection.close(protocol.CLOSE_GOING_AWAY, GOING_AWAY_REASON) for connection in connections]
         if closing:
             await asyncio.wait([asyncio.ensure_future(c) for c in closing], timeout=SHUTDOWN_CLOSE_TIMEOUT_S)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await _cancel_all(self._tasks)
         with contextlib.suppress(RedisError):
             await remove_node_info(self.redis, self.node_id)
 
@@ -442,6 +442,21 @@ class TunnelNode:
             except RedisError as exc:
                 log(logger, logging.WARNING, "node liveness not published", error=repr(exc))
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+
+
+async def _cancel_all(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """Cancel `tasks` and wait for them, cancelling again any still running a second later: under
+    load a cancellation can be lost inside a Redis call (seen in tests: the liveness loop went on to
+    its next sleep and shutdown waited forever)."""
+    tasks = list(tasks)
+    pending = set(tasks)
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=1.0)
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()  # retrieved, as gather(return_exceptions=True) did
 
 
 def _ignore_outcome(task: asyncio.Task[Any]) -> None:

@@ -23,7 +23,7 @@ from arq.constants import expires_extra_ms, job_key_prefix, result_key_prefix
 from arq.jobs import serialize_job
 from arq.utils import timestamp_ms
 
-from shared import keys
+from shared import keys, ratelimit
 from shared.envelope import has_control_characters
 from shared.payloads import OutboundJob
 from shared.replication import NO_ACK, LuaScript, ReplicaAck, ScriptCall, run_scripts
@@ -119,17 +119,23 @@ class OutboundQueue:
     came from, and the arq `deliver` job."""
 
     def __init__(
-        self, redis: aioredis.Redis, messages_per_minute: int, origin_ttl_s: int, ack: ReplicaAck = NO_ACK
+        self,
+        redis: aioredis.Redis,
+        messages_per_minute: int,
+        origin_ttl_s: int,
+        ack: ReplicaAck = NO_ACK,
+        clock: ratelimit.Clock = time.time,
     ) -> None:
         self._redis = redis
         self._ack = ack
+        self._clock = clock
         self._messages_per_minute = messages_per_minute
         self._origin_ttl_s = origin_ttl_s
         self._admit = redis.register_script(_ADMIT)
 
     async def admit(self, persona_key: str, stream_id: str, origin: str) -> bool:
         """False when the persona is over its outbound rate; else `origin` is recorded."""
-        window = int(time.time()) // RATE_WINDOW_S
+        window = int(self._clock()) // RATE_WINDOW_S
         admitted = await self._admit(
             keys=[keys.outbound_rate(persona_key, window), keys.outbound_origin(persona_key, stream_id)],
             args=[RATE_WINDOW_S * 2, self._messages_per_minute, origin, self._origin_ttl_s],

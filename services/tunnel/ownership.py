@@ -120,17 +120,10 @@ class Ownership:
             await self._redis.publish(keys.node_channel(owner.node_id), evict.encode())
         return SessionClaim(owner, int(reply[2]), int(reply[3]))
 
-    async def renew(self, persona_key: str, socket_id: str) -> bool:
-        """Extend the TTLs; False if another socket has taken the persona meanwhile."""
-        renewed = await self._renew(
-            keys=[keys.owner(persona_key), keys.socket(persona_key)],
-            args=[self.node_id, socket_id, OWNER_TTL_S],
-        )
-        return bool(renewed)
-
     async def renew_many(self, sockets: list[tuple[str, str]], seen_ttl_s: int) -> list[bool]:
-        """`renew` for many (persona, socket) pairs in one round trip, refreshing each persona's
-        seen key too; one flag per pair."""
+        """Extend the owner and socket TTLs of many (persona, socket) pairs in one round trip,
+        refreshing each persona's seen key too; one flag per pair, False where another socket
+        has taken the persona meanwhile."""
         if not sockets:
             return []
         async with self._redis.pipeline(transaction=False) as pipe:

@@ -10,6 +10,7 @@ anyone can write it.
 from __future__ import annotations
 
 import ipaddress
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -54,9 +55,15 @@ def client_ip(peer_ip: str, forwarded_for: str | None, trusted: list[_Network]) 
 class AuthRateLimiter:
     """`rateLimits.wsAuthAttemptsPerMinutePerIp`, on the shared Redis rate limiter."""
 
-    def __init__(self, redis: aioredis.Redis, attempts_per_minute: int, deny_window_ms: int) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        attempts_per_minute: int,
+        deny_window_ms: int,
+        clock: ratelimit.Clock = time.time,
+    ) -> None:
         self._redis = redis
-        self._limit = ratelimit.RateLimit(ratelimit.RateKind.WS_AUTH, attempts_per_minute, deny_window_ms)
+        self._limit = ratelimit.RateLimit(ratelimit.RateKind.WS_AUTH, attempts_per_minute, deny_window_ms, clock)
 
     async def allow(self, ip: str) -> bool:
         """Count one attempt from `ip`; False when it is over the limit or denied."""

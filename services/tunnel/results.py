@@ -28,10 +28,10 @@ from websockets.exceptions import ConnectionClosed
 
 from services.tunnel import metrics
 from shared import keys, protocol
-from shared.logs import log
+from shared.logs import get_logger, log
 from shared.payloads import DeliveryResult
 
-logger = logging.getLogger("relay.tunnel.results")
+logger = get_logger(__name__)
 
 RESULTS_BATCH = 100
 # A delivered result's origin record outlives it briefly rather than being deleted with it:

@@ -13,7 +13,6 @@ the handshake timeout (TLS handshake included), upgraded silent sockets by `ws.a
 from __future__ import annotations
 
 import http
-import logging
 import socket
 import ssl
 from typing import Any
@@ -29,9 +28,10 @@ from services.tunnel.node import TunnelNode
 from services.tunnel.ratelimit import client_ip, is_trusted, parse_trusted_proxies
 from shared.backlog import refresh_backlog_metrics
 from shared.health import health_response, refresh_before_scrape
+from shared.logs import get_logger
 from shared.redis_metrics import refresh_redis_memory
 
-logger = logging.getLogger("relay.tunnel.server")
+logger = get_logger(__name__)
 
 WS_PATH = "/ws"
 TOO_MANY_UNAUTHENTICATED = "too_many_unauthenticated"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,17 +17,6 @@ from tests.support.dns_server import DnsServer
 from tests.support.mx_sink import HangingServer, MxSink
 
 MESSAGE = b"From: p@relay.test\r\nTo: user@example.test\r\nSubject: hi\r\n\r\nhello\r\n.dot line\r\n"
-
-
-@pytest.fixture
-def dns_server() -> Iterator[DnsServer]:
-    zones = {
-        "example.test": {"MX": ["10 mx1.example.test.", "20 mx2.example.test."]},
-        "mx1.example.test": {"A": ["127.0.0.2"]},
-        "mx2.example.test": {"A": ["127.0.0.3"]},
-    }
-    with DnsServer(zones) as server:
-        yield server
 
 
 def deliverer(
@@ -139,11 +127,6 @@ async def test_recipients_of_one_domain_share_one_transaction(dns_server: DnsSer
         Disposition.PERMANENT,
         Disposition.SENT,
     ]
-
-
-@pytest.fixture
-def ca() -> trustme.CA:
-    return trustme.CA()
 
 
 async def test_starttls_is_used_when_offered(dns_server: DnsServer, smtp_port: int, ca: trustme.CA) -> None:

@@ -16,24 +16,17 @@ from arq.worker import func
 
 from protege_relay.embedded_redis import EmbeddedRedis
 from services.egress.prompt_worker import PromptWorker
+from tests.support.wait import eventually
 
 QUEUE = "test:prompt"
 IDLE_POLL_S = 5.0  # far longer than the whole test may take: only the wake-up can start jobs
 
 
-async def wait_for(predicate: Callable[[], bool], timeout_s: float, message: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(message)
-        await asyncio.sleep(0.01)
+async def queue_empty(pool: ArqRedis, timeout_s: float = 5) -> None:
+    async def empty() -> bool:
+        return not await pool.zcard(QUEUE)
 
-
-async def wait_queue_empty(pool: ArqRedis, timeout_s: float = 5) -> None:
-    deadline = time.monotonic() + timeout_s
-    while await pool.zcard(QUEUE):
-        assert time.monotonic() < deadline, "jobs still queued"
-        await asyncio.sleep(0.01)
+    await eventually(empty, timeout_s, "jobs still queued")
 
 
 @pytest.fixture
@@ -103,25 +96,25 @@ async def test_a_finished_job_starts_the_next_without_waiting_for_the_poll(pool:
     await enqueue(pool, 40, hold_s=0.005)
     started = time.monotonic()
     workers.start(max_jobs=2)
-    await wait_for(lambda: len(workers.runs) == 40, 10, f"only {len(workers.runs)} of 40 jobs ran")
-    await wait_for(lambda: workers.running[0][0].jobs_complete == 40, 5, "jobs not completed")
+    await eventually(lambda: len(workers.runs) == 40, 10, lambda: f"only {len(workers.runs)} of 40 jobs ran")
+    await eventually(lambda: workers.running[0][0].jobs_complete == 40, 5, "jobs not completed")
     # stock arq would need 20 polls of IDLE_POLL_S here (2 jobs per poll)
     assert time.monotonic() - started < IDLE_POLL_S
     assert sorted(label for label, _ in workers.runs) == sorted(f"j{index}" for index in range(40))
-    await wait_queue_empty(pool)  # jobs_complete counts before arq's finish_job removes the entry
+    await queue_empty(pool)  # jobs_complete counts before arq's finish_job removes the entry
 
 
 async def test_never_more_than_max_jobs_at_once(pool: ArqRedis, workers: Workers) -> None:
     await enqueue(pool, 12, hold_s=0.05)
     worker = workers.start(max_jobs=3, poll_delay_s=0.01)
-    await wait_for(lambda: worker.jobs_complete == 12, 10, "jobs not completed")
+    await eventually(lambda: worker.jobs_complete == 12, 10, "jobs not completed")
     assert workers.peak == 3
 
 
 async def test_competing_workers_run_each_job_exactly_once(pool: ArqRedis, workers: Workers) -> None:
     await enqueue(pool, 60, hold_s=0.002)
     first, second = workers.start(max_jobs=4, poll_delay_s=0.01), workers.start(max_jobs=4, poll_delay_s=0.01)
-    await wait_for(
+    await eventually(
         lambda: first.jobs_complete + second.jobs_complete == 60,
         20,
         f"{first.jobs_complete} + {second.jobs_complete} of 60 completed",
@@ -134,7 +127,7 @@ async def test_competing_workers_run_each_job_exactly_once(pool: ArqRedis, worke
 async def test_retried_job_runs_again_and_completes(pool: ArqRedis, workers: Workers) -> None:
     await enqueue(pool, 1, retries=2)
     worker = workers.start(max_jobs=2, poll_delay_s=0.05)  # a deferred retry is due only after its defer
-    await wait_for(lambda: worker.jobs_complete == 1, 5, "retried job did not complete")
+    await eventually(lambda: worker.jobs_complete == 1, 5, "retried job did not complete")
     assert workers.runs == [("j0", 1), ("j0", 2), ("j0", 3)] and worker.jobs_retried == 2
 
 
@@ -142,7 +135,7 @@ async def test_idle_worker_notices_a_new_job_within_the_poll_delay(pool: ArqRedi
     poll_delay_s = 0.1
     worker = workers.start(max_jobs=2, poll_delay_s=poll_delay_s)
     await enqueue(pool, 1)
-    await wait_for(lambda: worker.jobs_complete == 1, 5, "warm-up job not run")
+    await eventually(lambda: worker.jobs_complete == 1, 5, "warm-up job not run")
 
     def completed(count: int) -> Callable[[], bool]:
         return lambda: worker.jobs_complete >= count
@@ -151,7 +144,7 @@ async def test_idle_worker_notices_a_new_job_within_the_poll_delay(pool: ArqRedi
     for index in range(1, 6):
         started = time.monotonic()
         assert await pool.enqueue_job("job", f"late{index}", _job_id=f"late{index}", _queue_name=QUEUE)
-        await wait_for(completed(index + 1), 5, "new job not picked up")
+        await eventually(completed(index + 1), 5, "new job not picked up")
         latencies.append(time.monotonic() - started)
     assert max(latencies) < poll_delay_s + 0.4, latencies
 
@@ -162,7 +155,7 @@ async def test_deferred_job_is_not_claimed_before_it_is_due(pool: ArqRedis, work
     assert await pool.enqueue_job("job", "later", _job_id="later", _queue_name=QUEUE, _defer_by=defer_s)
     await enqueue(pool, 1)
     worker = workers.start(max_jobs=2, poll_delay_s=0.02)
-    await wait_for(lambda: worker.jobs_complete == 2, 5, "deferred job never ran")
+    await eventually(lambda: worker.jobs_complete == 2, 5, "deferred job never ran")
     ran_after_s = time.monotonic() - enqueued
     assert [label for label, _ in workers.runs] == ["j0", "later"] and ran_after_s >= defer_s - 0.05
 
@@ -175,7 +168,7 @@ async def test_failing_expired_and_exhausted_jobs_end_and_leave_the_queue(
     assert await pool.enqueue_job("job", "gone", _job_id="gone", _queue_name=QUEUE)
     await pool.delete("arq:job:gone")  # the job key expired while queued
     worker = workers.start(max_jobs=2, max_tries=2)
-    await wait_queue_empty(pool)
+    await queue_empty(pool)
     assert workers.runs == [("boom", 1)] and worker.jobs_failed == 3
     assert await pool.keys("arq:in-progress:*") == [] and await pool.keys("arq:retry:*") == []
 
@@ -183,11 +176,11 @@ async def test_failing_expired_and_exhausted_jobs_end_and_leave_the_queue(
 async def test_shutdown_hands_a_running_job_back_to_the_queue(pool: ArqRedis, workers: Workers) -> None:
     assert await pool.enqueue_job("job", "long", _job_id="long", _queue_name=QUEUE, hold_s=30)
     worker = workers.start(max_jobs=2)
-    await wait_for(lambda: workers.concurrent == 1, 5, "job not started")
+    await eventually(lambda: workers.concurrent == 1, 5, "job not started")
     await worker.close()
     assert await pool.zcard(QUEUE) == 1 and not await pool.exists("arq:in-progress:long")
     workers.start(max_jobs=2, poll_delay_s=0.02)
-    await wait_for(lambda: len(workers.runs) == 2, 5, "job not run again")
+    await eventually(lambda: len(workers.runs) == 2, 5, "job not run again")
     assert workers.runs == [("long", 1), ("long", 2)]
 
 

@@ -12,9 +12,9 @@ import json
 import signal
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import dkim
 import pytest
@@ -35,35 +35,11 @@ from shared.wakeup import Wakeup, WakeupKind
 from tests.support.dns_server import DnsServer
 from tests.support.mx_sink import MxSink
 from tests.support.policy_server import PolicyServer
-from tests.support.processes import free_port, poll_until
+from tests.support.processes import free_port
+from tests.support.wait import eventually, poll_until
 
-T = TypeVar("T")
 BARE_LF_MESSAGE = b"From: p@relay.test\nTo: user@example.test\nSubject: hi\n\nline one\r\n.dot line\rend\n"
 CRLF_MESSAGE = b"From: p@relay.test\r\nTo: user@example.test\r\nSubject: hi\r\n\r\nline one\r\n.dot line\r\nend\r\n"
-
-
-async def eventually(probe: Callable[[], Awaitable[T]], timeout_s: float = 15.0, message: str = "") -> T:
-    """Await `probe` until it returns something truthy (polling with a deadline)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = await probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(message or f"condition not met within {timeout_s}s")
-        await asyncio.sleep(0.05)
-
-
-@pytest.fixture
-def dns_server() -> Iterator[DnsServer]:
-    zones = {
-        "example.test": {"MX": ["10 mx1.example.test.", "20 mx2.example.test."]},
-        "mx1.example.test": {"A": ["127.0.0.2"]},
-        "mx2.example.test": {"A": ["127.0.0.3"]},
-        "nullmx.test": {"MX": ["0 ."]},
-    }
-    with DnsServer(zones, servfail={"broken.test"}) as server:
-        yield server
 
 
 @pytest.fixture
@@ -554,6 +530,7 @@ def test_egress_process_delivers_and_serves_health(
     assert process.terminate(timeout_s=15) == 0
 
 
+@pytest.mark.system  # a fault / flood run: left out of make test-fast
 def test_job_of_a_killed_worker_runs_again_on_another_and_publishes_once(
     spawn: Any,
     redis_server: EmbeddedRedis,
@@ -589,6 +566,7 @@ def test_job_of_a_killed_worker_runs_again_on_another_and_publishes_once(
     assert rerun_s < 12
 
 
+@pytest.mark.system  # a fault / flood run: left out of make test-fast
 def test_domain_delivered_before_a_crash_is_not_sent_again_by_the_rerun(
     spawn: Any,
     redis_server: EmbeddedRedis,

@@ -41,7 +41,6 @@ from tests.support.sender_auth import (
     SENDER_DOMAIN,
     dkim_key,
     message_from,
-    sender_zones,
 )
 
 KEY_ID = "relay-test-2024"
@@ -144,12 +143,6 @@ def test_missing_empty_path_and_wrong_key_types_are_refused(tmp_path: Path) -> N
 
 
 @pytest.fixture
-def dns_server() -> Iterator[DnsServer]:
-    with DnsServer(sender_zones()) as server:
-        yield server
-
-
-@pytest.fixture
 def signer(tmp_path: Path) -> tuple[Passport, Path]:
     passport = Passport.generate()
     return passport, write_key(tmp_path / "attestation.pem", passport)
@@ -168,13 +161,6 @@ def ingress(
         RELAY_SMTP_AUTH_NAMESERVERS=json.dumps([dns_server.nameserver]),
     )
     next(starter, None)
-
-
-@pytest.fixture
-def persona(redis_client: redis.Redis) -> str:
-    persona_key = new_persona()
-    mark_seen(redis_client, persona_key)
-    return persona_key
 
 
 def send(port: int, source_ip: str, mail_from: str, recipients: list[str], message: bytes) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import smtplib
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -18,19 +18,18 @@ import redis
 from protege_relay.embedded_redis import EmbeddedRedis
 from shared import keys
 from shared.wakeup import Wakeup, WakeupKind
+from tests.support.clock import ManualClock
 from tests.support.ingress import (
     InProcessIngress,
     address,
     inbox_entries,
-    ingress_starter,
     mark_seen,
     new_persona,
     open_session,
     send_raw,
     split_trace_header,
-    wait_clear_of_minute_boundary,
 )
-from tests.support.processes import poll_until
+from tests.support.wait import poll_until
 
 StartIngress = Callable[..., InProcessIngress]
 MESSAGE = b"From: a@example.org\r\nTo: b@relay.test\r\nSubject: hello\r\n\r\nbody line\r\n"
@@ -39,23 +38,6 @@ MESSAGE = b"From: a@example.org\r\nTo: b@relay.test\r\nSubject: hello\r\n\r\nbod
 def numbered(n: int) -> bytes:
     """A distinct message: the same envelope and bytes again is a retry, stored once."""
     return MESSAGE.replace(b"Subject: hello", f"Subject: hello {n}".encode())
-
-
-@pytest.fixture
-def start_ingress(redis_server: EmbeddedRedis) -> Iterator[StartIngress]:
-    yield from ingress_starter(redis_server)
-
-
-@pytest.fixture
-def ingress(start_ingress: StartIngress) -> InProcessIngress:
-    return start_ingress()
-
-
-@pytest.fixture
-def persona(redis_client: redis.Redis) -> str:
-    persona_key = new_persona()
-    mark_seen(redis_client, persona_key)
-    return persona_key
 
 
 def raw_session(port: int) -> tuple[socket.socket, Any]:
@@ -338,7 +320,6 @@ def test_nine_mib_message_is_accepted_and_eleven_mib_is_refused_at_data(
 
 def test_connections_over_the_per_ip_rate_get_421_4_7_0_as_greeting(start_ingress: StartIngress) -> None:
     ingress = start_ingress(RELAY_RATE_LIMITS_SMTP_CONNECTIONS_PER_MINUTE_PER_IP="3")
-    wait_clear_of_minute_boundary()
     for _ in range(3):
         with open_session(ingress.port) as client:
             assert client.noop()[0] == 250
@@ -346,6 +327,21 @@ def test_connections_over_the_per_ip_rate_get_421_4_7_0_as_greeting(start_ingres
     with sock:
         assert read_reply(reader) == [b"421 4.7.0 relay_rejected_connection_rate_limited"]
         assert reader.readline() == b""  # closed by the server
+
+
+def test_the_next_minute_window_admits_again(start_ingress: StartIngress, rate_clock: ManualClock) -> None:
+    """The window is cut from the service's clock (injected here), not read anew by each check."""
+    ingress = start_ingress(RELAY_RATE_LIMITS_SMTP_CONNECTIONS_PER_MINUTE_PER_IP="2")
+    for _ in range(2):
+        with open_session(ingress.port) as client:
+            assert client.noop()[0] == 250
+    rate_clock.advance(60)
+    for _ in range(2):  # a third and fourth connection: the limit is per window
+        with open_session(ingress.port) as client:
+            assert client.noop()[0] == 250
+    with pytest.raises(smtplib.SMTPConnectError) as refused:
+        smtplib.SMTP("127.0.0.1", ingress.port, timeout=10)
+    assert refused.value.smtp_code == 421
 
 
 def test_deny_window_keeps_refusing_after_the_minute_window_changes(
@@ -366,7 +362,6 @@ def test_messages_over_the_per_ip_rate_get_451_4_7_0_at_data(
     start_ingress: StartIngress, persona: str, redis_client: redis.Redis
 ) -> None:
     ingress = start_ingress(RELAY_RATE_LIMITS_SMTP_MESSAGES_PER_MINUTE_PER_IP="2")
-    wait_clear_of_minute_boundary()
     with open_session(ingress.port) as client:
         for n in range(2):
             client.mail("s@example.org")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import http.client
 import ssl
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,8 +18,6 @@ from tests.support.ingress import (
     InProcessIngress,
     address,
     inbox_entries,
-    ingress_starter,
-    mark_seen,
     new_persona,
     open_session,
     send_raw,
@@ -33,25 +31,8 @@ SWAKS_TIMEOUT_S = 30
 
 
 @pytest.fixture
-def start_ingress(redis_server: EmbeddedRedis) -> Iterator[StartIngress]:
-    yield from ingress_starter(redis_server)
-
-
-@pytest.fixture
-def persona(redis_client: redis.Redis) -> str:
-    persona_key = new_persona()
-    mark_seen(redis_client, persona_key)
-    return persona_key
-
-
-@pytest.fixture
-def certificate_authority() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture
-def tls_ingress(start_ingress: StartIngress, certificate_authority: trustme.CA, tmp_path: Path) -> InProcessIngress:
-    server_cert = certificate_authority.issue_cert("mx.relay.test", "127.0.0.1")
+def tls_ingress(start_ingress: StartIngress, ca: trustme.CA, tmp_path: Path) -> InProcessIngress:
+    server_cert = ca.issue_cert("mx.relay.test", "127.0.0.1")
     cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
     server_cert.cert_chain_pems[0].write_to_path(str(cert_path))
     server_cert.private_key_pem.write_to_path(str(key_path))
@@ -74,12 +55,12 @@ def test_starttls_is_advertised_only_when_a_certificate_is_configured(
 
 def test_mail_over_starttls_is_accepted_and_traced_as_esmtps(
     tls_ingress: InProcessIngress,
-    certificate_authority: trustme.CA,
+    ca: trustme.CA,
     persona: str,
     redis_client: redis.Redis,
 ) -> None:
     context = ssl.create_default_context()
-    certificate_authority.configure_trust(context)
+    ca.configure_trust(context)
     with open_session(tls_ingress.port) as client:
         assert client.starttls(context=context)[0] == 220
         client.ehlo("tls-sender.example")

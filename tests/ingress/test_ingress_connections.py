@@ -10,33 +10,25 @@ from __future__ import annotations
 import smtplib
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
-import pytest
 import redis
 from prometheus_client import REGISTRY
 
-from protege_relay.embedded_redis import EmbeddedRedis
 from shared.config import RateLimitsConfig
 from tests.support.ingress import (
     InProcessIngress,
     address,
     inbox_entries,
-    ingress_starter,
     mark_seen,
     new_persona,
 )
-from tests.support.processes import poll_until
+from tests.support.wait import poll_until
 
 StartIngress = Callable[..., InProcessIngress]
 CAP = 3
 REFUSAL = b"421 4.7.0 relay_rejected_too_many_connections\r\n"
 MESSAGE = b"Subject: capped\r\n\r\nfrom the other address\r\n"
-
-
-@pytest.fixture
-def start_ingress(redis_server: EmbeddedRedis) -> Iterator[StartIngress]:
-    yield from ingress_starter(redis_server)
 
 
 def connect(port: int, source_ip: str = "127.0.0.1") -> socket.socket:

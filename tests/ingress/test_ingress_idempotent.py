@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import smtplib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import cast
 
 import pytest
@@ -36,8 +36,6 @@ from tests.support.ingress import (
     InProcessIngress,
     address,
     inbox_entries,
-    ingress_starter,
-    mark_seen,
     new_persona,
     send_raw,
     split_trace_header,
@@ -45,18 +43,6 @@ from tests.support.ingress import (
 
 StartIngress = Callable[..., InProcessIngress]
 MESSAGE = b"From: a@example.org\r\nSubject: once\r\nMessage-ID: <1@example.org>\r\n\r\nbody\r\n"
-
-
-@pytest.fixture
-def start_ingress(redis_server: EmbeddedRedis) -> Iterator[StartIngress]:
-    yield from ingress_starter(redis_server)
-
-
-@pytest.fixture
-def persona(redis_client: redis.Redis) -> str:
-    persona_key = new_persona()
-    mark_seen(redis_client, persona_key)
-    return persona_key
 
 
 def queue_id_of(reply: bytes) -> str:

@@ -15,17 +15,16 @@ import redis
 from protege_relay.embedded_redis import EmbeddedRedis
 from shared import keys
 from shared.listen import INHERITED_SMTP_FD_ENV, bind_listener
+from tests.support.clock import wait_clear_of_minute_boundary
 from tests.support.ingress import (
     address,
     inbox_entries,
-    mark_seen,
-    new_persona,
     open_session,
     send_raw,
     split_trace_header,
-    wait_clear_of_minute_boundary,
 )
-from tests.support.processes import ServiceProcess, free_port, poll_until, service_env
+from tests.support.processes import ServiceProcess, free_port, service_env
+from tests.support.wait import poll_until
 
 Spawn = Callable[..., ServiceProcess]
 MESSAGE = b"Subject: process test\r\n\r\nhello from a real process\r\n"
@@ -52,13 +51,6 @@ def start(spawn: Spawn, port: int, **env: str) -> ServiceProcess:
     process = spawn("ingress", port=port, RELAY_SMTP_PORT=str(port), RELAY_MAIL_DOMAINS="relay.test", **env)
     wait_ready(process)
     return process
-
-
-@pytest.fixture
-def persona(redis_client: redis.Redis) -> str:
-    persona_key = new_persona()
-    mark_seen(redis_client, persona_key)
-    return persona_key
 
 
 def test_process_logs_ready_accepts_mail_and_exits_cleanly_on_sigterm(

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import smtplib
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 import redis
 import redis.asyncio as aioredis
 
@@ -26,7 +24,6 @@ from tests.support.ingress import (
     InProcessIngress,
     address,
     inbox_entries,
-    ingress_starter,
     mark_seen,
     new_persona,
 )
@@ -35,12 +32,6 @@ from tests.support.ingress import (
 HEARTBEAT = ("HSET RELAY:NODEINFO", "EXPIRE RELAY:NODEINFO", "SADD RELAY:NODES", "SCRIPT", "PING", "INFO")
 END_MARKER = "end-of-message"
 MONITOR_WAIT_S = 10
-
-
-@pytest.fixture
-def ingress(redis_server: EmbeddedRedis) -> Iterator[InProcessIngress]:
-    for start in ingress_starter(redis_server):  # stops the ingress when the generator resumes
-        yield start()
 
 
 def send(port: int, rcpt_to: list[str], body: bytes) -> tuple[int, bytes]:

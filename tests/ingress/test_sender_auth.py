@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 import smtplib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import redis
 
-from protege_relay.embedded_redis import EmbeddedRedis
 from services.ingress.sender_auth import SenderFacts, authentication_results, evaluate
 from services.ingress.sender_auth.dmarc import aligned, organizational_domain, parse_record
 from services.ingress.sender_auth.header import strip_our_authentication_results
@@ -29,9 +28,6 @@ from tests.support.ingress import (
     InProcessIngress,
     address,
     inbox_entries,
-    ingress_starter,
-    mark_seen,
-    new_persona,
 )
 from tests.support.sender_auth import (
     FOREIGN_IP,
@@ -191,12 +187,6 @@ def test_nameserver_forms() -> None:
 # --- evaluation against a local DNS server -------------------------------------------------
 
 
-@pytest.fixture
-def dns_server() -> Iterator[DnsServer]:
-    with DnsServer(sender_zones()) as server:
-        yield server
-
-
 def run(
     server: DnsServer,
     client_ip: str,
@@ -312,18 +302,6 @@ def test_silent_dns_is_unknown_and_bounded_by_the_budget() -> None:
 
 
 # --- over SMTP: the header the gateway receives --------------------------------------------
-
-
-@pytest.fixture
-def start_ingress(redis_server: EmbeddedRedis) -> Iterator[StartIngress]:
-    yield from ingress_starter(redis_server)
-
-
-@pytest.fixture
-def persona(redis_client: redis.Redis) -> str:
-    persona_key = new_persona()
-    mark_seen(redis_client, persona_key)
-    return persona_key
 
 
 def auth_ingress(start_ingress: StartIngress, server: DnsServer, **env: str) -> InProcessIngress:

@@ -457,6 +457,8 @@ def test_image_is_multi_stage_slim_non_root_with_the_cli_as_entrypoint() -> None
         assert stage[0].split()[1].startswith("python:3.11-slim")
     final = stages[-1]
     assert any(line.startswith("COPY --from=") for line in final)
+    installs = [line for line in stages[0] if "pip install" in line and " . " in f"{line} "]
+    assert installs and all("-c constraints.txt" in line for line in installs), "the image installs the tested pins"
     assert not any(re.search(r"apt-get install|build-essential|gcc", line) for line in final)
     (user,) = [line.split()[1] for line in final if line.startswith("USER ")]
     assert user.split(":")[0] not in ("0", "root")
@@ -468,7 +470,7 @@ def test_dockerignore_sends_only_the_package_sources() -> None:
     rules = [rule for rule in rules if rule and not rule.startswith("#")]
     assert rules[0] == "*"
     allowed = {rule[1:].rstrip("/") for rule in rules if rule.startswith("!")}
-    assert allowed == {"pyproject.toml", "shared", "services", "protege_relay"}
+    assert allowed == {"pyproject.toml", "constraints.txt", "shared", "services", "protege_relay"}
 
 
 # --- Redis access: one ACL user per service, credentials from outside the image ------------------

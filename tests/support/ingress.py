@@ -25,14 +25,16 @@ from shared.config import RelayConfig, load_config
 from shared.identity import Passport
 from shared.inbox_entries import StoredEntry
 from shared.payloads import InboxEntry
-from tests.support.processes import free_port, poll_until, wait_for_port
+from shared.ratelimit import Clock
+from tests.support.processes import PROBE_IP, free_port, wait_for_port
 
 MAIL_DOMAIN = "relay.test"
 
 
 class InProcessIngress:
-    def __init__(self, config: RelayConfig, drain_timeout_s: float = 5.0) -> None:
+    def __init__(self, config: RelayConfig, drain_timeout_s: float = 5.0, rate_clock: Clock = time.time) -> None:
         self.config = config
+        self._rate_clock = rate_clock
         self.port = config.smtp.port
         self.http_port = config.smtp.httpPort
         self._drain_timeout_s = drain_timeout_s
@@ -47,7 +49,7 @@ class InProcessIngress:
         self._thread.start()
         assert self._started.wait(10), "ingress loop did not start"
         if self.config.smtp.enabled:
-            wait_for_port(self.port)
+            wait_for_port(self.port, source_ip=PROBE_IP)
         if self.http_port:
             wait_for_port(self.http_port)
         return self
@@ -57,7 +59,7 @@ class InProcessIngress:
             self._loop = asyncio.get_running_loop()
             self._stopping = asyncio.Event()
             self._started.set()
-            await serve(self.config, self._stopping, drain_timeout_s=self._drain_timeout_s)
+            await serve(self.config, self._stopping, drain_timeout_s=self._drain_timeout_s, rate_clock=self._rate_clock)
 
         try:
             asyncio.run(main())
@@ -102,12 +104,14 @@ def _empty_config_file() -> Path:
     return path
 
 
-def ingress_starter(redis_server: EmbeddedRedis) -> Iterator[Callable[..., InProcessIngress]]:
+def ingress_starter(
+    redis_server: EmbeddedRedis, rate_clock: Clock = time.time
+) -> Iterator[Callable[..., InProcessIngress]]:
     """Body of a `start_ingress` fixture: start(**env) -> InProcessIngress, stopped at teardown."""
     started: list[InProcessIngress] = []
 
     def start(drain_timeout_s: float = 5.0, **env: str) -> InProcessIngress:
-        ingress = InProcessIngress(ingress_config(redis_server.url, **env), drain_timeout_s)
+        ingress = InProcessIngress(ingress_config(redis_server.url, **env), drain_timeout_s, rate_clock)
         started.append(ingress)
         return ingress.start()
 
@@ -162,11 +166,6 @@ def send_raw(port: int, mail_from: str, rcpt_to: list[str], message: bytes) -> t
         return client.data(message)
 
 
-def wait_clear_of_minute_boundary(margin_s: float = 3.0) -> None:
-    """Fixed one-minute rate windows: start a rate test well inside a window."""
-    poll_until(lambda: margin_s < time.time() % 60 < 60 - margin_s, timeout_s=2 * margin_s + 1)
-
-
 __all__ = [
     "MAIL_DOMAIN",
     "InProcessIngress",
@@ -179,5 +178,4 @@ __all__ = [
     "open_session",
     "send_raw",
     "split_trace_header",
-    "wait_clear_of_minute_boundary",
 ]

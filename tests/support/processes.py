@@ -6,25 +6,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from protege_relay.embedded_redis import free_port, wait_for_port
+from tests.support.wait import poll_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def poll_until(predicate, timeout_s: float = 10.0, interval_s: float = 0.02, message: str = ""):  # type: ignore[no-untyped-def]
-    """Call `predicate` until it returns a truthy value; fail with `message` at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(message or f"condition not met within {timeout_s}s")
-        time.sleep(interval_s)
+# Readiness probes connect from here, so they never count towards the per-IP limits a test
+# measures from 127.0.0.1 (the probe's connection may or may not reach the rate check).
+PROBE_IP = "127.0.0.254"
 
 
 @dataclass
@@ -50,7 +41,7 @@ class ServiceProcess:
         )
         if self.port is not None:
             try:
-                wait_for_port(self.port, timeout_s=timeout_s, process=self.process)
+                wait_for_port(self.port, timeout_s=timeout_s, process=self.process, source_ip=PROBE_IP)
             except TimeoutError:
                 raise AssertionError(f"{self.service} did not start:\n{self.logs()}") from None
         return self
@@ -85,4 +76,4 @@ def service_env(redis_url: str, **overrides: str) -> dict[str, str]:
     return env
 
 
-__all__ = ["ServiceProcess", "free_port", "poll_until", "service_env", "wait_for_port"]
+__all__ = ["PROBE_IP", "ServiceProcess", "free_port", "poll_until", "service_env", "wait_for_port"]

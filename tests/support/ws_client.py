@@ -12,6 +12,8 @@ import json
 import os
 import ssl
 import struct
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +23,7 @@ from websockets.frames import Frame, Opcode
 
 from shared import protocol
 from shared.identity import Passport
+from tests.support.wait import eventually as eventually  # re-exported: its old home
 
 RECEIVE_TIMEOUT_S = 10.0
 
@@ -230,7 +233,7 @@ class RawWsClient:
 class RunningTunnel:
     """`services.tunnel.main.serve` on a free port in the test's own event loop."""
 
-    def __init__(self, redis_url: str, **env: str) -> None:
+    def __init__(self, redis_url: str, *, rate_clock: Callable[[], float] = time.time, **env: str) -> None:
         from protege_relay.embedded_redis import free_port
         from shared.config import load_config
 
@@ -243,6 +246,7 @@ class RunningTunnel:
         }
         self.config = load_config(path=None, environ=environ)
         self.stopping = asyncio.Event()
+        self._rate_clock = rate_clock
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -252,7 +256,9 @@ class RunningTunnel:
     async def start(self) -> RunningTunnel:
         from services.tunnel.main import serve
 
-        self._task = asyncio.get_running_loop().create_task(serve(self.config, self.stopping))
+        self._task = asyncio.get_running_loop().create_task(
+            serve(self.config, self.stopping, rate_clock=self._rate_clock)
+        )
         # The port accepts as soon as it is bound, before the server is up: wait for /readyz.
         async with asyncio.timeout(10):
             while True:
@@ -283,16 +289,3 @@ class RunningTunnel:
         self.stopping.set()
         if self._task is not None:
             await asyncio.wait_for(self._task, 20)
-
-
-async def eventually(predicate: Any, timeout_s: float = 10.0, message: str = "") -> Any:
-    """Async `poll_until`: the in-process tunnel keeps running while we wait."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if loop.time() > deadline:
-            raise AssertionError(message or f"condition not met within {timeout_s}s")
-        await asyncio.sleep(0.02)

@@ -6,9 +6,13 @@ and `make test` runs it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.support.mx_sink import MxSink
+from tests.support.processes import free_port
 
 _HERE = Path(__file__).parent
 
@@ -17,3 +21,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if _HERE in Path(item.path).parents:
             item.add_marker(pytest.mark.system)
+
+
+@pytest.fixture
+def mx_sink() -> Iterator[MxSink]:
+    """A loopback MX sink on a free port; egress routes the remote domain to it."""
+    with MxSink("127.0.0.1", free_port()) as sink:
+        yield sink

@@ -24,7 +24,8 @@ import redis
 from protege_relay.embedded_redis import EmbeddedRedis
 from shared import keys
 from shared.protocol import MAX_CHUNK_BYTES
-from tests.support.processes import REPO_ROOT, ServiceProcess, free_port, poll_until, service_env
+from tests.support.processes import REPO_ROOT, ServiceProcess, free_port, service_env
+from tests.support.wait import poll_until
 
 DELIVERY_TIMEOUT_S = 30.0
 SENDER = "alice@example.com"

@@ -12,7 +12,7 @@ import redis
 from protege_relay.embedded_redis import EmbeddedRedis
 from protege_relay.gateway.receive import EXIT_TEST_CRASH
 from shared import keys
-from tests.support.processes import poll_until
+from tests.support.wait import poll_until
 from tests.system.test_e2e_inbound import (
     DELIVERY_TIMEOUT_S,
     SENDER,

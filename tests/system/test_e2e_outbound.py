@@ -24,7 +24,8 @@ from shared import keys
 from shared.identity import Passport
 from tests.support.dns_server import DnsServer
 from tests.support.mx_sink import MxSink
-from tests.support.processes import REPO_ROOT, ServiceProcess, free_port, poll_until, service_env
+from tests.support.processes import REPO_ROOT, ServiceProcess, free_port, service_env
+from tests.support.wait import poll_until
 from tests.support.ws_client import GatewayClient
 
 DOMAIN = "relay.test"
@@ -40,11 +41,6 @@ def message_from(author: str) -> bytes:
 GATEWAY_RESULT_WINDOW_S = 20.0
 
 Spawn = Callable[..., ServiceProcess]
-
-
-@pytest.fixture
-def smtp_port() -> int:
-    return free_port()
 
 
 @pytest.fixture
@@ -100,7 +96,7 @@ def start_relay(
 
 
 @pytest.fixture
-def persona(tmp_path: Path) -> tuple[Passport, Path]:
+def passport_file(tmp_path: Path) -> tuple[Passport, Path]:
     passport = Passport.generate()
     key_path = tmp_path / "passport.key"
     passport.save(key_path)
@@ -140,9 +136,9 @@ def run_send(
 
 
 def test_sent_mail_reaches_the_mx_and_the_gateway_gets_the_queue_id(
-    start_relay: Callable[..., Relay], persona: tuple[Passport, Path], smtp_port: int, tmp_path: Path
+    start_relay: Callable[..., Relay], passport_file: tuple[Passport, Path], smtp_port: int, tmp_path: Path
 ) -> None:
-    passport, key_path = persona
+    passport, key_path = passport_file
     relay = start_relay()
     with MxSink("127.0.0.2", smtp_port) as mx1:
         started = time.monotonic()
@@ -177,14 +173,14 @@ def test_sent_mail_reaches_the_mx_and_the_gateway_gets_the_queue_id(
 )
 def test_failures_arrive_as_failed_results_with_codes(
     start_relay: Callable[..., Relay],
-    persona: tuple[Passport, Path],
+    passport_file: tuple[Passport, Path],
     smtp_port: int,
     tmp_path: Path,
     rcpt_to: str,
     sink_options: dict[str, Any],
     expected: dict[str, Any],
 ) -> None:
-    passport, key_path = persona
+    passport, key_path = passport_file
     relay = start_relay(RELAY_EGRESS_MAX_ATTEMPTS="2")
     with MxSink("127.0.0.2", smtp_port, **sink_options) as mx1:
         code, [result] = run_send(relay, key_path, f"{passport.persona_key}@{DOMAIN}", rcpt_to, tmp_path)
@@ -195,9 +191,9 @@ def test_failures_arrive_as_failed_results_with_codes(
 
 
 def test_spoofed_sender_is_refused_and_nothing_is_sent(
-    start_relay: Callable[..., Relay], persona: tuple[Passport, Path], smtp_port: int, tmp_path: Path
+    start_relay: Callable[..., Relay], passport_file: tuple[Passport, Path], smtp_port: int, tmp_path: Path
 ) -> None:
-    _, key_path = persona
+    _, key_path = passport_file
     relay = start_relay()
     someone_else = Passport.generate().persona_key
     with MxSink("127.0.0.2", smtp_port) as mx1:
@@ -212,9 +208,9 @@ async def next_result(client: GatewayClient, timeout_s: float = GATEWAY_RESULT_W
 
 
 async def test_result_reaches_the_gateway_after_it_reconnected_to_another_tunnel(
-    start_relay: Callable[..., Relay], persona: tuple[Passport, Path], smtp_port: int
+    start_relay: Callable[..., Relay], passport_file: tuple[Passport, Path], smtp_port: int
 ) -> None:
-    passport, _ = persona
+    passport, _ = passport_file
     relay = start_relay(tunnels=2)
     stream_id = str(uuid.uuid4())
     with MxSink("127.0.0.2", smtp_port, hold_data=1) as mx1:
@@ -234,9 +230,9 @@ async def test_result_reaches_the_gateway_after_it_reconnected_to_another_tunnel
 
 
 async def test_same_stream_id_sent_twice_is_delivered_once(
-    start_relay: Callable[..., Relay], persona: tuple[Passport, Path], smtp_port: int, redis_client: Any
+    start_relay: Callable[..., Relay], passport_file: tuple[Passport, Path], smtp_port: int, redis_client: Any
 ) -> None:
-    passport, _ = persona
+    passport, _ = passport_file
     relay = start_relay()
     stream_id = str(uuid.uuid4())
     mail_from = f"{passport.persona_key}@{DOMAIN}"
@@ -246,23 +242,25 @@ async def test_same_stream_id_sent_twice_is_delivered_once(
         await client.send_outbound(stream_id, mail_from, "user@example.test", message_from(mail_from))
         first = await next_result(client)
         await client.send_outbound(stream_id, mail_from, "user@example.test", message_from(mail_from))
+        await client.send_json({"type": "ping"})
+        await client.next_of_type("pong")  # frames are handled in order: the repeat is behind us
         await asyncio.to_thread(
             poll_until, lambda: redis_client.zcard(keys.EGRESS_QUEUE) == 0, 10, message="job still queued"
         )
-        await client.send_json({"type": "ping"})
-        await client.next_of_type("pong")
         await client.close()
     assert first["status"] == "sent"
     assert len(mx1.received()) == 1
-    assert redis_client.xlen(keys.results(passport.persona_key)) == 0
+    # The delivered result is deleted once the gateway has it; the deletion may still be on its way.
+    results_key = keys.results(passport.persona_key)
+    await asyncio.to_thread(poll_until, lambda: redis_client.xlen(results_key) == 0, 10, message="result kept")
 
 
 async def test_late_failure_reaches_the_gateway_as_a_dsn_in_its_inbox(
-    start_relay: Callable[..., Relay], persona: tuple[Passport, Path], smtp_port: int
+    start_relay: Callable[..., Relay], passport_file: tuple[Passport, Path], smtp_port: int
 ) -> None:
     """Issue 14 item 1 with real processes: tunnel + egress; the MX defers, then refuses; the
     bounce is stored through the inbound enqueue path and streamed to the persona's gateway."""
-    passport, _ = persona
+    passport, _ = passport_file
     relay = start_relay()
     stream_id = str(uuid.uuid4())
     mail_from = f"{passport.persona_key}@{DOMAIN}"

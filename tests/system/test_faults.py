@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import json
 import os
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import cast
@@ -38,7 +37,7 @@ from tests.support.load import (
     reconcile_outbound,
 )
 from tests.support.mx_sink import MxSink
-from tests.support.processes import free_port
+from tests.support.wait import eventually
 
 DOMAIN = "relay.test"
 REMOTE_DOMAIN = "example.test"
@@ -80,12 +79,6 @@ def redis_sync(durable_redis: EmbeddedRedis) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
-def mx_sink() -> Iterator[MxSink]:
-    with MxSink("127.0.0.1", free_port()) as sink:
-        yield sink
-
-
-@pytest.fixture
 def make_cluster(tmp_path: Path, durable_redis: EmbeddedRedis, mx_sink: MxSink) -> Iterator[Callable[..., Cluster]]:
     clusters: list[Cluster] = []
 
@@ -100,15 +93,6 @@ def make_cluster(tmp_path: Path, durable_redis: EmbeddedRedis, mx_sink: MxSink) 
         cluster.stop()
 
 
-async def until(predicate: Callable[[], object], timeout_s: float, message: str) -> None:
-    """Poll without blocking the event loop the gateways and senders run on."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(message() if callable(message) else message)
-        await asyncio.sleep(0.05)
-
-
 def personas() -> list[Passport]:
     return [Passport.generate() for _ in range(PERSONAS)]
 
@@ -121,12 +105,12 @@ async def settle_inbound(
     fleet: GatewayFleet, expected: dict[str, str], redis_client: redis.Redis, passports: list[Passport]
 ) -> None:
     """Every accepted stream id reached a gateway and every inbox stream is empty again."""
-    await until(
+    await eventually(
         lambda: expected.keys() <= {sid for sid, _ in fleet.deliveries()},
         SETTLE_TIMEOUT_S,
         "accepted mail missing at the gateways",
     )
-    await until(
+    await eventually(
         lambda: inbox_total(redis_client, passports) == 0, SETTLE_TIMEOUT_S, "acknowledged entries still queued"
     )
 
@@ -196,7 +180,7 @@ async def test_egress_sigkilled_mid_delivery(
             await fleet.send_outbound(fleet.gateways[index % PERSONAS], send)
 
     async def kill_mid_delivery() -> int:
-        await until(
+        await eventually(
             lambda: mx_sink.holding.is_set() and len(mx_sink.received()) >= OUTBOUND // 4,
             SETTLE_TIMEOUT_S,
             "egress made no progress",
@@ -212,7 +196,7 @@ async def test_egress_sigkilled_mid_delivery(
     ledger, _, queued_at_kill = await asyncio.gather(smtp.send(plan), send_all(), kill_mid_delivery())
     try:
         await settle_inbound(fleet, ledger.stream_ids, redis_sync, passports)
-        await until(
+        await eventually(
             lambda: {s.stream_id for s in sends} <= fleet.results().keys(),
             SETTLE_TIMEOUT_S,
             lambda: "results missing:\n" + cluster.logs("egress"),
@@ -244,7 +228,7 @@ async def test_redis_sigkilled_between_acceptance_and_delivery(
     sends = outbound_sends(fleet.gateways, OUTBOUND // 2, DOMAIN, REMOTE_DOMAIN)
     for index, send in enumerate(sends):
         await fleet.send_outbound(fleet.gateways[index % PERSONAS], send)
-    await until(lambda: queued_jobs(redis_sync) == len(sends), 20, "outbound jobs not queued")
+    await eventually(lambda: queued_jobs(redis_sync) == len(sends), 20, "outbound jobs not queued")
     await fleet.stop()
     smtp = SmtpLoad(cluster.smtp_ports, concurrency=8)
     before = await smtp.send(smtp.plan(addresses(passports), MESSAGES // 2, prefix="before"))
@@ -264,7 +248,7 @@ async def test_redis_sigkilled_between_acceptance_and_delivery(
     ledger.accepted.update(before.accepted)
     try:
         await settle_inbound(fleet, ledger.stream_ids, redis_sync, passports)
-        await until(
+        await eventually(
             lambda: {s.stream_id for s in sends} <= fleet.results().keys(),
             SETTLE_TIMEOUT_S,
             "outbound results missing after the restart",
@@ -301,11 +285,13 @@ async def test_redis_unreachable_during_data_is_451_and_retried(
     plan = smtp.plan(addresses(passports), MESSAGES)
 
     async def outage() -> tuple[int, str]:
-        await until(lambda: len(smtp.ledger.accepted) >= MESSAGES * 0.3, SETTLE_TIMEOUT_S, "no progress")
+        await eventually(lambda: len(smtp.ledger.accepted) >= MESSAGES * 0.3, SETTLE_TIMEOUT_S, "no progress")
         durable_redis.kill()
         caught.writer.write(make_message("caught-in-data") + b".\r\n")
         code, text = await caught.reply()
-        await until(lambda: sum(smtp.ledger.temporary.values()) >= 20, SETTLE_TIMEOUT_S, "no 4xx during the outage")
+        await eventually(
+            lambda: sum(smtp.ledger.temporary.values()) >= 20, SETTLE_TIMEOUT_S, "no 4xx during the outage"
+        )
         durable_redis.start()
         return code, text
 

@@ -19,7 +19,7 @@ from shared import keys
 from shared.identity import Passport
 from shared.payloads import InboxEntry
 from tests.support.cluster import Cluster, Node
-from tests.support.processes import poll_until
+from tests.support.wait import poll_until
 from tests.support.ws_client import GatewayClient
 
 CHALLENGE_TTL_S = 1

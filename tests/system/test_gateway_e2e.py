@@ -12,7 +12,8 @@ from pathlib import Path
 from protege_relay.embedded_redis import EmbeddedRedis
 from shared.identity import Passport
 from tests.support.mx_sink import MxSink
-from tests.support.processes import REPO_ROOT, ServiceProcess, free_port, poll_until, service_env
+from tests.support.processes import REPO_ROOT, ServiceProcess, free_port, service_env
+from tests.support.wait import poll_until
 
 RESULT_TIMEOUT_S = 5.0
 

@@ -25,7 +25,7 @@ from shared.identity import Passport
 from tests.support.cluster import Cluster, soak_factor
 from tests.support.load import GatewayFleet, OutboundSend, SmtpLoad, make_message, reconcile, stream_header_of, token_of
 from tests.support.mx_sink import MxSink
-from tests.support.processes import free_port, poll_until
+from tests.support.wait import eventually, poll_until
 
 DOMAIN = "relay.test"
 REMOTE_DOMAIN = "example.test"
@@ -53,12 +53,6 @@ CLUSTER_ENV = {
 
 
 @pytest.fixture
-def mx_sink() -> Iterator[MxSink]:
-    with MxSink("127.0.0.1", free_port()) as sink:
-        yield sink
-
-
-@pytest.fixture
 def cluster(tmp_path: Path, redis_server: EmbeddedRedis, mx_sink: MxSink) -> Iterator[Cluster]:
     env = {**CLUSTER_ENV, "RELAY_EGRESS_ROUTES": json.dumps({REMOTE_DOMAIN: f"127.0.0.1:{mx_sink.port}"})}
     started = Cluster(redis_server.url, tmp_path / "cluster", env)
@@ -66,15 +60,6 @@ def cluster(tmp_path: Path, redis_server: EmbeddedRedis, mx_sink: MxSink) -> Ite
         yield started.start(ingress=2, tunnel=3, egress=2)
     finally:
         started.stop()
-
-
-async def until(predicate: object, timeout_s: float, message: str) -> None:
-    """Poll `predicate` without blocking the event loop the gateways run on."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(message)
-        await asyncio.sleep(0.05)
 
 
 async def test_three_tunnel_nodes_lose_nothing_when_one_is_killed_and_one_stopped(
@@ -111,17 +96,17 @@ async def test_three_tunnel_nodes_lose_nothing_when_one_is_killed_and_one_stoppe
             while queue:
                 index, send = queue.pop(0)
                 due = index * inbound_per_outbound * 0.9
-                await until(lambda: fleet.received_count() >= due, SETTLE_TIMEOUT_S, "no progress")  # noqa: B023
+                await eventually(lambda: fleet.received_count() >= due, SETTLE_TIMEOUT_S, "no progress")  # noqa: B023
                 await fleet.send_outbound(fleet.gateways[index % PERSONAS], send)
 
         await asyncio.gather(*(worker() for _ in range(OUTBOUND_CONCURRENCY)))
 
     async def faults() -> tuple[int, int]:
         kill_at, term_at = INBOUND_MESSAGES * KILL_AT_FRACTION, INBOUND_MESSAGES * TERM_AT_FRACTION
-        await until(lambda: fleet.received_count() >= kill_at, SETTLE_TIMEOUT_S, "no inbound progress")
+        await eventually(lambda: fleet.received_count() >= kill_at, SETTLE_TIMEOUT_S, "no inbound progress")
         killed_at = fleet.received_count()
         tunnels[0].kill()
-        await until(lambda: fleet.received_count() >= term_at, SETTLE_TIMEOUT_S, "stalled after SIGKILL")
+        await eventually(lambda: fleet.received_count() >= term_at, SETTLE_TIMEOUT_S, "stalled after SIGKILL")
         terminated_at = fleet.received_count()
         assert await asyncio.to_thread(tunnels[1].terminate) == 0
         return killed_at, terminated_at
@@ -133,14 +118,14 @@ async def test_three_tunnel_nodes_lose_nothing_when_one_is_killed_and_one_stoppe
     expected = ledger.stream_ids
     outbound_ids = {send.stream_id for send in outbound}
     try:
-        await until(
+        await eventually(
             lambda: (
                 expected.keys() <= {sid for sid, _ in fleet.deliveries()} and outbound_ids <= fleet.results().keys()
             ),
             SETTLE_TIMEOUT_S,
             "mail or results still missing",
         )
-        await until(
+        await eventually(
             lambda: all(redis_client.xlen(keys.inbox(p.persona_key)) == 0 for p in passports),
             SETTLE_TIMEOUT_S,
             "acknowledged entries still in the inbox streams",

@@ -24,6 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 from arq.connections import RedisSettings, create_pool
 from websockets.frames import Opcode
@@ -33,8 +34,10 @@ from shared import keys, protocol
 from shared.identity import Passport
 from shared.payloads import InboxEntry, OutboundJob
 from shared.wakeup import Wakeup, WakeupKind
+from tests.support.clock import away_from_minute_boundary
 from tests.support.processes import ServiceProcess
-from tests.support.ws_client import GatewayClient, RawWsClient, eventually
+from tests.support.wait import eventually
+from tests.support.ws_client import GatewayClient, RawWsClient
 
 HONEST_IP = "127.0.0.2"
 FRESH_IP = "127.0.0.3"
@@ -181,11 +184,6 @@ async def raw_close_code(client: RawWsClient) -> int:
         if opcode == Opcode.CLOSE:
             code: int = struct.unpack(">H", payload[:2])[0]
             return code
-
-
-async def away_from_minute_boundary() -> None:
-    """Fixed one-minute rate windows: start a counting test well inside one."""
-    await eventually(lambda: time.time() % 60 < 50, timeout_s=15)
 
 
 # --- oversize, invalid UTF-8, garbage ----------------------------------------------------------
@@ -440,6 +438,7 @@ async def silent_connection(port: int, ip: str, upgrade: bool, opening: asyncio.
     return await silent_end(silent)
 
 
+@pytest.mark.system  # a fault / flood run: left out of make test-fast
 async def test_silent_connection_flood_is_bounded(spawn: Any, redis_client: redis.Redis) -> None:
     """Silent TCP connections are closed by the handshake timeout, silent upgraded sockets by the
     auth deadline (auth_error auth_timeout, 4401), one IP cannot hold more than

@@ -175,6 +175,7 @@ async def test_header_from_spoofing_is_refused_and_never_queued(
                 "streamId": stream_id,
                 "status": "failed",
                 "error": "header_from_not_allowed",
+                "expectedSender": own,  # the refusal names the address to use (PROTOCOL.md)
             }, head
         # The persona's own address, with a display name and a +tag, is fine.
         accepted = str(uuid.uuid4())

@@ -7,7 +7,6 @@ import asyncio
 import json
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -17,14 +16,14 @@ import redis.asyncio as aioredis
 from protege_relay.embedded_redis import EmbeddedRedis
 from shared import keys, protocol
 from shared.identity import Passport
-from tests.support.ws_client import GatewayClient, RawWsClient, RunningTunnel, eventually
+from tests.support.clock import ManualClock
+from tests.support.wait import eventually
+from tests.support.ws_client import GatewayClient, RawWsClient, RunningTunnel
 
 
 @pytest.fixture
-async def tunnel(redis_server: EmbeddedRedis) -> AsyncIterator[RunningTunnel]:
-    running = await RunningTunnel(redis_server.url, RELAY_WS_MAX_MESSAGE_BYTES="65536").start()
-    yield running
-    await running.stop()
+def tunnel_env() -> dict[str, str]:
+    return {"RELAY_WS_MAX_MESSAGE_BYTES": "65536"}
 
 
 def http_get(port: int, path: str) -> tuple[int, str, bytes]:
@@ -263,8 +262,10 @@ async def test_auth_json_in_binary_messages_is_accepted(tunnel: RunningTunnel) -
     await client.close()
 
 
-async def test_auth_attempts_over_the_ip_limit_get_4408(redis_server: EmbeddedRedis) -> None:
-    running = await RunningTunnel(redis_server.url, RELAY_RATE_LIMITS_WS_AUTH_ATTEMPTS_PER_MINUTE_PER_IP="2").start()
+async def test_auth_attempts_over_the_ip_limit_get_4408(redis_server: EmbeddedRedis, rate_clock: ManualClock) -> None:
+    running = await RunningTunnel(
+        redis_server.url, rate_clock=rate_clock, RELAY_RATE_LIMITS_WS_AUTH_ATTEMPTS_PER_MINUTE_PER_IP="2"
+    ).start()
     try:
         passport = Passport.generate()
         for _ in range(2):
@@ -370,9 +371,12 @@ def test_close_codes_match_the_protocol() -> None:
     assert (protocol.CLOSE_AUTH_FAILED, protocol.CLOSE_RATE_LIMITED, protocol.CLOSE_REPLACED) == (4401, 4408, 4400)
 
 
-async def test_auth_rate_is_per_forwarded_client_behind_a_trusted_proxy(redis_server: EmbeddedRedis) -> None:
+async def test_auth_rate_is_per_forwarded_client_behind_a_trusted_proxy(
+    redis_server: EmbeddedRedis, rate_clock: ManualClock
+) -> None:
     running = await RunningTunnel(
         redis_server.url,
+        rate_clock=rate_clock,
         RELAY_RATE_LIMITS_WS_AUTH_ATTEMPTS_PER_MINUTE_PER_IP="1",
         RELAY_WS_TRUSTED_PROXIES="127.0.0.1",
     ).start()

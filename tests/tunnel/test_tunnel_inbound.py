@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
 
 import pytest
 import redis
@@ -17,17 +16,16 @@ from shared import keys, protocol
 from shared.identity import Passport
 from shared.payloads import InboxEntry
 from shared.wakeup import Wakeup, WakeupKind
-from tests.support.ws_client import GatewayClient, RawWsClient, RunningTunnel, eventually
+from tests.support.wait import eventually
+from tests.support.ws_client import GatewayClient, RawWsClient, RunningTunnel
 
 ACK = ["inbound_ack"]
 
 
 @pytest.fixture
-async def tunnel(redis_server: EmbeddedRedis) -> AsyncIterator[RunningTunnel]:
-    # A short legacy-ack grace: these tests prove the pong barrier; tests/test_tunnel_legacy_ack.py the grace.
-    running = await RunningTunnel(redis_server.url, RELAY_WS_LEGACY_ACK_GRACE_MS="300").start()
-    yield running
-    await running.stop()
+def tunnel_env() -> dict[str, str]:
+    # A short legacy-ack grace: these tests prove the pong barrier; tests/tunnel/test_tunnel_legacy_ack.py the grace.
+    return {"RELAY_WS_LEGACY_ACK_GRACE_MS": "300"}
 
 
 def add_inbox_entry(

@@ -20,21 +20,20 @@ from shared import keys, protocol
 from shared.identity import Passport
 from shared.payloads import DeliveryResult, OutboundJob
 from shared.wakeup import Wakeup, WakeupKind, wake_owner
-from tests.support.ws_client import GatewayClient, RunningTunnel, eventually
+from tests.support.clock import ManualClock
+from tests.support.wait import eventually
+from tests.support.ws_client import GatewayClient, RunningTunnel
 
 DOMAIN = "relay.test"
 
 
 @pytest.fixture
-async def tunnel(redis_server: EmbeddedRedis) -> AsyncIterator[RunningTunnel]:
-    running = await RunningTunnel(
-        redis_server.url,
-        RELAY_MAIL_DOMAINS=DOMAIN,
-        RELAY_SMTP_MAX_MESSAGE_BYTES="200000",
-        RELAY_RATE_LIMITS_OUTBOUND_MESSAGES_PER_MINUTE_PER_PERSONA="3",
-    ).start()
-    yield running
-    await running.stop()
+def tunnel_env() -> dict[str, str]:
+    return {
+        "RELAY_MAIL_DOMAINS": DOMAIN,
+        "RELAY_SMTP_MAX_MESSAGE_BYTES": "200000",
+        "RELAY_RATE_LIMITS_OUTBOUND_MESSAGES_PER_MINUTE_PER_PERSONA": "3",
+    }
 
 
 @pytest.fixture
@@ -139,7 +138,7 @@ async def test_too_large_outbound_gets_one_failed_result(tunnel: RunningTunnel, 
     await client.close()
 
 
-async def test_outbound_rate_per_persona(tunnel: RunningTunnel, arq_pool: ArqRedis) -> None:
+async def test_outbound_rate_per_persona(tunnel: RunningTunnel, arq_pool: ArqRedis, rate_clock: ManualClock) -> None:
     client, passport = await connected(tunnel)
     sender = f"{passport.persona_key}@{DOMAIN}"
     for _ in range(3):
@@ -149,6 +148,10 @@ async def test_outbound_rate_per_persona(tunnel: RunningTunnel, arq_pool: ArqRed
     result = await client.next_text()
     assert (result["streamId"], result["error"]) == (limited, "rate_limited")
     assert len(await queued(arq_pool)) == 3
+    rate_clock.advance(60)  # the next minute window admits the persona again
+    await client.send_outbound(str(uuid.uuid4()), sender, "a@example.org", mail_from(sender, b"next minute"))
+    await barrier(client)
+    assert len(await queued(arq_pool)) == 4
     await client.close()
 
 

@@ -18,16 +18,15 @@ from shared import keys
 from shared.identity import Passport
 from shared.payloads import DeliveryResult
 from shared.wakeup import WakeupKind, wake_owner
-from tests.support.ws_client import GatewayClient, RawWsClient, RunningTunnel, eventually
+from tests.support.wait import eventually
+from tests.support.ws_client import GatewayClient, RawWsClient, RunningTunnel
 
 DOMAIN = "relay.test"
 
 
 @pytest.fixture
-async def tunnel(redis_server: EmbeddedRedis) -> AsyncIterator[RunningTunnel]:
-    running = await RunningTunnel(redis_server.url, RELAY_MAIL_DOMAINS=DOMAIN).start()
-    yield running
-    await running.stop()
+def tunnel_env() -> dict[str, str]:
+    return {"RELAY_MAIL_DOMAINS": DOMAIN}
 
 
 @pytest.fixture

@@ -18,13 +18,9 @@ import trustme
 
 from protege_relay.embedded_redis import EmbeddedRedis
 from shared.identity import Passport
-from tests.support.processes import free_port, poll_until
+from tests.support.processes import free_port
+from tests.support.wait import poll_until
 from tests.support.ws_client import GatewayClient, RunningTunnel
-
-
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
 
 
 def write_server_files(ca: trustme.CA, directory: Path, key_mode: int = 0o600) -> tuple[Path, Path]:

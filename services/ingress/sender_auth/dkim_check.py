@@ -8,14 +8,13 @@ needs the `d=` of each passing one). Key lookups go through the evaluation's
 
 from __future__ import annotations
 
-import logging
-
 import dkim
 
 from services.ingress.sender_auth.resolver import BoundedResolver, DnsFailed, DnsTimedOut
 from services.ingress.sender_auth.verdict import DkimResult
+from shared.logs import get_logger
 
-logger = logging.getLogger("relay.ingress")
+logger = get_logger(__name__)
 
 MAX_SIGNATURES = 5
 MIN_RSA_KEY_BITS = 1024

@@ -24,9 +24,9 @@ from services.ingress.sender_auth.header import from_domains, strip_our_authenti
 from services.ingress.sender_auth.resolver import BoundedResolver, build_resolver
 from services.ingress.sender_auth.spf_check import check_spf
 from services.ingress.sender_auth.verdict import UNEVALUATED, SenderAuthVerdict
-from shared.logs import log
+from shared.logs import get_logger, log
 
-logger = logging.getLogger("relay.ingress")
+logger = get_logger(__name__)
 
 EVALUATION_THREADS = 8
 WAIT_GRACE_S = 0.5  # past the DNS deadline, for the CPU work (hashing, RSA) to finish

@@ -10,15 +10,15 @@ the same shapes pyspf's dnspython lookup does.
 from __future__ import annotations
 
 import contextvars
-import logging
 from typing import Any
 
 import spf
 
 from services.ingress.sender_auth.resolver import BoundedResolver, DnsFailed, DnsTimedOut
 from services.ingress.sender_auth.verdict import SpfResult
+from shared.logs import get_logger
 
-logger = logging.getLogger("relay.ingress")
+logger = get_logger(__name__)
 
 _current_resolver: contextvars.ContextVar[BoundedResolver | None] = contextvars.ContextVar("spf_resolver", default=None)
 _pyspf_lookup = spf.DNSLookup

@@ -16,7 +16,8 @@ from shared.identity import Passport
 from shared.payloads import DeliveryResult, InboxEntry
 from shared.wakeup import Wakeup, WakeupKind
 from tests.support.processes import ServiceProcess
-from tests.support.ws_client import GatewayClient, eventually
+from tests.support.wait import eventually
+from tests.support.ws_client import GatewayClient
 
 ACK = ["inbound_ack"]
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import redis
 
 from shared import keys
-from tests.support.processes import free_port, poll_until, wait_for_port
+from tests.support.processes import free_port, wait_for_port
+from tests.support.wait import poll_until
 
 PERSONA = "25njqamcweflpvkl73j4szahhihoc4xt3ktcgjnpaingr5yhkena"
 
