@@ -82,15 +82,9 @@ class TunnelConnection:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._last_heard = time.monotonic()
         self._last_ping = self._last_heard
-        self.claimed_inbound = False
         self._closing = False
-        self.counted_unauthenticated = False  # in the node's per-IP unauthenticated count
-        # Set from the auth-time claim (non-empty) and by wake-ups before attach: read at once.
-        self.inbox_woken = False
-        self.results_woken = False
         self.origin_streams: set[str] = set()  # accepted outbound streams whose result is not delivered
         self.allowance: Allowance | None = None  # share of the node's outbound budget, from auth
-        self.counted_outbound: str | None = None  # persona counted in the node's outbound-role sockets
 
     @property
     def persona_key(self) -> str | None:
@@ -184,7 +178,16 @@ class TunnelConnection:
     async def ping(self) -> Awaitable[Any]:
         return await self.ws.ping()
 
-    def start_delivery(self) -> None:
+    def wake_inbox(self) -> None:
+        """New inbox entries may be there: the delivery looks at once (if this socket has one)."""
+        if self.delivery is not None:
+            self.delivery.wake()
+
+    def inbox_behind(self, length: int) -> bool:
+        """The inbox holds more than the delivery knows of (the sweep's check)."""
+        return self.delivery is not None and self.delivery.behind(length)
+
+    def _start_delivery(self, known_empty: bool) -> None:
         assert self.persona_key is not None
         config = self.node.config
         self.delivery = InboxDelivery(
@@ -200,7 +203,7 @@ class TunnelConnection:
             is_open=lambda: self.ws.state is SocketState.OPEN,
             ack=self.node.replica_ack,
         )
-        self._delivery_task = self._spawn(self.delivery.run(known_empty=not self.inbox_woken))
+        self._delivery_task = self._spawn(self.delivery.run(known_empty=known_empty))
 
     def _cancel_delivery(self) -> None:
         if self._delivery_task is not None:
@@ -271,15 +274,17 @@ class TunnelConnection:
                     self._auth_outcome(action.reason)
                 await self.close(action.code, action.reason)
             elif isinstance(action, IssueChallenge):
-                await self._perform(self.session.challenge_stored(await self._store_challenge(action)))
+                within_rate = await self.node.auth.store_challenge(self.client_ip, action.challenge)
+                await self._perform(self.session.challenge_stored(within_rate))
             elif isinstance(action, DiscardChallenge):
-                await self.node.challenges.forget(action.challenge_id)
+                await self.node.auth.discard_challenge(action.challenge_id)
             elif isinstance(action, CheckAuthRate):
-                await self._perform(self.session.auth_rate_checked(await self.node.auth_rate.allow(self.client_ip)))
+                await self._perform(self.session.auth_rate_checked(await self.node.auth.within_rate(self.client_ip)))
             elif isinstance(action, LoadChallenge):
-                await self._perform(self.session.challenge_loaded(await self.node.challenges.load(action.challenge_id)))
+                record = await self.node.auth.load_challenge(action.challenge_id)
+                await self._perform(self.session.challenge_loaded(record))
             elif isinstance(action, ConsumeChallenge):
-                code = await self.node.challenges.consume(action.challenge_id, action.persona_key, action.at_ms)
+                code = await self.node.auth.consume_challenge(action.challenge_id, action.persona_key, action.at_ms)
                 await self._perform(self.session.challenge_consumed(code))
             elif isinstance(action, ClaimPersona):
                 await self._perform(await self._claim(action))
@@ -308,14 +313,6 @@ class TunnelConnection:
             client_ip=self.client_ip,
         )
 
-    async def _store_challenge(self, action: IssueChallenge) -> bool:
-        """Rate count and challenge record in one round trip; True when within the rate."""
-        async with self.node.redis.pipeline(transaction=False) as pipe:
-            self.node.auth_rate.count(pipe, self.client_ip)
-            self.node.challenges.queue_save(pipe, action.challenge)
-            replies = await pipe.execute()
-        return await self.node.auth_rate.judge(self.client_ip, replies)
-
     async def _claim(self, action: ClaimPersona) -> list[Action]:
         """An outbound-role slot on this node, then ownership in Redis (one round trip)."""
         persona_key = action.persona_key
@@ -342,7 +339,9 @@ class TunnelConnection:
         )
         if self._deadline_task is not None:
             self._deadline_task.cancel()  # an idle authenticated socket keeps no timer
-        self.node.attach(self)
+        inbox_woken = self.node.attach(self)
+        if self.is_inbound:
+            self._start_delivery(known_empty=not inbox_woken)
 
     def _authenticated_limits(self, persona_key: str) -> None:
         """Before auth_ok is sent (the gateway sends nothing larger before it): messages up to

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
@@ -27,11 +27,11 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from services.tunnel import ownership, results
+from services.tunnel.auth import AuthStore
 from services.tunnel.budget import BudgetLimits, OutboundBudget
-from services.tunnel.challenges import ChallengeStore
 from services.tunnel.connection import GOING_AWAY_REASON, TunnelConnection
 from services.tunnel.outbound import OutboundQueue
-from services.tunnel.ratelimit import AuthRateLimiter
+from services.tunnel.registry import CapLimits, SocketRegistry
 from shared import keys, protocol, ratelimit
 from shared.config import RelayConfig
 from shared.logs import get_logger, log
@@ -52,11 +52,10 @@ class TunnelNode:
         self.config = config
         self.redis = redis
         self.node_id = config.node_id
-        self.challenges = ChallengeStore(redis)
-        self.ownership = ownership.Ownership(redis, self.node_id)
-        self.auth_rate = AuthRateLimiter(
+        self.auth = AuthStore(
             redis, config.rateLimits.wsAuthAttemptsPerMinutePerIp, config.rateLimits.denyWindowMs, rate_clock
         )
+        self.ownership = ownership.Ownership(redis, self.node_id)
         self.replica_ack = ReplicaAck.from_config(config)
         self.outbound = OutboundQueue(
             redis,
@@ -65,19 +64,15 @@ class TunnelNode:
             self.replica_ack,
             rate_clock,
         )
-        self.connections: set[TunnelConnection] = set()
-        self.sockets: dict[str, TunnelConnection] = {}  # authenticated ones, by socket id
-        self.claiming: dict[str, TunnelConnection] = {}  # persona -> socket between claim and attach
+        self.registry: SocketRegistry[TunnelConnection] = SocketRegistry(
+            CapLimits(
+                max_unauthenticated_per_ip=config.ws.maxUnauthenticatedPerIp,
+                max_unauthenticated=config.ws.maxUnauthenticated,
+                max_outbound_per_persona=config.ws.maxOutboundSocketsPerPersona,
+                max_outbound_per_ip=config.ws.maxOutboundSocketsPerIp,
+            )
+        )
         self.origins = results.OriginRecords(redis)
-        self.inbound: dict[str, TunnelConnection] = {}
-        self.outbound_only: dict[str, set[TunnelConnection]] = defaultdict(set)
-        # Outbound-role sockets registered in `outbound_holders(pk)`, from claim (before auth_ok)
-        # to detach; a superset of `outbound_only`, which they join only once auth_ok is sent.
-        self.outbound_registered: dict[str, set[TunnelConnection]] = defaultdict(set)
-        self.unauthenticated_by_ip: Counter[str] = Counter()
-        self.unauthenticated_total = 0
-        self.outbound_by_persona: Counter[str] = Counter()  # outbound-role sockets, claim to detach
-        self.outbound_by_ip: Counter[str] = Counter()
         self.outbound_budget = OutboundBudget(
             BudgetLimits(
                 per_persona=config.ws.outboundAssemblyBytesPerPersona,
@@ -98,11 +93,10 @@ class TunnelNode:
 
     async def shutdown(self) -> None:
         """Hand every persona back (owner keys released) and close sockets with 1001."""
-        connections = list(self.connections)
-        for connection in connections:
-            if connection.claimed_inbound and connection.persona_key is not None:
-                with contextlib.suppress(RedisError):
-                    await self.ownership.release(connection.persona_key, connection.socket_id)
+        connections = list(self.registry.connections)
+        for persona_key, connection in self.registry.inbound_claims():
+            with contextlib.suppress(RedisError):
+                await self.ownership.release(persona_key, connection.socket_id)
         closing = [connection.close(protocol.CLOSE_GOING_AWAY, GOING_AWAY_REASON) for connection in connections]
         if closing:
             await asyncio.wait([asyncio.ensure_future(c) for c in closing], timeout=SHUTDOWN_CLOSE_TIMEOUT_S)
@@ -118,131 +112,59 @@ class TunnelNode:
 
     # --- sockets -----------------------------------------------------------------------------
 
+    @property
+    def connections(self) -> set[TunnelConnection]:
+        return self.registry.connections
+
     def unauthenticated_full(self, client_ip: str) -> bool:
-        """True when `client_ip` already has `ws.maxUnauthenticatedPerIp` sockets not yet
-        authenticated here, or the node `ws.maxUnauthenticated`: a new one would only hold a
-        file descriptor and memory."""
-        return (
-            self.unauthenticated_by_ip[client_ip] >= self.config.ws.maxUnauthenticatedPerIp
-            or self.unauthenticated_total >= self.config.ws.maxUnauthenticated
-        )
+        return self.registry.unauthenticated_full(client_ip)
 
     def connected(self, connection: TunnelConnection) -> bool:
-        """Take a new socket, counted as unauthenticated; False (not taken) over the per-IP cap."""
-        if self.unauthenticated_full(connection.client_ip):
-            return False
-        self.connections.add(connection)
-        self.unauthenticated_by_ip[connection.client_ip] += 1
-        self.unauthenticated_total += 1
-        connection.counted_unauthenticated = True
-        return True
+        """Take a new socket, counted as unauthenticated; False (not taken) over the caps."""
+        return self.registry.connected(connection)
 
     def take_outbound_slot(self, connection: TunnelConnection, persona_key: str) -> bool:
-        """Count an outbound-role socket about to authenticate; False over
-        `ws.maxOutboundSocketsPerPersona` or `ws.maxOutboundSocketsPerIp` on this node (each
-        such socket may hold up to 8 streams being assembled)."""
-        ws = self.config.ws
-        if (
-            self.outbound_by_persona[persona_key] >= ws.maxOutboundSocketsPerPersona
-            or self.outbound_by_ip[connection.client_ip] >= ws.maxOutboundSocketsPerIp
-        ):
-            return False
-        self.outbound_by_persona[persona_key] += 1
-        self.outbound_by_ip[connection.client_ip] += 1
-        connection.counted_outbound = persona_key
-        return True
-
-    def _uncount_outbound(self, connection: TunnelConnection) -> None:
-        persona_key = connection.counted_outbound
-        if persona_key is None:
-            return
-        connection.counted_outbound = None
-        for counter, key in ((self.outbound_by_persona, persona_key), (self.outbound_by_ip, connection.client_ip)):
-            counter[key] -= 1
-            if counter[key] <= 0:
-                del counter[key]
-
-    def _uncount_unauthenticated(self, connection: TunnelConnection) -> None:
-        if not connection.counted_unauthenticated:
-            return
-        connection.counted_unauthenticated = False
-        self.unauthenticated_total -= 1
-        remaining = self.unauthenticated_by_ip[connection.client_ip] - 1
-        if remaining > 0:
-            self.unauthenticated_by_ip[connection.client_ip] = remaining
-        else:
-            del self.unauthenticated_by_ip[connection.client_ip]
+        return self.registry.take_outbound_slot(connection, persona_key)
 
     async def claim(self, connection: TunnelConnection, persona_key: str, *, inbound: bool) -> str | None:
         """Ownership at auth time, one round trip; returns the replaced socket id (inbound only).
 
-        Until `attach`, wake-ups for the persona are noted on the connection (`claiming`), so
-        one arriving between the claim and the start of delivery is not lost."""
-        self.claiming[persona_key] = connection
-        if not inbound:
-            self.outbound_registered[persona_key].add(connection)
-        else:
-            local = self.inbound.pop(persona_key, None)
-            if local is not None and local is not connection:
-                local.evict()
-            connection.claimed_inbound = True
+        Until `attach`, wake-ups for the persona are noted in the registry, so one arriving
+        between the claim and the start of delivery is not lost."""
+        local = self.registry.claim(connection, persona_key, inbound=inbound)
+        if local is not None:
+            local.evict()
         claim = await self.ownership.claim_session(
             persona_key, connection.socket_id, inbound=inbound, seen_ttl_s=self.config.queue.retentionSeconds
         )
-        connection.inbox_woken |= claim.inbox_length > 0
-        connection.results_woken |= claim.results_length > 0
+        self.registry.note_claimed(connection, inbox=claim.inbox_length > 0, results=claim.results_length > 0)
         if not inbound or claim.previous.socket_id == connection.socket_id:
             return None
         return claim.previous.socket_id or (local.socket_id if local is not None else None)
 
-    def attach(self, connection: TunnelConnection) -> None:
-        """After auth_ok was sent: start serving the persona on this socket."""
-        self._uncount_unauthenticated(connection)
-        persona_key = connection.persona_key
-        assert persona_key is not None
-        self.sockets[connection.socket_id] = connection
-        if self.claiming.get(persona_key) is connection:
-            del self.claiming[persona_key]
-        if connection.is_inbound:
-            self.inbound[persona_key] = connection
-            connection.start_delivery()
-        else:
-            self.outbound_only[persona_key].add(connection)
-        if connection.results_woken:
-            self._spawn_results(persona_key)
+    def attach(self, connection: TunnelConnection) -> bool:
+        """After auth_ok was sent: start serving the persona on this socket. True when its inbox
+        may hold entries (the claim or a wake-up saw some)."""
+        woken = self.registry.attach(connection)
+        if woken.results:
+            assert connection.persona_key is not None
+            self._spawn_results(connection.persona_key)
+        return woken.inbox
 
     async def detach(self, connection: TunnelConnection) -> None:
-        self.connections.discard(connection)
-        self._uncount_unauthenticated(connection)
-        for claimed_key, claimant in list(self.claiming.items()):
-            if claimant is connection:
-                del self.claiming[claimed_key]
-        self._uncount_outbound(connection)
-        persona_key = connection.persona_key
+        gone = self.registry.detach(connection)
+        persona_key = gone.persona_key
         if persona_key is None:
             return
-        if self.sockets.get(connection.socket_id) is connection:
-            del self.sockets[connection.socket_id]
-        if self.inbound.get(persona_key) is connection:
-            del self.inbound[persona_key]
-        if connection.claimed_inbound:
+        if gone.release_owner:
             with contextlib.suppress(RedisError):
                 await self.ownership.release(persona_key, connection.socket_id)
-        holders = self.outbound_only.get(persona_key)
-        if holders is not None:
-            holders.discard(connection)
-            if not holders:
-                del self.outbound_only[persona_key]
-        registered = self.outbound_registered.get(persona_key)
-        if registered is not None and connection in registered:
-            registered.discard(connection)
-            if not registered:
-                del self.outbound_registered[persona_key]
-                with contextlib.suppress(RedisError):
-                    await self.ownership.drop_outbound(persona_key)
+        if gone.drop_outbound_holder:
+            with contextlib.suppress(RedisError):
+                await self.ownership.drop_outbound(persona_key)
         await self._forget_origins(connection, persona_key)
         lock = self._result_locks.get(persona_key)
-        if persona_key not in self.inbound and persona_key not in self.outbound_only and lock and not lock.locked():
+        if not self.registry.serves(persona_key) and lock and not lock.locked():
             del self._result_locks[persona_key]
 
     # --- results -----------------------------------------------------------------------------
@@ -288,7 +210,7 @@ class TunnelNode:
             target: TunnelConnection | None = None
             if origin is not None:
                 if origin.node_id == self.node_id:
-                    target = self.sockets.get(origin.socket_id)
+                    target = self.registry.socket(origin.socket_id)
                 elif origin.node_id in alive:
                     continue  # the origin's node sends it (or forgets the origin on close)
             if target is None:
@@ -300,13 +222,13 @@ class TunnelNode:
         return plan
 
     async def _fallback_target(self, persona_key: str) -> TunnelConnection | None:
-        target = self.inbound.get(persona_key)
+        target = self.registry.inbound(persona_key)
         if target is not None:
             return target
-        holders = self.outbound_only.get(persona_key)
+        holders = self.registry.outbound_sockets(persona_key)
         if not holders or await self.ownership.current_owner(persona_key) is not None:
             return None
-        return next(iter(holders))
+        return holders[0]
 
     def _result_delivered(self, target: results.ResultTarget, stream_id: str) -> None:
         if isinstance(target, TunnelConnection):
@@ -327,24 +249,24 @@ class TunnelNode:
     # --- background duties -------------------------------------------------------------------
 
     def _on_wakeup(self, wakeup: Wakeup) -> None:
-        claimant = self.claiming.get(wakeup.persona_key)
-        if claimant is not None:  # authenticating: attach looks at these flags
-            claimant.inbox_woken |= wakeup.kind is WakeupKind.INBOX
-            claimant.results_woken |= wakeup.kind is WakeupKind.RESULT
-        connection = self.inbound.get(wakeup.persona_key)
+        persona_key = wakeup.persona_key
+        self.registry.woken(
+            persona_key, inbox=wakeup.kind is WakeupKind.INBOX, results=wakeup.kind is WakeupKind.RESULT
+        )
+        connection = self.registry.inbound(persona_key)
         if wakeup.kind is WakeupKind.INBOX:
-            if connection is not None and connection.delivery is not None:
-                connection.delivery.wake()
+            if connection is not None:
+                connection.wake_inbox()
         elif wakeup.kind is WakeupKind.RESULT:
-            self._spawn_results(wakeup.persona_key)
+            self._spawn_results(persona_key)
         elif wakeup.kind is WakeupKind.EVICT:
             if connection is not None and connection.socket_id == wakeup.detail:
-                del self.inbound[wakeup.persona_key]
+                self.registry.drop_inbound(persona_key, connection)
                 log(
                     logger,
                     logging.INFO,
                     "socket replaced on another node",
-                    persona=wakeup.persona_key,
+                    persona=persona_key,
                     socket_id=connection.socket_id,
                 )
                 connection.evict()
@@ -356,9 +278,8 @@ class TunnelNode:
             try:
                 await pubsub.subscribe(channel)
                 # Sockets may have missed wake-ups while we were not subscribed.
-                for connection in list(self.inbound.values()):
-                    if connection.delivery is not None:
-                        connection.delivery.wake()
+                for _, connection in self.registry.inbound_sockets():
+                    connection.wake_inbox()
                 while True:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=PUBSUB_POLL_S)
                     if message is None or message.get("type") != "message":
@@ -376,7 +297,7 @@ class TunnelNode:
     async def _renew_owned(self) -> None:
         while True:
             await asyncio.sleep(ownership.OWNER_RENEW_INTERVAL_S)
-            owned = list(self.inbound.items())
+            owned = self.registry.inbound_sockets()
             for start in range(0, len(owned), SWEEP_BATCH):
                 batch = owned[start : start + SWEEP_BATCH]
                 try:
@@ -387,11 +308,10 @@ class TunnelNode:
                     log(logger, logging.WARNING, "owner renewal failed", personas=len(batch), error=repr(exc))
                     continue
                 for (persona_key, connection), still_ours in zip(batch, renewed, strict=True):
-                    if not still_ours and self.inbound.get(persona_key) is connection:
-                        del self.inbound[persona_key]
+                    if not still_ours and self.registry.drop_inbound(persona_key, connection):
                         connection.evict()
             try:
-                await self.ownership.hold_outbound(list(self.outbound_registered))
+                await self.ownership.hold_outbound(self.registry.outbound_holders())
             except RedisError as exc:
                 log(logger, logging.WARNING, "outbound holder renewal failed", error=repr(exc))
 
@@ -407,7 +327,7 @@ class TunnelNode:
                 log(logger, logging.WARNING, "sweep failed", error=repr(exc))
 
     async def sweep_once(self) -> None:
-        personas = list({**dict.fromkeys(self.inbound), **dict.fromkeys(self.outbound_only)})
+        personas = self.registry.served_personas()
         for start in range(0, len(personas), SWEEP_BATCH):
             batch = personas[start : start + SWEEP_BATCH]
             async with self.redis.pipeline(transaction=False) as pipe:
@@ -417,10 +337,9 @@ class TunnelNode:
                 lengths = await pipe.execute()
             for index, persona_key in enumerate(batch):
                 inbox_length, results_length = lengths[2 * index], lengths[2 * index + 1]
-                connection = self.inbound.get(persona_key)
-                if connection is not None and connection.delivery is not None:
-                    if connection.delivery.behind(inbox_length):
-                        connection.delivery.wake()
+                connection = self.registry.inbound(persona_key)
+                if connection is not None and connection.inbox_behind(inbox_length):
+                    connection.wake_inbox()
                 if results_length:
                     self._spawn_results(persona_key)
 
