@@ -1,9 +1,15 @@
 """One gateway WebSocket from handshake to close: feeds the sans-I/O session and carries out
 its actions (the thin I/O layer, like websockets' own connection over its protocol).
 
+Every rule is the session's (services/tunnel/session.py); this module only performs the
+actions it returns and reports each Redis step's outcome back as an event. It reaches the rest
+of the node only through the narrow interfaces in `ConnectionContext` (auth steps, the socket
+registry's view, the outbound queue, the result router, the assembly budget), never the node
+itself: services/tunnel/node.py builds the context and is not imported here.
+
 The reader loop handles one message at a time, so every Redis step of authentication happens
 in order; inbound delivery runs as a task owned by this connection and ends with it. The
-heartbeat is one node-wide loop (`TunnelNode._heartbeats`) calling `heartbeat` on every socket.
+heartbeat is one node-wide loop (services/tunnel/duties.py) calling `heartbeat` on every socket.
 """
 
 from __future__ import annotations
@@ -14,16 +20,20 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
+import redis.asyncio as aioredis
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State as SocketState
 
 from services.tunnel import metrics
 from services.tunnel.budget import Allowance
+from services.tunnel.challenges import ChallengeRecord
 from services.tunnel.challenges import now_ms as clock_ms
 from services.tunnel.inbox import InboxDelivery
+from services.tunnel.results import Origin
 from services.tunnel.session import (
     RATE_LIMITED,
     ROLE_INBOUND,
@@ -47,10 +57,10 @@ from services.tunnel.session import (
     TunnelSession,
 )
 from shared import protocol
+from shared.config import RelayConfig
 from shared.logs import get_logger, log
-
-if TYPE_CHECKING:
-    from services.tunnel.node import TunnelNode
+from shared.payloads import OutboundJob
+from shared.replication import ReplicaAck
 
 logger = get_logger(__name__)
 
@@ -59,8 +69,71 @@ INTERNAL_ERROR_CODE = 1011
 IDLE_REASON = "idle_timeout"
 
 
-def session_limits(node: TunnelNode) -> SessionLimits:
-    config = node.config
+# --- what a connection may use of its node ----------------------------------------------------
+
+
+class AuthSteps(Protocol):
+    """The Redis steps of auth (services/tunnel/auth.py)."""
+
+    async def store_challenge(self, client_ip: str, challenge: ChallengeRecord) -> bool: ...
+
+    async def discard_challenge(self, challenge_id: str) -> None: ...
+
+    async def within_rate(self, client_ip: str) -> bool: ...
+
+    async def load_challenge(self, challenge_id: str) -> ChallengeRecord | None: ...
+
+    async def consume_challenge(self, challenge_id: str, persona_key: str, at_ms: int) -> str | None: ...
+
+
+class SocketHome(Protocol):
+    """This node's sockets and persona ownership, as one socket joins and leaves them
+    (services/tunnel/node.py over services/tunnel/registry.py)."""
+
+    def take_outbound_slot(self, socket: TunnelConnection, persona_key: str) -> bool: ...
+
+    async def claim(self, socket: TunnelConnection, persona_key: str, *, inbound: bool) -> str | None: ...
+
+    def attach(self, socket: TunnelConnection) -> bool: ...
+
+    async def detach(self, socket: TunnelConnection) -> None: ...
+
+
+class OutboundSink(Protocol):
+    """The persona's outbound rate and the egress queue (services/tunnel/outbound.py)."""
+
+    async def admit(self, persona_key: str, stream_id: str, origin: str) -> bool: ...
+
+    async def enqueue(self, job: OutboundJob) -> bool: ...
+
+
+class ResultRoutes(Protocol):
+    """Where delivery results go back to (services/tunnel/result_router.py)."""
+
+    def stream_accepted(self, socket: TunnelConnection, stream_id: str) -> None: ...
+
+
+class AssemblyBudget(Protocol):
+    """The node's outbound assembly budget (services/tunnel/budget.py)."""
+
+    def allowance(self, persona_key: str, client_ip: str) -> Allowance: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionContext:
+    """Everything a connection uses beyond its own socket: built once per node."""
+
+    config: RelayConfig
+    redis: aioredis.Redis  # the inbox delivery's own reads and deletions
+    replica_ack: ReplicaAck
+    auth: AuthSteps
+    home: SocketHome
+    outbound: OutboundSink
+    results: ResultRoutes
+    budget: AssemblyBudget
+
+
+def session_limits(config: RelayConfig) -> SessionLimits:
     return SessionLimits(
         challenge_ttl_s=config.auth.challengeTtlSeconds,
         max_message_bytes=config.smtp.maxMessageBytes,
@@ -70,12 +143,16 @@ def session_limits(node: TunnelNode) -> SessionLimits:
 
 
 class TunnelConnection:
-    def __init__(self, node: TunnelNode, ws: ServerConnection, client_ip: str) -> None:
-        self.node = node
+    """One gateway socket: runs its reader loop, auth deadline and inbound delivery, and carries
+    out its session's actions through the node's narrow interfaces (`ConnectionContext`)."""
+
+    def __init__(self, context: ConnectionContext, ws: ServerConnection, client_ip: str) -> None:
+        self.context = context
+        self.config = context.config
         self.ws = ws
         self.client_ip = client_ip
         self.socket_id = str(uuid.uuid4())
-        self.session = TunnelSession(self.socket_id, session_limits(node), clock_ms)
+        self.session = TunnelSession(self.socket_id, session_limits(context.config), clock_ms)
         self.delivery: InboxDelivery | None = None
         self._delivery_task: asyncio.Task[Any] | None = None
         self._deadline_task: asyncio.Task[Any] | None = None
@@ -83,7 +160,6 @@ class TunnelConnection:
         self._last_heard = time.monotonic()
         self._last_ping = self._last_heard
         self._closing = False
-        self.origin_streams: set[str] = set()  # accepted outbound streams whose result is not delivered
         self.allowance: Allowance | None = None  # share of the node's outbound budget, from auth
 
     @property
@@ -128,7 +204,7 @@ class TunnelConnection:
                 task.cancel()
             if self.allowance is not None:
                 self.allowance.give_all()
-            await self.node.detach(self)
+            await self.context.home.detach(self)
 
     def _log_closed(self) -> None:
         """Every close, with who closed and why, and what was cut off mid-message."""
@@ -189,11 +265,11 @@ class TunnelConnection:
 
     def _start_delivery(self, known_empty: bool) -> None:
         assert self.persona_key is not None
-        config = self.node.config
+        config = self.config
         self.delivery = InboxDelivery(
-            self.node.redis,
+            self.context.redis,
             self.persona_key,
-            self.node.node_id,
+            config.node_id,
             self.ws.send,
             self.ws.ping,
             use_ack=self.session.wants_inbound_ack,
@@ -201,7 +277,7 @@ class TunnelConnection:
             retention_s=config.queue.retentionSeconds,
             legacy_ack_grace_s=config.ws.legacyAckGraceMs / 1000,
             is_open=lambda: self.ws.state is SocketState.OPEN,
-            ack=self.node.replica_ack,
+            ack=self.context.replica_ack,
         )
         self._delivery_task = self._spawn(self.delivery.run(known_empty=known_empty))
 
@@ -254,7 +330,7 @@ class TunnelConnection:
     async def _auth_deadline(self) -> None:
         """`ws.authTimeoutMs` after the upgrade; the session decides what it means (4401 for a
         socket still unauthenticated, nothing during a verification or after auth)."""
-        await asyncio.sleep(self.node.config.ws.authTimeoutMs / 1000)
+        await asyncio.sleep(self.config.ws.authTimeoutMs / 1000)
         await self._perform(self.session.auth_timed_out())
 
     def _pong_received(self, pong: asyncio.Future[Any]) -> None:
@@ -274,17 +350,17 @@ class TunnelConnection:
                     self._auth_outcome(action.reason)
                 await self.close(action.code, action.reason)
             elif isinstance(action, IssueChallenge):
-                within_rate = await self.node.auth.store_challenge(self.client_ip, action.challenge)
+                within_rate = await self.context.auth.store_challenge(self.client_ip, action.challenge)
                 await self._perform(self.session.challenge_stored(within_rate))
             elif isinstance(action, DiscardChallenge):
-                await self.node.auth.discard_challenge(action.challenge_id)
+                await self.context.auth.discard_challenge(action.challenge_id)
             elif isinstance(action, CheckAuthRate):
-                await self._perform(self.session.auth_rate_checked(await self.node.auth.within_rate(self.client_ip)))
+                await self._perform(self.session.auth_rate_checked(await self.context.auth.within_rate(self.client_ip)))
             elif isinstance(action, LoadChallenge):
-                record = await self.node.auth.load_challenge(action.challenge_id)
+                record = await self.context.auth.load_challenge(action.challenge_id)
                 await self._perform(self.session.challenge_loaded(record))
             elif isinstance(action, ConsumeChallenge):
-                code = await self.node.auth.consume_challenge(action.challenge_id, action.persona_key, action.at_ms)
+                code = await self.context.auth.consume_challenge(action.challenge_id, action.persona_key, action.at_ms)
                 await self._perform(self.session.challenge_consumed(code))
             elif isinstance(action, ClaimPersona):
                 await self._perform(await self._claim(action))
@@ -317,9 +393,10 @@ class TunnelConnection:
         """An outbound-role slot on this node, then ownership in Redis (one round trip)."""
         persona_key = action.persona_key
         inbound = action.role == ROLE_INBOUND
-        if not inbound and not self.node.take_outbound_slot(self, persona_key):
+        home = self.context.home
+        if not inbound and not home.take_outbound_slot(self, persona_key):
             return self.session.auth_failed(TOO_MANY_SOCKETS)
-        replaced_socket_id = await self.node.claim(self, persona_key, inbound=inbound)
+        replaced_socket_id = await home.claim(self, persona_key, inbound=inbound)
         self._authenticated_limits(persona_key)
         return self.session.auth_succeeded(persona_key, action.role, replaced_socket_id)
 
@@ -339,7 +416,7 @@ class TunnelConnection:
         )
         if self._deadline_task is not None:
             self._deadline_task.cancel()  # an idle authenticated socket keeps no timer
-        inbox_woken = self.node.attach(self)
+        inbox_woken = self.context.home.attach(self)
         if self.is_inbound:
             self._start_delivery(known_empty=not inbox_woken)
 
@@ -349,8 +426,8 @@ class TunnelConnection:
         reads the limit when the next frame starts arriving, so the next frame gets it."""
         if self.session.state is not State.VERIFYING:
             return
-        self.ws.protocol.max_message_size = self.node.config.ws.maxMessageBytes
-        self.allowance = self.node.outbound_budget.allowance(persona_key, self.client_ip)
+        self.ws.protocol.max_message_size = self.config.ws.maxMessageBytes
+        self.allowance = self.context.budget.allowance(persona_key, self.client_ip)
         self.session.allowance = self.allowance
 
     async def _enqueue_outbound(self, action: EnqueueOutbound) -> None:
@@ -362,13 +439,14 @@ class TunnelConnection:
 
     async def _enqueue_outbound_job(self, action: EnqueueOutbound) -> None:
         job = action.job
-        origin = f"{self.node.node_id}/{self.socket_id}"
-        if not await self.node.outbound.admit(job.persona_key, job.stream_id, origin):
+        outbound = self.context.outbound
+        origin = Origin(self.config.node_id, self.socket_id).encode()
+        if not await outbound.admit(job.persona_key, job.stream_id, origin):
             await self._perform(self.session.outbound_refused(job.stream_id, RATE_LIMITED))
             self._outbound_outcome(job.stream_id, RATE_LIMITED)
             return
-        self.origin_streams.add(job.stream_id)
-        queued = await self.node.outbound.enqueue(job)
+        self.context.results.stream_accepted(self, job.stream_id)
+        queued = await outbound.enqueue(job)
         self._outbound_outcome(job.stream_id, "accepted" if queued else "duplicate", size=len(job.data))
 
     def _outbound_outcome(self, stream_id: str, outcome: str, **fields: Any) -> None:

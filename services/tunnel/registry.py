@@ -71,6 +71,7 @@ class _Claim:
 class Woken:
     """What arrived for the persona while its socket was authenticating: look at once."""
 
+    persona_key: str
     inbox: bool
     results: bool
 
@@ -176,7 +177,7 @@ class SocketRegistry(Generic[S]):
             self._inbound[claim.persona_key] = socket
         else:
             self._outbound_only.setdefault(claim.persona_key, set()).add(socket)
-        return Woken(inbox=claim.inbox_woken, results=claim.results_woken)
+        return Woken(claim.persona_key, inbox=claim.inbox_woken, results=claim.results_woken)
 
     def detach(self, socket: S) -> Detached:
         """The socket closed: gone from every index and count, at once."""

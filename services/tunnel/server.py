@@ -86,7 +86,7 @@ async def start_server(
 
     async def handle(ws: ServerConnection) -> None:
         assert ws.request is not None
-        connection = TunnelConnection(node, ws, request_client_ip(ws, ws.request))
+        connection = TunnelConnection(node.context, ws, request_client_ip(ws, ws.request))
         if not node.connected(connection):  # upgrades racing past `route`'s check
             metrics.CONNECTIONS_REFUSED.labels(reason=TOO_MANY_UNAUTHENTICATED).inc()
             await ws.close(CLOSE_TRY_AGAIN_LATER, TOO_MANY_UNAUTHENTICATED)

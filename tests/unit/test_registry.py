@@ -86,12 +86,12 @@ def test_wakeups_while_authenticating_are_handed_to_attach() -> None:
     reg.woken("pk", inbox=True)  # not claimed yet: nobody to tell
     reg.claim(socket, "pk", inbound=True)
     reg.woken("pk", results=True)
-    assert reg.attach(socket) == Woken(inbox=False, results=True)
+    assert reg.attach(socket) == Woken("pk", inbox=False, results=True)
     other = Socket()
     reg.connected(other)
     reg.claim(other, "pk2", inbound=False)
     reg.note_claimed(other, inbox=True, results=False)
-    assert reg.attach(other) == Woken(inbox=True, results=False)
+    assert reg.attach(other) == Woken("pk2", inbox=True, results=False)
 
 
 def test_outbound_holder_is_dropped_only_with_the_last_outbound_socket() -> None:
