@@ -17,9 +17,9 @@ from typing import Any, cast
 
 import redis
 
-from shared import keys
+from shared import keys, lua
 from shared.backlog import age_s, as_text, int_or_none, key_tail, scan_keys
-from shared.inbox_entries import REMOVE_SCRIPT, StoredEntry, UnreadableEntry
+from shared.inbox_entries import StoredEntry, UnreadableEntry
 from shared.payloads import InboxEntry
 
 PAGE = 200
@@ -148,7 +148,7 @@ def remove(client: redis.Redis, persona_key: str, items: list[InboundEntry]) -> 
     acknowledged and deleted, as the tunnel drops one."""
     if not items:
         return 0, 0
-    script = client.register_script(REMOVE_SCRIPT)
+    script = lua.INBOX_REMOVE.on(client)
     stream = keys.inbox(persona_key)
     pipe = client.pipeline(transaction=False)
     for item in items:

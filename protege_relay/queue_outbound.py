@@ -26,31 +26,15 @@ from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_pref
 from arq.jobs import DeserializationError, deserialize_job_raw
 
 from services.egress.results import ResultStore
-from shared import keys
+from shared import keys, lua
 from shared.backlog import as_text, int_or_none
+from shared.codes import DeliveryError
 from shared.config import RelayConfig
 from shared.payloads import DeliveryResult, OutboundJob
 from shared.redis import connect, credentials
 
 PAGE = 100
 CANCEL_CLAIM_TTL_MS = 60_000  # a cancel that dies midway leaves the job to run (as a no-op) after this
-CANCELLED_ERROR = "cancelled_by_operator"
-
-# KEYS: queue. ARGV: job id, in-progress prefix, then for retry: now (ms); for claim: TTL (ms),
-# job prefix, retry prefix. Returns "missing", "running", or for retry "ok", for claim
-# {"claimed", job, tries}.
-_RETRY_NOW = """
-if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 'missing' end
-if redis.call('EXISTS', ARGV[2] .. ARGV[1]) == 1 then return 'running' end
-redis.call('ZADD', KEYS[1], 'XX', ARGV[3], ARGV[1])
-return 'ok'
-"""
-_CLAIM = """
-if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 'missing' end
-if redis.call('EXISTS', ARGV[2] .. ARGV[1]) == 1 then return 'running' end
-redis.call('PSETEX', ARGV[2] .. ARGV[1], ARGV[3], 'cancel')
-return {'claimed', redis.call('GET', ARGV[4] .. ARGV[1]), redis.call('GET', ARGV[5] .. ARGV[1])}
-"""
 
 
 class JobNotQueued(Exception):
@@ -142,7 +126,7 @@ def retry_now(client: redis.Redis, job_id: str) -> None:
     reply = as_text(
         cast(
             bytes,
-            client.register_script(_RETRY_NOW)(
+            lua.QUEUE_RETRY_NOW.on(client)(
                 keys=[keys.EGRESS_QUEUE], args=[job_id, in_progress_key_prefix, int(time.time() * 1000)]
             ),
         )
@@ -168,7 +152,7 @@ async def cancel(config: RelayConfig, redis_url: str | None, job_id: str) -> Del
     )
     retention_s = config.queue.retentionSeconds
     try:
-        reply: Any = await client.register_script(_CLAIM)(
+        reply: Any = await lua.QUEUE_CLAIM.on(client)(
             keys=[keys.EGRESS_QUEUE],
             args=[job_id, in_progress_key_prefix, CANCEL_CLAIM_TTL_MS, job_key_prefix, retry_key_prefix],
         )
@@ -205,7 +189,7 @@ async def _publish_cancelled(client: aioredis.Redis, job: OutboundJob, tries: in
     result = DeliveryResult(
         stream_id=job.stream_id,
         status="failed",
-        error=CANCELLED_ERROR,
+        error=DeliveryError.CANCELLED_BY_OPERATOR,
         recipient=next(iter(unsent or job.rcpt_to), None),
         permanent=True,
         attempts=tries,

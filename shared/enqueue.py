@@ -26,7 +26,7 @@ again; `ACCEPTED_TTL_S` only bounds how long a marker of an undelivered message 
 Bodies larger than one chunk are written apart from their entry (`keys.inbox_body`), in the
 same script, so that the tunnel can stream them (shared/inbox_entries.py).
 
-The same script wakes the tunnel node that owns the persona (GET owner, PUBLISH on its channel,
+The same script wakes the tunnel node that owns the persona (the wake-up rule of `shared/lua.py`,
 also when the message was accepted before: the first attempt may have committed without waking
 anyone). So the common one-persona message costs one round trip here, and the wake-up is sent
 before the 250 rather than after it.
@@ -61,10 +61,10 @@ import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import OutOfMemoryError, RedisError
 
-from shared import inbox_entries, keys
+from shared import inbox_entries, keys, lua
 from shared.logs import get_logger, log
 from shared.payloads import InboxEntry
-from shared.replication import NO_ACK, LuaScript, ReplicaAck, ScriptCall, run_scripts
+from shared.replication import NO_ACK, ReplicaAck, ScriptCall, run_scripts
 from shared.wakeup import Wakeup, WakeupKind
 
 logger = get_logger(__name__)
@@ -72,42 +72,8 @@ logger = get_logger(__name__)
 QUEUE_ID_RANDOM_BYTES = 15
 ENQUEUE_TIMEOUT_S = 10.0
 ACCEPTED_TTL_S = 24 * 3600
-NODE_CHANNEL_PREFIX = keys.node_channel("")
-assert keys.node_channel("n") == NODE_CHANNEL_PREFIX + "n", "the script builds channel names from the prefix"
-
-# KEYS: accepted marker, inbox, inbox_bytes, owner, then one body key per entry stored apart.
-# ARGV: queue id, marker TTL (s), total bytes, channel prefix, wake-up message, then three per
-# entry: field `m`, body stored apart (empty: inline), digest for field `d` (empty: none).
-# Returns the queue id stored by an earlier attempt, or nil when this call wrote the entries.
-ENQUEUE_SCRIPT = b"""
-local stored = redis.call('GET', KEYS[1])
-if not stored then
-  local body_key = 5
-  for i = 6, #ARGV, 3 do
-    local fields = {'m', ARGV[i]}
-    if ARGV[i + 1] ~= '' then
-      redis.call('SET', KEYS[body_key], ARGV[i + 1])
-      body_key = body_key + 1
-      fields[#fields + 1] = 's'
-      fields[#fields + 1] = tostring(#ARGV[i + 1])
-    end
-    if ARGV[i + 2] ~= '' then
-      fields[#fields + 1] = 'd'
-      fields[#fields + 1] = ARGV[i + 2]
-    end
-    redis.call('XADD', KEYS[2], '*', unpack(fields))
-  end
-  redis.call('INCRBY', KEYS[3], ARGV[3])
-  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-end
-local owner = redis.call('GET', KEYS[4])
-if owner then
-  redis.call('PUBLISH', ARGV[4] .. owner, ARGV[5])
-end
-return stored
-"""
+# `lua.ENQUEUE` writes these field names
 assert (inbox_entries.ENTRY_FIELD, inbox_entries.BODY_SIZE_FIELD, inbox_entries.DIGEST_FIELD) == (b"m", b"s", b"d")
-ENQUEUE_LUA = LuaScript.of(ENQUEUE_SCRIPT)
 
 
 class EnqueueFailed(Exception):
@@ -165,7 +131,7 @@ def message_digest(mail_from: str, rcpt_tos: list[str], content: bytes) -> str:
 
 async def load_script(redis: aioredis.Redis) -> None:
     """SCRIPT LOAD at start, so the first message does not pay for a NOSCRIPT reply."""
-    await redis.script_load(ENQUEUE_SCRIPT)
+    await redis.script_load(lua.ENQUEUE.source)
 
 
 async def enqueue(
@@ -263,11 +229,10 @@ def _script_call(digest: str, queue_id: str, deliveries: list[Delivery]) -> Scri
         queue_id,
         ACCEPTED_TTL_S,
         sum(len(delivery.entry.data) for delivery in deliveries),
-        NODE_CHANNEL_PREFIX,
         Wakeup(WakeupKind.INBOX, persona_key).encode(),
         *per_entry,
     ]
-    return ScriptCall(ENQUEUE_LUA, script_keys, args)
+    return ScriptCall(lua.ENQUEUE, script_keys, args)
 
 
 def _text(reply: object) -> str | None:

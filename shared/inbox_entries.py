@@ -13,7 +13,7 @@ the gateway with GETRANGE, a few chunks at a time, instead of loading whole mess
 the first frame: with several entries in flight per socket, a slow gateway would otherwise pin
 up to 8 whole messages in the tunnel's memory. Small bodies stay inline (one key, one read).
 
-An entry, its body and its marker leave Redis together, in one script call (`REMOVE_SCRIPT`),
+An entry, its body and its marker leave Redis together, in one script call (`shared.lua.INBOX_REMOVE`),
 and the byte counter `keys.inbox_bytes` is decremented only by the call that actually deleted
 the entry, so two nodes removing the same entry (a replaced socket racing its successor) do
 not count it twice. Entries written before bodies were stored apart (field `m` only) are read
@@ -35,25 +35,6 @@ ENTRY_FIELD = b"m"
 BODY_SIZE_FIELD = b"s"
 DIGEST_FIELD = b"d"
 BODY_INLINE_MAX_BYTES = protocol.MAX_CHUNK_BYTES  # one smtp_chunk: anything longer is streamed
-
-# KEYS: inbox, inbox_bytes, body key, marker key. ARGV: group, entry id, body bytes, queue id,
-# body stored apart ("1"/"0"), marker named ("1"/"0").
-# The marker is deleted only while it still names this entry's queue id: after it expired, an
-# identical message may have been accepted again under a new marker of its own.
-REMOVE_SCRIPT = b"""
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-if redis.call('XDEL', KEYS[1], ARGV[2]) == 0 then
-  return 0
-end
-redis.call('DECRBY', KEYS[2], ARGV[3])
-if ARGV[5] == '1' then
-  redis.call('DEL', KEYS[3])
-end
-if ARGV[6] == '1' and redis.call('GET', KEYS[4]) == ARGV[4] then
-  redis.call('DEL', KEYS[4])
-end
-return 1
-"""
 
 
 class UnreadableEntry(ValueError):
@@ -93,7 +74,7 @@ class StoredEntry:
         return keys.inbox_body(persona_key, self.entry.stream_id)
 
     def remove_call(self, persona_key: str) -> tuple[list[str], list[Any]]:
-        """KEYS and ARGV of `REMOVE_SCRIPT` for this entry."""
+        """KEYS and ARGV of `shared.lua.INBOX_REMOVE` for this entry."""
         script_keys = [
             keys.inbox(persona_key),
             keys.inbox_bytes(persona_key),

@@ -9,6 +9,7 @@ from __future__ import annotations
 INBOX_GROUP = "tunnel"
 EGRESS_QUEUE = "relay:egress"
 NODES_KEY = "relay:nodes"
+NODE_CHANNEL_PREFIX = "relay:node:"  # + node id: `node_channel`; the Lua wake-up builds names from it
 
 
 def inbox(persona_key: str) -> str:
@@ -53,7 +54,7 @@ def outbound_rate(persona_key: str, minute: int) -> str:
 
 def node_channel(node_id: str) -> str:
     """Pub/sub wake-ups for one tunnel node: new inbox entry, new result, evict a socket."""
-    return f"relay:node:{node_id}"
+    return f"{NODE_CHANNEL_PREFIX}{node_id}"
 
 
 def node_alive(node_id: str) -> str:

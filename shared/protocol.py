@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
+from shared.codes import AuthError, DeliveryError
+
 FRAME_VERSION = 1
 FRAME_HEADER_BYTES = 7
 MAX_STREAM_ID_BYTES = 255
@@ -146,7 +148,7 @@ def require_str(fields: dict[str, Any], name: str) -> str:
     return value
 
 
-def auth_error(code: str) -> str:
+def auth_error(code: AuthError) -> str:
     return encode_control({"type": "auth_error", "code": code})
 
 
@@ -163,14 +165,7 @@ def delivery_result(
     if sent:
         fields.update(status="sent", messageId=message_id)
     else:
-        fields.update(status="failed", error=error or "delivery_failed")
+        fields.update(status="failed", error=error or DeliveryError.DELIVERY_FAILED)
     if extra:
         fields.update(extra)
     return encode_control(fields)
-
-
-# WebSocket close codes (PROTOCOL.md A3, B).
-CLOSE_AUTH_FAILED = 4401
-CLOSE_RATE_LIMITED = 4408
-CLOSE_REPLACED = 4400
-CLOSE_GOING_AWAY = 1001

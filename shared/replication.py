@@ -17,7 +17,6 @@ a marker (accepted digest, arq job key, published marker) before writing.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from redis.exceptions import NoScriptError, ReadOnlyError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.config import RelayConfig
+from shared.lua import LuaScript
 
 FAILOVER_ERRORS = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, ConnectionError, OSError)
 RETRY_FIRST_DELAY_S = 0.05
@@ -58,17 +58,6 @@ class ReplicaAck:
 
 
 NO_ACK = ReplicaAck()
-
-
-@dataclass(frozen=True, slots=True)
-class LuaScript:
-    source: bytes
-    sha: str
-
-    @classmethod
-    def of(cls, source: str | bytes) -> LuaScript:
-        raw = source.encode() if isinstance(source, str) else source
-        return cls(raw, hashlib.sha1(raw).hexdigest())
 
 
 @dataclass(frozen=True, slots=True)

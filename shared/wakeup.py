@@ -12,7 +12,7 @@ from enum import StrEnum
 
 import redis.asyncio as aioredis
 
-from shared import keys
+from shared import keys, lua
 
 
 class WakeupKind(StrEnum):
@@ -40,26 +40,16 @@ class Wakeup:
 
 
 async def wake_owner(redis: aioredis.Redis, persona_key: str, kind: WakeupKind) -> bool:
-    """Publish a wake-up to the node that owns the persona, if any; True if one was sent.
+    """Wake the persona's nodes (who: `shared.lua.WAKE_FUNCTION`, the one home of that rule) in
+    one round trip; True if any node was woken.
 
     A RESULT also goes to the nodes holding an outbound-role socket of the persona
-    (`keys.outbound_holders`, e.g. `protege-relay send` with no inbound socket anywhere), read in
-    the same round trip; each distinct node is woken once.
+    (`keys.outbound_holders`, e.g. `protege-relay send` with no inbound socket anywhere).
     """
+    script_keys = [keys.owner(persona_key)]
     if kind is WakeupKind.RESULT:
-        async with redis.pipeline(transaction=False) as pipe:
-            pipe.get(keys.owner(persona_key))
-            pipe.zrangebyscore(keys.outbound_holders(persona_key), int(time.time() * 1000), "+inf")
-            owner, holders = await pipe.execute()
-        nodes = [_text(node) for node in [owner, *holders] if node is not None]
-    else:
-        owner = await redis.get(keys.owner(persona_key))
-        nodes = [_text(owner)] if owner is not None else []
-    message = Wakeup(kind, persona_key).encode()
-    for node_id in dict.fromkeys(nodes):
-        await redis.publish(keys.node_channel(node_id), message)
-    return bool(nodes)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+        script_keys.append(keys.outbound_holders(persona_key))
+    woken = await lua.WAKE.on(redis)(
+        keys=script_keys, args=[Wakeup(kind, persona_key).encode(), int(time.time() * 1000)]
+    )
+    return int(woken) > 0

@@ -18,10 +18,9 @@ from urllib.parse import urlsplit
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
+from shared.codes import AuthError, CloseCode
 from shared.identity import Passport
 from shared.protocol import (
-    CLOSE_AUTH_FAILED,
-    CLOSE_RATE_LIMITED,
     ControlMessageError,
     decode_control,
     encode_control,
@@ -34,8 +33,8 @@ MAX_INCOMING_MESSAGE_BYTES = 32 * 1024 * 1024
 
 # Refusals that mean our key or our client is wrong: a retry gets the same answer.
 FATAL_AUTH_CODES = frozenset(
-    {"invalid_signature", "invalid_signature_encoding", "invalid_message", "invalid_public_key"}
-)
+    {AuthError.INVALID_SIGNATURE, AuthError.INVALID_SIGNATURE_ENCODING, AuthError.INVALID_MESSAGE, "invalid_public_key"}
+)  # `invalid_public_key` is not among this relay's codes (shared/codes.py); kept as it was
 URL_HINT = "use ws://HOST:PORT/ws (wss:// when the relay serves TLS), e.g. ws://127.0.0.1:8080/ws"
 HTTP_TOO_MANY_REQUESTS = 429
 
@@ -178,6 +177,7 @@ async def _next_control(connection: ClientConnection, expected_type: str) -> dic
 
 def _close_to_error(closed: ConnectionClosed) -> GatewayError:
     received = closed.rcvd
-    if received is not None and received.code in (CLOSE_AUTH_FAILED, CLOSE_RATE_LIMITED):
-        return AuthFailed(received.reason or ("rate_limited" if received.code == CLOSE_RATE_LIMITED else "unknown"))
+    if received is not None and received.code in (CloseCode.AUTH_FAILED, CloseCode.RATE_LIMITED):
+        rate_limited = received.code == CloseCode.RATE_LIMITED
+        return AuthFailed(received.reason or (AuthError.RATE_LIMITED if rate_limited else "unknown"))
     return RelayUnreachable(f"connection closed during authentication: {closed}")

@@ -37,10 +37,10 @@ from protege_relay.gateway.client import (
 )
 from protege_relay.gateway.keyfile import KeyFileError, load_passport
 from protege_relay.gateway.maildir import MaildirStore
+from shared.codes import CloseCode
 from shared.identity import Passport
 from shared.logs import get_logger, log
 from shared.protocol import (
-    CLOSE_REPLACED,
     ControlMessageError,
     FrameError,
     decode_control,
@@ -52,7 +52,6 @@ CAPABILITY_INBOUND_ACK = "inbound_ack"
 RECONNECT_BASE_S = 0.25
 RECONNECT_CAP_S = 30.0
 STABLE_SESSION_S = 10.0
-CLOSE_INTERNAL_ERROR = 1011
 EXIT_OK = 0
 EXIT_AUTH_REFUSED = 3
 EXIT_BAD_ARGUMENTS = 2
@@ -219,11 +218,11 @@ class InboundReceiver:
             pass
         except OSError as exc:  # Maildir not writable: unacknowledged, so the relay keeps it
             log(logger, logging.ERROR, "cannot store message, disconnecting", error=str(exc))
-            await connection.close(CLOSE_INTERNAL_ERROR, "gateway_storage_error")
+            await connection.close(CloseCode.INTERNAL_ERROR, "gateway_storage_error")
         finally:
             await connection.close()
         code, reason = connection.close_code, connection.close_reason
-        replaced = code == CLOSE_REPLACED
+        replaced = code == CloseCode.REPLACED
         log(
             logger,
             logging.WARNING if replaced else logging.INFO,

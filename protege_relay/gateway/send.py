@@ -27,6 +27,7 @@ from websockets.exceptions import ConnectionClosed
 from protege_relay.gateway.client import AuthFailed, BadRelayUrl, GatewayError, RelaySession, open_session
 from protege_relay.gateway.keyfile import KeyFileError, load_passport
 from protege_relay.gateway.receive import parse_urls
+from shared.codes import OutboundRefusal
 from shared.identity import Passport, persona_address
 from shared.logs import get_logger, log
 from shared.protocol import ControlMessageError, SmtpStart, decode_control, encode_message_frames
@@ -37,8 +38,6 @@ EXIT_NOT_ALL_SENT = 1
 EXIT_BAD_ARGUMENTS = 2
 FALLBACK_MAIL_DOMAIN = "localhost"
 # the relay's refusal tokens (services/tunnel/outbound.py)
-SENDER_NOT_ALLOWED = "sender_not_allowed"
-HEADER_FROM_NOT_ALLOWED = "header_from_not_allowed"
 
 logger = get_logger(__name__)
 
@@ -107,10 +106,10 @@ def run_send(
         return EXIT_NOT_ALL_SENT
     for outcome in report.outcomes.values():
         expected = outcome.get("expectedSender") or default_sender(passport, mail_domain)
-        if outcome.get("error") == SENDER_NOT_ALLOWED:
+        if outcome.get("error") == OutboundRefusal.SENDER_NOT_ALLOWED:
             print(f"protege-relay send: the relay refused sender {sender}; it expects {expected}", file=sys.stderr)
             break
-        if outcome.get("error") == HEADER_FROM_NOT_ALLOWED:
+        if outcome.get("error") == OutboundRefusal.HEADER_FROM_NOT_ALLOWED:
             print(f"protege-relay send: the message's From/Sender header must be {expected}", file=sys.stderr)
             break
     return EXIT_ALL_SENT if report.all_sent else EXIT_NOT_ALL_SENT

@@ -45,13 +45,12 @@ from services.egress.mta_sts_fetch import PolicySource
 from services.egress.mx import LookupFailed, MailHost, MxResolver
 from services.egress.outcome import Disposition, Outcome
 from services.egress.smtp_pool import PooledConnection, PoolKey, SmtpPool
+from shared.codes import DeliveryError
 from shared.logs import get_logger, log
 
 logger = get_logger(__name__)
 
 MAX_CONNECTIONS_PER_DOMAIN = 5
-DESTINATION_NOT_ALLOWED = "destination_not_allowed"
-MTA_STS_POLICY_VIOLATION = "mta_sts_policy_violation"
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +152,7 @@ class Deliverer:
             for address in addresses:
                 if not self._may_connect(host, address):
                     refused_destinations += 1
-                    report.skipped.append(f"{host.name}[{address}]:{DESTINATION_NOT_ALLOWED}")
+                    report.skipped.append(f"{host.name}[{address}]:{DeliveryError.DESTINATION_NOT_ALLOWED}")
                     metrics.DESTINATIONS_REFUSED.inc()
                     log(
                         logger,
@@ -185,13 +184,13 @@ class Deliverer:
                 return report
         if last_failure is None:
             if any(outcome.temporary for outcome in lookup_failures):
-                last_failure = Outcome.failure("dns_temporary", permanent=False)
+                last_failure = Outcome.failure(DeliveryError.DNS_TEMPORARY)
             elif refused_destinations:  # every address we could have tried is private
-                last_failure = Outcome.failure(DESTINATION_NOT_ALLOWED, permanent=True)
+                last_failure = Outcome.failure(DeliveryError.DESTINATION_NOT_ALLOWED)
             elif lookup_failures:
-                last_failure = Outcome.failure("no_mail_host", permanent=True)
+                last_failure = Outcome.failure(DeliveryError.NO_MAIL_HOST)
             else:
-                last_failure = Outcome.failure("connection_failed", permanent=False)
+                last_failure = Outcome.failure(DeliveryError.CONNECTION_FAILED)
         report.outcomes = {recipient: last_failure for recipient in recipients}
         return report
 
@@ -216,7 +215,7 @@ class Deliverer:
             mode=attempt.sts_mode,
             reason=reason,
         )
-        return Outcome.failure(f"{MTA_STS_POLICY_VIOLATION}: {reason}", permanent=False)
+        return Outcome.failure(DeliveryError.MTA_STS_POLICY_VIOLATION, reason)
 
     def _tls_plans(self, sts_mode: str) -> list[ssl.SSLContext | None]:
         """STARTTLS contexts to try in order (None: plain text). `enforce`: a verified one only;
@@ -332,11 +331,11 @@ class Deliverer:
             except aiosmtplib.SMTPResponseException as exc:
                 raise _SkipHost(Outcome.from_reply(exc.code, exc.message)) from None
             except (aiosmtplib.SMTPException, OSError):
-                raise _SkipHost(Outcome.failure("connection_failed", permanent=False)) from None
+                raise _SkipHost(Outcome.failure(DeliveryError.CONNECTION_FAILED)) from None
         except aiosmtplib.SMTPResponseException as exc:  # greeting other than 220
             raise _SkipHost(Outcome.from_reply(exc.code, exc.message)) from None
         except (aiosmtplib.SMTPException, OSError):
-            raise _SkipHost(Outcome.failure("connection_failed", permanent=False)) from None
+            raise _SkipHost(Outcome.failure(DeliveryError.CONNECTION_FAILED)) from None
         if context is None:
             return
         sts_checked = context is self._sts_tls_context and bool(attempt.sts_mode)
@@ -358,7 +357,7 @@ class Deliverer:
                     raise _SkipHost(violation) from None
             if has_fallback:
                 raise _NextTlsPlan() from None
-            raise _SkipHost(Outcome.failure("tls_failed", permanent=False)) from None
+            raise _SkipHost(Outcome.failure(DeliveryError.TLS_FAILED)) from None
 
     async def _transaction(
         self, smtp: aiosmtplib.SMTP, mail_from: str, recipients: Sequence[str], message: bytes
@@ -367,7 +366,7 @@ class Deliverer:
         transaction open, nothing unanswered); raises `_SkipHost` before anything was handed over."""
         needs_utf8 = not all(address.isascii() for address in (mail_from, *recipients))
         if needs_utf8 and not smtp.supports_extension("smtputf8"):
-            unsupported = Outcome.failure("smtputf8_not_supported", permanent=True)
+            unsupported = Outcome.failure(DeliveryError.SMTPUTF8_NOT_SUPPORTED)
             return {recipient: unsupported for recipient in recipients}, True
         encoding = "utf-8" if needs_utf8 else "ascii"
         mail_options = ["SMTPUTF8"] if needs_utf8 else []
@@ -384,7 +383,7 @@ class Deliverer:
                 raise _SkipHost(refused) from None
             return {recipient: refused for recipient in recipients}, False
         except (aiosmtplib.SMTPException, OSError):
-            raise _SkipHost(Outcome.failure("connection_lost", permanent=False)) from None
+            raise _SkipHost(Outcome.failure(DeliveryError.CONNECTION_LOST)) from None
 
         outcomes: dict[str, Outcome] = {}
         accepted: list[str] = []
@@ -394,7 +393,7 @@ class Deliverer:
             except aiosmtplib.SMTPResponseException as exc:
                 outcomes[recipient] = Outcome.from_reply(exc.code, exc.message)
             except (aiosmtplib.SMTPException, OSError):
-                raise _SkipHost(Outcome.failure("connection_lost", permanent=False)) from None
+                raise _SkipHost(Outcome.failure(DeliveryError.CONNECTION_LOST)) from None
             else:
                 accepted.append(recipient)
         if not accepted:
@@ -412,7 +411,7 @@ class Deliverer:
         except aiosmtplib.SMTPResponseException as exc:
             final = Outcome.from_reply(exc.code, exc.message)
         except (aiosmtplib.SMTPException, OSError):
-            final = Outcome.failure("connection_lost", permanent=False)
+            final = Outcome.failure(DeliveryError.CONNECTION_LOST)
         outcomes.update({recipient: final for recipient in accepted})
         return outcomes, clean
 

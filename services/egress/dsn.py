@@ -19,24 +19,25 @@ from email.utils import format_datetime
 from enum import StrEnum
 
 from services.egress.outcome import Outcome
+from shared.codes import DeliveryError
 
 MAX_ORIGINAL_HEADER_BYTES = 64 * 1024  # the returned header section; a longer one is cut at a line
 _MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(<[^<>\s]{1,500}>)[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
-_SMTP_TOKEN = re.compile(r"^smtp_[45]xx: ")
+_SMTP_TOKEN = re.compile(rf"^(?:{DeliveryError.SMTP_5XX}|{DeliveryError.SMTP_4XX}): ")
 
 # Status codes (RFC 3463, RFC 7505) for our own failure tokens, when no remote reply gave one.
-_STATUS_OF_TOKEN = {
-    "null_mx": "5.1.10",
-    "nxdomain": "5.1.2",
-    "no_mail_host": "5.4.4",
-    "destination_not_allowed": "5.4.4",
-    "invalid_recipient": "5.1.3",
-    "smtputf8_not_supported": "5.6.7",
-    "dns_temporary": "4.4.3",
-    "connection_failed": "4.4.1",
-    "connection_lost": "4.4.2",
-    "tls_failed": "4.7.5",
-    "mta_sts_policy_violation": "4.7.5",
+_STATUS_OF_TOKEN: dict[str, str] = {
+    DeliveryError.NULL_MX: "5.1.10",
+    DeliveryError.NXDOMAIN: "5.1.2",
+    DeliveryError.NO_MAIL_HOST: "5.4.4",
+    DeliveryError.DESTINATION_NOT_ALLOWED: "5.4.4",
+    DeliveryError.INVALID_RECIPIENT: "5.1.3",
+    DeliveryError.SMTPUTF8_NOT_SUPPORTED: "5.6.7",
+    DeliveryError.DNS_TEMPORARY: "4.4.3",
+    DeliveryError.CONNECTION_FAILED: "4.4.1",
+    DeliveryError.CONNECTION_LOST: "4.4.2",
+    DeliveryError.TLS_FAILED: "4.7.5",
+    DeliveryError.MTA_STS_POLICY_VIOLATION: "4.7.5",
 }
 
 

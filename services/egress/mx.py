@@ -30,6 +30,7 @@ import dns.rdtypes.ANY.TXT
 import dns.resolver
 
 from services.egress.outcome import Outcome
+from shared.codes import DeliveryError
 from shared.hostport import parse_host_port
 
 DNS_PORT = 53
@@ -93,17 +94,17 @@ class MxResolver:
         try:
             answer = await self._resolver.resolve(name, "MX", search=False)
         except dns.resolver.NXDOMAIN:
-            raise LookupFailed(Outcome.failure("nxdomain", permanent=True)) from None
+            raise LookupFailed(Outcome.failure(DeliveryError.NXDOMAIN)) from None
         except dns.resolver.NoAnswer:
             return [MailHost(domain, self._smtp_port)]  # implicit MX
         except dns.exception.DNSException:
-            raise LookupFailed(Outcome.failure("dns_temporary", permanent=False)) from None
+            raise LookupFailed(Outcome.failure(DeliveryError.DNS_TEMPORARY)) from None
         records = [record for record in answer if isinstance(record, dns.rdtypes.ANY.MX.MX)]
         if len(records) == 1 and records[0].exchange == dns.name.root:
-            raise LookupFailed(Outcome.failure("null_mx", permanent=True))
+            raise LookupFailed(Outcome.failure(DeliveryError.NULL_MX))
         records = [record for record in records if record.exchange != dns.name.root]
         if not records:
-            raise LookupFailed(Outcome.failure("no_mail_host", permanent=True))
+            raise LookupFailed(Outcome.failure(DeliveryError.NO_MAIL_HOST))
         return [
             MailHost(record.exchange.to_text(omit_final_dot=True).lower(), self._smtp_port)
             for record in _by_preference(records)
@@ -132,8 +133,8 @@ class MxResolver:
         if found:
             return found
         if temporary:
-            raise LookupFailed(Outcome.failure("dns_temporary", permanent=False))
-        raise LookupFailed(Outcome.failure("no_mail_host", permanent=True))
+            raise LookupFailed(Outcome.failure(DeliveryError.DNS_TEMPORARY))
+        raise LookupFailed(Outcome.failure(DeliveryError.NO_MAIL_HOST))
 
     def routed(self, domain: str) -> bool:
         """True when `egress.routes` decides where mail for `domain` goes (no DNS, no MTA-STS)."""
@@ -148,7 +149,7 @@ class MxResolver:
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             return []
         except dns.exception.DNSException:
-            raise LookupFailed(Outcome.failure("dns_temporary", permanent=False)) from None
+            raise LookupFailed(Outcome.failure(DeliveryError.DNS_TEMPORARY)) from None
         return [b"".join(record.strings) for record in answer if isinstance(record, dns.rdtypes.ANY.TXT.TXT)]
 
     @staticmethod
@@ -156,7 +157,7 @@ class MxResolver:
         try:
             return dns.name.from_text(domain)
         except (dns.exception.DNSException, UnicodeError):
-            raise LookupFailed(Outcome.failure("nxdomain", permanent=True)) from None
+            raise LookupFailed(Outcome.failure(DeliveryError.NXDOMAIN)) from None
 
 
 def _by_preference(records: list[dns.rdtypes.ANY.MX.MX]) -> list[dns.rdtypes.ANY.MX.MX]:

@@ -2,27 +2,11 @@
 
 Every failure is an `Outcome` value; this module is the one place that turns a DNS problem, a
 connection problem or a remote SMTP reply into the `error` string of `relay_delivery_result`.
-The tokens are short and stable so a gateway can match on them:
-
-| token | permanent | meaning |
-|---|---|---|
-| `smtp_5xx: <code> <text>` | yes | the remote server refused (the reply follows the token) |
-| `smtp_4xx: <code> <text>` | no | the remote server deferred |
-| `null_mx` | yes | the domain publishes an RFC 7505 null MX: it accepts no mail |
-| `nxdomain` | yes | the recipient domain does not exist |
-| `no_mail_host` | yes | no MX and no A/AAAA, or no MX host name has an address |
-| `destination_not_allowed` | yes | every MX address is loopback, private, link-local, ... (destinations.py) |
-| `invalid_recipient` | yes | the recipient is not `local@domain` |
-| `smtputf8_not_supported` | yes | a non-ASCII address, and the server lacks SMTPUTF8 |
-| `dns_temporary` | no | SERVFAIL, timeout or another DNS failure worth retrying |
-| `connection_failed` | no | no MX host accepted a connection and greeted us |
-| `tls_failed` | no | STARTTLS failed and `egress.tls.verify` forbids falling back to plain text |
-| `mta_sts_policy_violation: <reason>` | no | an enforced MTA-STS policy ruled out every MX (reasons below) |
-| `connection_lost` | no | the connection dropped or timed out inside the mail transaction |
-| `internal_error` | no | an unexpected error in the worker (logged with its traceback) |
-| `max_attempts_exceeded` | no | the job was re-run after crashes more often than `egress.maxAttempts` |
-
-MTA-STS reasons: `mx_not_listed`, `starttls_not_offered`, `certificate_invalid`, `tls_failed`.
+The tokens, and which of them are permanent, are `shared.codes.DeliveryError` and
+`shared.codes.PERMANENT` (listed in docs/PROTOCOL.md, checked by tests/unit/test_codes.py):
+short and stable so a gateway can match on them. `smtp_5xx` / `smtp_4xx` carry the remote reply
+(`smtp_5xx: <code> <text>`), `mta_sts_policy_violation` its reason: `mx_not_listed`,
+`starttls_not_offered`, `certificate_invalid`, `tls_failed`.
 
 When temporary failures outlast `egress.maxAttempts` or `egress.maxAgeSeconds`, the final
 `failed` result carries the last temporary error with `permanent: false`.
@@ -33,6 +17,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import StrEnum
+
+from shared.codes import PERMANENT, DeliveryError
 
 MAX_REPLY_TEXT_CHARS = 200
 _ENHANCED_CODE = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\b")
@@ -62,8 +48,10 @@ class Outcome:
         return self.disposition is Disposition.TEMPORARY
 
     @classmethod
-    def failure(cls, token: str, *, permanent: bool) -> Outcome:
-        return cls(Disposition.PERMANENT if permanent else Disposition.TEMPORARY, error=token)
+    def failure(cls, token: DeliveryError, detail: str = "") -> Outcome:
+        """`token` (`: detail` after it when given), permanent as `shared.codes.PERMANENT` says."""
+        disposition = Disposition.PERMANENT if token in PERMANENT else Disposition.TEMPORARY
+        return cls(disposition, error=f"{token}: {detail}" if detail else str(token))
 
     @classmethod
     def from_reply(cls, code: int, text: str) -> Outcome:
@@ -75,10 +63,9 @@ class Outcome:
             return cls(
                 Disposition.SENT, smtp_code=code, enhanced_code=enhanced_code, message_id=remote_message_id(text)
             )
-        permanent = 500 <= code < 600
-        token = f"smtp_{'5' if permanent else '4'}xx: {code} {text}".rstrip()
-        disposition = Disposition.PERMANENT if permanent else Disposition.TEMPORARY
-        return cls(disposition, error=token, smtp_code=code, enhanced_code=enhanced_code)
+        token = DeliveryError.SMTP_5XX if 500 <= code < 600 else DeliveryError.SMTP_4XX
+        refused = cls.failure(token, f"{code} {text}".rstrip())
+        return cls(refused.disposition, error=refused.error, smtp_code=code, enhanced_code=enhanced_code)
 
 
 def remote_message_id(reply_text: str) -> str:

@@ -44,6 +44,7 @@ from arq.utils import ms_to_datetime, timestamp_ms
 from arq.worker import Retry, Worker
 from redis.commands.core import AsyncScript
 
+from shared import lua
 from shared.logs import get_logger, log
 from shared.replication import FAILOVER_ERRORS
 
@@ -52,45 +53,6 @@ logger = get_logger(__name__)
 RETRY_KEY_TTL_S = 88400  # as arq
 FINISH_DEADLINE_S = 10.0
 FINISH_RETRY_S = 0.2
-
-# KEYS: queue, abort set.
-# ARGV: now (ms), jobs to claim, queue entries to look at, in-progress TTL (ms), finished job
-# id ("" for none), "done" | "requeue", score increment for a re-queued job (ms, 0 for none),
-# then arq's in-progress, job and retry key prefixes.
-# Returns [id, score, job (false if expired), try, ...] for the claimed jobs. The per-job keys
-# are not declared (their names come from the queue): a single Redis, as arq needs anyway.
-_FINISH_AND_CLAIM = """
-local queue, in_progress, job_prefix, retry_prefix = KEYS[1], ARGV[8], ARGV[9], ARGV[10]
-local finished = ARGV[5]
-if finished ~= '' then
-  redis.call('DEL', in_progress .. finished)
-  if ARGV[6] == 'done' then
-    redis.call('DEL', retry_prefix .. finished, job_prefix .. finished)
-    redis.call('ZREM', KEYS[2], finished)
-    redis.call('ZREM', queue, finished)
-  elseif tonumber(ARGV[7]) > 0 then
-    redis.call('ZINCRBY', queue, ARGV[7], finished)
-  end
-end
-local claimed = {}
-local wanted = tonumber(ARGV[2]) * 4
-if wanted == 0 then return claimed end
-local due = redis.call('ZRANGEBYSCORE', queue, '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, ARGV[3])
-for i = 1, #due, 2 do
-  local id = due[i]
-  if redis.call('EXISTS', in_progress .. id) == 0 then
-    redis.call('PSETEX', in_progress .. id, ARGV[4], '1')
-    local try = redis.call('INCR', retry_prefix .. id)
-    redis.call('EXPIRE', retry_prefix .. id, ARGV[11])
-    claimed[#claimed + 1] = id
-    claimed[#claimed + 1] = due[i + 1]
-    claimed[#claimed + 1] = redis.call('GET', job_prefix .. id)
-    claimed[#claimed + 1] = try
-    if #claimed >= wanted then break end
-  end
-end
-return claimed
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +103,7 @@ class PromptWorker(Worker):
                 default_queue_name=self.queue_name,
                 expires_extra_ms=self.expires_extra_ms,
             )
-        self._script = self.pool.register_script(_FINISH_AND_CLAIM)
+        self._script = lua.FINISH_AND_CLAIM.on(self.pool)
         self.ctx["redis"] = self.pool
         if self.on_startup:
             await self.on_startup(self.ctx)

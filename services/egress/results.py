@@ -15,8 +15,8 @@ What remains is the gap between the remote `250` and that write or publish: a cr
 there sends the message again on the re-run (SMTP is at-least-once; the recipient sees a
 duplicate).
 
-The publish script also wakes the persona's tunnel nodes (as `shared.wakeup.wake_owner` does
-for a RESULT), so publishing a result is one round trip.
+The publish script also wakes the persona's tunnel nodes (the wake-up rule of `shared/lua.py`,
+which `shared.wakeup.wake_owner` runs too), so publishing a result is one round trip.
 
 With `redis.minReplicasToAck` (docs/HA.md) the publish is followed by WAIT in the same round
 trip; too few replicas raise `NotReplicated`, a RedisError, so the job is retried. The re-run
@@ -33,37 +33,15 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from services.egress.outcome import Disposition, Outcome
-from shared import keys
+from shared import keys, lua
 from shared.payloads import DeliveryResult
-from shared.replication import NO_ACK, LuaScript, ReplicaAck, ScriptCall, run_scripts
+from shared.replication import NO_ACK, ReplicaAck, ScriptCall, run_scripts
 from shared.wakeup import Wakeup, WakeupKind
 
 IDEMPOTENCY_TTL_S = 2 * 24 * 3600  # longer than arq keeps a job (1 day + its deferral)
 RESULTS_STREAM_MAX_ENTRIES = 10_000  # bounds a persona that never reconnects
 
-# KEYS: published marker, results stream, delivered hash, owner, outbound holders.
-# ARGV: status, marker TTL, packed result, stream max length, stream TTL, now (ms), node channel
-# prefix, wake-up message. The wake-up mirrors `shared.wakeup.wake_owner(..., RESULT)`: the
-# owner and every unexpired outbound holder, each node once.
-_PUBLISH_ONCE = LuaScript.of("""
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
-  redis.call('EXPIRE', KEYS[1], ARGV[2])
-  return 0
-end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'r', ARGV[3])
-redis.call('EXPIRE', KEYS[2], ARGV[5])
-redis.call('DEL', KEYS[3])
-local nodes = {}
-local owner = redis.call('GET', KEYS[4])
-if owner then nodes[owner] = true end
-for _, node in ipairs(redis.call('ZRANGEBYSCORE', KEYS[5], ARGV[6], '+inf')) do nodes[node] = true end
-for node in pairs(nodes) do redis.call('PUBLISH', ARGV[7] .. node, ARGV[8]) end
-return 1
-""")
-# KEYS: published marker. ARGV: marker TTL. A write, so that a WAIT after it means something.
-_TOUCH_MARKER = LuaScript.of("return redis.call('EXPIRE', KEYS[1], ARGV[1])")
 PUBLISH_DEADLINE_S = 10.0  # retries through a failover
-NODE_CHANNEL_PREFIX = keys.node_channel("")
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +71,7 @@ class ResultStore:
         """Append the result, drop the per-recipient record (the marker supersedes it) and wake
         the tunnel nodes holding the persona, atomically; False if one was already published."""
         call = ScriptCall(
-            _PUBLISH_ONCE,
+            lua.PUBLISH_RESULT,
             [
                 keys.egress_result_published(persona_key, result.stream_id),
                 keys.results(persona_key),
@@ -108,7 +86,6 @@ class ResultStore:
                 RESULTS_STREAM_MAX_ENTRIES,
                 self._retention_s,
                 int(time.time() * 1000),
-                NODE_CHANNEL_PREFIX,
                 Wakeup(WakeupKind.RESULT, persona_key).encode(),
             ],
         )
@@ -120,7 +97,7 @@ class ResultStore:
         of a job whose publish was not confirmed); nothing to do when none are required."""
         if self._ack.replicas:
             call = ScriptCall(
-                _TOUCH_MARKER, [keys.egress_result_published(persona_key, stream_id)], [IDEMPOTENCY_TTL_S]
+                lua.TOUCH_RESULT_MARKER, [keys.egress_result_published(persona_key, stream_id)], [IDEMPOTENCY_TTL_S]
             )
             await run_scripts(self._redis, [call], self._ack, deadline_s=PUBLISH_DEADLINE_S)
 

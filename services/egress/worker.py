@@ -36,6 +36,7 @@ from services.egress.outcome import Outcome
 from services.egress.results import ResultStore
 from services.egress.signing import DkimSigner
 from services.egress.smtp_pool import SmtpPool
+from shared.codes import DeliveryError
 from shared.config import RelayConfig
 from shared.enqueue import EnqueueFailed
 from shared.logs import get_logger, log
@@ -149,7 +150,7 @@ class Egress:
             metrics.JOBS.labels("duplicate").inc()
             return "duplicate"
         if attempt > self._policy.max_attempts:  # only re-runs after crashes get here
-            exceeded = Outcome.failure("max_attempts_exceeded", permanent=False)
+            exceeded = Outcome.failure(DeliveryError.MAX_ATTEMPTS_EXCEEDED)
             return await self._finish(job, attempt, {r: exceeded for r in job.rcpt_to}, ids)
 
         started = time.monotonic()
@@ -195,9 +196,9 @@ class Egress:
         except Exception:
             logger.exception("delivery attempt failed unexpectedly", extra=ids)
             for recipient in pending:
-                outcomes.setdefault(recipient, Outcome.failure("internal_error", permanent=False))
+                outcomes.setdefault(recipient, Outcome.failure(DeliveryError.INTERNAL_ERROR))
         for recipient in pending:
-            outcomes.setdefault(recipient, Outcome.failure("connection_lost", permanent=False))
+            outcomes.setdefault(recipient, Outcome.failure(DeliveryError.CONNECTION_LOST))
         return outcomes
 
     async def _send(
@@ -214,7 +215,7 @@ class Egress:
         for recipient in pending:
             parts = split_recipient(recipient)
             if parts is None:
-                outcomes[recipient] = Outcome.failure("invalid_recipient", permanent=True)
+                outcomes[recipient] = Outcome.failure(DeliveryError.INVALID_RECIPIENT)
             else:
                 by_domain[parts[1]].append(recipient)
         if not by_domain:
@@ -283,7 +284,7 @@ def _unrecorded(outcomes: dict[str, Outcome], recorded: dict[str, Outcome]) -> d
 def summarize(job: OutboundJob, outcomes: dict[str, Outcome], attempt: int) -> DeliveryResult:
     """One result per stream: sent if every recipient was accepted, else the first failure."""
     recipients = job.rcpt_to or [""]
-    missing = Outcome.failure("invalid_recipient", permanent=True)
+    missing = Outcome.failure(DeliveryError.INVALID_RECIPIENT)
     pairs = [(recipient, outcomes.get(recipient, missing)) for recipient in recipients]
     failed = [pair for pair in pairs if not pair[1].sent]
     recipient, outcome = failed[0] if failed else pairs[0]

@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 
 from services.tunnel.challenges import ChallengeRecord, ChallengeStore
 from services.tunnel.ratelimit import AuthRateLimiter
+from shared.codes import AuthError
 from shared.ratelimit import Clock
 
 
@@ -42,6 +43,6 @@ class AuthStore:
     async def load_challenge(self, challenge_id: str) -> ChallengeRecord | None:
         return await self.challenges.load(challenge_id)
 
-    async def consume_challenge(self, challenge_id: str, persona_key: str, at_ms: int) -> str | None:
+    async def consume_challenge(self, challenge_id: str, persona_key: str, at_ms: int) -> AuthError | None:
         """Mark it used if it still may be: None on success, else the wire code."""
         return await self.challenges.consume(challenge_id, persona_key, at_ms)

@@ -1,10 +1,10 @@
 """Auth challenges (PROTOCOL.md A3): issuing, checking, and consuming them exactly once.
 
 The checks run twice on purpose: `check_response` (pure, in the order the protocol fixes,
-including the signature) decides the error code, and the Lua script in `ChallengeStore.consume`
-repeats the cheap checks atomically while marking the record used, so two sockets racing with
-the same signed response cannot both win. A failed verification never reaches `consume`, so
-it does not use the challenge up.
+including the signature) decides the error code, and the Lua script behind
+`ChallengeStore.consume` (`shared.lua.CONSUME_CHALLENGE`) repeats the cheap checks atomically
+while marking the record used, so two sockets racing with the same signed response cannot
+both win. A failed verification never reaches `consume`, so it does not use the challenge up.
 """
 
 from __future__ import annotations
@@ -18,19 +18,13 @@ from datetime import UTC, datetime
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 
-from shared import keys
+from shared import keys, lua
+from shared.codes import AuthError
 from shared.identity import decode_public_key, decode_signature, verify_signature
 
 # A used record is kept this long past its expiry, so a replay is told challenge_already_used
 # rather than challenge_not_found.
 RECORD_MARGIN_S = 60
-
-CHALLENGE_NOT_FOUND = "challenge_not_found"
-CHALLENGE_MISMATCH = "challenge_mismatch"
-CHALLENGE_ALREADY_USED = "challenge_already_used"
-CHALLENGE_EXPIRED = "challenge_expired"
-INVALID_SIGNATURE_ENCODING = "invalid_signature_encoding"
-INVALID_SIGNATURE = "invalid_signature"
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,37 +61,28 @@ def normalize_key(persona_key: str) -> str:
     return persona_key.strip().lower()
 
 
-def check_response(record: ChallengeRecord | None, persona_key: str, signature_base64: str, now_ms: int) -> str | None:
+def check_response(
+    record: ChallengeRecord | None, persona_key: str, signature_base64: str, now_ms: int
+) -> AuthError | None:
     """The first failing check's wire code, or None when the response is valid."""
     if record is None:
-        return CHALLENGE_NOT_FOUND
+        return AuthError.CHALLENGE_NOT_FOUND
     if record.persona_key != normalize_key(persona_key):
-        return CHALLENGE_MISMATCH
+        return AuthError.CHALLENGE_MISMATCH
     if record.used:
-        return CHALLENGE_ALREADY_USED
+        return AuthError.CHALLENGE_ALREADY_USED
     if now_ms >= record.expires_at_ms:
-        return CHALLENGE_EXPIRED
+        return AuthError.CHALLENGE_EXPIRED
     try:
         signature = decode_signature(signature_base64)
     except ValueError:  # non-ASCII text: shared.identity only maps binascii errors to b""
         signature = b""
     if not signature:
-        return INVALID_SIGNATURE_ENCODING
+        return AuthError.INVALID_SIGNATURE_ENCODING
     public_key = decode_public_key(record.persona_key)
     if not verify_signature(public_key, record.challenge_text.encode("utf-8"), signature):
-        return INVALID_SIGNATURE
+        return AuthError.INVALID_SIGNATURE
     return None
-
-
-_CONSUME = """
-local record = redis.call('HMGET', KEYS[1], 'pk', 'exp', 'used')
-if not record[1] then return 'challenge_not_found' end
-if record[1] ~= ARGV[1] then return 'challenge_mismatch' end
-if record[3] == '1' then return 'challenge_already_used' end
-if tonumber(ARGV[2]) >= tonumber(record[2]) then return 'challenge_expired' end
-redis.call('HSET', KEYS[1], 'used', '1')
-return 'ok'
-"""
 
 
 def now_ms() -> int:
@@ -109,7 +94,7 @@ class ChallengeStore:
 
     def __init__(self, redis: aioredis.Redis) -> None:
         self._redis = redis
-        self._consume = redis.register_script(_CONSUME)
+        self._consume = lua.CONSUME_CHALLENGE.on(redis)
 
     def queue_save(self, pipe: Pipeline, record: ChallengeRecord) -> None:
         """Queue the record's writes on `pipe` (two replies), to share a round trip."""
@@ -141,8 +126,8 @@ class ChallengeStore:
             used=fields.get(b"used") == b"1",
         )
 
-    async def consume(self, challenge_id: str, persona_key: str, at_ms: int) -> str | None:
+    async def consume(self, challenge_id: str, persona_key: str, at_ms: int) -> AuthError | None:
         """Mark the challenge used if it still may be; None on success, else the wire code."""
         outcome = await self._consume(keys=[keys.challenge(challenge_id)], args=[persona_key, at_ms])
         code = outcome.decode() if isinstance(outcome, bytes) else str(outcome)
-        return None if code == "ok" else code
+        return None if code == "ok" else AuthError(code)

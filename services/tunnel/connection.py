@@ -35,9 +35,7 @@ from services.tunnel.challenges import now_ms as clock_ms
 from services.tunnel.inbox import InboxDelivery
 from services.tunnel.results import Origin
 from services.tunnel.session import (
-    RATE_LIMITED,
     ROLE_INBOUND,
-    TOO_MANY_SOCKETS,
     AckInbound,
     Action,
     Authenticated,
@@ -56,17 +54,13 @@ from services.tunnel.session import (
     State,
     TunnelSession,
 )
-from shared import protocol
+from shared.codes import CLOSE_REASON_CODE, AuthError, CloseCode, CloseReason, OutboundRefusal
 from shared.config import RelayConfig
 from shared.logs import get_logger, log
 from shared.payloads import OutboundJob
 from shared.replication import ReplicaAck
 
 logger = get_logger(__name__)
-
-GOING_AWAY_REASON = "going_away"
-INTERNAL_ERROR_CODE = 1011
-IDLE_REASON = "idle_timeout"
 
 
 # --- what a connection may use of its node ----------------------------------------------------
@@ -83,7 +77,7 @@ class AuthSteps(Protocol):
 
     async def load_challenge(self, challenge_id: str) -> ChallengeRecord | None: ...
 
-    async def consume_challenge(self, challenge_id: str, persona_key: str, at_ms: int) -> str | None: ...
+    async def consume_challenge(self, challenge_id: str, persona_key: str, at_ms: int) -> AuthError | None: ...
 
 
 class SocketHome(Protocol):
@@ -196,7 +190,7 @@ class TunnelConnection:
                 persona=self.persona_key,
                 error=repr(exc),
             )
-            await self.close(INTERNAL_ERROR_CODE, "internal_error")
+            await self.close(CLOSE_REASON_CODE[CloseReason.INTERNAL_ERROR], CloseReason.INTERNAL_ERROR)
         finally:
             metrics.CONNECTIONS_OPEN.dec()
             self._log_closed()
@@ -305,7 +299,7 @@ class TunnelConnection:
                 persona=self.persona_key,
                 error=repr(error),
             )
-            self._spawn(self.close(protocol.CLOSE_GOING_AWAY, GOING_AWAY_REASON))
+            self._spawn(self.close(CLOSE_REASON_CODE[CloseReason.GOING_AWAY], CloseReason.GOING_AWAY))
 
     def heartbeat(self, now: float, heartbeat_s: float, idle_s: float) -> None:
         """One tick of the node-wide heartbeat (no timer per socket): close 1001 after `idle_s`
@@ -314,7 +308,7 @@ class TunnelConnection:
             return
         if now - self._last_heard >= idle_s:
             log(logger, logging.INFO, "idle socket closed", socket_id=self.socket_id, persona=self.persona_key)
-            self._spawn(self.close(protocol.CLOSE_GOING_AWAY, IDLE_REASON))
+            self._spawn(self.close(CLOSE_REASON_CODE[CloseReason.IDLE_TIMEOUT], CloseReason.IDLE_TIMEOUT))
             return
         if now - self._last_ping >= heartbeat_s:
             self._last_ping = now
@@ -346,7 +340,7 @@ class TunnelConnection:
             if isinstance(action, SendText):
                 await self.ws.send(action.text)
             elif isinstance(action, Close):
-                if action.code in (protocol.CLOSE_AUTH_FAILED, protocol.CLOSE_RATE_LIMITED):
+                if action.code in (CloseCode.AUTH_FAILED, CloseCode.RATE_LIMITED):
                     self._auth_outcome(action.reason)
                 await self.close(action.code, action.reason)
             elif isinstance(action, IssueChallenge):
@@ -395,7 +389,7 @@ class TunnelConnection:
         inbound = action.role == ROLE_INBOUND
         home = self.context.home
         if not inbound and not home.take_outbound_slot(self, persona_key):
-            return self.session.auth_failed(TOO_MANY_SOCKETS)
+            return self.session.auth_failed(AuthError.TOO_MANY_SOCKETS)
         replaced_socket_id = await home.claim(self, persona_key, inbound=inbound)
         self._authenticated_limits(persona_key)
         return self.session.auth_succeeded(persona_key, action.role, replaced_socket_id)
@@ -442,8 +436,8 @@ class TunnelConnection:
         outbound = self.context.outbound
         origin = Origin(self.config.node_id, self.socket_id).encode()
         if not await outbound.admit(job.persona_key, job.stream_id, origin):
-            await self._perform(self.session.outbound_refused(job.stream_id, RATE_LIMITED))
-            self._outbound_outcome(job.stream_id, RATE_LIMITED)
+            await self._perform(self.session.outbound_refused(job.stream_id, OutboundRefusal.RATE_LIMITED))
+            self._outbound_outcome(job.stream_id, OutboundRefusal.RATE_LIMITED)
             return
         self.context.results.stream_accepted(self, job.stream_id)
         queued = await outbound.enqueue(job)

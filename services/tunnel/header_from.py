@@ -25,7 +25,7 @@ from email.message import EmailMessage
 from email.parser import HeaderParser
 from email.policy import default as default_policy
 
-from services.tunnel.outbound import HEADER_FROM_NOT_ALLOWED
+from shared.codes import OutboundRefusal
 from shared.identity import InvalidKey, persona_key_of_local_part
 from shared.normalize import normalize_line_endings
 
@@ -49,17 +49,17 @@ def header_section(message_head: bytes) -> bytes | None:
     return None
 
 
-def check_header_from(message_head: bytes, persona_key: str, mail_domains: list[str]) -> str | None:
+def check_header_from(message_head: bytes, persona_key: str, mail_domains: list[str]) -> OutboundRefusal | None:
     """None when every From/Sender mailbox is the persona's; else `header_from_not_allowed`.
 
     `message_head` is the start of the message (at least `MAX_HEADER_BYTES` + 4 bytes of it
     when the message is longer)."""
     section = header_section(message_head)
     if section is None:
-        return HEADER_FROM_NOT_ALLOWED
+        return OutboundRefusal.HEADER_FROM_NOT_ALLOWED
     headers = _parse(normalize_line_endings(section))
     if headers is None or len(headers.get_all("From") or []) != 1 or len(headers.get_all("Sender") or []) > 1:
-        return HEADER_FROM_NOT_ALLOWED
+        return OutboundRefusal.HEADER_FROM_NOT_ALLOWED
     domains = {domain.lower().rstrip(".") for domain in mail_domains}
     for name in CHECKED_FIELDS:
         value = headers[name]
@@ -68,9 +68,9 @@ def check_header_from(message_head: bytes, persona_key: str, mail_domains: list[
         addresses: tuple[Address, ...] = getattr(value, "addresses", ())
         groups: tuple[Group, ...] = getattr(value, "groups", ())
         if getattr(value, "defects", ()) or not addresses or any(g.display_name is not None for g in groups):
-            return HEADER_FROM_NOT_ALLOWED  # From and Sender take mailboxes, never a group
+            return OutboundRefusal.HEADER_FROM_NOT_ALLOWED  # From and Sender take mailboxes, never a group
         if not all(_is_persona_address(address, persona_key, domains) for address in addresses):
-            return HEADER_FROM_NOT_ALLOWED
+            return OutboundRefusal.HEADER_FROM_NOT_ALLOWED
     return None
 
 

@@ -43,8 +43,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from services.tunnel import metrics
-from shared import keys, protocol
-from shared.inbox_entries import REMOVE_SCRIPT, StoredEntry, UnreadableEntry
+from shared import keys, lua, protocol
+from shared.inbox_entries import StoredEntry, UnreadableEntry
 from shared.logs import get_logger, log
 from shared.replication import NO_ACK, ReplicaAck, confirmed_read
 
@@ -85,7 +85,7 @@ async def trim_expired(redis: aioredis.Redis, persona_key: str, retention_s: int
     and markers, keeping the byte counter right; returns how many were removed."""
     stream = keys.inbox(persona_key)
     min_id = f"({int(time.time() * 1000) - retention_s * 1000}-0"
-    remove = redis.register_script(REMOVE_SCRIPT)
+    remove = lua.INBOX_REMOVE.on(redis)
     removed = 0
     while True:
         entries = await redis.xrange(stream, "-", min_id, count=TRIM_BATCH)
@@ -148,7 +148,7 @@ class InboxDelivery:
         self._retention_s = retention_s
         self._legacy_ack_grace_s = legacy_ack_grace_s
         self._is_open = is_open
-        self._remove = redis.register_script(REMOVE_SCRIPT)
+        self._remove = lua.INBOX_REMOVE.on(redis)
         self._wakeup = asyncio.Event()
         self._acks: dict[str, asyncio.Future[Any]] = {}
         self._in_flight: deque[_InFlight] = deque()

@@ -23,13 +23,14 @@ from redis.exceptions import RedisError
 
 from services.tunnel.auth import AuthStore
 from services.tunnel.budget import BudgetLimits, OutboundBudget
-from services.tunnel.connection import GOING_AWAY_REASON, ConnectionContext
+from services.tunnel.connection import ConnectionContext
 from services.tunnel.duties import NodeDuties
 from services.tunnel.outbound import OutboundQueue
 from services.tunnel.ownership import Ownership
 from services.tunnel.registry import CapLimits, NodeSocket, SocketRegistry
 from services.tunnel.result_router import ResultRouter
-from shared import protocol, ratelimit
+from shared import ratelimit
+from shared.codes import CLOSE_REASON_CODE, CloseReason
 from shared.config import RelayConfig
 from shared.logs import get_logger
 from shared.nodeinfo import remove_node_info
@@ -96,7 +97,9 @@ class TunnelNode:
         for persona_key, socket in self.registry.inbound_claims():
             with contextlib.suppress(RedisError):
                 await self.ownership.release(persona_key, socket.socket_id)
-        closing = [socket.close(protocol.CLOSE_GOING_AWAY, GOING_AWAY_REASON) for socket in connections]
+        closing = [
+            socket.close(CLOSE_REASON_CODE[CloseReason.GOING_AWAY], CloseReason.GOING_AWAY) for socket in connections
+        ]
         if closing:
             await asyncio.wait([asyncio.ensure_future(c) for c in closing], timeout=SHUTDOWN_CLOSE_TIMEOUT_S)
         await _cancel_all(self.duties.tasks)

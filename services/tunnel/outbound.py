@@ -23,20 +23,11 @@ from arq.constants import expires_extra_ms, job_key_prefix, result_key_prefix
 from arq.jobs import serialize_job
 from arq.utils import timestamp_ms
 
-from shared import keys, ratelimit
+from shared import keys, lua, ratelimit
+from shared.codes import OutboundRefusal
 from shared.envelope import has_control_characters
 from shared.payloads import OutboundJob
-from shared.replication import NO_ACK, LuaScript, ReplicaAck, ScriptCall, run_scripts
-
-SENDER_NOT_ALLOWED = "sender_not_allowed"
-TOO_MANY_RECIPIENTS = "too_many_recipients"
-MESSAGE_TOO_LARGE = "message_too_large"
-RATE_LIMITED = "rate_limited"
-STREAM_NOT_STARTED = "stream_not_started"
-INVALID_RECIPIENT = "invalid_recipient"
-TOO_MANY_STREAMS = "too_many_streams"
-HEADER_FROM_NOT_ALLOWED = "header_from_not_allowed"  # services/tunnel/header_from.py
-OUTBOUND_BUSY = "outbound_busy"  # over an assembly budget: services/tunnel/budget.py
+from shared.replication import NO_ACK, ReplicaAck, ScriptCall, run_scripts
 
 DELIVER_FUNCTION = "deliver"
 RATE_WINDOW_S = 60
@@ -55,16 +46,16 @@ def _bare(address: str) -> str:
     return address
 
 
-def check_sender(mail_from: str, persona_key: str, mail_domains: list[str]) -> str | None:
+def check_sender(mail_from: str, persona_key: str, mail_domains: list[str]) -> OutboundRefusal | None:
     """The sender must be the persona's own address: local part is its key (any case), and the
     domain one of ours when domains are configured, else at least a well-formed domain."""
     if has_control_characters(mail_from):
-        return SENDER_NOT_ALLOWED
+        return OutboundRefusal.SENDER_NOT_ALLOWED
     local_part, at, domain = _bare(mail_from).rpartition("@")
     if not at or local_part.lower() != persona_key or not _DOMAIN.fullmatch(domain):
-        return SENDER_NOT_ALLOWED
+        return OutboundRefusal.SENDER_NOT_ALLOWED
     if mail_domains and domain.lower().rstrip(".") not in {d.lower().rstrip(".") for d in mail_domains}:
-        return SENDER_NOT_ALLOWED
+        return OutboundRefusal.SENDER_NOT_ALLOWED
     return None
 
 
@@ -73,45 +64,24 @@ def expected_sender(persona_key: str, mail_domains: list[str]) -> str:
     return f"{persona_key}@{mail_domains[0] if mail_domains else '<any domain>'}"
 
 
-def check_recipient(rcpt_to: str) -> str | None:
+def check_recipient(rcpt_to: str) -> OutboundRefusal | None:
     """One `local@domain` address, nothing that could smuggle SMTP syntax."""
     if has_control_characters(rcpt_to):
-        return INVALID_RECIPIENT
+        return OutboundRefusal.INVALID_RECIPIENT
     address = _bare(rcpt_to)
     if "," in address and all(part.strip() for part in address.split(",")):
-        return TOO_MANY_RECIPIENTS
+        return OutboundRefusal.TOO_MANY_RECIPIENTS
     if not _ADDRESS.fullmatch(address):
-        return INVALID_RECIPIENT
+        return OutboundRefusal.INVALID_RECIPIENT
     local_part, _, domain = address.rpartition("@")
     if not local_part or not domain or len(address) > 320:
-        return INVALID_RECIPIENT
+        return OutboundRefusal.INVALID_RECIPIENT
     return None
 
 
 def bare_address(address: str) -> str:
     """The address without surrounding angle brackets or spaces."""
     return _bare(address)
-
-
-# Counts one message in the persona's minute window; within the rate, records which socket
-# sent the stream (services/tunnel/results.py) in the same round trip.
-_ADMIT = """
-local count = redis.call('INCR', KEYS[1])
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-if count > tonumber(ARGV[2]) then return 0 end
-redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
-return 1
-"""
-
-
-# arq's enqueue_job as one script. KEYS: job key, result key, queue. ARGV: job TTL (ms),
-# serialized job, score, job id. 1 if queued, 0 if the job id exists (queued before).
-_ENQUEUE_JOB = LuaScript.of("""
-if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then return 0 end
-redis.call('PSETEX', KEYS[1], ARGV[1], ARGV[2])
-redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
-return 1
-""")
 
 
 class OutboundQueue:
@@ -131,7 +101,7 @@ class OutboundQueue:
         self._clock = clock
         self._messages_per_minute = messages_per_minute
         self._origin_ttl_s = origin_ttl_s
-        self._admit = redis.register_script(_ADMIT)
+        self._admit = lua.ADMIT_OUTBOUND.on(redis)
 
     async def admit(self, persona_key: str, stream_id: str, origin: str) -> bool:
         """False when the persona is over its outbound rate; else `origin` is recorded."""
@@ -149,7 +119,7 @@ class OutboundQueue:
         now_ms = timestamp_ms()
         serialized = serialize_job(DELIVER_FUNCTION, (job.pack(),), {}, None, now_ms, serializer=None)
         call = ScriptCall(
-            _ENQUEUE_JOB,
+            lua.ENQUEUE_JOB,
             [job_key_prefix + job_id, result_key_prefix + job_id, keys.EGRESS_QUEUE],
             [expires_extra_ms, serialized, now_ms, job_id],
         )

@@ -19,50 +19,11 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from shared import keys
+from shared import keys, lua
 from shared.wakeup import Wakeup, WakeupKind
 
 OWNER_TTL_S = 30
 OWNER_RENEW_INTERVAL_S = 10
-
-# Everything a successful authentication writes, in one round trip (all keys share the
-# persona's hash tag): the seen key; for an inbound socket the owner keys (returning the previous
-# ones) and the inbox consumer group; for an outbound one the holder registration. Returns the
-# inbox and results lengths too, so an empty inbox or results stream is not read again.
-# KEYS: seen, owner, socket, inbox, results, outbound_holders
-# ARGV: inbound (1/0), node id, socket id, owner TTL s, seen TTL s, now ms, group name
-_CLAIM_SESSION = """
-redis.call('SET', KEYS[1], '1', 'EX', ARGV[5])
-local previous_owner, previous_socket = false, false
-if ARGV[1] == '1' then
-  previous_owner = redis.call('GET', KEYS[2])
-  previous_socket = redis.call('GET', KEYS[3])
-  redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[4])
-  redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[4])
-  redis.pcall('XGROUP', 'CREATE', KEYS[4], ARGV[7], '0', 'MKSTREAM')
-else
-  local now_ms = tonumber(ARGV[6])
-  redis.call('ZADD', KEYS[6], now_ms + tonumber(ARGV[4]) * 1000, ARGV[2])
-  redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', now_ms)
-  redis.call('EXPIRE', KEYS[6], ARGV[4])
-end
-return {previous_owner, previous_socket, redis.call('XLEN', KEYS[4]), redis.call('XLEN', KEYS[5])}
-"""
-
-_RENEW = """
-local current = redis.call('GET', KEYS[2])
-if current and current ~= ARGV[2] then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
-redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
-return 1
-"""
-
-_RELEASE = """
-if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
-redis.call('DEL', KEYS[2])
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
-return 1
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,12 +49,12 @@ class Ownership:
     def __init__(self, redis: aioredis.Redis, node_id: str) -> None:
         self._redis = redis
         self.node_id = node_id
-        self._claim_session = redis.register_script(_CLAIM_SESSION)
-        self._renew = redis.register_script(_RENEW)
-        self._release = redis.register_script(_RELEASE)
+        self._claim_session = lua.CLAIM_SESSION.on(redis)
+        self._renew = lua.RENEW_OWNER.on(redis)
+        self._release = lua.RELEASE_OWNER.on(redis)
 
     async def claim_session(self, persona_key: str, socket_id: str, *, inbound: bool, seen_ttl_s: int) -> SessionClaim:
-        """All of an authentication's writes in one round trip (`_CLAIM_SESSION`); an inbound
+        """All of an authentication's writes in one round trip (`lua.CLAIM_SESSION`); an inbound
         socket takes the persona and evicts a previous socket on another node."""
         reply = await self._claim_session(
             keys=[

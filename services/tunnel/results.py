@@ -27,7 +27,7 @@ import redis.asyncio as aioredis
 from websockets.exceptions import ConnectionClosed
 
 from services.tunnel import metrics
-from shared import keys, protocol
+from shared import keys, lua, protocol
 from shared.logs import get_logger, log
 from shared.payloads import DeliveryResult
 
@@ -38,19 +38,6 @@ RESULTS_BATCH = 100
 # another node that read the result just before the deletion then still sees the origin and
 # leaves it alone, instead of taking it for orphaned and sending it again.
 DELIVERED_ORIGIN_TTL_S = 60
-
-# Deletes the origin records a closing socket still holds, unless a resend from another socket
-# took the stream over meanwhile; returns how many were deleted.
-_FORGET_ORIGINS = """
-local deleted = 0
-for _, key in ipairs(KEYS) do
-  if redis.call('GET', key) == ARGV[1] then
-    redis.call('DEL', key)
-    deleted = deleted + 1
-  end
-end
-return deleted
-"""
 
 
 class ResultTarget(Protocol):
@@ -195,7 +182,7 @@ class OriginRecords:
     """The `outbound_origin` records a node writes (on acceptance) and forgets (on close)."""
 
     def __init__(self, redis: aioredis.Redis) -> None:
-        self._forget = redis.register_script(_FORGET_ORIGINS)
+        self._forget = lua.FORGET_ORIGINS.on(redis)
 
     async def forget(self, persona_key: str, origin: Origin, stream_ids: list[str]) -> int:
         if not stream_ids:

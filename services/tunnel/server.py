@@ -27,6 +27,7 @@ from services.tunnel.handshakes import HandshakeGate, gated_connection_class
 from services.tunnel.node import TunnelNode
 from services.tunnel.ratelimit import client_ip, is_trusted, parse_trusted_proxies
 from shared.backlog import refresh_backlog_metrics
+from shared.codes import CLOSE_REASON_CODE, CloseReason
 from shared.health import health_response, refresh_before_scrape
 from shared.logs import get_logger
 from shared.redis_metrics import refresh_redis_memory
@@ -34,8 +35,6 @@ from shared.redis_metrics import refresh_redis_memory
 logger = get_logger(__name__)
 
 WS_PATH = "/ws"
-TOO_MANY_UNAUTHENTICATED = "too_many_unauthenticated"
-CLOSE_TRY_AGAIN_LATER = 1013
 WRITE_LIMIT_BYTES = 1024 * 1024
 CLOSE_TIMEOUT_S = 5.0
 MAX_QUEUED_MESSAGES = 16
@@ -75,7 +74,7 @@ async def start_server(
         path = request.path.split("?", 1)[0]
         if path == WS_PATH:
             if node.unauthenticated_full(request_client_ip(connection, request)):
-                metrics.CONNECTIONS_REFUSED.labels(reason=TOO_MANY_UNAUTHENTICATED).inc()
+                metrics.CONNECTIONS_REFUSED.labels(reason=CloseReason.TOO_MANY_UNAUTHENTICATED).inc()
                 return http_response(429, "application/json", b'{"error":"too_many_unauthenticated"}')
             return None
         ready = await node.ready() if path == "/readyz" else None
@@ -88,8 +87,9 @@ async def start_server(
         assert ws.request is not None
         connection = TunnelConnection(node.context, ws, request_client_ip(ws, ws.request))
         if not node.connected(connection):  # upgrades racing past `route`'s check
-            metrics.CONNECTIONS_REFUSED.labels(reason=TOO_MANY_UNAUTHENTICATED).inc()
-            await ws.close(CLOSE_TRY_AGAIN_LATER, TOO_MANY_UNAUTHENTICATED)
+            refusal = CloseReason.TOO_MANY_UNAUTHENTICATED
+            metrics.CONNECTIONS_REFUSED.labels(reason=refusal).inc()
+            await ws.close(CLOSE_REASON_CODE[refusal], refusal)
             return
         await connection.run()
 

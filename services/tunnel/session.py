@@ -47,17 +47,17 @@ from typing import Any, Protocol
 from services.tunnel import header_from, outbound
 from services.tunnel.challenges import ChallengeRecord, check_response, iso_utc_ms, new_challenge, normalize_key
 from shared import protocol
+from shared.codes import (
+    AUTH_ERROR_CLOSE,
+    CLOSE_REASON_CODE,
+    NAMES_EXPECTED_SENDER,
+    AuthError,
+    CloseReason,
+    ControlError,
+    OutboundRefusal,
+)
 from shared.identity import is_public_key
 from shared.payloads import OutboundJob
-
-INVALID_MESSAGE = "invalid_message"
-INVALID_TUNNEL_FRAME = "invalid_tunnel_frame"
-RATE_LIMITED = "rate_limited"
-REPLACED = "replaced_by_new_session"
-UNKNOWN_TYPE = "unknown_type"
-ALREADY_AUTHENTICATED = "already_authenticated"
-AUTH_TIMEOUT = "auth_timeout"
-TOO_MANY_SOCKETS = "too_many_sockets"  # outbound-role sockets per persona / per IP (4408)
 
 ROLE_INBOUND = "inbound"
 ROLE_OUTBOUND = "outbound"
@@ -300,24 +300,24 @@ class TunnelSession:
         if self.state is State.AUTHENTICATED:
             return self._receive_control(text)
         if self.state is State.VERIFYING:  # the server reads nothing until the verification ends
-            return self._fail(INVALID_MESSAGE)
+            return self._fail(AuthError.INVALID_MESSAGE)
         return []
 
     def receive_binary(self, message: bytes) -> list[Action]:
         """A binary message: JSON auth before auth_ok (A3 allows it), a tunnel frame (A4) after."""
         if self.state is State.VERIFYING:
-            return self._fail(INVALID_MESSAGE)
+            return self._fail(AuthError.INVALID_MESSAGE)
         if self.state is State.UNAUTHENTICATED:
             try:
                 text = message.decode("utf-8")
             except UnicodeDecodeError:
-                return self._fail(INVALID_MESSAGE)
+                return self._fail(AuthError.INVALID_MESSAGE)
             return self._receive_auth_message(text)
         if self.state is State.AUTHENTICATED:
             try:
                 frame = protocol.decode_frame(message)
             except protocol.FrameError:
-                return self._fail(INVALID_TUNNEL_FRAME)
+                return self._fail(AuthError.INVALID_TUNNEL_FRAME)
             return self._receive_frame(frame)
         return []
 
@@ -330,7 +330,7 @@ class TunnelSession:
             return []
         challenge, reply = pending
         if not within_rate:
-            return [DiscardChallenge(challenge.challenge_id), *self._fail(RATE_LIMITED)]
+            return [DiscardChallenge(challenge.challenge_id), *self._fail(AuthError.RATE_LIMITED)]
         self._issued = challenge
         return [SendText(reply)]
 
@@ -339,7 +339,7 @@ class TunnelSession:
         if self.state is not State.VERIFYING:
             return []
         if not within_rate:
-            return self._fail(RATE_LIMITED)
+            return self._fail(AuthError.RATE_LIMITED)
         return self._find_challenge()
 
     def challenge_loaded(self, record: ChallengeRecord | None) -> list[Action]:
@@ -353,7 +353,7 @@ class TunnelSession:
             return self._fail(code)
         return [ConsumeChallenge(verification.challenge_id, verification.persona_key, self._at_ms)]
 
-    def challenge_consumed(self, code: str | None) -> list[Action]:
+    def challenge_consumed(self, code: AuthError | None) -> list[Action]:
         """Outcome of `ConsumeChallenge`: the challenge was ours (claim the persona) or a
         concurrent use, expiry or deletion won (refuse with its code)."""
         verification = self._verification
@@ -363,7 +363,7 @@ class TunnelSession:
             return self._fail(code)
         return [ClaimPersona(verification.persona_key, verification.role)]
 
-    def auth_failed(self, code: str) -> list[Action]:
+    def auth_failed(self, code: AuthError) -> list[Action]:
         """The server refused the attempt (e.g. `too_many_sockets` at `ClaimPersona`)."""
         return self._fail(code)
 
@@ -372,7 +372,7 @@ class TunnelSession:
         verification under way is left to finish (it ends in auth_ok or a refusal)."""
         if self.state is not State.UNAUTHENTICATED:
             return []
-        return self._fail(AUTH_TIMEOUT)
+        return self._fail(AuthError.AUTH_TIMEOUT)
 
     def auth_succeeded(self, persona_key: str, role: str, replaced_socket_id: str | None) -> list[Action]:
         """Outcome of `ClaimPersona`: send auth_ok, then start serving."""
@@ -394,7 +394,7 @@ class TunnelSession:
             fields["capabilities"] = list(self.capabilities)
         return [SendText(protocol.encode_control(fields)), Authenticated(persona_key, role, replaced_socket_id)]
 
-    def outbound_refused(self, stream_id: str, reason: str) -> list[Action]:
+    def outbound_refused(self, stream_id: str, reason: OutboundRefusal) -> list[Action]:
         if self.state is not State.AUTHENTICATED:
             return []
         return [RefuseOutbound(stream_id, reason)]
@@ -403,7 +403,7 @@ class TunnelSession:
         """Another socket took this persona: close without auth_error (PROTOCOL.md A3)."""
         self.state = State.CLOSED
         self._drop_all_streams()
-        return [Close(protocol.CLOSE_REPLACED, REPLACED)]
+        return [Close(CLOSE_REASON_CODE[CloseReason.REPLACED], CloseReason.REPLACED)]
 
     def expire_streams(self) -> list[Action]:
         """Drop outbound streams unfinished after the timeout, freeing their memory."""
@@ -419,16 +419,14 @@ class TunnelSession:
 
     # --- auth --------------------------------------------------------------------------------
 
-    def _fail(self, code: str) -> list[Action]:
+    def _fail(self, code: AuthError) -> list[Action]:
         """auth_error then close; nothing once closed (a Redis step may finish after a deadline)."""
         if self.state is State.CLOSED:
             return []
         self.state = State.CLOSED
         self._verification = None
         self._drop_all_streams()
-        back_off = code in (RATE_LIMITED, TOO_MANY_SOCKETS)
-        close_code = protocol.CLOSE_RATE_LIMITED if back_off else protocol.CLOSE_AUTH_FAILED
-        return [SendText(protocol.auth_error(code)), Close(close_code, code)]
+        return [SendText(protocol.auth_error(code)), Close(AUTH_ERROR_CLOSE[code], code)]
 
     def _receive_auth_message(self, text: str) -> list[Action]:
         try:
@@ -440,7 +438,7 @@ class TunnelSession:
                 return self._challenge_response(fields)
         except protocol.ControlMessageError:
             pass
-        return self._fail(INVALID_MESSAGE)
+        return self._fail(AuthError.INVALID_MESSAGE)
 
     def _challenge_request(self, fields: dict[str, Any]) -> list[Action]:
         persona_key = normalize_key(protocol.require_str(fields, "publicKeyBase32"))
@@ -496,12 +494,12 @@ class TunnelSession:
             if message_type == "smtp_ack":
                 return [AckInbound(protocol.require_str(fields, "streamId"))]
         except protocol.ControlMessageError:
-            return [_error(INVALID_MESSAGE)]
+            return [_error(ControlError.INVALID_MESSAGE)]
         if message_type == "ping":
             return [SendText(protocol.encode_control({"type": "pong"}))]
         if message_type in ("auth_challenge_request", "auth_challenge_response"):
-            return [_error(ALREADY_AUTHENTICATED)]
-        return [_error(UNKNOWN_TYPE)]
+            return [_error(ControlError.ALREADY_AUTHENTICATED)]
+        return [_error(ControlError.UNKNOWN_TYPE)]
 
     # --- outbound assembly (PROTOCOL.md A6) --------------------------------------------------
 
@@ -512,7 +510,7 @@ class TunnelSession:
             self._refused_streams.pop(stream_id, None)
             self._drop_stream(stream_id)
             if len(self._streams) >= self.limits.max_open_streams:
-                return [*actions, *self._refuse(stream_id, outbound.TOO_MANY_STREAMS)]
+                return [*actions, *self._refuse(stream_id, OutboundRefusal.TOO_MANY_STREAMS)]
             start = protocol.decode_start_body(frame.body)
             self._streams[stream_id] = _OutboundStream(start, self._clock_ms())
             return actions
@@ -522,14 +520,14 @@ class TunnelSession:
             return actions
         stream = self._streams.get(stream_id)
         if stream is None:
-            return [*actions, RefuseOutbound(stream_id, outbound.STREAM_NOT_STARTED)]
+            return [*actions, RefuseOutbound(stream_id, OutboundRefusal.STREAM_NOT_STARTED)]
         if frame.frame_type is protocol.FrameType.SMTP_CHUNK:
             size = len(frame.body)
             refusal = None
             if stream.size_bytes + size > self.limits.max_message_bytes:
-                refusal = outbound.MESSAGE_TOO_LARGE
+                refusal = OutboundRefusal.MESSAGE_TOO_LARGE
             elif not self.allowance.take(size):
-                refusal = outbound.OUTBOUND_BUSY
+                refusal = OutboundRefusal.OUTBOUND_BUSY
             if refusal is not None:
                 self._drop_stream(stream_id)
                 return [*actions, *self._refuse(stream_id, refusal)]
@@ -548,7 +546,7 @@ class TunnelSession:
         for stream_id in list(self._streams):
             self._drop_stream(stream_id)
 
-    def _refuse(self, stream_id: str, reason: str) -> list[Action]:
+    def _refuse(self, stream_id: str, reason: OutboundRefusal) -> list[Action]:
         self._refused_streams[stream_id] = None
         while len(self._refused_streams) > MAX_REFUSED_STREAMS_REMEMBERED:
             del self._refused_streams[next(iter(self._refused_streams))]
@@ -567,7 +565,7 @@ class TunnelSession:
         )
         if refusal is not None:
             self.allowance.give(stream.size_bytes)
-            wrong_sender = refusal in (outbound.SENDER_NOT_ALLOWED, outbound.HEADER_FROM_NOT_ALLOWED)
+            wrong_sender = refusal in NAMES_EXPECTED_SENDER
             expected = outbound.expected_sender(self.persona_key, domains) if wrong_sender else None
             return [RefuseOutbound(stream_id, refusal, expected)]
         job = OutboundJob(
@@ -585,5 +583,5 @@ def _role(value: object) -> str:
     return ROLE_OUTBOUND if value == ROLE_OUTBOUND else ROLE_INBOUND
 
 
-def _error(code: str) -> SendText:
+def _error(code: ControlError) -> SendText:
     return SendText(protocol.encode_control({"type": "error", "code": code}))

@@ -25,10 +25,9 @@ from websockets.exceptions import ConnectionClosed
 from protege_relay.gateway.assembler import InboundAssembler
 from protege_relay.gateway.client import AuthFailed, open_session
 from protege_relay.gateway.receive import EXIT_AUTH_REFUSED
+from shared.codes import CloseCode
 from shared.identity import Passport, decode_public_key, decode_signature, verify_signature
 from shared.protocol import (
-    CLOSE_AUTH_FAILED,
-    CLOSE_REPLACED,
     MAX_CHUNK_BYTES,
     SmtpStart,
     auth_error,
@@ -156,7 +155,7 @@ async def test_auth_error_is_fatal_only_when_retrying_cannot_help(code: str, fat
     async def relay(ws: ServerConnection) -> None:
         await recv_control(ws)
         await ws.send(auth_error(code))
-        await ws.close(CLOSE_AUTH_FAILED, code)
+        await ws.close(CloseCode.AUTH_FAILED, code)
 
     async with scripted_relay(relay) as url:
         with pytest.raises(AuthFailed) as refused:
@@ -168,7 +167,7 @@ async def test_gateway_exits_non_zero_when_the_relay_refuses_its_key(tmp_path: P
     async def relay(ws: ServerConnection) -> None:
         await recv_control(ws)
         await ws.send(auth_error("invalid_signature"))
-        await ws.close(CLOSE_AUTH_FAILED, "invalid_signature")
+        await ws.close(CloseCode.AUTH_FAILED, "invalid_signature")
 
     _, key_path = new_key(tmp_path)
     async with scripted_relay(relay) as url:
@@ -216,7 +215,7 @@ async def test_gateway_acks_only_stored_messages_dedupes_and_with_take_over_reco
                 await ws.send(frame)
             await await_ack(ws)
             await await_ack(ws)
-            await ws.close(CLOSE_REPLACED, "replaced_by_new_session")
+            await ws.close(CloseCode.REPLACED, "replaced_by_new_session")
             return
         await push_message(ws, "q1.0", first)  # redelivery after a reconnect: same stream id
         await await_ack(ws)

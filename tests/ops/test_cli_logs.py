@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from shared import protocol
+from shared.codes import CloseCode
 from shared.identity import Passport
 from tests.support.processes import REPO_ROOT, ServiceProcess, free_port, poll_until, service_env
 from tests.support.ws_client import GatewayClient
@@ -124,7 +125,7 @@ async def test_the_tunnel_logs_every_close_replacement_and_mid_message_drop_with
     await first.authenticate(passport)
     second = await GatewayClient.open(url)
     await second.authenticate(passport)
-    assert (await first.closed())[0] == protocol.CLOSE_REPLACED
+    assert (await first.closed())[0] == CloseCode.REPLACED
     await second.close()
 
     def closes() -> list[dict[str, Any]]:
@@ -142,7 +143,7 @@ async def test_the_tunnel_logs_every_close_replacement_and_mid_message_drop_with
     )
     assert (replaced["closed_by"], replaced["close_code"], replaced["close_reason"]) == (
         "relay",
-        protocol.CLOSE_REPLACED,
+        CloseCode.REPLACED,
         "replaced_by_new_session",
     )
     assert (normal["msg"], normal["closed_by"], normal["close_code"]) == ("socket closed", "gateway", 1000)

@@ -21,8 +21,8 @@ from arq.constants import in_progress_key_prefix, job_key_prefix
 
 from protege_relay.embedded_redis import EmbeddedRedis
 from services.tunnel.outbound import OutboundQueue
-from shared import keys
-from shared.inbox_entries import REMOVE_SCRIPT, StoredEntry
+from shared import keys, lua
+from shared.inbox_entries import StoredEntry
 from shared.payloads import DeliveryResult, OutboundJob
 from tests.support.ingress import address, mark_seen, new_persona, send_raw
 from tests.support.mx_sink import MxSink
@@ -189,7 +189,7 @@ def test_delete_removes_one_message_and_the_byte_counter_stays_right_when_the_ga
     # The gateway acknowledges the message it had already received: the tunnel removes it
     # through the same script, which must not count it a second time.
     script_keys, args = StoredEntry.parse(doomed_entry_id, doomed_fields).remove_call(alice)
-    assert redis_client.register_script(REMOVE_SCRIPT)(keys=script_keys, args=args) == 0
+    assert lua.INBOX_REMOVE.on(redis_client)(keys=script_keys, args=args) == 0
     assert counted_bytes(redis_client, alice) == after == stored_bytes(redis_client, alice)
 
     again = queue_cli(redis_server.url, "delete", queue_id_of(doomed) + ".0")

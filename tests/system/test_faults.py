@@ -429,7 +429,14 @@ async def test_lost_exec_reply_then_retry_is_one_message_not_two(
             smtp.close()
         entries = cast(int, redis_sync.xlen(keys.inbox(passport.persona_key)))
         report("lost EXEC reply", f"replies={[code for code, _ in replies]} inbox_entries={entries}", cut=cutter.cut)
-        assert [code for code, _ in replies] == [451, 250] and cutter.cut == 1
+        assert cutter.cut == 1
+        # The ingress retries an enqueue whose connection broke (shared/replication.py: the
+        # script is idempotent), so the first try may already be answered 250; either way the
+        # sender's retry names the same queue id and Redis holds one message.
+        codes = [code for code, _ in replies]
+        assert codes in ([451, 250], [250, 250]), replies
+        if codes == [250, 250]:
+            assert replies[0][1] == replies[1][1], replies
         assert entries == 1, "one message, accepted twice: the gateway gets it under two stream ids"
     finally:
         await asyncio.to_thread(cluster.stop)

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import urllib.request
 from typing import Any
 
 import redis
 
 from protege_relay.embedded_redis import free_port
-from shared import keys
+from shared import keys, lua
 from shared.identity import Passport
 from shared.payloads import DeliveryResult, InboxEntry
 from shared.wakeup import Wakeup, WakeupKind
@@ -38,10 +39,11 @@ def add_inbox_entry(redis_client: redis.Redis, persona_key: str, data: bytes) ->
 
 
 def wake_owner(redis_client: redis.Redis, persona_key: str, kind: WakeupKind) -> None:
-    """What ingress and egress do (shared.wakeup.wake_owner), with a sync client."""
-    owner = redis_client.get(keys.owner(persona_key))
-    assert owner is not None
-    redis_client.publish(keys.node_channel(owner.decode()), Wakeup(kind, persona_key).encode())
+    """What ingress and egress do (shared.wakeup.wake_owner: the wake-up script), with a sync client."""
+    holders = [keys.outbound_holders(persona_key)] if kind is WakeupKind.RESULT else []
+    message = Wakeup(kind, persona_key).encode()
+    woken = lua.WAKE.on(redis_client)(keys=[keys.owner(persona_key), *holders], args=[message, int(time.time() * 1000)])
+    assert woken >= 1, "the persona has an owner node"
 
 
 def test_process_serves_health(spawn: Any) -> None:

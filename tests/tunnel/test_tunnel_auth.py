@@ -14,7 +14,8 @@ import redis
 import redis.asyncio as aioredis
 
 from protege_relay.embedded_redis import EmbeddedRedis
-from shared import keys, protocol
+from shared import keys
+from shared.codes import CloseCode
 from shared.identity import Passport
 from tests.support.clock import ManualClock
 from tests.support.wait import eventually
@@ -368,7 +369,7 @@ async def test_raw_client_sees_the_same_auth_flow(tunnel: RunningTunnel) -> None
 
 
 def test_close_codes_match_the_protocol() -> None:
-    assert (protocol.CLOSE_AUTH_FAILED, protocol.CLOSE_RATE_LIMITED, protocol.CLOSE_REPLACED) == (4401, 4408, 4400)
+    assert (CloseCode.AUTH_FAILED, CloseCode.RATE_LIMITED, CloseCode.REPLACED) == (4401, 4408, 4400)
 
 
 async def test_auth_rate_is_per_forwarded_client_behind_a_trusted_proxy(

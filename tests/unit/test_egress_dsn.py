@@ -12,6 +12,7 @@ from email.message import EmailMessage
 from services.egress import dsn
 from services.egress.bounce import notice_queue_id
 from services.egress.outcome import Outcome
+from shared.codes import DeliveryError
 
 ORIGINAL = (
     b"From: persona@relay.test\nTo: user@example.test\nSubject: quarterly numbers\n"
@@ -32,7 +33,7 @@ def notice(action: dsn.Action = dsn.Action.FAILED, **overrides: object) -> dsn.N
         "now": NOW,
         "recipients": [
             ("user@example.test", Outcome.from_reply(550, "5.1.1 user unknown\r\nInjected: header")),
-            ("other@example.test", Outcome.failure("connection_failed", permanent=False)),
+            ("other@example.test", Outcome.failure(DeliveryError.CONNECTION_FAILED)),
         ],
         "original": ORIGINAL,
     }
@@ -95,9 +96,9 @@ def test_huge_or_headerless_originals_are_bounded() -> None:
 
 
 def test_status_codes_for_our_tokens() -> None:
-    assert dsn.status_code(Outcome.failure("null_mx", permanent=True)) == "5.1.10"
-    assert dsn.status_code(Outcome.failure("destination_not_allowed", permanent=True)) == "5.4.4"
-    assert dsn.status_code(Outcome.failure("max_attempts_exceeded", permanent=False)) == "4.4.7"
+    assert dsn.status_code(Outcome.failure(DeliveryError.NULL_MX)) == "5.1.10"
+    assert dsn.status_code(Outcome.failure(DeliveryError.DESTINATION_NOT_ALLOWED)) == "5.4.4"
+    assert dsn.status_code(Outcome.failure(DeliveryError.MAX_ATTEMPTS_EXCEEDED)) == "4.4.7"
     assert dsn.status_code(Outcome.from_reply(451, "try again")) == "4.0.0"
 
 
