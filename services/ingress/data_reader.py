@@ -16,9 +16,10 @@ rules on whole blocks with bytes operations. What is kept, byte for byte and rep
 * pipelined commands after the end marker stay in the stream for the command loop.
 
 Memory is bounded like aiosmtpd's: at most `data_size_limit` bytes are held, and blocks read
-after a refusal are dropped at once. The stream reader keeps its limit (1001), so a block
-without `.\\r\\n` arrives in ~1 KB pieces through `LimitOverrunError`; no private member of
-the reader is touched.
+after a refusal are dropped at once. The stream reader keeps its limit (1001): a stretch
+without `.\\r\\n` comes as `LimitOverrunError` whose `consumed` is all that is buffered but
+the last two bytes (one socket read's worth, since the reader pauses the transport above twice
+its limit), read with `read(consumed)`; no private member of the reader is touched.
 """
 
 from __future__ import annotations
