@@ -149,7 +149,9 @@ class FastDataSMTP(SMTP):
             held.append(block)
             held_bytes += len(block)
             if at_end:
-                data = b"".join(held)[: -len(END_OF_DATA)]
+                held[-1] = block[: -len(END_OF_DATA)]  # a copy of this block only, not of the message
+                data = b"".join(held)
+                held.clear()
                 if not counted and within_limits(data, size_limit, line_limit):
                     return data
                 verdict = first_violation(data, size_limit, line_limit, counted)
