@@ -31,6 +31,8 @@ with atheris.instrument_imports():
         TunnelSession,
     )
     from shared import protocol
+    from shared.codes import OutboundRefusal
+    from shared.envelope import has_control_characters
 
 PERSONA_KEY = "25njqamcweflpvkl73j4szahhihoc4xt3ktcgjnpaingr5yhkena"
 LIMITS = SessionLimits(
@@ -116,8 +118,8 @@ def step(session: TunnelSession, provider: atheris.FuzzedDataProvider, clock: li
         return []
     if operation == 9:
         return list(session.auth_timed_out()) if provider.ConsumeIntInRange(0, 7) == 0 else []
-    text = provider.ConsumeUnicodeNoSurrogates(80)
-    return list(session.outbound_refused(provider.PickValueInList(STREAM_IDS), text or "rate_limited"))
+    refusal = provider.PickValueInList(list(OutboundRefusal))
+    return list(session.outbound_refused(provider.PickValueInList(STREAM_IDS), refusal))
 
 
 def check(session: TunnelSession, actions: list[object], was_closed: bool) -> None:
@@ -133,7 +135,7 @@ def check(session: TunnelSession, actions: list[object], was_closed: bool) -> No
             assert job.persona_key == session.persona_key == PERSONA_KEY
             assert outbound.check_sender(job.mail_from, PERSONA_KEY, []) is None
             assert len(job.rcpt_to) == 1 and outbound.check_recipient(job.rcpt_to[0]) is None
-            assert not outbound.has_control_characters(job.mail_from + job.rcpt_to[0])
+            assert not has_control_characters(job.mail_from + job.rcpt_to[0])
             assert len(job.data) <= LIMITS.max_message_bytes
     assert session.open_stream_bytes <= LIMITS.max_open_streams * LIMITS.max_message_bytes
 
