@@ -137,7 +137,8 @@ async def send(deliverer: Deliverer) -> DomainReport:
 
 
 def violations(mode: str, reason: str) -> float:
-    return metrics.MTA_STS_VIOLATIONS.labels(mode, reason)._value.get()
+    value: float = metrics.MTA_STS_VIOLATIONS.labels(mode, reason)._value.get()
+    return value
 
 
 async def test_enforce_and_listed_mx_with_a_valid_certificate_is_sent_over_tls(

@@ -33,6 +33,7 @@ from shared.payloads import DeliveryResult, InboxEntry, OutboundJob
 from shared.redis import connect_arq
 from shared.wakeup import Wakeup, WakeupKind
 from tests.support.dns_server import DnsServer
+from tests.support.dsn import status_groups
 from tests.support.mx_sink import MxSink
 from tests.support.policy_server import PolicyServer
 from tests.support.processes import free_port
@@ -154,7 +155,7 @@ async def test_message_is_delivered_with_crlf_and_the_sink_queue_id(
     assert elapsed < 5
     message = await eventually(lambda: wakeups.get_message(ignore_subscribe_messages=True, timeout=0.1))
     assert Wakeup.decode(message["data"]) == Wakeup(WakeupKind.RESULT, persona_key)
-    await wakeups.aclose()
+    await wakeups.aclose()  # type: ignore[no-untyped-call]
 
 
 async def test_result_wakes_the_owner_and_live_outbound_holders_once_each(
@@ -184,7 +185,7 @@ async def test_result_wakes_the_owner_and_live_outbound_holders_once_each(
         (keys.node_channel("node-a").encode(), expected),
         (keys.node_channel("node-b").encode(), expected),
     ]
-    await wakeups.aclose()
+    await wakeups.aclose()  # type: ignore[no-untyped-call]
 
 
 async def test_permanent_refusal_is_a_failed_result_without_retry(
@@ -257,7 +258,7 @@ async def test_failure_after_a_deferral_puts_one_dsn_in_the_persona_inbox(
     assert str(message["To"]) == f"{persona_key}@relay.test" and str(message["In-Reply-To"]) == "<m1@relay.test>"
     assert message.get_content_type() == "multipart/report" and message.get_param("report-type") == "delivery-status"
     _, status, headers = message.iter_parts()
-    _, recipient = status.get_payload()
+    _, recipient = status_groups(status)
     assert (recipient["Final-Recipient"], recipient["Action"], recipient["Status"]) == (
         "rfc822; user@example.test",
         "failed",
@@ -297,7 +298,7 @@ async def test_a_message_deferred_past_the_warning_time_gets_a_delayed_dsn(
     message = email.message_from_bytes(notice.data, policy=email.policy.default)
     assert str(message["Subject"]) == "Delayed Mail (still being retried)"
     _, status, _ = message.iter_parts()
-    _, recipient = status.get_payload()
+    _, recipient = status_groups(status)
     assert (recipient["Action"], recipient["Status"]) == ("delayed", "4.2.2")
     assert recipient["Will-Retry-Until"]
 
@@ -444,7 +445,8 @@ async def test_same_job_id_is_delivered_once(start_egress: Callable[..., Awaitab
 
 
 async def _queue_empty(egress: Harness) -> bool:
-    return await egress.pool.zcard(keys.EGRESS_QUEUE) == 0
+    queued: int = await egress.pool.zcard(keys.EGRESS_QUEUE)
+    return queued == 0
 
 
 async def test_dkim_signature_of_the_delivered_message_verifies(

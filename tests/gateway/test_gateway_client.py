@@ -25,7 +25,7 @@ from websockets.exceptions import ConnectionClosed
 from protege_relay.gateway.assembler import InboundAssembler
 from protege_relay.gateway.client import AuthFailed, open_session
 from protege_relay.gateway.receive import EXIT_AUTH_REFUSED
-from shared.codes import CloseCode
+from shared.codes import AuthError, CloseCode
 from shared.identity import Passport, decode_public_key, decode_signature, verify_signature
 from shared.protocol import (
     MAX_CHUNK_BYTES,
@@ -150,8 +150,8 @@ async def test_open_session_signs_the_challenge_and_reports_agreed_capabilities(
     assert session.persona_key == passport.persona_key
 
 
-@pytest.mark.parametrize(("code", "fatal"), [("invalid_signature", True), ("challenge_expired", False)])
-async def test_auth_error_is_fatal_only_when_retrying_cannot_help(code: str, fatal: bool) -> None:
+@pytest.mark.parametrize(("code", "fatal"), [(AuthError.INVALID_SIGNATURE, True), (AuthError.CHALLENGE_EXPIRED, False)])
+async def test_auth_error_is_fatal_only_when_retrying_cannot_help(code: AuthError, fatal: bool) -> None:
     async def relay(ws: ServerConnection) -> None:
         await recv_control(ws)
         await ws.send(auth_error(code))
@@ -166,7 +166,7 @@ async def test_auth_error_is_fatal_only_when_retrying_cannot_help(code: str, fat
 async def test_gateway_exits_non_zero_when_the_relay_refuses_its_key(tmp_path: Path, launch: Launch) -> None:
     async def relay(ws: ServerConnection) -> None:
         await recv_control(ws)
-        await ws.send(auth_error("invalid_signature"))
+        await ws.send(auth_error(AuthError.INVALID_SIGNATURE))
         await ws.close(CloseCode.AUTH_FAILED, "invalid_signature")
 
     _, key_path = new_key(tmp_path)

@@ -10,7 +10,7 @@ import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 T = TypeVar("T")
 
@@ -34,12 +34,30 @@ def poll_until(
         time.sleep(interval_s)
 
 
+@overload
 async def eventually(
-    predicate: Callable[[], T | Awaitable[T]],
+    predicate: Callable[[], Awaitable[T]],
+    timeout_s: float = ...,
+    message: str | Callable[[], str] = ...,
+    interval_s: float = ...,
+) -> T: ...
+
+
+@overload
+async def eventually(
+    predicate: Callable[[], T],
+    timeout_s: float = ...,
+    message: str | Callable[[], str] = ...,
+    interval_s: float = ...,
+) -> T: ...
+
+
+async def eventually(
+    predicate: Callable[[], Any],
     timeout_s: float = 15.0,
     message: str | Callable[[], str] = "",
     interval_s: float = POLL_INTERVAL_S,
-) -> T:
+) -> Any:
     """Async `poll_until`: the event loop (an in-process service) keeps running while we wait.
     `predicate` may be a plain function or return an awaitable (a coroutine reading Redis)."""
     loop = asyncio.get_running_loop()
@@ -49,7 +67,7 @@ async def eventually(
         if inspect.isawaitable(value):
             value = await value
         if value:
-            return value  # type: ignore[no-any-return]
+            return value
         if loop.time() > deadline:
             raise AssertionError(_failure(message, timeout_s, value))
         await asyncio.sleep(interval_s)

@@ -23,6 +23,7 @@ from protege_relay.embedded_redis import EmbeddedRedis
 from shared import keys
 from shared.identity import Passport
 from tests.support.dns_server import DnsServer
+from tests.support.dsn import status_groups
 from tests.support.mx_sink import MxSink
 from tests.support.processes import REPO_ROOT, ServiceProcess, free_port, service_env
 from tests.support.wait import poll_until
@@ -291,7 +292,7 @@ async def test_late_failure_reaches_the_gateway_as_a_dsn_in_its_inbox(
     assert message.get_param("report-type") == "delivery-status"
     text, status, headers = message.iter_parts()
     assert "550 5.7.1 message refused by policy" in text.get_content()
-    per_message, recipient = status.get_payload()
+    per_message, recipient = status_groups(status)
     assert per_message["X-Protege-Relay-Stream-Id"] == stream_id
     assert (recipient["Final-Recipient"], recipient["Action"], recipient["Status"]) == (
         "rfc822; user@example.test",

@@ -66,7 +66,7 @@ def test_the_protocol_close_table_is_the_codes_module() -> None:
         cells = re.match(r"^\| (\d{4}) \| ([^|]+) \|", line)
         if cells:
             documented.update(dict.fromkeys(TOKEN.findall(cells.group(2)), int(cells.group(1))))
-    sent = {str(code): int(close) for code, close in {**AUTH_ERROR_CLOSE, **CLOSE_REASON_CODE}.items()}
+    sent = {str(code): int(close) for table in (AUTH_ERROR_CLOSE, CLOSE_REASON_CODE) for code, close in table.items()}
     assert documented == sent
 
 

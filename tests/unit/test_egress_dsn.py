@@ -13,6 +13,7 @@ from services.egress import dsn
 from services.egress.bounce import notice_queue_id
 from services.egress.outcome import Outcome
 from shared.codes import DeliveryError
+from tests.support.dsn import status_groups
 
 ORIGINAL = (
     b"From: persona@relay.test\nTo: user@example.test\nSubject: quarterly numbers\n"
@@ -62,7 +63,7 @@ def test_failed_dsn_is_a_delivery_status_report_with_the_original_headers_only()
     assert text.get_content_type() == "text/plain"
     assert "<user@example.test>: smtp; 550 5.1.1 user unknown Injected: header" in text.get_content()
     assert status.get_content_type() == "message/delivery-status"
-    per_message, first, second = status.get_payload()  # type: ignore[misc]
+    per_message, first, second = status_groups(status)
     assert per_message["Reporting-MTA"] == "dns; egress.relay.test"
     assert per_message["X-Protege-Relay-Stream-Id"] == "stream-1"
     assert (first["Final-Recipient"], first["Action"], first["Status"]) == (
@@ -82,7 +83,7 @@ def test_delayed_dsn_says_until_when() -> None:
     message = parse(dsn.build(notice(dsn.Action.DELAYED, retry_until=NOW + timedelta(hours=3))))
     assert str(message["Subject"]) == "Delayed Mail (still being retried)"
     _, status, _ = message.iter_parts()
-    _, first, _ = status.get_payload()  # type: ignore[misc]
+    _, first, _ = status_groups(status)
     assert first["Action"] == "delayed" and first["Will-Retry-Until"] == "Thu, 02 Jan 2025 06:04:05 +0000"
 
 

@@ -24,7 +24,7 @@ def both(arg: str, local_part_limit: int = 0) -> tuple[object, object]:
     return outcome(IngressSMTP._getaddr, arg), outcome(SMTP._getaddr, arg)
 
 
-def outcome(getaddr: Callable[[SMTP, str], object], arg: str) -> object:
+def outcome(getaddr: Callable[[IngressSMTP, str], object], arg: str) -> object:
     """The result, or the exception's type (aiosmtpd raises IndexError on a lone `<`)."""
     try:
         return getaddr(PARSER, arg)

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from shared.codes import AuthError
 from shared.protocol import (
     MAX_CHUNK_BYTES,
     ControlMessageError,
@@ -158,4 +159,4 @@ def test_delivery_results_have_the_compatible_shape() -> None:
 
 
 def test_auth_error_message() -> None:
-    assert json.loads(auth_error("challenge_expired")) == {"type": "auth_error", "code": "challenge_expired"}
+    assert json.loads(auth_error(AuthError.CHALLENGE_EXPIRED)) == {"type": "auth_error", "code": "challenge_expired"}

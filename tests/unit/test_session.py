@@ -35,6 +35,7 @@ from services.tunnel.session import (
     TunnelSession,
 )
 from shared import protocol
+from shared.codes import AuthError
 from shared.identity import Passport, encode_public_key
 
 RFC8032_SECRET = bytes.fromhex("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60")
@@ -83,8 +84,14 @@ def response(challenge_id: str, signature: str, key: str = RFC8032_KEY, **extra:
     )
 
 
-def auth_error(code: str, close_code: int = 4401) -> list[Action]:
+def auth_error(code: AuthError, close_code: int = 4401) -> list[Action]:
     return [SendText(protocol.auth_error(code)), Close(close_code, code)]
+
+
+def state_of(session: TunnelSession) -> State:
+    """`session.state` read afresh: after an `assert session.state is ...` mypy keeps the attribute
+    narrowed across the method calls that change it."""
+    return session.state
 
 
 def authenticated_session(**limits: Any) -> TunnelSession:
@@ -222,11 +229,13 @@ def test_verification_steps_in_order_and_auth_ok_starts_serving() -> None:
     ok, started = session.auth_succeeded(RFC8032_KEY, "inbound", "old-socket")
     assert isinstance(ok, SendText) and json.loads(ok.text)["type"] == "auth_ok"
     assert started == Authenticated(RFC8032_KEY, "inbound", "old-socket")
-    assert session.state is State.AUTHENTICATED
+    assert state_of(session) is State.AUTHENTICATED
 
 
-@pytest.mark.parametrize("code", ["challenge_already_used", "challenge_expired", "challenge_not_found"])
-def test_a_lost_consume_race_refuses_with_its_code(code: str) -> None:
+@pytest.mark.parametrize(
+    "code", [AuthError.CHALLENGE_ALREADY_USED, AuthError.CHALLENGE_EXPIRED, AuthError.CHALLENGE_NOT_FOUND]
+)
+def test_a_lost_consume_race_refuses_with_its_code(code: AuthError) -> None:
     issued = new_challenge(RFC8032_KEY, NOW_MS, 60, vector_uuids())
     session = make_session()
     session.receive_text(response(issued.challenge_id, VECTOR_SIGNATURE))
@@ -241,11 +250,11 @@ def test_a_failed_check_never_consumes_the_challenge() -> None:
     session = make_session()
     session.receive_text(response(issued.challenge_id, "AAAA"))
     session.auth_rate_checked(within_rate=True)
-    assert session.challenge_loaded(issued) == auth_error("invalid_signature")
+    assert session.challenge_loaded(issued) == auth_error(AuthError.INVALID_SIGNATURE)
     session = make_session()
     session.receive_text(response("unknown", VECTOR_SIGNATURE))
     session.auth_rate_checked(within_rate=True)
-    assert session.challenge_loaded(None) == auth_error("challenge_not_found")
+    assert session.challenge_loaded(None) == auth_error(AuthError.CHALLENGE_NOT_FOUND)
 
 
 # --- rule: the auth rate counts a response only if no challenge was requested on the socket ---
@@ -265,7 +274,7 @@ def test_a_response_to_a_challenge_requested_here_is_not_counted_again() -> None
 def test_a_response_without_a_request_here_is_counted_and_may_be_refused() -> None:
     session = make_session()
     assert session.receive_text(response("elsewhere", VECTOR_SIGNATURE)) == [CheckAuthRate()]
-    assert session.auth_rate_checked(within_rate=False) == auth_error("rate_limited", 4408)
+    assert session.auth_rate_checked(within_rate=False) == auth_error(AuthError.RATE_LIMITED, 4408)
     assert session.state is State.CLOSED
     assert session.attempted_key == RFC8032_KEY
 
@@ -286,7 +295,7 @@ def test_a_challenge_request_over_the_rate_is_discarded_and_refused_4408() -> No
     assert isinstance(issue, IssueChallenge)
     assert session.challenge_stored(within_rate=False) == [
         DiscardChallenge(issue.challenge.challenge_id),
-        *auth_error("rate_limited", 4408),
+        *auth_error(AuthError.RATE_LIMITED, 4408),
     ]
 
 
@@ -308,21 +317,21 @@ def test_the_deadline_does_not_cut_a_verification_short() -> None:
         assert session.state is State.VERIFYING
         if finish == "ok":
             assert isinstance(session.auth_succeeded(RFC8032_KEY, "inbound", None)[0], SendText)
-            assert session.state is State.AUTHENTICATED
+            assert state_of(session) is State.AUTHENTICATED
         else:
-            assert session.auth_failed("too_many_sockets") == auth_error("too_many_sockets", 4408)
-            assert session.state is State.CLOSED
+            assert session.auth_failed(AuthError.TOO_MANY_SOCKETS) == auth_error(AuthError.TOO_MANY_SOCKETS, 4408)
+            assert state_of(session) is State.CLOSED
         assert session.auth_timed_out() == []
 
 
 def test_the_deadline_still_fires_before_and_after_a_challenge_is_issued() -> None:
     session = make_session()
     session.receive_text(request())
-    assert session.auth_timed_out() == auth_error("auth_timeout")  # challenge being stored
+    assert session.auth_timed_out() == auth_error(AuthError.AUTH_TIMEOUT)  # challenge being stored
     session = make_session()
     session.receive_text(request())
     session.challenge_stored(within_rate=True)
-    assert session.auth_timed_out() == auth_error("auth_timeout")  # waiting for the response
+    assert session.auth_timed_out() == auth_error(AuthError.AUTH_TIMEOUT)  # waiting for the response
     assert session.challenge_stored(within_rate=True) == []
 
 
@@ -330,7 +339,7 @@ def test_outcomes_arriving_after_a_close_are_ignored() -> None:
     issued = new_challenge(RFC8032_KEY, NOW_MS, 60, vector_uuids())
     session = make_session()
     session.receive_text(response(issued.challenge_id, VECTOR_SIGNATURE))
-    session.auth_failed("invalid_signature")
+    session.auth_failed(AuthError.INVALID_SIGNATURE)
     assert session.auth_rate_checked(within_rate=True) == []
     assert session.challenge_loaded(issued) == []
     assert session.challenge_consumed(None) == []
@@ -340,21 +349,21 @@ def test_outcomes_arriving_after_a_close_are_ignored() -> None:
 def test_input_during_a_verification_is_refused() -> None:
     session = make_session()
     session.receive_text(response("cid", VECTOR_SIGNATURE))
-    assert session.receive_text(request()) == auth_error("invalid_message")
+    assert session.receive_text(request()) == auth_error(AuthError.INVALID_MESSAGE)
 
 
 @pytest.mark.parametrize(
     "code",
     [
-        "challenge_not_found",
-        "challenge_mismatch",
-        "challenge_already_used",
-        "challenge_expired",
-        "invalid_signature_encoding",
-        "invalid_signature",
+        AuthError.CHALLENGE_NOT_FOUND,
+        AuthError.CHALLENGE_MISMATCH,
+        AuthError.CHALLENGE_ALREADY_USED,
+        AuthError.CHALLENGE_EXPIRED,
+        AuthError.INVALID_SIGNATURE_ENCODING,
+        AuthError.INVALID_SIGNATURE,
     ],
 )
-def test_every_auth_failure_sends_auth_error_then_closes_4401(code: str) -> None:
+def test_every_auth_failure_sends_auth_error_then_closes_4401(code: AuthError) -> None:
     session = make_session()
     session.receive_text(request())
     assert session.auth_failed(code) == auth_error(code)
@@ -364,7 +373,7 @@ def test_every_auth_failure_sends_auth_error_then_closes_4401(code: str) -> None
 
 def test_rate_limited_closes_4408() -> None:
     session = make_session()
-    assert session.auth_failed("rate_limited") == auth_error("rate_limited", 4408)
+    assert session.auth_failed(AuthError.RATE_LIMITED) == auth_error(AuthError.RATE_LIMITED, 4408)
 
 
 def test_auth_ok_shape_without_and_with_capabilities() -> None:
@@ -396,12 +405,12 @@ def test_auth_ok_shape_without_and_with_capabilities() -> None:
 def test_binary_json_before_auth_is_accepted() -> None:
     [action] = make_session().receive_binary(request().encode())
     assert isinstance(action, IssueChallenge)
-    assert make_session().receive_binary(b"\xff\xfe") == auth_error("invalid_message")
+    assert make_session().receive_binary(b"\xff\xfe") == auth_error(AuthError.INVALID_MESSAGE)
 
 
 @pytest.mark.parametrize("length", [0, 1, 8, 51, 53, 56, 64, 103, 104])
 def test_keys_of_wrong_length_are_invalid_message(length: int) -> None:
-    assert make_session().receive_text(request(key="a" * length)) == auth_error("invalid_message")
+    assert make_session().receive_text(request(key="a" * length)) == auth_error(AuthError.INVALID_MESSAGE)
 
 
 @pytest.mark.parametrize(
@@ -414,7 +423,7 @@ def test_keys_of_wrong_length_are_invalid_message(length: int) -> None:
     ],
 )
 def test_keys_outside_the_alphabet_are_invalid_message(key: str) -> None:
-    assert make_session().receive_text(request(key=key)) == auth_error("invalid_message")
+    assert make_session().receive_text(request(key=key)) == auth_error(AuthError.INVALID_MESSAGE)
 
 
 def test_valid_random_keys_are_accepted() -> None:
@@ -441,7 +450,7 @@ def test_valid_random_keys_are_accepted() -> None:
     ],
 )
 def test_malformed_auth_messages_are_invalid_message(message: str) -> None:
-    assert make_session().receive_text(message) == auth_error("invalid_message")
+    assert make_session().receive_text(message) == auth_error(AuthError.INVALID_MESSAGE)
 
 
 # --- after auth --------------------------------------------------------------------------------
@@ -459,7 +468,9 @@ def test_text_after_auth() -> None:
 
 
 def test_invalid_binary_frame_after_auth_closes_4401() -> None:
-    assert authenticated_session().receive_binary(b"\x01\x09\x00\x00\x00\x00\x00") == auth_error("invalid_tunnel_frame")
+    assert authenticated_session().receive_binary(b"\x01\x09\x00\x00\x00\x00\x00") == auth_error(
+        AuthError.INVALID_TUNNEL_FRAME
+    )
 
 
 def test_replaced_session_closes_4400_without_auth_error() -> None:
@@ -635,7 +646,7 @@ def test_parser_never_raises_before_or_after_auth(message: str) -> None:
         actions = session.receive_text(message)
         assert actions and all(isinstance(action, ALLOWED_ACTIONS) for action in actions)
         if any(isinstance(action, Close) for action in actions):
-            assert actions == auth_error("invalid_message")
+            assert actions == auth_error(AuthError.INVALID_MESSAGE)
 
 
 @settings(max_examples=300, deadline=None)
@@ -663,7 +674,7 @@ def test_check_response_never_raises(signature: bytes, signature_text: str) -> N
 
 def test_auth_timeout_is_an_auth_error_with_4401_only_before_auth() -> None:
     session = make_session()
-    assert session.auth_timed_out() == auth_error("auth_timeout")
+    assert session.auth_timed_out() == auth_error(AuthError.AUTH_TIMEOUT)
     assert session.state is State.CLOSED
     assert session.auth_timed_out() == []
     assert authenticated_session().auth_timed_out() == []
@@ -694,12 +705,12 @@ DEEP_JSON = "[" * 100_000
 
 
 def test_deeply_nested_json_is_invalid_not_a_recursion_error() -> None:
-    assert make_session().receive_text(DEEP_JSON) == auth_error("invalid_message")
-    assert make_session().receive_binary(('{"type":' + DEEP_JSON).encode()) == auth_error("invalid_message")
+    assert make_session().receive_text(DEEP_JSON) == auth_error(AuthError.INVALID_MESSAGE)
+    assert make_session().receive_binary(('{"type":' + DEEP_JSON).encode()) == auth_error(AuthError.INVALID_MESSAGE)
     session = authenticated_session()
     assert session.receive_text(DEEP_JSON) == [SendText('{"type":"error","code":"invalid_message"}')]
     deep_start = protocol.encode_frame(protocol.FrameType.SMTP_START, "s", DEEP_JSON.encode())
-    assert session.receive_binary(deep_start) == auth_error("invalid_tunnel_frame")
+    assert session.receive_binary(deep_start) == auth_error(AuthError.INVALID_TUNNEL_FRAME)
 
 
 # --- outbound assembly budget (services/tunnel/budget.py) --------------------------------------
