@@ -113,7 +113,7 @@ class RawClient:
         self.sock.sendall(data)
 
     def reply(self) -> list[bytes]:
-        lines = []
+        lines: list[bytes] = []
         while True:
             line = self.reader.readline()
             assert line, f"connection closed after {lines}"

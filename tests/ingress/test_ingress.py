@@ -10,7 +10,7 @@ import smtplib
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
@@ -97,7 +97,7 @@ def test_accepted_message_is_in_the_inbox_with_only_a_received_header_prepended(
     assert header.startswith(b"Received: from sender.example (")
     assert b"[127.0.0.1])\r\n\tby mx.relay.test with ESMTP id " + queue_id.encode() + b"\r\n" in header
     assert f"\tfor <{address(persona)}>; ".encode() in header
-    assert int(redis_client.get(keys.inbox_bytes(persona))) == len(entry.data)
+    assert int(cast(bytes, redis_client.get(keys.inbox_bytes(persona)))) == len(entry.data)
 
 
 def test_queue_id_is_q_plus_lowercase_base32_and_stream_id_fits_64_bytes(
@@ -178,7 +178,7 @@ def test_two_addresses_of_the_same_persona_give_two_entries(
         (0, address(persona, "a")),
         (1, address(persona, "b")),
     ]
-    assert int(redis_client.get(keys.inbox_bytes(persona))) == sum(len(entry.data) for entry in entries)
+    assert int(cast(bytes, redis_client.get(keys.inbox_bytes(persona)))) == sum(len(entry.data) for entry in entries)
 
 
 def test_eight_bit_and_smtputf8_message_is_stored_byte_for_byte(
@@ -204,7 +204,7 @@ def test_owner_node_is_woken_after_the_message_is_queued(
     ingress: InProcessIngress, persona: str, redis_client: redis.Redis
 ) -> None:
     redis_client.set(keys.owner(persona), b"tunnel-7", ex=30)
-    pubsub = redis_client.pubsub()
+    pubsub = redis_client.pubsub()  # type: ignore[no-untyped-call]
     pubsub.subscribe(keys.node_channel("tunnel-7"))
     poll_until(lambda: pubsub.get_message(timeout=0.1), message="no subscribe confirmation")
 
@@ -353,7 +353,7 @@ def test_deny_window_keeps_refusing_after_the_minute_window_changes(
         smtplib.SMTP("127.0.0.1", ingress.port, timeout=10)
     assert refused.value.smtp_code == 421
     redis_client.delete(keys.deny("smtp_conn", "127.0.0.1"))
-    redis_client.delete(*redis_client.keys("relay:rate:smtp_conn:*"))
+    redis_client.delete(*cast(list[bytes], redis_client.keys("relay:rate:smtp_conn:*")))
     with open_session(ingress.port) as client:
         assert client.noop()[0] == 250
 
@@ -371,7 +371,7 @@ def test_messages_over_the_per_ip_rate_get_451_4_7_0_at_data(
         client.rcpt(address(persona))
         assert client.data(numbered(2)) == (451, b"4.7.0 relay_rejected_rate_limited")
     assert len(inbox_entries(redis_client, persona)) == 2
-    assert redis_client.pttl(keys.deny("smtp_msg", "127.0.0.1")) > 0
+    assert cast(int, redis_client.pttl(keys.deny("smtp_msg", "127.0.0.1"))) > 0
 
 
 # --- Redis unavailable --------------------------------------------------------------------

@@ -108,7 +108,9 @@ def test_the_marker_is_named_by_the_personas_last_entry_of_the_message(
     ingress = start_ingress()
     recipients = [address(persona), address(persona, "work")]
     assert send_raw(ingress.port, "s@example.org", recipients, MESSAGE)[0] == 250
-    first, last = [fields for _, fields in redis_client.xrange(keys.inbox(persona))]
+    first, last = [
+        fields for _, fields in cast(list[tuple[bytes, dict[bytes, bytes]]], redis_client.xrange(keys.inbox(persona)))
+    ]
     assert DIGEST_FIELD not in first
     assert last[DIGEST_FIELD].decode() == message_digest("s@example.org", recipients, MESSAGE)
 

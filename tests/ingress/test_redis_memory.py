@@ -14,6 +14,7 @@ import smtplib
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import redis
@@ -65,7 +66,7 @@ def start_ingress(small_redis: EmbeddedRedis) -> Iterator[StartIngress]:
 
 
 def used_memory(client: redis.Redis) -> int:
-    return int(client.info("memory")["used_memory"])
+    return int(cast(dict[str, Any], client.info("memory"))["used_memory"])
 
 
 def message(size: int, serial: int) -> bytes:
@@ -84,7 +85,10 @@ def transaction(client: smtplib.SMTP, rcpt: str, content: bytes) -> tuple[int, b
 
 
 def stored_queue_ids(client: redis.Redis, persona: str) -> list[str]:
-    return [InboxEntry.unpack(f[b"m"]).queue_id for _, f in client.xrange(keys.inbox(persona))]
+    return [
+        InboxEntry.unpack(f[b"m"]).queue_id
+        for _, f in cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrange(keys.inbox(persona)))
+    ]
 
 
 def test_high_watermark_refuses_largest_backlogs_first_and_loses_no_250(

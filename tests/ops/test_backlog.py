@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import urllib.request
+from typing import Any, cast
 
 import pytest
 import redis
@@ -106,11 +107,12 @@ def test_every_service_process_exports_its_backlogs(spawn, redis_client: redis.R
 
 
 def scan_calls(client: redis.Redis) -> int:
-    return int(client.info("commandstats").get("cmdstat_scan", {}).get("calls", 0))
+    return int(cast(dict[str, Any], client.info("commandstats")).get("cmdstat_scan", {}).get("calls", 0))
 
 
 def scrape(port: int) -> str:
-    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    body: bytes = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+    return body.decode()
 
 
 async def test_scrapes_within_the_cache_window_share_one_scan(redis_server: EmbeddedRedis) -> None:

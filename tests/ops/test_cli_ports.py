@@ -16,7 +16,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
@@ -173,7 +173,7 @@ def test_a_second_relay_or_stray_ingress_on_the_smtp_port_exits_and_the_first_ke
                 replies.append(refused)
         assert replies == [{}] * MESSAGES
         assert store.xlen(keys.inbox(PERSONA)) == MESSAGES
-        ingress_nodes = {n.decode() for n in store.smembers(keys.NODES_KEY) if b"ingress" in n}
+        ingress_nodes = {n.decode() for n in cast(set[bytes], store.smembers(keys.NODES_KEY)) if b"ingress" in n}
         print(f"{MESSAGES}/{MESSAGES} accepted by the first relay; its ingress nodes: {sorted(ingress_nodes)}")
         assert len(ingress_nodes) == 2  # both workers of the first relay serve the one socket
         store.close()

@@ -61,7 +61,8 @@ def parse_bytes(size: str) -> int:
     """`1536mb` (redis), `2Gi` (Kubernetes), `2g` (compose) -> bytes, all powers of 1024."""
     match = re.fullmatch(r"(\d+)\s*([kmg]?)i?b?", size.strip().lower())
     assert match, size
-    return int(match.group(1)) * 1024 ** " kmg".index(match.group(2) or " ")
+    unit: int = 1024 ** " kmg".index(match.group(2) or " ")
+    return int(match.group(1)) * unit
 
 
 def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:

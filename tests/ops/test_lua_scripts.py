@@ -5,6 +5,7 @@ path that wakes tunnel nodes follows the one wake-up rule."""
 from __future__ import annotations
 
 import time
+from typing import cast
 
 import redis
 import redis.asyncio as aioredis
@@ -21,7 +22,7 @@ def test_every_script_loads_under_its_sha(redis_client: redis.Redis) -> None:
     scripts = lua.all_scripts()
     loaded = {name: redis_client.script_load(script.source) for name, script in scripts.items()}
     assert loaded == {name: script.sha for name, script in scripts.items()}
-    assert all(redis_client.script_exists(*(script.sha for script in scripts.values())))
+    assert all(cast(list[bool], redis_client.script_exists(*(script.sha for script in scripts.values()))))
     print(f"{len(scripts)} scripts loaded: {', '.join(sorted(scripts))}")
 
 
@@ -44,7 +45,7 @@ async def test_every_waking_path_wakes_the_same_nodes(redis_server: EmbeddedRedi
     redis_client.zadd(
         keys.outbound_holders(pk), {"node-a": now_ms + 60_000, "node-b": now_ms + 60_000, "node-gone": now_ms - 1}
     )
-    listener = redis_client.pubsub(ignore_subscribe_messages=True)
+    listener = redis_client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
     listener.subscribe(*(keys.node_channel(node) for node in ("node-a", "node-b", "node-gone", "end")))
 
     def woken() -> list[tuple[str, str]]:

@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
@@ -59,11 +59,11 @@ def by_persona(document: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def counted_bytes(client: redis.Redis, persona_key: str) -> int:
-    return int(client.get(keys.inbox_bytes(persona_key)) or 0)
+    return int(cast(bytes | None, client.get(keys.inbox_bytes(persona_key))) or 0)
 
 
 def stored_bytes(client: redis.Redis, persona_key: str) -> int:
-    entries = client.xrange(keys.inbox(persona_key))
+    entries = cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrange(keys.inbox(persona_key)))
     return sum(StoredEntry.parse(entry_id, fields).size_bytes for entry_id, fields in entries)
 
 
@@ -165,8 +165,9 @@ def test_delete_removes_one_message_and_the_byte_counter_stays_right_when_the_ga
     )
     send_raw(ingress_port, "two@example.org", [address(alice)], message("kept"))
     redis_client.xgroup_create(keys.inbox(alice), keys.INBOX_GROUP, id="0")
-    [(_, [(doomed_entry_id, doomed_fields)])] = redis_client.xreadgroup(
-        keys.INBOX_GROUP, "tunnel-1", {keys.inbox(alice): ">"}, count=1
+    [(_, [(doomed_entry_id, doomed_fields)])] = cast(
+        list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]],
+        redis_client.xreadgroup(keys.INBOX_GROUP, "tunnel-1", {keys.inbox(alice): ">"}, count=1),
     )
     before = counted_bytes(redis_client, alice)
     body_key = keys.inbox_body(alice, queue_id_of(doomed) + ".0")
@@ -180,7 +181,7 @@ def test_delete_removes_one_message_and_the_byte_counter_stays_right_when_the_ga
     assert deleted.returncode == 0, deleted.stderr
     assert "deleted " + queue_id_of(doomed) + ".0" in deleted.stdout
     assert redis_client.xlen(keys.inbox(alice)) == 1
-    assert redis_client.xpending(keys.inbox(alice), keys.INBOX_GROUP)["pending"] == 0
+    assert cast(dict[str, Any], redis_client.xpending(keys.inbox(alice), keys.INBOX_GROUP))["pending"] == 0
     after = counted_bytes(redis_client, alice)
     assert before - after > 100_000
     assert not redis_client.exists(body_key)
@@ -274,7 +275,10 @@ def outbound_jobs(redis_url: str) -> dict[str, dict[str, Any]]:
 
 
 def results(client: redis.Redis, persona_key: str) -> list[DeliveryResult]:
-    return [DeliveryResult.unpack(fields[b"r"]) for _, fields in client.xrange(keys.results(persona_key))]
+    return [
+        DeliveryResult.unpack(fields[b"r"])
+        for _, fields in cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrange(keys.results(persona_key)))
+    ]
 
 
 def test_outbound_jobs_are_listed_retried_now_and_cancelled_with_a_failed_result(

@@ -5,6 +5,7 @@ NOPERM. The real services under their users: tests/system/test_redis_acl_service
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import redis
 
@@ -39,7 +40,7 @@ def test_each_user_is_refused_what_it_does_not_need(acl_redis: EmbeddedRedis, ac
     egress = client_as(acl_redis, acl_dir, "egress")
     anonymous = redis.Redis.from_url(acl_redis.url)
     inbox = keys.inbox(persona)
-    xrange_sha = ingress.script_load(XRANGE_SCRIPT)  # loading is allowed; what it runs is checked
+    xrange_sha = cast(str, ingress.script_load(XRANGE_SCRIPT))  # loading is allowed; what it runs is checked
     forbidden = {
         "ingress XRANGE inbox": lambda: ingress.xrange(inbox),
         "ingress XREAD inbox": lambda: ingress.xread({inbox: "0"}),

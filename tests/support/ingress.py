@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import cast
 
 import redis
 
@@ -135,9 +136,9 @@ def mark_seen(client: redis.Redis, persona_key: str) -> None:
 def inbox_entries(client: redis.Redis, persona_key: str) -> list[InboxEntry]:
     """The persona's entries as written, with bodies stored apart read back into `data`."""
     entries = []
-    for entry_id, fields in client.xrange(keys.inbox(persona_key)):
+    for entry_id, fields in cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrange(keys.inbox(persona_key))):
         stored = StoredEntry.parse(entry_id, fields)
-        body = client.get(stored.body_key(persona_key)) if stored.body_apart else None
+        body = cast(bytes | None, client.get(stored.body_key(persona_key))) if stored.body_apart else None
         entries.append(stored.entry if body is None else dataclasses.replace(stored.entry, data=body))
     return entries
 

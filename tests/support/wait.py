@@ -10,15 +10,19 @@ import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar, overload
+from typing import Any, Literal, TypeVar, overload
 
 T = TypeVar("T")
 
 POLL_INTERVAL_S = 0.02
 
+# What a predicate returns while the condition does not hold yet; only truthy values are returned,
+# so `next(..., None)` or `ready and value` predicates give their value's type.
+Falsy = None | Literal[False]
+
 
 def poll_until(
-    predicate: Callable[[], T],
+    predicate: Callable[[], T | Falsy],
     timeout_s: float = 15.0,
     interval_s: float = POLL_INTERVAL_S,
     message: str | Callable[[], str] = "",
@@ -36,7 +40,7 @@ def poll_until(
 
 @overload
 async def eventually(
-    predicate: Callable[[], Awaitable[T]],
+    predicate: Callable[[], Awaitable[T | Falsy]],
     timeout_s: float = ...,
     message: str | Callable[[], str] = ...,
     interval_s: float = ...,
@@ -45,7 +49,7 @@ async def eventually(
 
 @overload
 async def eventually(
-    predicate: Callable[[], T],
+    predicate: Callable[[], T | Falsy],
     timeout_s: float = ...,
     message: str | Callable[[], str] = ...,
     interval_s: float = ...,

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
@@ -133,7 +133,7 @@ def assert_delivered_intact(stored: bytes, sent: bytes, queue_id: str, recipient
 
 
 def wait_stored(persona: Persona, count: int = 1) -> list[bytes]:
-    return poll_until(  # type: ignore[no-any-return]
+    return poll_until(
         lambda: (messages := persona.stored()) and len(messages) >= count and messages,
         DELIVERY_TIMEOUT_S,
         message=f"{count} message(s) not delivered to {persona.maildir}",
@@ -163,7 +163,7 @@ def smtp_send(
 
 
 def inbox_length(client: redis.Redis, persona: Persona) -> int:
-    return int(client.xlen(keys.inbox(persona.persona_key)))
+    return cast(int, client.xlen(keys.inbox(persona.persona_key)))
 
 
 def sample_message(subject: str, body: bytes = b"Hello from the internet.\r\n") -> bytes:

@@ -59,9 +59,10 @@ def test_gateway_dying_before_its_ack_gets_the_same_stream_again_and_stores_it_o
     crashing = gateways.start(persona, relay.ws_url, PROTEGE_GATEWAY_TEST_EXIT_BEFORE_ACK="1")
     sent = sample_message("crash before ack")
     queue_id = smtp_send(relay.smtp_port, [persona.address], sent)
-    assert crashing.process is not None
-    poll_until(lambda: crashing.process.poll() is not None, DELIVERY_TIMEOUT_S, message=crashing.logs())
-    assert crashing.process.returncode == EXIT_TEST_CRASH
+    process = crashing.process
+    assert process is not None
+    poll_until(lambda: process.poll() is not None, DELIVERY_TIMEOUT_S, message=crashing.logs())
+    assert process.returncode == EXIT_TEST_CRASH
     [first] = log_events(crashing, "message stored")
     assert first["stream_id"] == f"{queue_id}.0"
     assert inbox_length(redis_client, persona) == 1  # never acknowledged, so still queued

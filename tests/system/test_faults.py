@@ -200,7 +200,7 @@ async def test_egress_sigkilled_mid_delivery(
             lambda: {s.stream_id for s in sends} <= fleet.results().keys(),
             SETTLE_TIMEOUT_S,
             lambda: "results missing:\n" + cluster.logs("egress"),
-        )  # type: ignore[arg-type]
+        )
     finally:
         await fleet.stop()
     books = reconcile(ledger, fleet.deliveries())

@@ -13,6 +13,7 @@ import sys
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import Any, cast
 
 from protege_relay.embedded_redis import EmbeddedRedis
 from shared.identity import Passport
@@ -95,7 +96,7 @@ def test_the_real_services_work_under_their_users(acl_redis: EmbeddedRedis, acl_
         for process in processes:  # their shutdown paths (node records, ownership) run under ACL too
             if process.process is not None and process.process.poll() is None:
                 process.terminate(timeout_s=15)
-    denials = admin.acl_log()
+    denials = cast(list[dict[str, Any]], admin.acl_log())
     admin.close()
     logs = {process.service: process.logs() for process in processes}
     print(f"\ninbound {inbound!r}; outbound result {result['status']}; denied commands {denials}")

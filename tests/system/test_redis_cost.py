@@ -14,7 +14,7 @@ import statistics
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
@@ -118,7 +118,7 @@ async def test_redis_cost_per_inbound_and_outbound_message(
             ledger = await smtp.send(plan)
             await until(lambda: fleet.received_count() >= INBOUND, SETTLE_TIMEOUT_S, "inbound not delivered")
             await until(
-                lambda: sum(int(client.xlen(keys.inbox(g.persona_key))) for g in fleet.gateways) == 0,
+                lambda: sum(cast(int, client.xlen(keys.inbox(g.persona_key))) for g in fleet.gateways) == 0,
                 SETTLE_TIMEOUT_S,
                 "inbox not emptied",
             )
@@ -131,7 +131,7 @@ async def test_redis_cost_per_inbound_and_outbound_message(
             ids = {send.stream_id for send in sends}
             await until(lambda: ids <= fleet.results().keys(), SETTLE_TIMEOUT_S, "outbound results missing")
             await until(
-                lambda: all(int(client.xlen(keys.results(g.persona_key))) == 0 for g in fleet.gateways),
+                lambda: all(cast(int, client.xlen(keys.results(g.persona_key))) == 0 for g in fleet.gateways),
                 SETTLE_TIMEOUT_S,
                 "results not removed",
             )

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import urllib.request
 from pathlib import Path
+from typing import cast
 
 import redis
 
@@ -58,7 +59,7 @@ def test_run_starts_redis_and_all_three_services_and_stops_cleanly(tmp_path: Pat
         with smtplib.SMTP("127.0.0.1", smtp_port, timeout=10) as smtp:
             smtp.sendmail("alice@example.com", [f"{PERSONA}@localhost"], b"Subject: hi\r\n\r\nhello\r\n")
         assert store.xlen(keys.inbox(PERSONA)) == 1
-        assert store.config_get("appendonly")["appendonly"] == "yes"
+        assert cast(dict[str, str], store.config_get("appendonly"))["appendonly"] == "yes"
 
         status = subprocess.run(
             [sys.executable, "-m", "protege_relay.cli", "status", "--json"],

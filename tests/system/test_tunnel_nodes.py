@@ -7,7 +7,7 @@ import json
 import os
 import time
 import urllib.request
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -61,7 +61,7 @@ async def test_replacement_across_two_nodes(spawn: Any, redis_client: redis.Redi
     pk = passport.persona_key
     first = await GatewayClient.open(url_a)
     await first.authenticate(passport)
-    first_socket_id = redis_client.get(keys.socket(pk)).decode()
+    first_socket_id = cast(bytes, redis_client.get(keys.socket(pk))).decode()
     second = await GatewayClient.open(url_b)
     auth_ok = await second.authenticate(passport)
     assert auth_ok["replacedSocketId"] == first_socket_id

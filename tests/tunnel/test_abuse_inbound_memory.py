@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -140,5 +140,8 @@ async def test_large_mail_for_gateways_that_read_slowly_or_not_at_all_keeps_tunn
     # Nothing of the attackers' mail was lost: none of it was acknowledged.
     for passport in attackers:
         assert redis_client.xlen(keys.inbox(passport.persona_key)) == ENTRIES_PER_PERSONA
-        assert int(redis_client.get(keys.inbox_bytes(passport.persona_key))) == ENTRIES_PER_PERSONA * BODY_BYTES
+        assert (
+            int(cast(bytes, redis_client.get(keys.inbox_bytes(passport.persona_key))))
+            == ENTRIES_PER_PERSONA * BODY_BYTES
+        )
     await honest.close()

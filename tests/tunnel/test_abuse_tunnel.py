@@ -18,11 +18,11 @@ import struct
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
@@ -141,7 +141,7 @@ class HonestGateway:
 async def while_serving_honest(
     target: Target,
     redis_client: redis.Redis,
-    attack: Callable[[], Awaitable[Any]],
+    attack: Callable[[], Coroutine[Any, Any, Any]],
     during_timeout_s: float = 30,
     honest_ips: tuple[str, str] = (HONEST_IP, FRESH_IP),
 ) -> Any:
@@ -548,7 +548,7 @@ async def test_auth_brute_force_is_rate_limited_per_ip_and_the_deny_window_holds
         for _ in range(3):
             assert await request_from(target, ATTACK_IP, victim) == {"type": "auth_error", "code": "rate_limited"}
         # Denied for rateLimits.denyWindowMs (5 min), not just until the minute ends.
-        assert redis_client.pttl(keys.deny("ws_auth", ATTACK_IP)) > 290_000
+        assert cast(int, redis_client.pttl(keys.deny("ws_auth", ATTACK_IP))) > 290_000
         # A response without a request counts too: no way around the limit.
         client = await open_client(target, ATTACK_IP)
         await client.send_json(response_to(Passport.generate(), str(uuid.uuid4()), "AAAA"))

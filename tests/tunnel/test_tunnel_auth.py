@@ -7,7 +7,7 @@ import asyncio
 import json
 import urllib.error
 import urllib.request
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
@@ -85,9 +85,9 @@ async def test_auth_ok_sets_owner_socket_and_seen(tunnel: RunningTunnel, redis_c
     }
     pk = passport.persona_key
     assert redis_client.get(keys.owner(pk)) == tunnel.config.node_id.encode()
-    assert 0 < redis_client.ttl(keys.owner(pk)) <= 30
+    assert 0 < cast(int, redis_client.ttl(keys.owner(pk))) <= 30
     assert redis_client.get(keys.socket(pk)) is not None
-    assert redis_client.ttl(keys.seen(pk)) > 3600
+    assert cast(int, redis_client.ttl(keys.seen(pk))) > 3600
     await client.close()
 
 
@@ -207,7 +207,7 @@ async def test_expired_challenge_is_refused(redis_server: EmbeddedRedis, redis_c
         client = await GatewayClient.open(running.url)
         challenge_id, signature = await signed_challenge(client, passport)
         # Age the record in Redis instead of waiting: the relay compares against its expiry time.
-        redis_client.hset(keys.challenge(challenge_id), "exp", 1)
+        redis_client.hset(keys.challenge(challenge_id), "exp", "1")
         await client.send_json(
             {
                 "type": "auth_challenge_response",
@@ -329,7 +329,7 @@ async def test_second_inbound_socket_replaces_the_first_with_4400(
     passport = Passport.generate()
     first = await GatewayClient.open(tunnel.url)
     await first.authenticate(passport)
-    first_socket_id = redis_client.get(keys.socket(passport.persona_key))
+    first_socket_id = cast(bytes, redis_client.get(keys.socket(passport.persona_key)))
     second = await GatewayClient.open(tunnel.url)
     auth_ok = await second.authenticate(passport)
     assert auth_ok["replacedSocketId"] == first_socket_id.decode()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from typing import Any, cast
 
 import pytest
 import redis
@@ -88,7 +89,7 @@ async def test_offline_entries_are_delivered_on_connect_in_64k_chunks_byte_exact
     )
     await client.ack(got_second.stream_id)
     await eventually(lambda: inbox_empty(redis_client, pk), message="acked entries not removed")
-    assert int(redis_client.get(keys.inbox_bytes(pk))) == 0
+    assert int(cast(bytes, redis_client.get(keys.inbox_bytes(pk)))) == 0
     await client.close()
 
 
@@ -103,10 +104,10 @@ async def test_entry_stays_until_smtp_ack(tunnel: RunningTunnel, redis_client: r
     assert message.stream_id == entry.stream_id
     # Delivered but not acknowledged: still in the stream and pending in the group.
     assert redis_client.xlen(keys.inbox(pk)) == 1
-    assert redis_client.xpending(keys.inbox(pk), keys.INBOX_GROUP)["pending"] == 1
+    assert cast(dict[str, Any], redis_client.xpending(keys.inbox(pk), keys.INBOX_GROUP))["pending"] == 1
     await client.ack(message.stream_id)
     await eventually(lambda: inbox_empty(redis_client, pk), message="entry not removed after smtp_ack")
-    assert redis_client.xpending(keys.inbox(pk), keys.INBOX_GROUP)["pending"] == 0
+    assert cast(dict[str, Any], redis_client.xpending(keys.inbox(pk), keys.INBOX_GROUP))["pending"] == 0
     await client.close()
 
 
@@ -182,7 +183,7 @@ async def test_entries_older_than_retention_are_trimmed_not_delivered(
     assert message.stream_id == fresh.stream_id
     await client.ack(message.stream_id)
     await eventually(lambda: inbox_empty(redis_client, pk))
-    assert int(redis_client.get(keys.inbox_bytes(pk))) == 0
+    assert int(cast(bytes, redis_client.get(keys.inbox_bytes(pk)))) == 0
     await client.close()
 
 
@@ -294,7 +295,7 @@ async def test_an_idle_authenticated_socket_keeps_at_most_two_tasks(tunnel: Runn
 def test_lazy_frames_are_the_codec_frames(size: int) -> None:
     from services.tunnel.inbox import message_frames
 
-    start = protocol.SmtpStart("a@example.org", "b@relay.test", {"v": 1})
+    start = protocol.SmtpStart("a@example.org", "b@relay.test", {"v": "1"})
     message = os.urandom(size)
     assert list(message_frames("q1.0", start, message)) == protocol.encode_message_frames("q1.0", start, message)
 

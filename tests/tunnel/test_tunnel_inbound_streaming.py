@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import AsyncIterator
+from typing import cast
 
 import pytest
 import redis
@@ -66,7 +67,7 @@ async def test_large_bodies_are_stored_apart_and_streamed_byte_identical_to_inli
     entries = [await queue_message(redis_server.url, pk, os.urandom(size - 2) + b"\r\n") for size in sizes]
     # One chunk stays inline; anything longer is stored apart, counted all the same.
     assert len(body_keys(redis_client, pk)) == 3
-    assert int(redis_client.get(keys.inbox_bytes(pk))) == sum(sizes)
+    assert int(cast(bytes, redis_client.get(keys.inbox_bytes(pk)))) == sum(sizes)
     status = backlog.inbox_backlog(redis_client, int(time.time() * 1000))
     assert (status.entries, status.total_bytes) == (4, sum(sizes))
 
@@ -77,7 +78,7 @@ async def test_large_bodies_are_stored_apart_and_streamed_byte_identical_to_inli
         assert frames == expected_frames(entry), f"frames of {len(entry.data)} bytes differ from inline framing"
         await raw.send_text(protocol.encode_control({"type": "smtp_ack", "streamId": entry.stream_id}))
     await eventually(lambda: inbox_gone(redis_client, pk), message="entries or bodies left after ack")
-    assert int(redis_client.get(keys.inbox_bytes(pk))) == 0
+    assert int(cast(bytes, redis_client.get(keys.inbox_bytes(pk)))) == 0
     raw.close()
 
 
@@ -98,7 +99,7 @@ async def test_unacked_streamed_body_is_sent_again_after_reconnect(
     assert (again.stream_id, again.data) == (entry.stream_id, entry.data)
     await second.ack(again.stream_id)
     await eventually(lambda: inbox_gone(redis_client, pk), message="entry or body left after ack")
-    assert int(redis_client.get(keys.inbox_bytes(pk))) == 0
+    assert int(cast(bytes, redis_client.get(keys.inbox_bytes(pk)))) == 0
     await second.close()
 
 
@@ -116,7 +117,7 @@ async def test_entry_whose_body_is_missing_is_dropped_and_the_next_delivered(
     assert (got.stream_id, got.data) == (intact.stream_id, intact.data)
     await client.ack(got.stream_id)
     await eventually(lambda: inbox_gone(redis_client, pk), message="damaged or delivered entry left")
-    assert int(redis_client.get(keys.inbox_bytes(pk))) == 0
+    assert int(cast(bytes, redis_client.get(keys.inbox_bytes(pk)))) == 0
     await client.close()
 
 
@@ -128,7 +129,14 @@ async def test_retention_trim_removes_bodies_and_markers_with_their_entries(
     await queue_message(redis_server.url, pk, os.urandom(400_000), digest=digest)
     await queue_message(redis_server.url, pk, b"small\r\n")
     assert redis_client.exists(keys.accepted(pk, digest))
-    await eventually(lambda: int(time.time() * 1000) > int(redis_client.xrange(keys.inbox(pk))[-1][0].split(b"-")[0]))
+    await eventually(
+        lambda: (
+            int(time.time() * 1000)
+            > int(
+                cast(list[tuple[bytes, dict[bytes, bytes]]], redis_client.xrange(keys.inbox(pk)))[-1][0].split(b"-")[0]
+            )
+        )
+    )
     redis_client.xgroup_create(keys.inbox(pk), keys.INBOX_GROUP, id="0")  # as the tunnel's claim does
     client = aioredis.Redis.from_url(redis_server.url)
     try:
@@ -136,5 +144,5 @@ async def test_retention_trim_removes_bodies_and_markers_with_their_entries(
     finally:
         await client.aclose()
     assert inbox_gone(redis_client, pk)
-    assert int(redis_client.get(keys.inbox_bytes(pk))) == 0
+    assert int(cast(bytes, redis_client.get(keys.inbox_bytes(pk)))) == 0
     assert not redis_client.exists(keys.accepted(pk, digest))

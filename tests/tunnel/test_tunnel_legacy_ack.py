@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator
+from typing import cast
 
 import pytest
 import redis
@@ -36,7 +37,7 @@ async def tunnel(redis_server: EmbeddedRedis) -> AsyncIterator[RunningTunnel]:
 
 
 def inbox_length(redis_client: redis.Redis, persona_key: str) -> int:
-    return int(redis_client.xlen(keys.inbox(persona_key)))
+    return cast(int, redis_client.xlen(keys.inbox(persona_key)))
 
 
 async def test_legacy_gateway_that_drops_its_socket_within_the_grace_gets_the_message_again(
@@ -61,7 +62,7 @@ async def test_legacy_gateway_that_drops_its_socket_within_the_grace_gets_the_me
     second_copies = [await reconnected.next_inbound() for _ in sent]
     assert [(m.stream_id, m.data) for m in second_copies] == [(e.stream_id, e.data) for e in sent]
     await eventually(lambda: inbox_length(redis_client, pk) == 0, message="not removed after the grace")
-    assert int(redis_client.get(keys.inbox_bytes(pk))) == 0
+    assert int(cast(bytes, redis_client.get(keys.inbox_bytes(pk)))) == 0
     assert reconnected.inbound.empty()
     await reconnected.close()
 

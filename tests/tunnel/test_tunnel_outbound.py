@@ -275,7 +275,7 @@ async def test_result_wakeup_reaches_owner_and_outbound_holder_nodes_once_each(
     far_future_ms = int(time.time() * 1000) + 60_000
     redis_client.set(keys.owner(pk), "node-a")
     redis_client.zadd(keys.outbound_holders(pk), {"node-a": far_future_ms, "node-b": far_future_ms, "gone": 1})
-    listener = redis_client.pubsub(ignore_subscribe_messages=True)
+    listener = redis_client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
     listener.subscribe(*(keys.node_channel(node) for node in ("node-a", "node-b", "gone")))
     wakeups = aioredis.Redis.from_url(redis_server.url)
     try:

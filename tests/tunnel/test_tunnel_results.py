@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from typing import cast
 
 import pytest
 import redis
@@ -71,7 +72,7 @@ async def test_result_goes_to_the_outbound_socket_that_sent_it_not_the_inbound_o
     sender = await GatewayClient.open(tunnel.url)
     await sender.authenticate(passport, role="outbound")
     stream_id = await send_stream(sender, passport)
-    origin = Origin.decode(redis_client.get(keys.outbound_origin(pk, stream_id)))
+    origin = Origin.decode(cast(bytes | None, redis_client.get(keys.outbound_origin(pk, stream_id))))
     assert origin is not None and origin.node_id == tunnel.config.node_id
 
     await publish_result(redis_client, wakeups, pk, stream_id)
@@ -174,6 +175,6 @@ async def test_origin_on_a_live_node_is_left_to_it_and_a_dead_nodes_origin_is_no
     result = await receiver.next_of_type("relay_delivery_result", timeout_s=3)
     assert result["streamId"] == "s-orphaned"  # the first one, left to other-node, was skipped
     await eventually(lambda: redis_client.xlen(keys.results(pk)) == 1)
-    [(_, fields)] = redis_client.xrange(keys.results(pk))
+    [(_, fields)] = cast(list[tuple[bytes, dict[bytes, bytes]]], redis_client.xrange(keys.results(pk)))
     assert DeliveryResult.unpack(fields[b"r"]).stream_id == "s-elsewhere"
     await receiver.close()
