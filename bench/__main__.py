@@ -25,6 +25,9 @@ FIGURES = (
     "egress_rate",
     "idle_tunnels",
     "auth_rate",
+    "e2e_cpu",
+    "delivering_rate",
+    "sender_auth_rate",
 )
 DEFAULT_OUT = Path(__file__).resolve().parent
 

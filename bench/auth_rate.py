@@ -1,8 +1,11 @@
-"""Figure: authentication handshakes per second on one tunnel process vs PyNaCl verifications/s.
+"""Figure: authentication handshakes per second on one tunnel process vs bare WebSocket opens.
 
 The load comes from separate client processes, each with many concurrent gateways doing the
 full PROTOCOL.md A3 handshake (WebSocket upgrade, challenge, signed response, auth_ok, close)
-with a different persona key each time.
+with a different persona key each time. The baseline is the same clients only opening and
+closing a WebSocket on a bare websockets server (uvloop, no auth, no Redis) in the same round:
+the most any Python tunnel could reach here. PyNaCl verifications/s stay as a diagnostic row
+(no Python WebSocket server comes near it).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from bench.modes import Mode
 from bench.report import FigureResult, Target, print_line
 
 FIGURE = "auth_rate"
-TARGET_RATIO = 0.5
+TARGET_RATIO = 0.6
 CLIENT_PROCESSES = 2
 
 
@@ -29,7 +32,8 @@ def run(bench: Bench, mode: Mode) -> FigureResult:
         f"{CLIENT_PROCESSES} client processes x {mode.auth_concurrency // CLIENT_PROCESSES} concurrent "
         "gateways, each looping connect / challenge / signed response / auth_ok / close with a new "
         f"persona key, against one `protege-relay tunnel` process, {mode.auth_seconds:g} s window. "
-        "Baseline: PyNaCl VerifyKey.verify of a challenge signature per second, one process.",
+        "Baseline: the same clients opening and closing a WebSocket on a bare websockets server "
+        "(uvloop, no auth, no Redis), same round.",
     )
     available = service_available("tunnel")
     if not available:
@@ -37,22 +41,20 @@ def run(bench: Bench, mode: Mode) -> FigureResult:
     metric = figure.metric(
         "handshakes",
         "auth/s",
-        baseline_name="PyNaCl verify/s, one process",
+        baseline_name="bare websockets open+close/s",
         target=Target("ratio_at_least", TARGET_RATIO),
     )
-    ceiling = figure.metric(
-        "bare websockets open+close (ceiling)",
-        "conn/s",
-        baseline_name="PyNaCl verify/s, one process",
-        notes="diagnostic: the same clients only opening and closing a WebSocket on a bare "
-        "websockets server (uvloop, no auth, no Redis): what any Python tunnel could reach",
+    nacl = figure.metric(
+        "PyNaCl verify/s, one process",
+        "verify/s",
+        notes="diagnostic: signature verifications per second alone (the original baseline)",
     )
     ws_port = free_port()
     bench.start_program("bench.baseline_ws", ["--port", str(ws_port), "--bytes", "1"], ready_port=ws_port)
     other: dict[str, int] = {}
     for round_index in range(mode.rounds):
         baseline = bench.run_program("bench.baseline_nacl", ["--seconds", str(mode.nacl_seconds)], 60)
-        metric.baseline_rounds.append(baseline["rate"])
+        nacl.rounds.append(baseline["rate"])
         print_line(f"  round {round_index + 1}: baseline {baseline['rate']:.0f} verify/s")
         raw = bench.run_parallel(
             [
@@ -72,8 +74,9 @@ def run(bench: Bench, mode: Mode) -> FigureResult:
             ],
             timeout_s=mode.auth_seconds + 90,
         )
-        ceiling.rounds.append(sum(result["rate"] for result in raw))
-        ceiling.baseline_rounds.append(baseline["rate"])
+        raw_rate = sum(result["rate"] for result in raw)
+        metric.baseline_rounds.append(raw_rate)
+        print_line(f"  round {round_index + 1}: bare websockets {raw_rate:.0f} open+close/s")
         if not available:
             continue
         bench.flush()

@@ -16,7 +16,7 @@ from bench.report import FigureResult, Target, print_line
 FIGURE = "egress_rate"
 CONCURRENCY = 4
 DOMAIN = "bench.test"
-TARGET_RATIO = 0.8
+TARGET_RATIO = 0.9
 
 
 def run(bench: Bench, mode: Mode) -> FigureResult:

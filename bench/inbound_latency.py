@@ -2,7 +2,8 @@
 
 One ingress process and one tunnel process share the embedded Redis; the sender and the
 gateway live in one load-generator process so both timestamps come from one clock. Reported,
-no baseline: the targets are absolute (p50 <= 2 ms, p99 <= 4 ms).
+no baseline: the targets are absolute (p50 <= 1 ms, p99 <= 2 ms; the original relay
+measured 0.93 / 1.61 ms on this machine).
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from bench.report import FigureResult, Target, print_line
 
 FIGURE = "inbound_latency"
 CONNECTIONS = 10
-P50_TARGET_MS = 2.0
-P99_TARGET_MS = 4.0
+P50_TARGET_MS = 1.0
+P99_TARGET_MS = 2.0
 
 
 def run(bench: Bench, mode: Mode) -> FigureResult:

@@ -79,6 +79,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         return {"error": f"connect failed: {failed[0]!r}"}
     window[0] = time.perf_counter()
     window[1] = window[0] + args.seconds
+    window_end_unix = time.time() + args.seconds
     go.set()
     await asyncio.gather(*tasks, return_exceptions=True)
     accepted = counters.pop("accepted", 0)
@@ -90,6 +91,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "rate": accepted / args.seconds,
         "connections": args.connections,
         "message_bytes": len(message),
+        "window_end_unix": window_end_unix,
         "other": dict(counters),
     }
 

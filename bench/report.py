@@ -24,12 +24,14 @@ from typing import Any
 class Target:
     """`ratio >= 1.8` (value over baseline) or `value <= 2.0` / `value >= x` on the value itself."""
 
-    kind: str  # "ratio_at_least" | "value_at_most" | "value_at_least"
+    kind: str  # "ratio_at_least" | "ratio_at_most" | "value_at_most" | "value_at_least"
     threshold: float
 
     def describe(self, unit: str) -> str:
         if self.kind == "ratio_at_least":
             return f">= {self.threshold:g}x baseline"
+        if self.kind == "ratio_at_most":
+            return f"<= {self.threshold:g}x baseline"
         sign = "<=" if self.kind == "value_at_most" else ">="
         return f"{sign} {self.threshold:g} {unit}"
 
@@ -56,6 +58,8 @@ class Metric:
         if self.target is not None and value:
             if self.target.kind == "ratio_at_least":
                 met = None if ratio is None else ratio >= self.target.threshold
+            elif self.target.kind == "ratio_at_most":
+                met = None if ratio is None else ratio <= self.target.threshold
             elif self.target.kind == "value_at_most":
                 met = value["median"] <= self.target.threshold
             else:

@@ -1,5 +1,6 @@
 """atheris harness: the sans-I/O `TunnelSession` fed arbitrary sequences of messages and of
-outcomes the server may report (auth ok/failed, refusals, timeouts, replacement, time passing).
+outcomes the server may report (challenge stored, auth rate, challenge loaded and consumed, auth
+ok/failed, refusals, timeouts, replacement, time passing).
 
 No exception is documented here: whatever a gateway sends, the session must answer with actions.
 Invariants checked after every step:
@@ -19,6 +20,7 @@ from common import main
 
 with atheris.instrument_imports():
     from services.tunnel import outbound
+    from services.tunnel.challenges import new_challenge
     from services.tunnel.session import (
         Close,
         EnqueueOutbound,
@@ -78,7 +80,17 @@ def frame_from(provider: atheris.FuzzedDataProvider) -> bytes:
 
 
 def step(session: TunnelSession, provider: atheris.FuzzedDataProvider, clock: list[int]) -> list[object]:
-    operation = provider.ConsumeIntInRange(0, 11)
+    operation = provider.ConsumeIntInRange(0, 15)
+    if operation == 12:
+        return list(session.challenge_stored(provider.ConsumeBool()))
+    if operation == 13:
+        return list(session.auth_rate_checked(provider.ConsumeBool()))
+    if operation == 14:
+        challenge_id = provider.PickValueInList(["00000000-0000-4000-8000-000000000000", "other"])
+        found = new_challenge(PERSONA_KEY, clock[0], 60, lambda: challenge_id) if provider.ConsumeBool() else None
+        return list(session.challenge_loaded(found))
+    if operation == 15:
+        return list(session.challenge_consumed(provider.PickValueInList([None, *CODES])))
     if operation == 0:
         return list(session.receive_text(provider.ConsumeUnicode(provider.ConsumeIntInRange(0, 400))))
     if operation == 11:

@@ -47,6 +47,7 @@ from services.ingress.sender_auth import (
     SenderAuthenticator,
     SenderAuthVerdict,
     SenderFacts,
+    SpfResult,
     authentication_results,
 )
 from shared import keys, ratelimit
@@ -76,6 +77,8 @@ class IngressSession(Session):
         self.reverse_looked_up = False
         self.failed_recipients = 0
         self.close_after_reply = False  # set with a 421: the server closes once it is sent
+        # SPF of the current transaction, started at its first accepted RCPT (see handle_RCPT)
+        self.spf: tuple[str, str, asyncio.Task[SpfResult]] | None = None
 
 
 class IngressEnvelope(Envelope):
@@ -206,6 +209,8 @@ class IngressHandler:
             return str(self._refuse_recipient(session, refusal, client_ip=client_ip, persona=route))
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
+        if len(envelope.rcpt_tos) == 1:
+            self._start_spf(session, envelope)
         return str(policy.RECIPIENT_OK)
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
@@ -302,12 +307,30 @@ class IngressHandler:
         if self._sender_auth is None:
             return None
         facts = SenderFacts(client_ip_of(session), session.host_name or "", _mail_from(envelope), content)
-        verdict = await self._sender_auth.evaluate(facts)
+        spf = None
+        if isinstance(session, IngressSession) and session.spf is not None:
+            mail_from, helo, spf = session.spf
+            session.spf = None
+            if (mail_from, helo) != (facts.mail_from, facts.helo):
+                spf.cancel()
+                spf = None
+        verdict = await self._sender_auth.evaluate(facts, spf)
         signals = verdict.signals()
         for mechanism, signal in signals.items():
             metrics.SENDER_AUTH.labels(mechanism=mechanism, signal=signal).inc()
         log(logger, logging.INFO, "sender authenticated", client_ip=facts.client_ip, **signals)
         return verdict
+
+    def _start_spf(self, session: Session, envelope: Envelope) -> None:
+        """SPF needs only the envelope: start it at the first accepted RCPT so its lookups overlap
+        the rest of the transaction (not at MAIL FROM: a sender refused at every RCPT costs no
+        DNS). One per session: a new transaction cancels the previous one's."""
+        if self._sender_auth is None or not isinstance(session, IngressSession):
+            return
+        if session.spf is not None:
+            session.spf[2].cancel()
+        mail_from, helo = _mail_from(envelope), session.host_name or ""
+        session.spf = (mail_from, helo, self._sender_auth.start_spf(client_ip_of(session), helo, mail_from))
 
     def _deliveries(
         self,

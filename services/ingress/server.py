@@ -45,9 +45,10 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, AnyStr
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import Envelope, Session
 
 from services.ingress import metrics, policy
+from services.ingress.data_reader import FastDataSMTP
 from services.ingress.handler import IngressEnvelope, IngressHandler, IngressSession
 from shared.config import RateLimitsConfig, SmtpConfig
 from shared.logs import get_logger, log
@@ -66,7 +67,7 @@ _PLAIN_ANGLE_ADDR = re.compile(rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A
 DEFAULT_CONNECTIONS_PER_IP = RateLimitsConfig().smtpConcurrentConnectionsPerIp
 
 
-class IngressSMTP(SMTP):
+class IngressSMTP(FastDataSMTP):  # aiosmtpd's SMTP, DATA read in blocks (data_reader.py)
     def __init__(self, handler: IngressHandler, listener: SmtpListener, **options: Any) -> None:
         super().__init__(handler, **options)
         self._ingress_handler = handler

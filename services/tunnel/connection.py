@@ -1,9 +1,15 @@
 """One gateway WebSocket from handshake to close: feeds the sans-I/O session and carries out
 its actions (the thin I/O layer, like websockets' own connection over its protocol).
 
+Every rule is the session's (services/tunnel/session.py); this module only performs the
+actions it returns and reports each Redis step's outcome back as an event. It reaches the rest
+of the node only through the narrow interfaces in `ConnectionContext` (auth steps, the socket
+registry's view, the outbound queue, the result router, the assembly budget), never the node
+itself: services/tunnel/node.py builds the context and is not imported here.
+
 The reader loop handles one message at a time, so every Redis step of authentication happens
 in order; inbound delivery runs as a task owned by this connection and ends with it. The
-heartbeat is one node-wide loop (`TunnelNode._heartbeats`) calling `heartbeat` on every socket.
+heartbeat is one node-wide loop (services/tunnel/duties.py) calling `heartbeat` on every socket.
 """
 
 from __future__ import annotations
@@ -14,43 +20,114 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
+import redis.asyncio as aioredis
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State as SocketState
 
 from services.tunnel import metrics
 from services.tunnel.budget import Allowance
-from services.tunnel.challenges import ChallengeRecord, check_response
+from services.tunnel.challenges import ChallengeRecord
 from services.tunnel.challenges import now_ms as clock_ms
 from services.tunnel.inbox import InboxDelivery
+from services.tunnel.results import Origin
 from services.tunnel.session import (
     ROLE_INBOUND,
     AckInbound,
     Action,
+    Authenticated,
+    CheckAuthRate,
+    ClaimPersona,
     Close,
+    ConsumeChallenge,
+    DiscardChallenge,
     EnqueueOutbound,
     IssueChallenge,
+    LoadChallenge,
     OutboundDropped,
     RefuseOutbound,
     SendText,
     SessionLimits,
     State,
     TunnelSession,
-    VerifyChallenge,
 )
 from shared.codes import CLOSE_REASON_CODE, AuthError, CloseCode, CloseReason, OutboundRefusal
+from shared.config import RelayConfig
 from shared.logs import get_logger, log
-
-if TYPE_CHECKING:
-    from services.tunnel.node import TunnelNode
+from shared.payloads import OutboundJob
+from shared.replication import ReplicaAck
 
 logger = get_logger(__name__)
 
 
-def session_limits(node: TunnelNode) -> SessionLimits:
-    config = node.config
+# --- what a connection may use of its node ----------------------------------------------------
+
+
+class AuthSteps(Protocol):
+    """The Redis steps of auth (services/tunnel/auth.py)."""
+
+    async def store_challenge(self, client_ip: str, challenge: ChallengeRecord) -> bool: ...
+
+    async def discard_challenge(self, challenge_id: str) -> None: ...
+
+    async def within_rate(self, client_ip: str) -> bool: ...
+
+    async def load_challenge(self, challenge_id: str) -> ChallengeRecord | None: ...
+
+    async def consume_challenge(self, challenge_id: str, persona_key: str, at_ms: int) -> AuthError | None: ...
+
+
+class SocketHome(Protocol):
+    """This node's sockets and persona ownership, as one socket joins and leaves them
+    (services/tunnel/node.py over services/tunnel/registry.py)."""
+
+    def take_outbound_slot(self, socket: TunnelConnection, persona_key: str) -> bool: ...
+
+    async def claim(self, socket: TunnelConnection, persona_key: str, *, inbound: bool) -> str | None: ...
+
+    def attach(self, socket: TunnelConnection) -> bool: ...
+
+    async def detach(self, socket: TunnelConnection) -> None: ...
+
+
+class OutboundSink(Protocol):
+    """The persona's outbound rate and the egress queue (services/tunnel/outbound.py)."""
+
+    async def admit(self, persona_key: str, stream_id: str, origin: str) -> bool: ...
+
+    async def enqueue(self, job: OutboundJob) -> bool: ...
+
+
+class ResultRoutes(Protocol):
+    """Where delivery results go back to (services/tunnel/result_router.py)."""
+
+    def stream_accepted(self, socket: TunnelConnection, stream_id: str) -> None: ...
+
+
+class AssemblyBudget(Protocol):
+    """The node's outbound assembly budget (services/tunnel/budget.py)."""
+
+    def allowance(self, persona_key: str, client_ip: str) -> Allowance: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionContext:
+    """Everything a connection uses beyond its own socket: built once per node."""
+
+    config: RelayConfig
+    redis: aioredis.Redis  # the inbox delivery's own reads and deletions
+    replica_ack: ReplicaAck
+    auth: AuthSteps
+    home: SocketHome
+    outbound: OutboundSink
+    results: ResultRoutes
+    budget: AssemblyBudget
+
+
+def session_limits(config: RelayConfig) -> SessionLimits:
     return SessionLimits(
         challenge_ttl_s=config.auth.challengeTtlSeconds,
         max_message_bytes=config.smtp.maxMessageBytes,
@@ -60,33 +137,24 @@ def session_limits(node: TunnelNode) -> SessionLimits:
 
 
 class TunnelConnection:
-    def __init__(self, node: TunnelNode, ws: ServerConnection, client_ip: str) -> None:
-        self.node = node
+    """One gateway socket: runs its reader loop, auth deadline and inbound delivery, and carries
+    out its session's actions through the node's narrow interfaces (`ConnectionContext`)."""
+
+    def __init__(self, context: ConnectionContext, ws: ServerConnection, client_ip: str) -> None:
+        self.context = context
+        self.config = context.config
         self.ws = ws
         self.client_ip = client_ip
         self.socket_id = str(uuid.uuid4())
-        self.session = TunnelSession(self.socket_id, session_limits(node), clock_ms)
+        self.session = TunnelSession(self.socket_id, session_limits(context.config), clock_ms)
         self.delivery: InboxDelivery | None = None
         self._delivery_task: asyncio.Task[Any] | None = None
         self._deadline_task: asyncio.Task[Any] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._last_heard = time.monotonic()
         self._last_ping = self._last_heard
-        self._challenge_requested = False
-        # The challenge issued on this socket: its response (almost always sent here) is checked
-        # without reading the record back; `consume` still decides used/expired in Redis.
-        self._issued: ChallengeRecord | None = None
-        self.claimed_inbound = False
-        self._attempted_key: str | None = None
         self._closing = False
-        self._verifying = False
-        self.counted_unauthenticated = False  # in the node's per-IP unauthenticated count
-        # Set from the auth-time claim (non-empty) and by wake-ups before attach: read at once.
-        self.inbox_woken = False
-        self.results_woken = False
-        self.origin_streams: set[str] = set()  # accepted outbound streams whose result is not delivered
         self.allowance: Allowance | None = None  # share of the node's outbound budget, from auth
-        self.counted_outbound: str | None = None  # persona counted in the node's outbound-role sockets
 
     @property
     def persona_key(self) -> str | None:
@@ -130,7 +198,7 @@ class TunnelConnection:
                 task.cancel()
             if self.allowance is not None:
                 self.allowance.give_all()
-            await self.node.detach(self)
+            await self.context.home.detach(self)
 
     def _log_closed(self) -> None:
         """Every close, with who closed and why, and what was cut off mid-message."""
@@ -180,13 +248,22 @@ class TunnelConnection:
     async def ping(self) -> Awaitable[Any]:
         return await self.ws.ping()
 
-    def start_delivery(self) -> None:
+    def wake_inbox(self) -> None:
+        """New inbox entries may be there: the delivery looks at once (if this socket has one)."""
+        if self.delivery is not None:
+            self.delivery.wake()
+
+    def inbox_behind(self, length: int) -> bool:
+        """The inbox holds more than the delivery knows of (the sweep's check)."""
+        return self.delivery is not None and self.delivery.behind(length)
+
+    def _start_delivery(self, known_empty: bool) -> None:
         assert self.persona_key is not None
-        config = self.node.config
+        config = self.config
         self.delivery = InboxDelivery(
-            self.node.redis,
+            self.context.redis,
             self.persona_key,
-            self.node.node_id,
+            config.node_id,
             self.ws.send,
             self.ws.ping,
             use_ack=self.session.wants_inbound_ack,
@@ -194,9 +271,9 @@ class TunnelConnection:
             retention_s=config.queue.retentionSeconds,
             legacy_ack_grace_s=config.ws.legacyAckGraceMs / 1000,
             is_open=lambda: self.ws.state is SocketState.OPEN,
-            ack=self.node.replica_ack,
+            ack=self.context.replica_ack,
         )
-        self._delivery_task = self._spawn(self.delivery.run(known_empty=not self.inbox_woken))
+        self._delivery_task = self._spawn(self.delivery.run(known_empty=known_empty))
 
     def _cancel_delivery(self) -> None:
         if self._delivery_task is not None:
@@ -245,13 +322,10 @@ class TunnelConnection:
         pong.add_done_callback(self._pong_received)
 
     async def _auth_deadline(self) -> None:
-        """Close a socket still unauthenticated `ws.authTimeoutMs` after the upgrade (4401).
-
-        A verification already under way is left to finish: it ends in auth_ok or a refusal.
-        """
-        await asyncio.sleep(self.node.config.ws.authTimeoutMs / 1000)
-        if not self._verifying:
-            await self._perform(self.session.auth_timed_out())
+        """`ws.authTimeoutMs` after the upgrade; the session decides what it means (4401 for a
+        socket still unauthenticated, nothing during a verification or after auth)."""
+        await asyncio.sleep(self.config.ws.authTimeoutMs / 1000)
+        await self._perform(self.session.auth_timed_out())
 
     def _pong_received(self, pong: asyncio.Future[Any]) -> None:
         if not pong.cancelled() and pong.exception() is None:
@@ -260,6 +334,8 @@ class TunnelConnection:
     # --- carrying out the session's actions --------------------------------------------------
 
     async def _perform(self, actions: list[Action]) -> None:
+        """Carry out the session's actions in order; a Redis step reports its outcome back to
+        the session and carries out what that returns before the next action."""
         for action in actions:
             if isinstance(action, SendText):
                 await self.ws.send(action.text)
@@ -268,9 +344,22 @@ class TunnelConnection:
                     self._auth_outcome(action.reason)
                 await self.close(action.code, action.reason)
             elif isinstance(action, IssueChallenge):
-                await self._issue_challenge(action)
-            elif isinstance(action, VerifyChallenge):
-                await self._verify_challenge(action)
+                within_rate = await self.context.auth.store_challenge(self.client_ip, action.challenge)
+                await self._perform(self.session.challenge_stored(within_rate))
+            elif isinstance(action, DiscardChallenge):
+                await self.context.auth.discard_challenge(action.challenge_id)
+            elif isinstance(action, CheckAuthRate):
+                await self._perform(self.session.auth_rate_checked(await self.context.auth.within_rate(self.client_ip)))
+            elif isinstance(action, LoadChallenge):
+                record = await self.context.auth.load_challenge(action.challenge_id)
+                await self._perform(self.session.challenge_loaded(record))
+            elif isinstance(action, ConsumeChallenge):
+                code = await self.context.auth.consume_challenge(action.challenge_id, action.persona_key, action.at_ms)
+                await self._perform(self.session.challenge_consumed(code))
+            elif isinstance(action, ClaimPersona):
+                await self._perform(await self._claim(action))
+            elif isinstance(action, Authenticated):
+                self._authenticated(action)
             elif isinstance(action, AckInbound):
                 if self.delivery is not None:
                     self.delivery.acked(action.stream_id)
@@ -290,58 +379,22 @@ class TunnelConnection:
             "auth refused" if self.persona_key is None else "socket refused",
             code=code,
             socket_id=self.socket_id,
-            persona=self.persona_key or self._attempted_key,
+            persona=self.persona_key or self.session.attempted_key,
             client_ip=self.client_ip,
         )
 
-    async def _auth_failed(self, code: AuthError, persona_key: str | None = None) -> None:
-        self._attempted_key = persona_key
-        await self._perform(self.session.auth_failed(code))
-
-    async def _issue_challenge(self, action: IssueChallenge) -> None:
-        """Rate check and challenge record in one round trip; a refused attempt's record is
-        deleted again (one more round trip, only for refused attempts)."""
-        self._challenge_requested = True
-        async with self.node.redis.pipeline(transaction=False) as pipe:
-            self.node.auth_rate.count(pipe, self.client_ip)
-            self.node.challenges.queue_save(pipe, action.challenge)
-            replies = await pipe.execute()
-        if not await self.node.auth_rate.judge(self.client_ip, replies):
-            await self.node.challenges.forget(action.challenge.challenge_id)
-            await self._auth_failed(AuthError.RATE_LIMITED, action.challenge.persona_key)
-            return
-        self._issued = action.challenge
-        await self.ws.send(action.reply)
-
-    async def _verify_challenge(self, action: VerifyChallenge) -> None:
-        self._verifying = True
-        try:
-            await self._verify_challenge_steps(action)
-        finally:
-            self._verifying = False
-
-    async def _verify_challenge_steps(self, action: VerifyChallenge) -> None:
-        if not self._challenge_requested and not await self.node.auth_rate.allow(self.client_ip):
-            await self._auth_failed(AuthError.RATE_LIMITED, action.persona_key)
-            return
-        at_ms = clock_ms()
-        record = self._issued
-        if record is None or record.challenge_id != action.challenge_id:  # issued elsewhere
-            record = await self.node.challenges.load(action.challenge_id)
-        code = check_response(record, action.persona_key, action.signature_base64, at_ms)
-        if code is None:
-            code = await self.node.challenges.consume(action.challenge_id, action.persona_key, at_ms)
-        if code is not None or record is None:
-            await self._auth_failed(code or AuthError.CHALLENGE_NOT_FOUND, action.persona_key)
-            return
-        persona_key = record.persona_key
+    async def _claim(self, action: ClaimPersona) -> list[Action]:
+        """An outbound-role slot on this node, then ownership in Redis (one round trip)."""
+        persona_key = action.persona_key
         inbound = action.role == ROLE_INBOUND
-        if not inbound and not self.node.take_outbound_slot(self, persona_key):
-            await self._auth_failed(AuthError.TOO_MANY_SOCKETS, persona_key)
-            return
-        replaced_socket_id = await self.node.claim(self, persona_key, inbound=inbound)
+        home = self.context.home
+        if not inbound and not home.take_outbound_slot(self, persona_key):
+            return self.session.auth_failed(AuthError.TOO_MANY_SOCKETS)
+        replaced_socket_id = await home.claim(self, persona_key, inbound=inbound)
         self._authenticated_limits(persona_key)
-        await self._perform(self.session.auth_succeeded(persona_key, action.role, replaced_socket_id))
+        return self.session.auth_succeeded(persona_key, action.role, replaced_socket_id)
+
+    def _authenticated(self, action: Authenticated) -> None:
         metrics.AUTH_OUTCOMES.labels(code="ok").inc()
         log(
             logger,
@@ -349,24 +402,26 @@ class TunnelConnection:
             "auth ok",
             code="ok",
             socket_id=self.socket_id,
-            persona=persona_key,
-            role=self.session.role,
-            replaced_socket_id=replaced_socket_id,
+            persona=action.persona_key,
+            role=action.role,
+            replaced_socket_id=action.replaced_socket_id,
             capabilities=list(self.session.capabilities),
             client_ip=self.client_ip,
         )
         if self._deadline_task is not None:
             self._deadline_task.cancel()  # an idle authenticated socket keeps no timer
-        self.node.attach(self)
+        inbox_woken = self.context.home.attach(self)
+        if self.is_inbound:
+            self._start_delivery(known_empty=not inbox_woken)
 
     def _authenticated_limits(self, persona_key: str) -> None:
         """Before auth_ok is sent (the gateway sends nothing larger before it): messages up to
         ws.maxMessageBytes from now on, and outbound streams on the node's budget. websockets
         reads the limit when the next frame starts arriving, so the next frame gets it."""
-        if self.session.state is not State.UNAUTHENTICATED:
+        if self.session.state is not State.VERIFYING:
             return
-        self.ws.protocol.max_message_size = self.node.config.ws.maxMessageBytes
-        self.allowance = self.node.outbound_budget.allowance(persona_key, self.client_ip)
+        self.ws.protocol.max_message_size = self.config.ws.maxMessageBytes
+        self.allowance = self.context.budget.allowance(persona_key, self.client_ip)
         self.session.allowance = self.allowance
 
     async def _enqueue_outbound(self, action: EnqueueOutbound) -> None:
@@ -378,13 +433,14 @@ class TunnelConnection:
 
     async def _enqueue_outbound_job(self, action: EnqueueOutbound) -> None:
         job = action.job
-        origin = f"{self.node.node_id}/{self.socket_id}"
-        if not await self.node.outbound.admit(job.persona_key, job.stream_id, origin):
+        outbound = self.context.outbound
+        origin = Origin(self.config.node_id, self.socket_id).encode()
+        if not await outbound.admit(job.persona_key, job.stream_id, origin):
             await self._perform(self.session.outbound_refused(job.stream_id, OutboundRefusal.RATE_LIMITED))
             self._outbound_outcome(job.stream_id, OutboundRefusal.RATE_LIMITED)
             return
-        self.origin_streams.add(job.stream_id)
-        queued = await self.node.outbound.enqueue(job)
+        self.context.results.stream_accepted(self, job.stream_id)
+        queued = await outbound.enqueue(job)
         self._outbound_outcome(job.stream_id, "accepted" if queued else "duplicate", size=len(job.data))
 
     def _outbound_outcome(self, stream_id: str, outcome: str, **fields: Any) -> None:

@@ -19,9 +19,9 @@ ingress that answered 451 for it a moment ago can still keep it for the sender's
 
 An idle delivery costs no timer and no Redis call: it waits to be woken, by the pub/sub
 wake-up (the fast path) or by the node's periodic sweep, which looks at every owned inbox in
-one pipelined pass (`TunnelNode.sweep_once`), so a lost wake-up only delays. A wake-up at least
-`RECLAIM_INTERVAL_S` after the last one also re-claims entries stranded by another consumer and
-trims expired ones.
+one pipelined pass (`NodeDuties.sweep_once` in services/tunnel/duties.py), so a lost wake-up
+only delays. A wake-up at least `RECLAIM_INTERVAL_S` after the last one also re-claims entries
+stranded by another consumer and trims expired ones.
 
 Memory: a socket holds at most `WINDOW` small entries and one body being streamed. A body
 stored apart (shared/inbox_entries.py: anything over one chunk, as the ingress writes it) is

@@ -85,7 +85,7 @@ async def start_server(
 
     async def handle(ws: ServerConnection) -> None:
         assert ws.request is not None
-        connection = TunnelConnection(node, ws, request_client_ip(ws, ws.request))
+        connection = TunnelConnection(node.context, ws, request_client_ip(ws, ws.request))
         if not node.connected(connection):  # upgrades racing past `route`'s check
             refusal = CloseReason.TOO_MANY_UNAUTHENTICATED
             metrics.CONNECTIONS_REFUSED.labels(reason=refusal).inc()

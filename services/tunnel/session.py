@@ -3,9 +3,15 @@ own `protocol.py`).
 
 `TunnelSession` consumes the messages a gateway sends and returns *actions* for the server to
 carry out, in order. Steps that need Redis are split in two: the session returns an action
-(`IssueChallenge`, `VerifyChallenge`, `EnqueueOutbound`) and the server reports the outcome
-back (`auth_failed`, `auth_succeeded`, `outbound_refused`). Every auth, text and assembly rule
-of PROTOCOL.md A3, A4, A6 and B is decided here, once.
+(`IssueChallenge`, `CheckAuthRate`, `LoadChallenge`, `ConsumeChallenge`, `ClaimPersona`,
+`EnqueueOutbound`) and the server reports the outcome back as an event (`challenge_stored`,
+`auth_rate_checked`, `challenge_loaded`, `challenge_consumed`, `auth_succeeded`/`auth_failed`,
+`outbound_refused`), which returns the next actions. Every auth, text and assembly rule of
+PROTOCOL.md A3, A4, A6 and B is decided here, once, so each can be tested without a socket.
+
+Verifying a challenge response is a state of its own (`VERIFYING`, from the response to auth_ok
+or the refusal): the server reads nothing else meanwhile, and the auth deadline does not cut
+it short (it ends in auth_ok or a refusal anyway, and cutting it would strand a persona claim).
 
 Choices the protocol leaves open:
 - Malformed JSON after auth gets `{"type":"error","code":"invalid_message"}` and the socket stays
@@ -25,6 +31,9 @@ Choices the protocol leaves open:
   original): the response may arrive on another socket, even on another tunnel node (the record
   is in Redis). Binding adds nothing: only the key's holder can sign the challenge text, and it
   is still single-use and expires.
+- The per-IP auth rate counts attempts, not messages: a challenge request is counted; its
+  response is counted only when no challenge was requested on this socket (a response to a
+  challenge issued elsewhere), so an honest request + response costs one attempt.
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from services.tunnel import header_from, outbound
-from services.tunnel.challenges import ChallengeRecord, iso_utc_ms, new_challenge, normalize_key
+from services.tunnel.challenges import ChallengeRecord, check_response, iso_utc_ms, new_challenge, normalize_key
 from shared import protocol
 from shared.codes import (
     AUTH_ERROR_CLOSE,
@@ -61,6 +70,7 @@ MAX_REFUSED_STREAMS_REMEMBERED = 64
 
 class State(enum.Enum):
     UNAUTHENTICATED = "unauthenticated"
+    VERIFYING = "verifying"  # a challenge response is being checked (Redis steps under way)
     AUTHENTICATED = "authenticated"
     CLOSED = "closed"
 
@@ -81,21 +91,58 @@ class Close:
 
 @dataclass(frozen=True, slots=True)
 class IssueChallenge:
-    """Check the per-IP auth rate, store the challenge, then send `reply`."""
+    """Count the attempt in the per-IP auth rate and store `challenge` (one round trip); then
+    report `challenge_stored(within_rate)`."""
 
     challenge: ChallengeRecord
-    reply: str
 
 
 @dataclass(frozen=True, slots=True)
-class VerifyChallenge:
-    """Check the per-IP auth rate, load and check the challenge, consume it, claim the persona;
-    then report `auth_failed(code)` or `auth_succeeded(replaced_socket_id)`."""
+class DiscardChallenge:
+    """Delete a stored challenge whose request was refused (it can never be answered)."""
+
+    challenge_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class CheckAuthRate:
+    """Count the attempt in the per-IP auth rate; then report `auth_rate_checked(within_rate)`."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoadChallenge:
+    """Read the challenge record (issued on another socket or node); then report
+    `challenge_loaded(record)` (None when there is none)."""
+
+    challenge_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumeChallenge:
+    """Mark the challenge used, atomically re-checking it; then report `challenge_consumed(code)`
+    (None when it was ours to use)."""
 
     challenge_id: str
     persona_key: str
-    signature_base64: str
+    at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimPersona:
+    """Take `persona_key` for this socket (an outbound-role slot, ownership in Redis); then report
+    `auth_succeeded(persona_key, role, replaced_socket_id)` or `auth_failed(code)`."""
+
+    persona_key: str
     role: str
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticated:
+    """auth_ok has been sent: start serving the persona on this socket."""
+
+    persona_key: str
+    role: str
+    replaced_socket_id: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +187,12 @@ Action = (
     SendText
     | Close
     | IssueChallenge
-    | VerifyChallenge
+    | DiscardChallenge
+    | CheckAuthRate
+    | LoadChallenge
+    | ConsumeChallenge
+    | ClaimPersona
+    | Authenticated
     | AckInbound
     | EnqueueOutbound
     | RefuseOutbound
@@ -173,6 +225,16 @@ class _Unlimited:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class _Verification:
+    """The challenge response being verified (state VERIFYING)."""
+
+    challenge_id: str
+    persona_key: str  # normalised
+    signature_base64: str
+    role: str
+
+
 @dataclass(slots=True)
 class _OutboundStream:
     start: protocol.SmtpStart
@@ -182,6 +244,10 @@ class _OutboundStream:
 
 
 class TunnelSession:
+    """The protocol state of one tunnel socket: auth (A3), control messages (B) and outbound
+    stream assembly (A6), as actions for the I/O layer (services/tunnel/connection.py) to carry
+    out. It owns no socket, task or clock of its own, so every rule is testable in memory."""
+
     def __init__(
         self,
         socket_id: str,
@@ -199,6 +265,15 @@ class TunnelSession:
         self._new_uuid = new_uuid
         self._requested_capabilities: list[str] | None = None
         self._requested_role: str | None = None
+        # A challenge request was counted in the auth rate: the response is not counted again.
+        self._challenge_requested = False
+        self._pending_challenge: tuple[ChallengeRecord, str] | None = None  # (record, auth_challenge)
+        # The challenge stored for this socket: its response (almost always sent here) is checked
+        # without reading the record back; `ConsumeChallenge` still decides used/expired in Redis.
+        self._issued: ChallengeRecord | None = None
+        self._verification: _Verification | None = None
+        self._at_ms = 0  # the server clock the response is judged at (check and consume alike)
+        self.attempted_key: str | None = None  # the persona an auth attempt named (for logs)
         self._streams: dict[str, _OutboundStream] = {}
         self._refused_streams: dict[str, None] = {}
         self.allowance: ByteAllowance = _Unlimited()  # set by the server at auth
@@ -219,13 +294,19 @@ class TunnelSession:
     # --- input -------------------------------------------------------------------------------
 
     def receive_text(self, text: str) -> list[Action]:
+        """A text message: an auth message before auth_ok, a control message (B) after."""
         if self.state is State.UNAUTHENTICATED:
             return self._receive_auth_message(text)
         if self.state is State.AUTHENTICATED:
             return self._receive_control(text)
+        if self.state is State.VERIFYING:  # the server reads nothing until the verification ends
+            return self._fail(AuthError.INVALID_MESSAGE)
         return []
 
     def receive_binary(self, message: bytes) -> list[Action]:
+        """A binary message: JSON auth before auth_ok (A3 allows it), a tunnel frame (A4) after."""
+        if self.state is State.VERIFYING:
+            return self._fail(AuthError.INVALID_MESSAGE)
         if self.state is State.UNAUTHENTICATED:
             try:
                 text = message.decode("utf-8")
@@ -242,19 +323,63 @@ class TunnelSession:
 
     # --- outcomes reported by the server -----------------------------------------------------
 
+    def challenge_stored(self, within_rate: bool) -> list[Action]:
+        """Outcome of `IssueChallenge`: send the challenge, or refuse the attempt (4408)."""
+        pending, self._pending_challenge = self._pending_challenge, None
+        if self.state is not State.UNAUTHENTICATED or pending is None:
+            return []
+        challenge, reply = pending
+        if not within_rate:
+            return [DiscardChallenge(challenge.challenge_id), *self._fail(AuthError.RATE_LIMITED)]
+        self._issued = challenge
+        return [SendText(reply)]
+
+    def auth_rate_checked(self, within_rate: bool) -> list[Action]:
+        """Outcome of `CheckAuthRate`: go on verifying, or refuse the attempt (4408)."""
+        if self.state is not State.VERIFYING:
+            return []
+        if not within_rate:
+            return self._fail(AuthError.RATE_LIMITED)
+        return self._find_challenge()
+
+    def challenge_loaded(self, record: ChallengeRecord | None) -> list[Action]:
+        """Outcome of `LoadChallenge` (or the challenge issued here): check the response
+        against it in the protocol's order, then have it consumed."""
+        verification = self._verification
+        if self.state is not State.VERIFYING or verification is None:
+            return []
+        code = check_response(record, verification.persona_key, verification.signature_base64, self._at_ms)
+        if code is not None:
+            return self._fail(code)
+        return [ConsumeChallenge(verification.challenge_id, verification.persona_key, self._at_ms)]
+
+    def challenge_consumed(self, code: AuthError | None) -> list[Action]:
+        """Outcome of `ConsumeChallenge`: the challenge was ours (claim the persona) or a
+        concurrent use, expiry or deletion won (refuse with its code)."""
+        verification = self._verification
+        if self.state is not State.VERIFYING or verification is None:
+            return []
+        if code is not None:
+            return self._fail(code)
+        return [ClaimPersona(verification.persona_key, verification.role)]
+
     def auth_failed(self, code: AuthError) -> list[Action]:
+        """The server refused the attempt (e.g. `too_many_sockets` at `ClaimPersona`)."""
         return self._fail(code)
 
     def auth_timed_out(self) -> list[Action]:
-        """The auth deadline passed: refuse if the socket is still unauthenticated."""
+        """The auth deadline passed: refuse if the socket is still unauthenticated. A
+        verification under way is left to finish (it ends in auth_ok or a refusal)."""
         if self.state is not State.UNAUTHENTICATED:
             return []
         return self._fail(AuthError.AUTH_TIMEOUT)
 
     def auth_succeeded(self, persona_key: str, role: str, replaced_socket_id: str | None) -> list[Action]:
-        if self.state is not State.UNAUTHENTICATED:
+        """Outcome of `ClaimPersona`: send auth_ok, then start serving."""
+        if self.state not in (State.UNAUTHENTICATED, State.VERIFYING):
             return []
         self.state = State.AUTHENTICATED
+        self._verification = None
         self.persona_key = persona_key
         self.role = role
         fields: dict[str, Any] = {
@@ -267,7 +392,7 @@ class TunnelSession:
         if self._requested_capabilities is not None:
             self.capabilities = tuple(c for c in SUPPORTED_CAPABILITIES if c in self._requested_capabilities)
             fields["capabilities"] = list(self.capabilities)
-        return [SendText(protocol.encode_control(fields))]
+        return [SendText(protocol.encode_control(fields)), Authenticated(persona_key, role, replaced_socket_id)]
 
     def outbound_refused(self, stream_id: str, reason: OutboundRefusal) -> list[Action]:
         if self.state is not State.AUTHENTICATED:
@@ -299,6 +424,7 @@ class TunnelSession:
         if self.state is State.CLOSED:
             return []
         self.state = State.CLOSED
+        self._verification = None
         self._drop_all_streams()
         return [SendText(protocol.auth_error(code)), Close(AUTH_ERROR_CLOSE[code], code)]
 
@@ -322,6 +448,7 @@ class TunnelSession:
         capabilities = fields.get("capabilities")
         if isinstance(capabilities, list):
             self._requested_capabilities = [c for c in capabilities if isinstance(c, str)]
+        self.attempted_key = persona_key
         challenge = new_challenge(persona_key, self._clock_ms(), self.limits.challenge_ttl_s, self._new_uuid)
         reply = protocol.encode_control(
             {
@@ -332,15 +459,31 @@ class TunnelSession:
                 "expiresAt": iso_utc_ms(challenge.expires_at_ms),
             }
         )
-        return [IssueChallenge(challenge, reply)]
+        self._challenge_requested = True
+        self._pending_challenge = (challenge, reply)
+        return [IssueChallenge(challenge)]
 
     def _challenge_response(self, fields: dict[str, Any]) -> list[Action]:
-        persona_key = protocol.require_str(fields, "publicKeyBase32")
+        persona_key = normalize_key(protocol.require_str(fields, "publicKeyBase32"))
         challenge_id = protocol.require_str(fields, "challengeId")
         signature = protocol.require_str(fields, "signatureBase64")
         requested = fields.get("sessionRole")
         role = _role(requested) if isinstance(requested, str) else self._requested_role or ROLE_INBOUND
-        return [VerifyChallenge(challenge_id, normalize_key(persona_key), signature, role)]
+        self.state = State.VERIFYING
+        self._verification = _Verification(challenge_id, persona_key, signature, role)
+        self.attempted_key = persona_key
+        if not self._challenge_requested:  # not counted yet: a response is an attempt of its own
+            return [CheckAuthRate()]
+        return self._find_challenge()
+
+    def _find_challenge(self) -> list[Action]:
+        """The challenge issued here is checked from memory; any other is loaded from Redis."""
+        assert self._verification is not None
+        self._at_ms = self._clock_ms()
+        challenge_id = self._verification.challenge_id
+        if self._issued is not None and self._issued.challenge_id == challenge_id:
+            return self.challenge_loaded(self._issued)
+        return [LoadChallenge(challenge_id)]
 
     # --- text after auth (PROTOCOL.md B) -----------------------------------------------------
 

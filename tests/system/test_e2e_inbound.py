@@ -308,7 +308,8 @@ def test_nine_mib_message_arrives_intact_in_chunks_of_at_most_64_kib(
     queue_id = smtp_send(relay.smtp_port, [persona.address], sent)
     [stored] = wait_stored(persona)
     assert_delivered_intact(stored, sent, queue_id, persona.address)
-    [event] = log_events(gateway, "message stored")
+    # The gateway logs "message stored" just after the file is in place: poll for the line.
+    [event] = poll_until(lambda: log_events(gateway, "message stored"), message="no 'message stored' log line")
     assert event["bytes"] == len(stored)
     assert event["largest_chunk_bytes"] <= MAX_CHUNK_BYTES
     assert event["chunks"] >= len(stored) // MAX_CHUNK_BYTES

@@ -33,3 +33,24 @@ def test_a_service_imports_no_other_service(service: str) -> None:
     ]
     assert offenders == []
     assert len(SERVICES) == 3
+
+
+TUNNEL_DIR = SERVICES_DIR / "tunnel"
+
+
+def test_the_tunnel_connection_does_not_import_the_node() -> None:
+    """The connection gets narrow interfaces (`ConnectionContext`), not the node: the node builds
+    them, so the import goes one way only, and neither the registry nor the router knows the node."""
+    for module in ("connection.py", "registry.py", "result_router.py", "duties.py", "session.py"):
+        imported = _imported_modules(TUNNEL_DIR / module)
+        assert "services.tunnel.node" not in imported, module
+    assert "services.tunnel.connection" not in _imported_modules(TUNNEL_DIR / "registry.py")
+
+
+def test_every_tunnel_module_says_why_it_exists() -> None:
+    missing = [
+        path.name
+        for path in sorted(TUNNEL_DIR.glob("*.py"))
+        if path.name != "__init__.py" and not ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
+    ]
+    assert missing == []

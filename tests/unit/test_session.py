@@ -18,16 +18,21 @@ from services.tunnel.challenges import ChallengeRecord, check_response, iso_utc_
 from services.tunnel.session import (
     AckInbound,
     Action,
+    Authenticated,
+    CheckAuthRate,
+    ClaimPersona,
     Close,
+    ConsumeChallenge,
+    DiscardChallenge,
     EnqueueOutbound,
     IssueChallenge,
+    LoadChallenge,
     OutboundDropped,
     RefuseOutbound,
     SendText,
     SessionLimits,
     State,
     TunnelSession,
-    VerifyChallenge,
 )
 from shared import protocol
 from shared.identity import Passport, encode_public_key
@@ -106,7 +111,9 @@ def test_issued_challenge_message_matches_protocol() -> None:
     session = make_session()
     [action] = session.receive_text(request(key=f"  {RFC8032_KEY.upper()} "))
     assert isinstance(action, IssueChallenge)
-    assert json.loads(action.reply) == {
+    [reply] = session.challenge_stored(within_rate=True)
+    assert isinstance(reply, SendText)
+    assert json.loads(reply.text) == {
         "type": "auth_challenge",
         "publicKeyBase32": RFC8032_KEY,
         "challengeId": "00000000-0000-4000-8000-000000000000",
@@ -175,15 +182,165 @@ def test_signature_accepted_padded_unpadded_and_urlsafe(signature: str) -> None:
 # --- auth through the session ------------------------------------------------------------------
 
 
-def test_response_yields_verify_action_with_normalized_key_and_role() -> None:
+def verify(session: TunnelSession, message: str, record: ChallengeRecord | None = None) -> list[Action]:
+    """Feed a response and report every Redis step as the server would: within the rate, the
+    challenge `record` found, consumed; the actions of the last step."""
+    actions = session.receive_text(message)
+    while actions and isinstance(actions[-1], CheckAuthRate | LoadChallenge | ConsumeChallenge):
+        step = actions[-1]
+        if isinstance(step, CheckAuthRate):
+            actions = session.auth_rate_checked(within_rate=True)
+        elif isinstance(step, LoadChallenge):
+            actions = session.challenge_loaded(record)
+        else:
+            actions = session.challenge_consumed(None)
+    return actions
+
+
+def test_response_is_claimed_with_normalized_key_and_role() -> None:
+    issued = new_challenge(RFC8032_KEY, NOW_MS, 60, vector_uuids())
     session = make_session()
     session.receive_text(request(sessionRole="outbound"))
-    [action] = session.receive_text(response("cid", "sig", key=RFC8032_KEY.upper()))
-    assert action == VerifyChallenge("cid", RFC8032_KEY, "sig", "outbound")
-    [action] = make_session().receive_text(response("cid", "sig", sessionRole="outbound"))
-    assert isinstance(action, VerifyChallenge) and action.role == "outbound"
-    [action] = make_session().receive_text(response("cid", "sig", sessionRole="anything"))
-    assert isinstance(action, VerifyChallenge) and action.role == "inbound"
+    session.challenge_stored(within_rate=True)
+    signed = response(issued.challenge_id, VECTOR_SIGNATURE, key=RFC8032_KEY.upper())
+    assert verify(session, signed) == [ClaimPersona(RFC8032_KEY, "outbound")]
+    assert session.state is State.VERIFYING
+    for role, expected in (("outbound", "outbound"), ("anything", "inbound")):
+        signed = response(issued.challenge_id, VECTOR_SIGNATURE, sessionRole=role)
+        assert verify(make_session(), signed, issued) == [ClaimPersona(RFC8032_KEY, expected)]
+
+
+def test_verification_steps_in_order_and_auth_ok_starts_serving() -> None:
+    """Response -> (rate) -> load -> check -> consume -> claim -> auth_ok + start serving."""
+    issued = new_challenge(RFC8032_KEY, NOW_MS, 60, vector_uuids())
+    session = make_session()
+    assert session.receive_text(response(issued.challenge_id, VECTOR_SIGNATURE)) == [CheckAuthRate()]
+    assert session.state is State.VERIFYING
+    assert session.auth_rate_checked(within_rate=True) == [LoadChallenge(issued.challenge_id)]
+    assert session.challenge_loaded(issued) == [ConsumeChallenge(issued.challenge_id, RFC8032_KEY, NOW_MS)]
+    assert session.challenge_consumed(None) == [ClaimPersona(RFC8032_KEY, "inbound")]
+    ok, started = session.auth_succeeded(RFC8032_KEY, "inbound", "old-socket")
+    assert isinstance(ok, SendText) and json.loads(ok.text)["type"] == "auth_ok"
+    assert started == Authenticated(RFC8032_KEY, "inbound", "old-socket")
+    assert session.state is State.AUTHENTICATED
+
+
+@pytest.mark.parametrize("code", ["challenge_already_used", "challenge_expired", "challenge_not_found"])
+def test_a_lost_consume_race_refuses_with_its_code(code: str) -> None:
+    issued = new_challenge(RFC8032_KEY, NOW_MS, 60, vector_uuids())
+    session = make_session()
+    session.receive_text(response(issued.challenge_id, VECTOR_SIGNATURE))
+    session.auth_rate_checked(within_rate=True)
+    session.challenge_loaded(issued)
+    assert session.challenge_consumed(code) == auth_error(code)
+    assert session.state is State.CLOSED
+
+
+def test_a_failed_check_never_consumes_the_challenge() -> None:
+    issued = new_challenge(RFC8032_KEY, NOW_MS, 60, vector_uuids())
+    session = make_session()
+    session.receive_text(response(issued.challenge_id, "AAAA"))
+    session.auth_rate_checked(within_rate=True)
+    assert session.challenge_loaded(issued) == auth_error("invalid_signature")
+    session = make_session()
+    session.receive_text(response("unknown", VECTOR_SIGNATURE))
+    session.auth_rate_checked(within_rate=True)
+    assert session.challenge_loaded(None) == auth_error("challenge_not_found")
+
+
+# --- rule: the auth rate counts a response only if no challenge was requested on the socket ---
+
+
+def test_a_response_to_a_challenge_requested_here_is_not_counted_again() -> None:
+    session = make_session()
+    [issue] = session.receive_text(request())
+    assert isinstance(issue, IssueChallenge)  # the request is counted (with the store)
+    session.challenge_stored(within_rate=True)
+    actions = session.receive_text(response(issue.challenge.challenge_id, VECTOR_SIGNATURE))
+    assert not any(isinstance(action, CheckAuthRate) for action in actions)
+    # ...and the challenge issued here is checked from memory, not loaded back
+    assert actions == [ConsumeChallenge(issue.challenge.challenge_id, RFC8032_KEY, NOW_MS)]
+
+
+def test_a_response_without_a_request_here_is_counted_and_may_be_refused() -> None:
+    session = make_session()
+    assert session.receive_text(response("elsewhere", VECTOR_SIGNATURE)) == [CheckAuthRate()]
+    assert session.auth_rate_checked(within_rate=False) == auth_error("rate_limited", 4408)
+    assert session.state is State.CLOSED
+    assert session.attempted_key == RFC8032_KEY
+
+
+def test_a_request_answered_elsewhere_still_skips_the_count_but_loads_the_record() -> None:
+    """A challenge requested on this socket and one issued elsewhere answered here: the socket's
+    request was counted already; the foreign challenge is read from Redis."""
+    foreign = new_challenge(RFC8032_KEY, NOW_MS, 60, lambda: "22222222-2222-4222-8222-222222222222")
+    session = make_session()
+    session.receive_text(request())
+    session.challenge_stored(within_rate=True)
+    assert session.receive_text(response(foreign.challenge_id, "sig")) == [LoadChallenge(foreign.challenge_id)]
+
+
+def test_a_challenge_request_over_the_rate_is_discarded_and_refused_4408() -> None:
+    session = make_session()
+    [issue] = session.receive_text(request())
+    assert isinstance(issue, IssueChallenge)
+    assert session.challenge_stored(within_rate=False) == [
+        DiscardChallenge(issue.challenge.challenge_id),
+        *auth_error("rate_limited", 4408),
+    ]
+
+
+# --- rule: the auth deadline does not fire while a verification runs ------------------------
+
+
+def test_the_deadline_does_not_cut_a_verification_short() -> None:
+    issued = new_challenge(RFC8032_KEY, NOW_MS, 60, vector_uuids())
+    for finish in ("ok", "refused"):
+        session = make_session()
+        session.receive_text(response(issued.challenge_id, VECTOR_SIGNATURE))
+        assert session.auth_timed_out() == []  # rate check under way
+        session.auth_rate_checked(within_rate=True)
+        assert session.auth_timed_out() == []  # loading
+        session.challenge_loaded(issued)
+        assert session.auth_timed_out() == []  # consuming
+        session.challenge_consumed(None)
+        assert session.auth_timed_out() == []  # claiming
+        assert session.state is State.VERIFYING
+        if finish == "ok":
+            assert isinstance(session.auth_succeeded(RFC8032_KEY, "inbound", None)[0], SendText)
+            assert session.state is State.AUTHENTICATED
+        else:
+            assert session.auth_failed("too_many_sockets") == auth_error("too_many_sockets", 4408)
+            assert session.state is State.CLOSED
+        assert session.auth_timed_out() == []
+
+
+def test_the_deadline_still_fires_before_and_after_a_challenge_is_issued() -> None:
+    session = make_session()
+    session.receive_text(request())
+    assert session.auth_timed_out() == auth_error("auth_timeout")  # challenge being stored
+    session = make_session()
+    session.receive_text(request())
+    session.challenge_stored(within_rate=True)
+    assert session.auth_timed_out() == auth_error("auth_timeout")  # waiting for the response
+    assert session.challenge_stored(within_rate=True) == []
+
+
+def test_outcomes_arriving_after_a_close_are_ignored() -> None:
+    issued = new_challenge(RFC8032_KEY, NOW_MS, 60, vector_uuids())
+    session = make_session()
+    session.receive_text(response(issued.challenge_id, VECTOR_SIGNATURE))
+    session.auth_failed("invalid_signature")
+    assert session.auth_rate_checked(within_rate=True) == []
+    assert session.challenge_loaded(issued) == []
+    assert session.challenge_consumed(None) == []
+    assert session.auth_succeeded(RFC8032_KEY, "inbound", None) == []
+
+
+def test_input_during_a_verification_is_refused() -> None:
+    session = make_session()
+    session.receive_text(response("cid", VECTOR_SIGNATURE))
+    assert session.receive_text(request()) == auth_error("invalid_message")
 
 
 @pytest.mark.parametrize(
@@ -213,7 +370,7 @@ def test_rate_limited_closes_4408() -> None:
 def test_auth_ok_shape_without_and_with_capabilities() -> None:
     session = make_session()
     session.receive_text(request())
-    [ok] = session.auth_succeeded(RFC8032_KEY, "inbound", "old-socket")
+    ok, _ = session.auth_succeeded(RFC8032_KEY, "inbound", "old-socket")
     assert isinstance(ok, SendText)
     assert json.loads(ok.text) == {
         "type": "auth_ok",
@@ -225,14 +382,14 @@ def test_auth_ok_shape_without_and_with_capabilities() -> None:
     assert not session.wants_inbound_ack
     session = make_session()
     session.receive_text(request(capabilities=["inbound_ack", "unknown", 7]))
-    [ok] = session.auth_succeeded(RFC8032_KEY, "outbound", None)
+    ok, _ = session.auth_succeeded(RFC8032_KEY, "outbound", None)
     assert isinstance(ok, SendText)
     assert json.loads(ok.text)["capabilities"] == ["inbound_ack"]
     assert json.loads(ok.text)["sessionRole"] == "outbound"
     assert session.wants_inbound_ack
     session = make_session()
     session.receive_text(request(capabilities=[]))
-    [ok] = session.auth_succeeded(RFC8032_KEY, "inbound", None)
+    ok, _ = session.auth_succeeded(RFC8032_KEY, "inbound", None)
     assert isinstance(ok, SendText) and json.loads(ok.text)["capabilities"] == []
 
 
@@ -468,7 +625,7 @@ control_like = st.fixed_dictionaries(
         "streamId": json_values,
     },
 )
-ALLOWED_ACTIONS = (SendText, Close, IssueChallenge, VerifyChallenge, AckInbound)
+ALLOWED_ACTIONS = (SendText, Close, IssueChallenge, CheckAuthRate, LoadChallenge, ConsumeChallenge, AckInbound)
 
 
 @settings(max_examples=300, deadline=None)

@@ -16,7 +16,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
+from dataclasses import dataclass
 
 from publicsuffixlist import PublicSuffixList
 
@@ -33,6 +35,16 @@ def _public_suffixes() -> PublicSuffixList:
 
 
 def organizational_domain(domain: str) -> str:
+    if len(domain) > MAX_DOMAIN_CHARS:  # not a domain; and never let it into the cache
+        return domain.lower().rstrip(".")
+    return _organizational_domain(domain)
+
+
+MAX_DOMAIN_CHARS = 255
+
+
+@functools.lru_cache(maxsize=4096)  # a Public Suffix List walk per message, for the same few domains
+def _organizational_domain(domain: str) -> str:
     domain = domain.lower().rstrip(".")
     return _public_suffixes().privatesuffix(domain) or domain
 
@@ -58,42 +70,63 @@ def parse_record(text: str) -> dict[str, str] | None:
     return tags
 
 
-def find_policy(resolver: BoundedResolver, from_domain: str) -> tuple[dict[str, str] | None, bool]:
-    """(record tags, whether it came from the organizational domain)."""
-    record = _record_at(resolver, from_domain)
+async def find_policy(resolver: BoundedResolver, from_domain: str) -> tuple[dict[str, str] | None, bool]:
+    """(record tags, whether it came from the organizational domain). Both names are asked at
+    once: the second is needed whenever the first has no record, and a slow nameserver then
+    costs one round trip, not two."""
+    org_domain = organizational_domain(from_domain)
+    names = {f"{POLICY_LABEL}.{from_domain}", f"{POLICY_LABEL}.{org_domain}"}
+    await asyncio.gather(*(resolver.fetch(name, "TXT") for name in names))
+    record = await _record_at(resolver, from_domain)
     if record is not None:
         return record, False
-    org_domain = organizational_domain(from_domain)
     if org_domain != from_domain:
-        return _record_at(resolver, org_domain), True
+        return await _record_at(resolver, org_domain), True
     return None, False
 
 
-def _record_at(resolver: BoundedResolver, domain: str) -> dict[str, str] | None:
-    records = [parse_record(text.decode("utf-8", "replace")) for text in resolver.txt(f"{POLICY_LABEL}.{domain}")]
+async def _record_at(resolver: BoundedResolver, domain: str) -> dict[str, str] | None:
+    texts = await resolver.txt_async(f"{POLICY_LABEL}.{domain}")
+    records = [parse_record(text.decode("utf-8", "replace")) for text in texts]
     found = [record for record in records if record is not None]
     return found[0] if len(found) == 1 else None
 
 
-def check_dmarc(
-    resolver: BoundedResolver, from_domains: list[str], spf: SpfResult, dkim: list[DkimResult]
-) -> DmarcResult:
+@dataclass(frozen=True, slots=True)
+class PolicyLookup:
+    """The From domain's policy, looked up before SPF and DKIM finish (it needs neither), or
+    the DMARC result already decided without them (no From domain, several, DNS trouble)."""
+
+    from_domain: str = ""
+    record: dict[str, str] | None = None
+    inherited: bool = False
+    decided: DmarcResult | None = None
+
+
+async def lookup_policy(resolver: BoundedResolver, from_domains: list[str]) -> PolicyLookup:
     distinct = sorted(set(from_domains))
     if not distinct or distinct == [""]:
-        return DmarcResult("none")
+        return PolicyLookup(decided=DmarcResult("none"))
     if len(distinct) > 1 or not distinct[0]:
-        return DmarcResult("permerror", ",".join(distinct))
+        return PolicyLookup(decided=DmarcResult("permerror", ",".join(distinct)))
     from_domain = distinct[0]
     try:
-        record, inherited = find_policy(resolver, from_domain)
+        record, inherited = await find_policy(resolver, from_domain)
     except DnsTimedOut:
-        return DmarcResult("temperror", from_domain, timed_out=True)
+        return PolicyLookup(decided=DmarcResult("temperror", from_domain, timed_out=True))
     except DnsFailed:
-        return DmarcResult("temperror", from_domain)
+        return PolicyLookup(decided=DmarcResult("temperror", from_domain))
     if record is None:
-        return DmarcResult("none", from_domain)
-    policy = (record.get("sp") if inherited else None) or record.get("p", "none")
+        return PolicyLookup(decided=DmarcResult("none", from_domain))
+    return PolicyLookup(from_domain, record, inherited)
+
+
+def check_dmarc(policy: PolicyLookup, spf: SpfResult, dkim: list[DkimResult]) -> DmarcResult:
+    if policy.decided is not None:
+        return policy.decided
+    record, from_domain = policy.record or {}, policy.from_domain
+    chosen = (record.get("sp") if policy.inherited else None) or record.get("p", "none")
     spf_mode, dkim_mode = record.get("aspf", "r").lower(), record.get("adkim", "r").lower()
     spf_aligned = spf.result == "pass" and aligned(spf.domain, from_domain, spf_mode)
     dkim_aligned = any(item.result == "pass" and aligned(item.domain, from_domain, dkim_mode) for item in dkim)
-    return DmarcResult("pass" if spf_aligned or dkim_aligned else "fail", from_domain, policy.lower())
+    return DmarcResult("pass" if spf_aligned or dkim_aligned else "fail", from_domain, chosen.lower())

@@ -17,6 +17,7 @@ are plain atoms/domains, so a crafted address cannot add properties, a `;` or a 
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator
 from email.utils import getaddresses
@@ -114,10 +115,23 @@ def from_domains(message: bytes) -> list[str]:
     for _, _, name, value in header_fields(message):
         if name != b"from":
             continue
-        for _, addr in getaddresses([value.decode("utf-8", "replace")]):
-            domain = addr.rpartition("@")[2].strip().rstrip(".").lower()
-            domains.append(domain)
+        domains.extend(_cached_author_domains(value) if len(value) <= CACHED_FROM_BYTES else _author_domains(value))
     return domains
+
+
+CACHED_FROM_BYTES = 512  # bounds the cache's memory: 1,024 entries of at most this
+
+
+@functools.lru_cache(maxsize=1024)  # `email.utils.getaddresses` is slow; senders repeat their From
+def _cached_author_domains(value: bytes) -> tuple[str, ...]:
+    return _author_domains(value)
+
+
+def _author_domains(value: bytes) -> tuple[str, ...]:
+    return tuple(
+        addr.rpartition("@")[2].strip().rstrip(".").lower()
+        for _, addr in getaddresses([value.decode("utf-8", "replace")])
+    )
 
 
 def authentication_results(authserv_id: str, verdict: SenderAuthVerdict) -> bytes:
