@@ -43,6 +43,14 @@ High availability (docs/HA.md): with `redis.minReplicasToAck`, WAIT follows the 
 same pipeline (still one round trip) and the caller answers 250 only if enough replicas
 confirmed; a connection error or READONLY during a failover sends the script again to the new
 primary, which idempotence makes safe (`shared.replication`).
+
+A 451 for a write that did happen (no replica confirmed it in time, or the reply was lost) is
+the one case where "protected only while undelivered" is not enough: the entry may be
+delivered before the sender retries, and the retry would then be a second message. So before
+answering 451, `keep_markers` keeps the marker for `ACCEPTED_TTL_S` whatever happens to the
+entry (`lua.KEEP_MARKER`), and with `redis.minReplicasToAck` the tunnel leaves a delivered
+message's marker behind for `DELIVERED_MARKER_TTL_S`, marked delivered, in case that keeping
+comes a moment after the delivery.
 """
 
 from __future__ import annotations
@@ -72,6 +80,11 @@ logger = get_logger(__name__)
 QUEUE_ID_RANDOM_BYTES = 15
 ENQUEUE_TIMEOUT_S = 10.0
 ACCEPTED_TTL_S = 24 * 3600
+KEEP_TIMEOUT_S = 2.0  # keeping the markers after a failed enqueue, before the 451 goes out
+# How long a delivered message's marker lingers (marked delivered) with `redis.minReplicasToAck`:
+# longer than an enqueue can take to fail (ENQUEUE_TIMEOUT_S + KEEP_TIMEOUT_S) with room for a
+# stalled event loop, short enough that the extra keys stay few (delivery rate x this).
+DELIVERED_MARKER_TTL_S = 60
 # `lua.ENQUEUE` writes these field names
 assert (inbox_entries.ENTRY_FIELD, inbox_entries.BODY_SIZE_FIELD, inbox_entries.DIGEST_FIELD) == (b"m", b"s", b"d")
 
@@ -153,11 +166,41 @@ async def enqueue(
     returns; a failover meanwhile is followed (`shared.replication`: the script is idempotent).
     """
     deadline = time.monotonic() + ENQUEUE_TIMEOUT_S
+    tried: dict[str, str] = {}  # persona -> queue id, for each script call that may have run
     try:
         async with asyncio.timeout(ENQUEUE_TIMEOUT_S):
-            return await _enqueue(redis, digest, queue_id, deliveries_for, ack, also, deadline)
+            return await _enqueue(redis, digest, queue_id, deliveries_for, ack, also, deadline, tried)
     except (RedisError, OSError, TimeoutError) as exc:
-        raise EnqueueFailed(type(exc).__name__, out_of_memory=is_out_of_memory(exc)) from exc
+        out_of_memory = is_out_of_memory(exc)
+        if tried and not out_of_memory:
+            await keep_markers(redis, digest, tried)
+        raise EnqueueFailed(type(exc).__name__, out_of_memory=out_of_memory) from exc
+
+
+async def keep_markers(redis: aioredis.Redis, digest: str, tried: dict[str, str]) -> None:
+    """Before a 451 for a write that may have happened: keep its markers past delivery.
+
+    The typical case is `NotReplicated`: the script ran on the primary, only no replica
+    confirmed it in time. The entry stays there, and once a replica catches up the tunnel
+    delivers it; without this the marker would go with the entry, and the sender's retry
+    (it was told 451) would be stored and delivered again under a new queue id. Kept, the
+    retry is answered with the stored queue id. `lua.KEEP_MARKER` never creates a marker, so
+    when nothing was written (or the write went down with a dead primary) the retry is stored
+    as usual. Best effort, bounded by `KEEP_TIMEOUT_S`: when Redis cannot be reached at all
+    the outcome stays unknown, as for any lost reply (docs/HA.md)."""
+    try:
+        async with asyncio.timeout(KEEP_TIMEOUT_S):
+            keep = lua.KEEP_MARKER.on(redis)
+            async with redis.pipeline(transaction=False) as pipe:
+                for persona_key, queue_id in tried.items():
+                    await keep(keys=[keys.accepted(persona_key, digest)], args=[queue_id, ACCEPTED_TTL_S], client=pipe)
+                kept = await pipe.execute()
+    except (RedisError, OSError, TimeoutError) as exc:
+        log(logger, logging.WARNING, "451 after a possible write; marker not kept", error=type(exc).__name__)
+        return
+    for (persona_key, queue_id), was_kept in zip(tried.items(), kept, strict=True):
+        if was_kept:
+            log(logger, logging.INFO, "451 after a possible write; marker kept", queue_id=queue_id, persona=persona_key)
 
 
 async def _enqueue(
@@ -168,11 +211,13 @@ async def _enqueue(
     ack: ReplicaAck,
     also: AlsoQueue | None,
     deadline: float,
+    tried: dict[str, str],
 ) -> Enqueued:
     deliveries = deliveries_for(queue_id)
     by_persona = _group(deliveries)
     first_persona, *other_personas = by_persona
     first_call = _script_call(digest, queue_id, by_persona[first_persona])
+    tried[first_persona] = queue_id
     (reply,) = await run_scripts(redis, [first_call], ack, deadline_s=deadline - time.monotonic(), also=also)
     stored = _text(reply)
     if stored is None:
@@ -180,10 +225,11 @@ async def _enqueue(
     else:
         written = 0
         if stored != queue_id:
-            queue_id = stored
+            queue_id = tried[first_persona] = stored
             by_persona = _group(deliveries_for(queue_id))
     if other_personas:
         calls = [_script_call(digest, queue_id, by_persona[persona_key]) for persona_key in other_personas]
+        tried.update((persona_key, queue_id) for persona_key in other_personas)
         replies = await run_scripts(redis, calls, ack, deadline_s=deadline - time.monotonic())
         for persona_key, reply in zip(other_personas, replies, strict=True):
             stored = _text(reply)

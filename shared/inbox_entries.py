@@ -6,7 +6,8 @@ An entry of `keys.inbox(pk)` has these fields:
 - `s`: only when the body is stored apart, in `keys.inbox_body(pk, stream_id)`: its length.
 - `d`: the ingress digest of the message, on the persona's last entry of that message: removing
   that entry also removes `keys.accepted(pk, d)`, so the idempotency marker protects a message
-  only while it is still undelivered (a deliberate resend after delivery is a new message).
+  only while it is still undelivered (a deliberate resend after delivery is a new message),
+  unless the sender was told 451 for it (shared/enqueue.py `keep_markers`).
 
 A body larger than `BODY_INLINE_MAX_BYTES` is stored apart so that the tunnel can stream it to
 the gateway with GETRANGE, a few chunks at a time, instead of loading whole messages before
@@ -73,8 +74,10 @@ class StoredEntry:
     def body_key(self, persona_key: str) -> str:
         return keys.inbox_body(persona_key, self.entry.stream_id)
 
-    def remove_call(self, persona_key: str) -> tuple[list[str], list[Any]]:
-        """KEYS and ARGV of `shared.lua.INBOX_REMOVE` for this entry."""
+    def remove_call(self, persona_key: str, delivered_marker_ttl_s: int = 0) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of `shared.lua.INBOX_REMOVE` for this entry. `delivered_marker_ttl_s`:
+        keep the marker that long, marked delivered, instead of deleting it (a delivery with
+        `redis.minReplicasToAck`, see `shared.enqueue.DELIVERED_MARKER_TTL_S`)."""
         script_keys = [
             keys.inbox(persona_key),
             keys.inbox_bytes(persona_key),
@@ -88,6 +91,7 @@ class StoredEntry:
             self.entry.queue_id,
             "1" if self.body_apart else "0",
             "1" if self.digest else "0",
+            delivered_marker_ttl_s,
         ]
         return script_keys, args
 

@@ -104,6 +104,16 @@ WAKE = _waking("return wake(KEYS[1], KEYS[2], ARGV[2], ARGV[1])")
 
 # --- inbound: ingress -> inbox -> tunnel ------------------------------------------------------
 
+# The accepted marker's value (shared/enqueue.py), one of:
+# - `<queue id>`: the message is stored and undelivered; an identical message gets that id.
+# - MARKER_KEPT `<queue id>`: the sender was told 451 after the write may have happened
+#   (`KEEP_MARKER`); its retry gets that id even after the message was delivered.
+# - MARKER_DELIVERED `<queue id>`: delivered a moment ago (only with `redis.minReplicasToAck`, see
+#   `INBOX_REMOVE`); an identical message is a new one, but a late `KEEP_MARKER` still finds it.
+# Queue ids start with `q`, so the prefixes cannot be mistaken for one.
+MARKER_KEPT = "kept:"
+MARKER_DELIVERED = "delivered:"
+
 # shared/enqueue.py: store one message for one persona once per digest, and wake its owner.
 # KEYS: accepted marker, inbox, inbox_bytes, owner, then one body key per entry stored apart.
 # ARGV: queue id, marker TTL (s), total bytes, wake-up message, then three per entry: field `m`,
@@ -111,12 +121,19 @@ WAKE = _waking("return wake(KEYS[1], KEYS[2], ARGV[2], ARGV[1])")
 # Returns the queue id stored by an earlier attempt, or nil when this call wrote the entries.
 # The wake-up goes out also when the message was accepted before: the first attempt may have
 # committed without waking anyone.
-ENQUEUE = _waking("""
+ENQUEUE = _waking(f"""
 local stored = redis.call('GET', KEYS[1])
+if stored then
+  if string.sub(stored, 1, {len(MARKER_DELIVERED)}) == {lua_string(MARKER_DELIVERED)} then
+    stored = false
+  elseif string.sub(stored, 1, {len(MARKER_KEPT)}) == {lua_string(MARKER_KEPT)} then
+    stored = string.sub(stored, {len(MARKER_KEPT) + 1})
+  end
+end
 if not stored then
   local body_key = 5
   for i = 5, #ARGV, 3 do
-    local fields = {'m', ARGV[i]}
+    local fields = {{'m', ARGV[i]}}
     if ARGV[i + 1] ~= '' then
       redis.call('SET', KEYS[body_key], ARGV[i + 1])
       body_key = body_key + 1
@@ -138,11 +155,14 @@ return stored
 
 # shared/inbox_entries.py (tunnel, `protege-relay queue`): remove one inbox entry with its body
 # and marker. KEYS: inbox, inbox_bytes, body key, marker key. ARGV: group, entry id, body
-# bytes, queue id, body stored apart ("1"/"0"), marker named ("1"/"0"). Only the call that
-# deleted the entry lowers the byte counter, so two nodes removing it count it once. The marker
-# is deleted only while it still names this entry's queue id: after it expired, an identical
-# message may have been accepted again under a new marker of its own.
-INBOX_REMOVE = LuaScript.of("""
+# bytes, queue id, body stored apart ("1"/"0"), marker named ("1"/"0"), delivered-marker TTL
+# (s; "0": delete the marker). Only the call that deleted the entry lowers the byte counter, so
+# two nodes removing it count it once. The marker is touched only while it still names this
+# entry's queue id as plain `<queue id>`: after it expired, an identical message may have been
+# accepted again under a new marker of its own, and a MARKER_KEPT one must outlive delivery.
+# With a TTL it becomes MARKER_DELIVERED for that long instead of going: an ingress that answered
+# 451 a moment ago may still be about to keep it (`KEEP_MARKER`, shared/enqueue.py).
+INBOX_REMOVE = LuaScript.of(f"""
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 if redis.call('XDEL', KEYS[1], ARGV[2]) == 0 then
   return 0
@@ -152,8 +172,37 @@ if ARGV[5] == '1' then
   redis.call('DEL', KEYS[3])
 end
 if ARGV[6] == '1' and redis.call('GET', KEYS[4]) == ARGV[4] then
-  redis.call('DEL', KEYS[4])
+  if tonumber(ARGV[7]) > 0 then
+    redis.call('SET', KEYS[4], {lua_string(MARKER_DELIVERED)} .. ARGV[4], 'EX', ARGV[7])
+  else
+    redis.call('DEL', KEYS[4])
+  end
 end
+return 1
+""")
+
+# shared/enqueue.py, after a 451 for a write that may have happened: keep the marker for its
+# full TTL, delivered or not, so the sender's retry is answered with the stored queue id instead
+# of being stored (and delivered) again. Never creates a marker: only one a write of this
+# message left behind, i.e. a plain one (whatever queue id it names: an earlier attempt of this
+# same message), or a MARKER_DELIVERED one naming this attempt's queue id (delivered between
+# the write and now). KEYS: marker. ARGV: this attempt's queue id, marker TTL (s).
+# Returns 1 if the marker is kept now.
+KEEP_MARKER = LuaScript.of(f"""
+local stored = redis.call('GET', KEYS[1])
+if not stored then
+  return 0
+end
+if string.sub(stored, 1, {len(MARKER_KEPT)}) == {lua_string(MARKER_KEPT)} then
+  return 1
+end
+if string.sub(stored, 1, {len(MARKER_DELIVERED)}) == {lua_string(MARKER_DELIVERED)} then
+  if stored ~= {lua_string(MARKER_DELIVERED)} .. ARGV[1] then
+    return 0
+  end
+  stored = ARGV[1]
+end
+redis.call('SET', KEYS[1], {lua_string(MARKER_KEPT)} .. stored, 'EX', ARGV[2])
 return 1
 """)
 

@@ -91,8 +91,7 @@ class EgressService:
                     "worker loop ended; restarting",
                     error=type(error).__name__ if error else None,
                 )
-                with contextlib.suppress(Exception):
-                    await worker.close()
+                await _close_ended(worker)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stopping.wait(), RESTART_DELAY_S)
                 continue
@@ -140,6 +139,19 @@ class EgressService:
         with contextlib.suppress(Exception):
             await remove_node_info(self._redis, self._node_id)
         await self._redis.aclose()
+
+
+async def _close_ended(worker: Worker) -> None:
+    """Close a worker whose loop ended, whatever its jobs raise. arq's close cancels the running
+    jobs and gathers them; a job cancelled while it was recording its end (a shielded finish,
+    prompt_worker.py) ends as cancelled, so the gather raises CancelledError, which is no
+    `Exception`: awaited directly it would end `run_worker` too, and with it all delivery, for
+    good (the failover test's "outbound results missing"). Only a cancellation of this task
+    itself is passed on."""
+    closing = asyncio.ensure_future(worker.close())
+    await asyncio.wait({closing})
+    if not closing.cancelled() and closing.exception() is not None:
+        log(logger, logging.WARNING, "ended worker closed with an error", error=type(closing.exception()).__name__)
 
 
 async def serve(config: RelayConfig, stopping: asyncio.Event) -> None:

@@ -17,7 +17,9 @@ TTL), fetches it and counts the try, exactly the keys and values arq writes. The
 the script when a job ends and every `poll_delay` (which is now only how soon a job queued
 while idle, or a deferred retry that fell due, is noticed). A job is started by at most one
 worker (the script is atomic); a worker that dies leaves the in-progress key to expire, after
-which another worker runs the job again with the next try, as with arq.
+which another worker runs the job again with the next try, as with arq. Unlike arq, a poll that
+cannot reach Redis (a failover) does not end the loop: it polls on, and the running jobs are
+not cancelled mid-delivery.
 
 The jobs run as arq would run them for this service's configuration (one function,
 `keep_result=0`, no cron jobs, aborts or hooks: refused otherwise): `ctx` carries `job_id`,
@@ -93,6 +95,7 @@ class PromptWorker(Worker):
             raise ValueError(f"PromptWorker runs exactly one function without {', '.join(unsupported)}")
         self._script: AsyncScript | None = None
         self._reserved = 0  # slots asked for by a script in flight
+        self._redis_down = False  # the last poll failed on a connection error (logged once)
 
     async def main(self) -> None:
         if self._pool is None:
@@ -112,13 +115,24 @@ class PromptWorker(Worker):
             await asyncio.sleep(self.poll_delay_s)
 
     async def _poll_iteration(self) -> None:
-        if self._free_slots():
-            await self._finish_and_claim(None, DONE)
+        try:
+            if self._free_slots():
+                await self._finish_and_claim(None, DONE)
+            await self.heart_beat()
+        except FAILOVER_ERRORS as exc:
+            # Redis unreachable (a failover, docs/HA.md): poll again, as the jobs running now
+            # retry their own Redis calls. Ending the loop would cancel them mid-delivery.
+            if not self._redis_down:
+                log(logger, logging.WARNING, "redis unavailable; polling on", error=type(exc).__name__)
+            self._redis_down = True
+        else:
+            if self._redis_down:
+                log(logger, logging.INFO, "redis available again")
+            self._redis_down = False
         for job_id, task in list(self.tasks.items()):
             if task.done():
                 del self.tasks[job_id]
                 task.result()  # as arq: an error outside the job function ends the worker loop
-        await self.heart_beat()
 
     def _free_slots(self) -> int:
         if not self.allow_pick_jobs:

@@ -13,7 +13,9 @@ Entries waiting out their grace do not count against the window (they are delive
 
 With `redis.minReplicasToAck` (docs/HA.md) a read is sent on only once that many replicas
 confirmed it (`shared.replication.confirmed_read`); else the delivery fails like on any Redis
-error (the socket closes, the gateway reconnects, the entries are claimed again).
+error (the socket closes, the gateway reconnects, the entries are claimed again). A delivered
+message's idempotency marker then stays `DELIVERED_MARKER_TTL_S`, marked delivered, so that an
+ingress that answered 451 for it a moment ago can still keep it for the sender's retry.
 
 An idle delivery costs no timer and no Redis call: it waits to be woken, by the pub/sub
 wake-up (the fast path) or by the node's periodic sweep, which looks at every owned inbox in
@@ -44,6 +46,7 @@ from redis.exceptions import ResponseError
 
 from services.tunnel import metrics
 from shared import keys, lua, protocol
+from shared.enqueue import DELIVERED_MARKER_TTL_S
 from shared.inbox_entries import StoredEntry, UnreadableEntry
 from shared.logs import get_logger, log
 from shared.replication import NO_ACK, ReplicaAck, confirmed_read
@@ -138,6 +141,8 @@ class InboxDelivery:
     ) -> None:
         self._redis = redis
         self._ack = ack
+        # A late KEEP_MARKER of an ingress that answered 451 must still find the marker (docs/HA.md).
+        self._delivered_marker_ttl_s = DELIVERED_MARKER_TTL_S if ack.replicas else 0
         self.persona_key = persona_key
         self._stream = keys.inbox(persona_key)
         self._consumer = consumer
@@ -424,7 +429,7 @@ class InboxDelivery:
         """The gateway has these messages: remove them (entry, body, marker) in one round trip."""
         async with self._redis.pipeline(transaction=False) as pipe:
             for item in delivered:
-                script_keys, args = item.stored.remove_call(self.persona_key)
+                script_keys, args = item.stored.remove_call(self.persona_key, self._delivered_marker_ttl_s)
                 await self._remove(keys=script_keys, args=args, client=pipe)
             await pipe.execute()
         now = time.monotonic()

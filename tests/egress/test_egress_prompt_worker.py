@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from arq.worker import func
 
 from protege_relay.embedded_redis import EmbeddedRedis
 from services.egress.prompt_worker import PromptWorker
+from tests.support.sentinel import DataNode
 from tests.support.wait import eventually
 
 QUEUE = "test:prompt"
@@ -182,6 +184,38 @@ async def test_shutdown_hands_a_running_job_back_to_the_queue(pool: ArqRedis, wo
     workers.start(max_jobs=2, poll_delay_s=0.02)
     await eventually(lambda: len(workers.runs) == 2, 5, "job not run again")
     assert workers.runs == [("long", 1), ("long", 2)]
+
+
+async def test_redis_going_away_ends_neither_the_loop_nor_the_running_job(tmp_path: Path) -> None:
+    """A failover (docs/HA.md) makes polls fail for seconds. The loop polls on: ending it would
+    cancel every running delivery, and the egress service's restart of the loop once died on
+    exactly that cancellation, leaving the egress idle for good (the failover test's missing
+    outbound results). The running job finishes (its end reaches Redis once it is back) and a
+    job queued afterwards runs."""
+    node = DataNode("redis", tmp_path / "redis").start()
+    url = f"redis://127.0.0.1:{node.port}/0"
+    workers = Workers(url)
+    arq_pool = await create_pool(RedisSettings.from_dsn(url))
+    try:
+        assert await arq_pool.enqueue_job("job", "long", _job_id="long", _queue_name=QUEUE, hold_s=2.0)
+        worker = workers.start(max_jobs=2, poll_delay_s=0.02)
+        await eventually(lambda: workers.concurrent == 1, 5, "job not started")
+        await asyncio.to_thread(node.stop)  # SIGTERM: Redis writes its AOF, so nothing is lost
+        await eventually(lambda: worker._redis_down, 5, "no poll met the outage")
+        await asyncio.to_thread(node.start)
+
+        assert await arq_pool.enqueue_job("job", "after", _job_id="after", _queue_name=QUEUE)
+        await eventually(
+            lambda: ("after", 1) in workers.runs, 15, lambda: f"no job ran after Redis came back: {workers.runs}"
+        )
+        await eventually(lambda: workers.concurrent == 0, 15, "the running job never ended")
+        await queue_empty(arq_pool, 15)
+        assert worker.main_task is not None and not worker.main_task.done()
+        assert workers.runs == [("long", 1), ("after", 1)]  # each once: the long job was not cancelled
+    finally:
+        await workers.stop()
+        await arq_pool.aclose()
+        node.stop()
 
 
 def test_unsupported_settings_are_refused() -> None:

@@ -21,16 +21,18 @@ import redis
 import redis.asyncio as aioredis
 
 from protege_relay.embedded_redis import EmbeddedRedis
-from shared import keys
+from shared import keys, lua
 from shared.enqueue import (
     ACCEPTED_TTL_S,
+    DELIVERED_MARKER_TTL_S,
     Delivery,
     EnqueueFailed,
     enqueue,
+    keep_markers,
     message_digest,
     new_queue_id,
 )
-from shared.inbox_entries import DIGEST_FIELD
+from shared.inbox_entries import DIGEST_FIELD, StoredEntry
 from shared.payloads import InboxEntry
 from tests.support.ingress import (
     InProcessIngress,
@@ -208,6 +210,58 @@ async def test_concurrent_submissions_of_one_message_store_it_once(
     assert all(isinstance(failure, EnqueueFailed) for failure in failures)  # a 451, retried later
     assert answered and {outcome.queue_id for outcome in answered} == {entry.queue_id}
     assert sum(outcome.entries_written for outcome in answered) == 1
+
+
+async def test_a_kept_marker_outlives_delivery_and_keeping_never_invents_one(
+    redis_server: EmbeddedRedis, redis_client: redis.Redis
+) -> None:
+    """After a 451 for a write that happened (docs/HA.md), `keep_markers` keeps the marker past
+    delivery, so the sender's retry gets the delivered copy's queue id and is not stored again.
+    It keeps only what a write of this message left: no marker, no keeping; a marker left
+    delivered (`redis.minReplicasToAck`) is revived only for the queue id it names, and is
+    otherwise no marker at all, so a resend after delivery is still a new message."""
+    persona_key = new_persona()
+    recipients = [(persona_key, address(persona_key))]
+    digest = message_digest("s@example.org", [address(persona_key)], MESSAGE)
+    marker = keys.accepted(persona_key, digest)
+    client = aioredis.Redis.from_url(redis_server.url)
+
+    async def deliver(delivered_marker_ttl_s: int) -> str:
+        """What the tunnel does once the gateway acknowledged: INBOX_REMOVE; the stream id."""
+        [(entry_id, fields)] = redis_client.xrange(keys.inbox(persona_key))
+        stored = StoredEntry.parse(entry_id, fields)
+        script_keys, args = stored.remove_call(persona_key, delivered_marker_ttl_s)
+        assert await lua.INBOX_REMOVE.on(client)(keys=script_keys, args=args) == 1
+        return stored.entry.queue_id
+
+    try:
+        await keep_markers(client, digest, {persona_key: new_queue_id()})
+        assert redis_client.get(marker) is None  # nothing written, nothing kept
+
+        first = await enqueue(client, digest, new_queue_id(), deliveries_builder(recipients, []))
+        await keep_markers(client, digest, {persona_key: first.queue_id})  # answered 451 after all
+        assert await deliver(DELIVERED_MARKER_TTL_S) == first.queue_id
+        assert redis_client.get(marker) == f"{lua.MARKER_KEPT}{first.queue_id}".encode()
+        assert 0 < cast(int, redis_client.ttl(marker)) <= ACCEPTED_TTL_S
+        retry = await enqueue(client, digest, new_queue_id(), deliveries_builder(recipients, []))
+        assert (retry.queue_id, retry.entries_written) == (first.queue_id, 0)
+        assert not inbox_entries(redis_client, persona_key)
+
+        redis_client.delete(marker)  # the kept marker expired: a day later the same bytes are new mail
+        second = await enqueue(client, digest, new_queue_id(), deliveries_builder(recipients, []))
+        assert second.entries_written == 1
+        assert await deliver(DELIVERED_MARKER_TTL_S) == second.queue_id  # answered 250, delivered
+        assert redis_client.get(marker) == f"{lua.MARKER_DELIVERED}{second.queue_id}".encode()
+        assert 0 < cast(int, redis_client.ttl(marker)) <= DELIVERED_MARKER_TTL_S
+        await keep_markers(client, digest, {persona_key: new_queue_id()})  # another attempt's 451
+        assert redis_client.get(marker) == f"{lua.MARKER_DELIVERED}{second.queue_id}".encode()
+
+        third = await enqueue(client, digest, new_queue_id(), deliveries_builder(recipients, []))
+        assert third.queue_id != second.queue_id and third.entries_written == 1  # a resend is new mail
+        assert await deliver(0) == third.queue_id  # without minReplicasToAck the marker goes at once
+        assert redis_client.get(marker) is None
+    finally:
+        await client.aclose()
 
 
 def test_the_digest_separates_fields_unambiguously() -> None:

@@ -30,7 +30,14 @@ import redis
 from shared import keys
 from shared.identity import Passport
 from tests.support.cluster import Cluster
-from tests.support.load import GatewayFleet, SmtpLoad, outbound_sends, reconcile, reconcile_outbound
+from tests.support.load import (
+    GatewayFleet,
+    SmtpLoad,
+    outbound_sends,
+    reconcile,
+    reconcile_outbound,
+    stream_header_of,
+)
 from tests.support.mx_sink import MxSink
 from tests.support.processes import REPO_ROOT, free_port, service_env
 from tests.support.sentinel import DataNode, SentinelGroup
@@ -160,6 +167,53 @@ async def test_sentinel_min_replicas_to_ack_answers_451_without_a_replica(
         primary.stop()
 
 
+async def test_sentinel_retry_of_a_451_message_delivered_meanwhile_is_not_delivered_again(
+    tmp_path: Path, make_cluster: Callable[..., Cluster]
+) -> None:
+    """A 451 for lack of a replica leaves the message on the primary; once a replica is back the
+    tunnel delivers it. The sender, told 451, retries: it must get `250` with the queue id the
+    gateway already has, and the gateway must not get the message a second time under a new
+    queue id (the failover test's "one message under several stream ids")."""
+    primary = DataNode("primary", tmp_path / "primary").start()
+    replica = DataNode("replica", tmp_path / "replica").start(replica_of=primary.port)
+    fleet: GatewayFleet | None = None
+    try:
+        cluster = make_cluster(f"redis://127.0.0.1:{primary.port}/0", egress=0)
+        passport = Passport.generate()
+        fleet = await GatewayFleet(cluster.tunnel_urls, [passport]).start()
+        rcpt = f"{passport.persona_key}@{DOMAIN}"
+        body = b"Subject: told 451\r\nMessage-ID: <451@sender.test>\r\n\r\nonce\r\n"
+
+        replica.kill()
+        refused = await asyncio.to_thread(submit, cluster.smtp_ports[0], rcpt, body)
+        assert refused[0] == 451 and "4.3.0" in refused[1], refused
+        assert not fleet.deliveries()  # an unconfirmed entry is not handed on
+
+        replica.start(replica_of=primary.port)
+        await until(lambda: fleet.deliveries(), 30.0, "the unconfirmed message was never delivered")  # type: ignore[union-attr]
+        [(delivered_stream, _)] = fleet.deliveries()
+        client = redis.Redis("127.0.0.1", primary.port)
+        await until(lambda: int(client.xlen(keys.inbox(passport.persona_key))) == 0, 30.0, "the delivered entry stayed")
+
+        await fleet.stop()  # offline now: a second copy would stay in the inbox, where it is counted
+        retried = await asyncio.to_thread(submit, cluster.smtp_ports[0], rcpt, body)
+        stored_again = int(client.xlen(keys.inbox(passport.persona_key)))
+        print(
+            f"\n451 without replica: {refused[0]}; delivered once the replica was back as {delivered_stream};"
+            f" the sender's retry: {retried[0]} {retried[1]!r}; inbox entries after the retry {stored_again}"
+        )
+        assert retried[0] == 250, retried
+        assert f"queued as {delivered_stream.rsplit('.', 1)[0]}" in retried[1], (retried, delivered_stream)
+        assert stored_again == 0
+        assert [sid for sid, _ in fleet.deliveries()] == [delivered_stream]
+        client.close()
+    finally:
+        if fleet is not None:
+            await fleet.stop()
+        replica.stop()
+        primary.stop()
+
+
 # --- the failover ----------------------------------------------------------------------------
 
 
@@ -214,7 +268,8 @@ async def test_sentinel_failover_loses_no_acknowledged_message(
             SETTLE_TIMEOUT_S,
             lambda: (
                 f"missing: {len(ledger.stream_ids.keys() - {sid for sid, _ in fleet.deliveries() + away.deliveries()})}"
-                f" accepted messages, {len(outbound_ids - fleet.results().keys())} outbound results\n"
+                f" accepted messages, {len(outbound_ids - fleet.results().keys())} outbound results"
+                f" ({len(outbound_ids - {stream_header_of(m.data) for m in mx_sink.received()})} not at the MX)\n"
                 + cluster.logs(tail_chars=4000)
             ),
         )
