@@ -228,7 +228,9 @@ async def test_a_kept_marker_outlives_delivery_and_keeping_never_invents_one(
 
     async def deliver(delivered_marker_ttl_s: int) -> str:
         """What the tunnel does once the gateway acknowledged: INBOX_REMOVE; the stream id."""
-        [(entry_id, fields)] = redis_client.xrange(keys.inbox(persona_key))
+        [(entry_id, fields)] = cast(
+            list[tuple[bytes, dict[bytes, bytes]]], redis_client.xrange(keys.inbox(persona_key))
+        )
         stored = StoredEntry.parse(entry_id, fields)
         script_keys, args = stored.remove_call(persona_key, delivered_marker_ttl_s)
         assert await lua.INBOX_REMOVE.on(client)(keys=script_keys, args=args) == 1
