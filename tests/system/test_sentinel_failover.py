@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 import redis
@@ -149,18 +150,18 @@ async def test_sentinel_min_replicas_to_ack_answers_451_without_a_replica(
         ]
         retry_body = b"Subject: n0\r\n\r\nx\r\n"
         # The first refused message was written on the primary, only not confirmed by a replica.
-        on_primary = int(client.xlen(keys.inbox(persona)))
+        on_primary = cast(int, client.xlen(keys.inbox(persona)))
 
         replica.start(replica_of=primary.port)
         retried = await asyncio.to_thread(submit, port, rcpt, retry_body)
         print(
             f"\nminReplicasToAck=1: with replica 250; without: {[c for c, _ in refused]};"
-            f" retry after the replica is back: {retried[0]}; inbox entries {int(client.xlen(keys.inbox(persona)))}"
+            f" retry after the replica is back: {retried[0]}; inbox entries {client.xlen(keys.inbox(persona))}"
         )
         assert all(code == 451 and "4.3.0" in text for code, text in refused), refused
         assert on_primary == 6  # 1 acknowledged + 5 written but answered 451 (the sender retries)
         assert retried[0] == 250
-        assert int(client.xlen(keys.inbox(persona))) == 6  # the retry was recognised, not stored twice
+        assert cast(int, client.xlen(keys.inbox(persona))) == 6  # the retry was recognised, not stored twice
         client.close()
     finally:
         replica.stop()
@@ -190,14 +191,16 @@ async def test_sentinel_retry_of_a_451_message_delivered_meanwhile_is_not_delive
         assert not fleet.deliveries()  # an unconfirmed entry is not handed on
 
         replica.start(replica_of=primary.port)
-        await until(lambda: fleet.deliveries(), 30.0, "the unconfirmed message was never delivered")  # type: ignore[union-attr]
+        await until(lambda: fleet.deliveries(), 30.0, "the unconfirmed message was never delivered")
         [(delivered_stream, _)] = fleet.deliveries()
         client = redis.Redis("127.0.0.1", primary.port)
-        await until(lambda: int(client.xlen(keys.inbox(passport.persona_key))) == 0, 30.0, "the delivered entry stayed")
+        await until(
+            lambda: cast(int, client.xlen(keys.inbox(passport.persona_key))) == 0, 30.0, "the delivered entry stayed"
+        )
 
         await fleet.stop()  # offline now: a second copy would stay in the inbox, where it is counted
         retried = await asyncio.to_thread(submit, cluster.smtp_ports[0], rcpt, body)
-        stored_again = int(client.xlen(keys.inbox(passport.persona_key)))
+        stored_again = cast(int, client.xlen(keys.inbox(passport.persona_key)))
         print(
             f"\n451 without replica: {refused[0]}; delivered once the replica was back as {delivered_stream};"
             f" the sender's retry: {retried[0]} {retried[1]!r}; inbox entries after the retry {stored_again}"
