@@ -38,13 +38,17 @@ run: $(RUNTIME_STAMP)
 test-tools:
 	@sh scripts/test-tools.sh
 
+TEST_WORKERS ?= 4
+
+# The whole suite: the fast tiers on pytest-xdist workers (as test-fast), then the system tier
+# (several processes at once, faults, failover, floods) alone in one process.
 test: install test-tools
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not system" -n $(TEST_WORKERS) --dist worksteal
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m system
 
 # Everything but the system tier (tests/system: several processes at once, faults, multi-node),
 # on TEST_WORKERS pytest-xdist workers: the tests mostly wait on sockets and processes, so more
-# workers than cores pays. `make test` runs the whole suite in one process.
-TEST_WORKERS ?= 4
+# workers than cores pays. `make test` adds the system tier.
 test-fast: install test-tools
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not system" -n $(TEST_WORKERS) --dist worksteal
 
