@@ -40,15 +40,13 @@ test-tools:
 
 TEST_WORKERS ?= 4
 
-# The whole suite: the fast tiers on pytest-xdist workers (as test-fast), then the system tier
-# (several processes at once, faults, failover, floods) alone in one process.
+# The whole suite, in one process (about 7.5 min on an idle 2-core machine).
 test: install test-tools
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not system" -n $(TEST_WORKERS) --dist worksteal
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m system
+	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 # Everything but the system tier (tests/system: several processes at once, faults, multi-node),
 # on TEST_WORKERS pytest-xdist workers: the tests mostly wait on sockets and processes, so more
-# workers than cores pays. `make test` adds the system tier.
+# workers than cores pays. `make test` runs the whole suite in one process.
 test-fast: install test-tools
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not system" -n $(TEST_WORKERS) --dist worksteal
 

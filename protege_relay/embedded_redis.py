@@ -44,12 +44,30 @@ def redis_server_binary() -> str:
 _HANDED_OUT_PORTS: set[int] = set()
 
 
+# Under pytest-xdist several test processes pick ports at once: each worker takes its own
+# block below the kernel's ephemeral range (32768+), so neither another worker's choice nor an
+# outgoing connection's local port can collide with it.
+_WORKER_PORT_BASE = 10_000
+_WORKER_PORT_BLOCK = 2_500
+
+
+def _worker_port_block() -> range | None:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw") or not worker[2:].isdigit():
+        return None
+    start = _WORKER_PORT_BASE + int(worker[2:]) * _WORKER_PORT_BLOCK
+    return range(start, min(start + _WORKER_PORT_BLOCK, 32_768))
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port nothing listens on now, never the same one twice in this process.
 
     The kernel may hand a just-released port out again; two services told to use the same
     port would fight over it, so remember what was given.
     """
+    block = _worker_port_block()
+    if block is not None and len(block) > 0:
+        return _free_port_in(block, host)
     while True:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
             probe.bind((host, 0))
@@ -57,6 +75,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         if port not in _HANDED_OUT_PORTS:
             _HANDED_OUT_PORTS.add(port)
             return port
+
+
+def _free_port_in(block: range, host: str) -> int:
+    for port in block:
+        if port in _HANDED_OUT_PORTS:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+        _HANDED_OUT_PORTS.add(port)
+        return port
+    raise RuntimeError(f"no free port left in {block.start}-{block.stop - 1} for this test worker")
 
 
 def wait_for_port(

@@ -24,6 +24,7 @@ from tests.support.ingress import (
     split_trace_header,
 )
 from tests.support.processes import free_port
+from tests.support.wait import poll_until
 
 StartIngress = Callable[..., InProcessIngress]
 MESSAGE = b"Subject: via a client\r\n\r\nhello\r\n"
@@ -159,7 +160,8 @@ def test_health_port_serves_readiness_and_metrics(
 ) -> None:
     ingress = start_ingress(RELAY_SMTP_HTTP_PORT=str(free_port()))
     assert http_get(ingress.http_port, "/healthz") == (200, '{"status":"ok"}')
-    assert http_get(ingress.http_port, "/readyz")[0] == 200
+    # Ready once the service has reached Redis, which may be just after the health port opens.
+    poll_until(lambda: http_get(ingress.http_port, "/readyz")[0] == 200, message="/readyz never answered 200")
     assert send_raw(ingress.port, "s@example.org", [address(persona)], MESSAGE)[0] == 250
     with open_session(ingress.port) as client:
         client.mail("s@example.org")
@@ -187,6 +189,7 @@ def test_disabled_smtp_serves_only_the_health_port(start_ingress: StartIngress) 
     ingress = start_ingress(
         RELAY_SMTP_ENABLED="false", RELAY_SMTP_PORT=str(smtp_port), RELAY_SMTP_HTTP_PORT=str(free_port())
     )
-    assert http_get(ingress.http_port, "/readyz")[0] == 200
+    # Ready once the service has reached Redis, which may be just after the health port opens.
+    poll_until(lambda: http_get(ingress.http_port, "/readyz")[0] == 200, message="/readyz never answered 200")
     with pytest.raises(OSError):
         open_session(smtp_port)
