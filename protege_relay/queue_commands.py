@@ -22,11 +22,10 @@ from protege_relay.status import (  # one look for both commands
     _duration,
     _size,
     _table,
-    redis_label,
     relay_redis_url,
 )
 from shared.config import RelayConfig, load_config
-from shared.redis import connect_sync
+from shared.redis import connect_sync, redis_label
 
 PROG = "protege-relay queue"
 

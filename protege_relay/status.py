@@ -43,7 +43,7 @@ from shared.backlog import (
     scan_keys,
 )
 from shared.config import ConfigError, RelayConfig
-from shared.redis import connect_sync, redacted_url, sentinel_addresses, sentinel_for_status, uses_sentinel
+from shared.redis import connect_sync, redis_label, sentinel_for_status, uses_sentinel
 
 REDIS_TIMEOUT_S = 5.0
 NODE_FIELDS = ("role", "updated_ms")
@@ -138,14 +138,6 @@ def run_status(config: RelayConfig, as_json: bool = False) -> int:
         client.close()
     print(json.dumps(status_document(status), indent=2, sort_keys=True) if as_json else render(status))
     return 0
-
-
-def redis_label(config: RelayConfig, url: str | None) -> str:
-    """Where the command reads, fit for a terminal (no password); checks `redis.sentinels`."""
-    if url is None:
-        sentinel_addresses(config)
-        return f"sentinel primary {config.redis.sentinelMaster!r} via {', '.join(config.redis.sentinels)}"
-    return redacted_url(url)
 
 
 # --- reading Redis ---------------------------------------------------------------------------

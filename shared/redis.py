@@ -160,14 +160,28 @@ def sentinel_for_status(config: RelayConfig, *, timeout_s: float = 5.0) -> sync_
     )
 
 
-async def redis_answers(client: aioredis.Redis) -> bool:
-    """One PING, bounded: True if Redis answered."""
+def redis_label(config: RelayConfig, url: str | None = None) -> str:
+    """Where a client of `config` connects, fit for a terminal or a log (no password): `url`
+    when given, else the Sentinel group or the configured URL. Checks `redis.sentinels`."""
+    if url is None and uses_sentinel(config):
+        sentinel_addresses(config)
+        return f"sentinel primary {config.redis.sentinelMaster!r} via {', '.join(config.redis.sentinels)}"
+    return redacted_url(url or redis_url(config))
+
+
+async def _ping_error(client: aioredis.Redis) -> Exception | None:
+    """One PING, bounded: None if Redis answered, else why not."""
     try:
         async with asyncio.timeout(PING_TIMEOUT_S):
             await client.ping()
-    except (RedisError, OSError, TimeoutError):
-        return False
-    return True
+    except (RedisError, OSError, TimeoutError) as exc:
+        return exc
+    return None
+
+
+async def redis_answers(client: aioredis.Redis) -> bool:
+    """One PING, bounded: True if Redis answered."""
+    return await _ping_error(client) is None
 
 
 async def wait_for_redis(
@@ -179,33 +193,28 @@ async def wait_for_redis(
     URL it uses is logged once up front, and again every `WAIT_LOG_INTERVAL_S` while it waits,
     with where it came from: a service run without `RELAY_REDIS_URL` uses a default the
     operator may not know about."""
+    url = redis_label(config)
     if uses_sentinel(config):
-        url = f"sentinel {config.redis.sentinelMaster} via " + ",".join(
-            f"{h}:{p}" for h, p in sentinel_addresses(config)
-        )
         source = "redis.sentinels / RELAY_REDIS_SENTINELS"
     else:
-        url = redacted_url(redis_url(config))
         source = "redis.url / RELAY_REDIS_URL" if config.redis.url else "default: set RELAY_REDIS_URL to change it"
     log(logger, logging.INFO, "using redis", redis_url=url, source=source)
     delay_s = 0.05
     next_report = time.monotonic()
     while not stopping.is_set():
-        try:
-            async with asyncio.timeout(PING_TIMEOUT_S):
-                await client.ping()
+        error = await _ping_error(client)
+        if error is None:
             return True
-        except (RedisError, OSError, TimeoutError) as exc:
-            if time.monotonic() >= next_report:
-                log(
-                    logger,
-                    logging.WARNING,
-                    "waiting for redis: not ready until it answers",
-                    redis_url=url,
-                    source=source,
-                    error=str(exc) or type(exc).__name__,
-                )
-                next_report = time.monotonic() + WAIT_LOG_INTERVAL_S
+        if time.monotonic() >= next_report:
+            log(
+                logger,
+                logging.WARNING,
+                "waiting for redis: not ready until it answers",
+                redis_url=url,
+                source=source,
+                error=str(error) or type(error).__name__,
+            )
+            next_report = time.monotonic() + WAIT_LOG_INTERVAL_S
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stopping.wait(), delay_s)
         delay_s = min(delay_s * 2, WAIT_RETRY_CAP_S)
