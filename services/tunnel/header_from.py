@@ -27,7 +27,7 @@ from email.policy import default as default_policy
 
 from shared.codes import OutboundRefusal
 from shared.identity import InvalidKey, persona_key_of_local_part
-from shared.normalize import normalize_line_endings
+from shared.normalize import lf_line_endings
 
 # Far above any real header section (a gateway's is a few KiB), small enough to parse at once.
 MAX_HEADER_BYTES = 64 * 1024
@@ -38,7 +38,7 @@ def header_section(message_head: bytes) -> bytes | None:
     """The header section (line endings as LF, without the blank line), or None when there is
     no end of it within `MAX_HEADER_BYTES` and the message goes on."""
     head = message_head[: MAX_HEADER_BYTES + 4]
-    lines = head.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    lines = lf_line_endings(head)
     if lines.startswith(b"\n"):
         return b""
     end = lines.find(b"\n\n")
@@ -57,7 +57,7 @@ def check_header_from(message_head: bytes, persona_key: str, mail_domains: list[
     section = header_section(message_head)
     if section is None:
         return OutboundRefusal.HEADER_FROM_NOT_ALLOWED
-    headers = _parse(normalize_line_endings(section))
+    headers = _parse(section.replace(b"\n", b"\r\n"))  # LF only by now: CRLF as on the wire
     if headers is None or len(headers.get_all("From") or []) != 1 or len(headers.get_all("Sender") or []) > 1:
         return OutboundRefusal.HEADER_FROM_NOT_ALLOWED
     domains = {domain.lower().rstrip(".") for domain in mail_domains}
