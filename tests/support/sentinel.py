@@ -108,7 +108,25 @@ class DataNode(RedisProcess):
         if replica_of is not None:
             args += ["--replicaof", LOOPBACK, str(replica_of)]
         self.launch(args)
+        if replica_of is not None:
+            self.wait_linked()
         return self
+
+    def wait_linked(self, timeout_s: float = 30.0) -> None:
+        """A replica that answers PING may still be syncing: until its link is up the primary's
+        WAIT counts no replica, so a test that needs the replica must wait for the link."""
+        deadline = time.monotonic() + timeout_s
+        while self.link_status() != "up":
+            if not self.alive() or time.monotonic() > deadline:
+                raise AssertionError(f"{self.name} never linked to its primary:\n{self.logs()[-2000:]}")
+            time.sleep(0.02)
+
+    def link_status(self) -> str | None:
+        try:
+            with self.client(0.5) as client:
+                return str(client.info("replication").get("master_link_status"))
+        except redis.RedisError:
+            return None
 
     def role(self) -> str | None:
         try:
