@@ -14,6 +14,7 @@ parenthesis there must not be able to forge header structure.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -48,8 +49,10 @@ def protocol_name(info: TraceInfo) -> str:
     return base + ("S" if info.tls else "")
 
 
+@functools.lru_cache(maxsize=1024)
 def address_literal(client_ip: str) -> str:
-    """`[192.0.2.1]` or `[IPv6:2001:db8::1]` (RFC 5321 §4.1.3)."""
+    """`[192.0.2.1]` or `[IPv6:2001:db8::1]` (RFC 5321 §4.1.3); remembered per client IP
+    (`ipaddress` parsing is ~10 us, once per message otherwise)."""
     try:
         parsed = ipaddress.ip_address(client_ip)
     except ValueError:
