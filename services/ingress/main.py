@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from services.ingress.handler import IngressHandler
+from services.ingress.redis_batch import BatchingRedis
 from services.ingress.sender_auth import SenderAuthenticator
 from services.ingress.server import SmtpListener
 from shared.backlog import refresh_backlog_metrics
@@ -53,8 +54,11 @@ def redis_client(config: RelayConfig) -> aioredis.Redis:
     """The shared client (one Redis or Sentinel's primary) minus its per-command `socket_timeout`: with
     one set, redis-py wraps every command's send in `asyncio.wait_for`, a task per command on
     the hot path. Every call the ingress makes runs under its own `asyncio.timeout` instead
-    (handler, enqueue, heartbeat, readiness), so a stalled Redis is still a 451, never a hang."""
-    client: aioredis.Redis = connect(config, timeout_s=None, connect_timeout_s=REDIS_CONNECT_TIMEOUT_S)
+    (handler, enqueue, heartbeat, readiness), so a stalled Redis is still a 451, never a hang.
+    Its pipelines are batched across sessions (services/ingress/redis_batch.py)."""
+    client: aioredis.Redis = connect(
+        config, timeout_s=None, connect_timeout_s=REDIS_CONNECT_TIMEOUT_S, redis_class=BatchingRedis
+    )
     return client
 
 

@@ -1,0 +1,172 @@
+"""The ingress's Redis client: pipelines of concurrent SMTP sessions leave in one write.
+
+Under load the ingress's CPU goes mostly to system calls: every RCPT check and every enqueue
+was its own pipeline, so its own `send` on its own pooled connection and its own reply read
+(with the pool's lock and connection check around it). `BatchingRedis.pipeline(transaction=False)`
+returns a pipeline whose `execute` does not send at once: the pipelines executed during one
+turn of the event loop (sessions whose commands arrived together) are concatenated, each one's
+commands kept together and in order, written to one connection with one `send`, and their
+replies read back in that order and handed to each caller. The busier the process, the more
+sessions share a write; a lone session's pipeline leaves one loop turn later than before.
+
+What each caller sees is what redis-py's own pipeline gives: its replies in order, a reply that
+is an error in its place (raised if `raise_on_error`), a connection failure as the exception.
+Nothing about durability changes: a caller still awaits its own replies (the enqueue script's,
+and WAIT's when `redis.minReplicasToAck` is set) before it answers 250. WAIT counts the writes
+of its connection, so on a shared connection it also covers the writes queued before it —
+more than it must confirm, never less. A failure of the shared connection fails every
+pipeline in the batch, each of which then answers 451 or is retried (`shared.replication`) as
+after a failure of its own connection.
+
+Transactions, WATCH and pipelines holding `Script` objects (redis-py loads those first) are
+left to redis-py as they were.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Mapping
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
+from redis.asyncio.connection import Connection
+from redis.exceptions import ResponseError
+
+BATCH_TIMEOUT_S = 15.0  # longer than any caller waits (enqueue: 10 s); frees a stuck connection
+
+CommandStack = list[tuple[tuple[str | bytes, ...], Mapping[str, Any]]]  # redis-py's CommandStackT
+Waiting = tuple[Pipeline, CommandStack, "asyncio.Future[list[Any]]"]
+
+
+class PipelineBatcher:
+    """Collects the pipelines executed in one loop turn and sends them as one.
+
+    Connections come from the client's pool and are kept here between batches: a batch reads
+    every reply it asked for, so a connection it hands back is known clean, without the pool's
+    lock and its unread-data probe per use. One that failed is disconnected and returned to
+    the pool, which reconnects it (with Sentinel: to the primary named then)."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._client = client
+        self._waiting: list[Waiting] = []
+        self._idle: list[Connection] = []
+        self._sending: set[asyncio.Task[None]] = set()
+
+    async def run(self, pipe: Pipeline, stack: CommandStack) -> list[Any]:
+        """`stack`'s replies, errors in place; raises when the connection failed."""
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        if not self._waiting:  # the first of this turn starts the sender; it runs after the turn
+            task = asyncio.create_task(self._send())
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+        self._waiting.append((pipe, stack, future))
+        return await future
+
+    async def _send(self) -> None:
+        batch, self._waiting = self._waiting, []
+        connection: Connection | None = None
+        try:
+            async with asyncio.timeout(BATCH_TIMEOUT_S):
+                connection = await self._connection()
+                await _exchange(connection, batch)
+        except BaseException as exc:
+            _fail(batch, exc)
+            if connection is not None:
+                # a reply stream cut part way cannot be reused: the pool reconnects it
+                with contextlib.suppress(Exception):
+                    await connection.disconnect()
+                await self._client.connection_pool.release(connection)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            self._idle.append(connection)
+
+    async def _connection(self) -> Connection:
+        """An idle connection of ours that Redis has not closed meanwhile (a restart, CLIENT KILL,
+        its idle timeout: the loop has seen the EOF, so no system call is needed to tell), else
+        one from the pool."""
+        pool = self._client.connection_pool
+        while self._idle:
+            connection = self._idle.pop()
+            reader = getattr(connection, "_reader", None)  # redis-py 5's StreamReader
+            if connection.is_connected and isinstance(reader, asyncio.StreamReader) and not reader.at_eof():
+                return connection
+            await connection.disconnect()
+            await pool.release(connection)
+        fresh: Connection = await pool.get_connection()
+        return fresh
+
+    async def aclose(self) -> None:
+        for task in list(self._sending):
+            task.cancel()
+        if self._sending:
+            await asyncio.gather(*self._sending, return_exceptions=True)
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            await self._client.connection_pool.release(connection)
+
+
+async def _exchange(connection: Connection, batch: list[Waiting]) -> None:
+    await connection.send_packed_command(
+        connection.pack_commands([args for _, stack, _ in batch for args, _ in stack]), check_health=True
+    )
+    for pipe, stack, future in batch:
+        replies: list[Any] = []
+        for args, options in stack:
+            try:
+                replies.append(await pipe.parse_response(connection, args[0], **options))
+            except ResponseError as exc:
+                replies.append(exc)
+        if not future.done():  # its caller may have given up (timeout)
+            future.set_result(replies)
+
+
+def _fail(batch: list[Waiting], exc: BaseException) -> None:
+    error = exc if isinstance(exc, Exception) else ConnectionError("redis batch cancelled")
+    for _, _, future in batch:
+        if not future.done():
+            future.set_exception(error)
+
+
+class BatchedPipeline(Pipeline):
+    """redis-py's non-transactional pipeline, executed through the process's batcher."""
+
+    def __init__(self, batcher: PipelineBatcher, client: aioredis.Redis, shard_hint: str | None) -> None:
+        super().__init__(client.connection_pool, client.response_callbacks, False, shard_hint)
+        self._batcher = batcher
+
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        stack = self.command_stack
+        if not stack or self.watching or self.scripts or self.explicit_transaction:
+            return await super().execute(raise_on_error)
+        try:
+            replies = await self._batcher.run(self, stack)
+        finally:
+            await self.reset()  # type: ignore[no-untyped-call]
+        if raise_on_error:
+            self.raise_first_error(stack, replies)
+        return replies
+
+
+class BatchingRedis(aioredis.Redis):
+    """redis-py's client whose non-transactional pipelines share writes (module docstring)."""
+
+    _batcher: PipelineBatcher | None = None
+
+    @property
+    def batcher(self) -> PipelineBatcher:
+        if self._batcher is None:
+            self._batcher = PipelineBatcher(self)
+        return self._batcher
+
+    def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> Pipeline:
+        if transaction:
+            return super().pipeline(transaction, shard_hint)
+        return BatchedPipeline(self.batcher, self, shard_hint)
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        if self._batcher is not None:
+            await self._batcher.aclose()
+        await super().aclose(close_connection_pool)
