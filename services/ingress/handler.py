@@ -197,7 +197,7 @@ class IngressHandler:
             try:
                 async with asyncio.timeout(REDIS_CHECK_TIMEOUT_S):
                     state = await self._inbox_state(route, envelope, client_ip)
-                    memory = await self._memory.sample()
+                    memory = self._memory.fresh() or await self._memory.sample()
             except (RedisError, OSError, TimeoutError) as exc:
                 return str(
                     self._refuse(policy.TEMPORARY_FAILURE, client_ip=client_ip, persona=route, error=type(exc).__name__)
@@ -228,11 +228,14 @@ class IngressHandler:
         ip_bytes = envelope.ip_bytes_this_hour if isinstance(envelope, IngressEnvelope) else 0
         refusal = policy.check_ip_bytes(ip_bytes, queued_bytes, self._config.rateLimits.smtpQueuedBytesPerHourPerIp)
         if refusal is None:
-            try:
-                async with asyncio.timeout(REDIS_CHECK_TIMEOUT_S):
-                    refusal = self._check_storage(await self._memory.sample(), queued_bytes)
-            except (RedisError, OSError, TimeoutError) as exc:
-                return str(self._refuse(policy.TEMPORARY_FAILURE, client_ip=client_ip, error=type(exc).__name__))
+            memory = self._memory.fresh()
+            if memory is None:
+                try:
+                    async with asyncio.timeout(REDIS_CHECK_TIMEOUT_S):
+                        memory = await self._memory.sample()
+                except (RedisError, OSError, TimeoutError) as exc:
+                    return str(self._refuse(policy.TEMPORARY_FAILURE, client_ip=client_ip, error=type(exc).__name__))
+            refusal = self._check_storage(memory, queued_bytes)
         if refusal is not None:
             return str(self._refuse(refusal, client_ip=client_ip, bytes=queued_bytes))
 

@@ -32,6 +32,12 @@ class MemoryWatch:
         self._taken_at = 0.0
         self._refreshing: asyncio.Future[MemorySample] | None = None
 
+    def fresh(self) -> MemorySample | None:
+        """The last sample if younger than `max_age_s` (no I/O, so no timeout to arm)."""
+        if self._sample is not None and time.monotonic() - self._taken_at < self._max_age_s:
+            return self._sample
+        return None
+
     async def sample(self) -> MemorySample:
         """The last sample if younger than `max_age_s`, else a fresh one (one INFO for all
         callers waiting at that moment). Raises redis errors: the caller answers 451."""
