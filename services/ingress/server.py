@@ -196,7 +196,11 @@ class IngressSMTP(FastDataSMTP):  # aiosmtpd's SMTP, DATA read in blocks (data_r
         if replacement is not None:
             self._ingress_handler.refused_by_protocol(replacement, self.session)
             raw = str(replacement).encode("ascii")
-        await super().push(_REPLY_CONTROL_CHARS.sub(b"?", raw))
+        # aiosmtpd's push, minus its per-reply debug log; drain() only when something is still
+        # buffered (only then can the transport be paused for a client that does not read)
+        self._writer.write(_REPLY_CONTROL_CHARS.sub(b"?", raw) + b"\r\n")
+        if self._writer.transport.get_write_buffer_size():
+            await self._writer.drain()
 
     def close_with(self, reply: policy.Reply) -> None:
         """Send one final reply and close, without waiting on the client."""
