@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import DataError, ResponseError
 
 from protege_relay.embedded_redis import EmbeddedRedis
-from services.ingress.redis_batch import BatchingRedis
+from services.ingress.redis_batch import BatchingRedis, pack_commands
 from tests.support.wait import eventually
 
 CLIENT_NAME = "batch-test"
@@ -151,3 +151,32 @@ async def test_pipelines_issued_one_after_another_each_complete(redis_server: Em
                 ]
     finally:
         await client.aclose()
+
+
+COMMANDS: list[tuple[Any, ...]] = [
+    ("EXISTS", "relay:{pk}:seen"),
+    ("SET", b"key", "välue", "PX", 1500),
+    ("EVALSHA", "a" * 40, 2, "k1", "k2", b"x" * 10_000, b"", 86400, 1.5, "wake"),
+    ("CLIENT KILL", "TYPE", "normal"),
+    (b"CONFIG GET", b"maxmemory"),
+    ("SET", "view", memoryview(b"y" * 7000)),
+    ("INCRBY", "counter", -3),
+]
+
+
+@pytest.mark.parametrize("count", range(1, len(COMMANDS) + 1))
+def test_the_packer_writes_what_redis_py_writes(count: int) -> None:
+    connection = BatchingRedis().connection_pool.make_connection()  # type: ignore[no-untyped-call]
+    commands = COMMANDS[:count]
+    ours = pack_commands(connection, commands)
+    theirs = connection.pack_commands(commands)
+    assert b"".join(bytes(chunk) for chunk in ours) == b"".join(bytes(chunk) for chunk in theirs)
+    assert max(len(chunk) for chunk in ours) < 2 * 10_000  # large values are not copied into one buffer
+
+
+def test_the_packer_refuses_what_redis_py_refuses() -> None:
+    connection = BatchingRedis().connection_pool.make_connection()  # type: ignore[no-untyped-call]
+    with pytest.raises(DataError):
+        pack_commands(connection, [("SET", "key", True)])
+    with pytest.raises(DataError):
+        pack_commands(connection, [("SET", "key", None)])
