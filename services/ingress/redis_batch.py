@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,6 +35,8 @@ from redis.asyncio.client import Pipeline
 from redis.asyncio.connection import Connection
 from redis.exceptions import ResponseError
 
+_REDIS_PY_PATH = {"WATCH", "UNWATCH", "EXEC", "DISCARD"}  # Pipeline.parse_response tracks these
+_UNKNOWN = object()
 LARGE_VALUE_BYTES = 6000  # redis-py's buffer cutoff: larger values are written without a copy
 BATCH_TIMEOUT_S = 15.0  # longer than any caller waits (enqueue: 10 s); frees a stuck connection
 
@@ -54,6 +57,7 @@ class PipelineBatcher:
         self._waiting: list[Waiting] = []
         self._idle: list[Connection] = []
         self._sending: set[asyncio.Task[None]] = set()
+        self._callbacks: dict[Any, Any] = {}  # command name -> redis-py's response callback or None
 
     async def run(self, pipe: Pipeline, stack: CommandStack) -> list[Any]:
         """`stack`'s replies, errors in place; raises when the connection failed."""
@@ -75,7 +79,7 @@ class PipelineBatcher:
         watchdog = asyncio.get_running_loop().call_later(BATCH_TIMEOUT_S, task.cancel)
         try:
             connection = await self._connection()
-            await _exchange(connection, batch)
+            await _exchange(connection, batch, self._callbacks)
         except BaseException as exc:
             _fail(batch, exc)
             if connection is not None:
@@ -115,7 +119,7 @@ class PipelineBatcher:
             await self._client.connection_pool.release(connection)
 
 
-async def _exchange(connection: Connection, batch: list[Waiting]) -> None:
+async def _exchange(connection: Connection, batch: list[Waiting], callbacks: dict[Any, Any]) -> None:
     await connection.send_packed_command(
         pack_commands(connection, [args for _, stack, _ in batch for args, _ in stack]), check_health=True
     )
@@ -123,11 +127,29 @@ async def _exchange(connection: Connection, batch: list[Waiting]) -> None:
         replies: list[Any] = []
         for args, options in stack:
             try:
-                replies.append(await pipe.parse_response(connection, args[0], **options))
+                replies.append(await _reply(connection, pipe, args[0], options, callbacks))
             except ResponseError as exc:
                 replies.append(exc)
         if not future.done():  # its caller may have given up (timeout)
             future.set_result(replies)
+
+
+async def _reply(
+    connection: Connection, pipe: Pipeline, name: Any, options: Mapping[str, Any], callbacks: dict[Any, Any]
+) -> Any:
+    """One reply as redis-py's `parse_response` makes it, for a plain command without its
+    per-call lookups (the response callback is found once per command name); anything else
+    (undecoded or empty-response options, WATCH state) goes through redis-py's own path."""
+    if (options and options.keys() != {"keys"}) or name in _REDIS_PY_PATH:
+        return await pipe.parse_response(connection, name, **options)
+    response = await connection.read_response()
+    callback = callbacks.get(name, _UNKNOWN)
+    if callback is _UNKNOWN:
+        callback = callbacks[name] = pipe.response_callbacks.get(name)
+    if callback is None:
+        return response
+    result = callback(response)
+    return await result if inspect.isawaitable(result) else result
 
 
 def pack_commands(connection: Connection, commands: list[tuple[Any, ...]]) -> list[bytes]:

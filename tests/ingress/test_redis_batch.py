@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import redis
+import redis.asyncio
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError, ResponseError
 
@@ -180,3 +181,38 @@ def test_the_packer_refuses_what_redis_py_refuses() -> None:
         pack_commands(connection, [("SET", "key", True)])
     with pytest.raises(DataError):
         pack_commands(connection, [("SET", "key", None)])
+
+
+def queue_mixed(pipe: Any) -> None:
+    """Commands whose replies redis-py post-processes in different ways (bool, dict, options)."""
+    pipe.set("mixed:s", "1", px=60_000)
+    pipe.get("mixed:s")
+    pipe.pexpire("mixed:s", 60_000)
+    pipe.expire("mixed:missing", 10)
+    pipe.hset("mixed:h", mapping={"a": "1", "b": "2"})
+    pipe.hgetall("mixed:h")
+    pipe.zadd("mixed:z", {"m": 1.5})
+    pipe.zrange("mixed:z", 0, -1, withscores=True)
+    pipe.exists("mixed:s", "mixed:h", "mixed:missing")
+    pipe.info("memory")
+    pipe.delete("mixed:s", "mixed:h", "mixed:z")
+
+
+async def test_replies_are_post_processed_as_redis_py_does(redis_server: EmbeddedRedis) -> None:
+    plain = redis.asyncio.Redis.from_url(redis_server.url)
+    batching = BatchingRedis.from_url(redis_server.url)
+    try:
+        async with asyncio.timeout(CALL_TIMEOUT_S):
+            async with plain.pipeline(transaction=False) as pipe:
+                queue_mixed(pipe)
+                expected = await pipe.execute()
+            async with batching.pipeline(transaction=False) as pipe:
+                queue_mixed(pipe)
+                got = await pipe.execute()
+    finally:
+        await plain.aclose()
+        await batching.aclose()
+    memory = 9
+    assert got[:memory] == expected[:memory] and got[memory + 1 :] == expected[memory + 1 :]
+    assert isinstance(got[memory], dict) and "used_memory" in got[memory]
+    assert got[2] is True and got[3] is False and got[7] == [(b"m", 1.5)]
