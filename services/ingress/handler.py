@@ -295,7 +295,7 @@ class IngressHandler:
     async def handle_exception(self, error: Exception) -> str:
         """Anything unexpected in a hook: logged with its traceback, answered 451, never 250."""
         logger.error("unexpected error in SMTP session", exc_info=error)
-        metrics.REJECTIONS.labels(reason="internal_error", code=str(policy.TEMPORARY_FAILURE.code)).inc()
+        metrics.rejections("internal_error", policy.TEMPORARY_FAILURE.code).inc()
         return str(policy.TEMPORARY_FAILURE)
 
     # --- helpers ---------------------------------------------------------------------------
@@ -320,8 +320,9 @@ class IngressHandler:
         verdict = await self._sender_auth.evaluate(facts, spf)
         signals = verdict.signals()
         for mechanism, signal in signals.items():
-            metrics.SENDER_AUTH.labels(mechanism=mechanism, signal=signal).inc()
-        log(logger, logging.INFO, "sender authenticated", client_ip=facts.client_ip, **signals)
+            metrics.sender_auth(mechanism, signal).inc()
+        if logger.isEnabledFor(logging.INFO):
+            log(logger, logging.INFO, "sender authenticated", client_ip=facts.client_ip, **signals)
         return verdict
 
     def _start_spf(self, session: Session, envelope: Envelope) -> None:
@@ -459,8 +460,9 @@ class IngressHandler:
         return self._refuse(reply, **fields)
 
     def _refuse(self, reply: Reply, **fields: Any) -> Reply:
-        metrics.REJECTIONS.labels(reason=reply.reason, code=str(reply.code)).inc()
-        log(logger, logging.INFO, "rejected", reason=reply.text, code=reply.code, **fields)
+        metrics.rejections(reply.reason, reply.code).inc()
+        if logger.isEnabledFor(logging.INFO):
+            log(logger, logging.INFO, "rejected", reason=reply.text, code=reply.code, **fields)
         return reply
 
     def refused_by_protocol(self, reply: Reply, session: Session | None) -> None:

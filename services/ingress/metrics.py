@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from prometheus_client import Counter, Gauge, Histogram
 
 CONNECTIONS = Counter("relay_ingress_connections_total", "SMTP connections accepted by the listener")
@@ -35,3 +37,18 @@ SENDER_AUTH = Counter(
     "Sender authentication outcomes per mechanism, as attestation signals",
     ["mechanism", "signal"],
 )
+
+
+# `.labels()` parses its keywords and takes a lock on every call; a label set's child never
+# changes, so each one used is looked up once. Label values come from fixed sets (refusal
+# reasons and codes, sender-auth mechanisms and signals), so the caches stay small.
+
+
+@functools.cache
+def rejections(reason: str, code: int) -> Counter:
+    return REJECTIONS.labels(reason=reason, code=str(code))
+
+
+@functools.cache
+def sender_auth(mechanism: str, signal: str) -> Counter:
+    return SENDER_AUTH.labels(mechanism=mechanism, signal=signal)
