@@ -38,6 +38,9 @@ from redis.exceptions import ResponseError
 _REDIS_PY_PATH = {"WATCH", "UNWATCH", "EXEC", "DISCARD"}  # Pipeline.parse_response tracks these
 _UNKNOWN = object()
 LARGE_VALUE_BYTES = 6000  # redis-py's buffer cutoff: larger values are written without a copy
+HEADER_CACHE = 512  # RESP length headers below this are built once (bytes %-formatting is slow)
+_ARRAY_HEADERS = [b"*%d\r\n" % count for count in range(HEADER_CACHE)]
+_BULK_HEADERS = [b"$%d\r\n" % size for size in range(HEADER_CACHE)]
 BATCH_TIMEOUT_S = 15.0  # longer than any caller waits (enqueue: 10 s); frees a stuck connection
 
 CommandStack = list[tuple[tuple[str | bytes, ...], Mapping[str, Any]]]  # redis-py's CommandStackT
@@ -164,23 +167,24 @@ def pack_commands(connection: Connection, commands: list[tuple[Any, ...]]) -> li
     pieces: list[bytes] = []
     for command in commands:
         name = command[0]
-        if isinstance(name, str):
-            command = (*name.encode().split(), *command[1:])
-        elif b" " in name:
-            command = (*name.split(), *command[1:])
-        pieces.append(b"*%d\r\n" % len(command))
+        if " " in name if isinstance(name, str) else b" " in name:  # "CLIENT KILL": two arguments
+            command = (*(name.encode() if isinstance(name, str) else name).split(), *command[1:])
+        count = len(command)
+        pieces.append(_ARRAY_HEADERS[count] if count < HEADER_CACHE else b"*%d\r\n" % count)
         for arg in command:
             kind = type(arg)
             value: bytes = (
                 arg if kind is bytes else arg.encode(encoding, errors) if kind is str else encoder.encode(arg)  # type: ignore[no-untyped-call]
             )
-            if len(value) > LARGE_VALUE_BYTES or isinstance(value, memoryview):
-                pieces.append(b"$%d\r\n" % len(value))
+            size = len(value)
+            header = _BULK_HEADERS[size] if size < HEADER_CACHE else b"$%d\r\n" % size
+            if size > LARGE_VALUE_BYTES or isinstance(value, memoryview):
+                pieces.append(header)
                 chunks.append(b"".join(pieces))
                 chunks.append(value)
                 pieces = [b"\r\n"]
             else:
-                pieces += (b"$%d\r\n" % len(value), value, b"\r\n")
+                pieces += (header, value, b"\r\n")
     chunks.append(b"".join(pieces))
     return chunks
 
