@@ -157,8 +157,8 @@ async def _reply(
 
 def pack_commands(connection: Connection, commands: list[tuple[Any, ...]]) -> list[bytes]:
     """The RESP bytes redis-py's `pack_commands` writes for `commands`, with less work per argument:
-    keys and values are bytes or str nearly always, so redis-py's general encoder runs only for
-    the rest (numbers, memoryviews, and its errors for what cannot be sent). Values larger than
+    keys and values are bytes, str or int nearly always, so redis-py's general encoder runs only
+    for the rest (floats, memoryviews, and its errors for what cannot be sent). Values larger than
     redis-py's buffer cutoff are passed on as they are, not copied (tests/ingress/test_redis_batch.py
     compares the two)."""
     encoder = connection.encoder
@@ -173,9 +173,14 @@ def pack_commands(connection: Connection, commands: list[tuple[Any, ...]]) -> li
         pieces.append(_ARRAY_HEADERS[count] if count < HEADER_CACHE else b"*%d\r\n" % count)
         for arg in command:
             kind = type(arg)
-            value: bytes = (
-                arg if kind is bytes else arg.encode(encoding, errors) if kind is str else encoder.encode(arg)  # type: ignore[no-untyped-call]
-            )
+            if kind is bytes:
+                value: bytes = arg
+            elif kind is str:
+                value = arg.encode(encoding, errors)
+            elif kind is int:
+                value = str(arg).encode()  # what redis-py's repr() gives for an int
+            else:
+                value = encoder.encode(arg)  # type: ignore[no-untyped-call]
             size = len(value)
             header = _BULK_HEADERS[size] if size < HEADER_CACHE else b"$%d\r\n" % size
             if size > LARGE_VALUE_BYTES or isinstance(value, memoryview):
