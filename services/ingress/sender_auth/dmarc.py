@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from dataclasses import dataclass
 
@@ -32,6 +31,12 @@ VERSION_TAG = "v=dmarc1"
 @functools.cache
 def _public_suffixes() -> PublicSuffixList:
     return PublicSuffixList()
+
+
+def load_public_suffix_list() -> None:
+    """Parse the Public Suffix List now (at start) rather than in the first message's path:
+    ~0.1 s of CPU once per process."""
+    _public_suffixes()
 
 
 def organizational_domain(domain: str) -> str:
@@ -76,7 +81,7 @@ async def find_policy(resolver: BoundedResolver, from_domain: str) -> tuple[dict
     costs one round trip, not two."""
     org_domain = organizational_domain(from_domain)
     names = {f"{POLICY_LABEL}.{from_domain}", f"{POLICY_LABEL}.{org_domain}"}
-    await asyncio.gather(*(resolver.fetch(name, "TXT") for name in names))
+    await resolver.fetch_all((name, "TXT") for name in names)
     record = await _record_at(resolver, from_domain)
     if record is not None:
         return record, False

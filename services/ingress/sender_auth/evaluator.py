@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import dns.resolver
 
 from services.ingress.sender_auth.dkim_check import check_dkim
-from services.ingress.sender_auth.dmarc import check_dmarc, lookup_policy
+from services.ingress.sender_auth.dmarc import check_dmarc, load_public_suffix_list, lookup_policy
 from services.ingress.sender_auth.header import from_domains, header_section_end, strip_our_authentication_results
 from services.ingress.sender_auth.resolver import MAX_TTL_S, AsyncDns, BoundedResolver, replay
 from services.ingress.sender_auth.spf_check import check_spf
@@ -154,6 +154,7 @@ class SenderAuthenticator:
         self._spf_cache = SpfCache()
         self._budget_s = budget_s
         self._executor = ThreadPoolExecutor(CPU_THREADS, thread_name_prefix="sender-auth")
+        load_public_suffix_list()
 
     def start_spf(self, client_ip: str, helo: str, mail_from: str) -> asyncio.Task[SpfResult]:
         """SPF from the envelope alone, started before the message arrives (its own budget)."""

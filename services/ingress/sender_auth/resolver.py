@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TypeVar
 
 import dns.asyncresolver
@@ -249,12 +249,26 @@ class BoundedResolver:
         self.expires = min(self.expires, self._dns.expiry(name, rtype))
         answer = self.answers[key]
         if self._prefetch is not None and isinstance(answer, list):
-            following = self._prefetch(name, rtype, answer)
-            await asyncio.gather(*(self.fetch(next_name, next_type) for next_name, next_type in following))
+            await self.fetch_all(self._prefetch(name, rtype, answer))
 
     async def fetch_pending(self) -> None:
         pending, self.pending = self.pending, []
-        await asyncio.gather(*(self.fetch(name, rtype) for name, rtype in dict.fromkeys(pending)))
+        await self.fetch_all(pending)
+
+    async def fetch_all(self, queries: Iterable[Key]) -> None:
+        """`fetch` every (name, type) concurrently. Those this check or the process's cache
+        already holds are answered first, in place: `gather` would wrap each in a task, and a
+        known sender's evaluation asks only such names."""
+        missing: list[Key] = []
+        for name, rtype in dict.fromkeys(queries):
+            if _key(name, rtype) in self.answers or self._dns.cached(name, rtype) is not None:
+                await self.fetch(name, rtype)  # answered without waiting
+            else:
+                missing.append((name, rtype))
+        if len(missing) == 1:
+            await self.fetch(*missing[0])
+        elif missing:
+            await asyncio.gather(*(self.fetch(name, rtype) for name, rtype in missing))
 
     async def resolve_async(self, name: str, rtype: str) -> Records:
         await self.fetch(name, rtype)
