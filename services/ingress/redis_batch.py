@@ -1,8 +1,8 @@
 """The ingress's Redis client: pipelines of concurrent SMTP sessions leave in one write.
 
-Under load the ingress's CPU goes mostly to system calls: every RCPT check and every enqueue
-was its own pipeline, so its own `send` on its own pooled connection and its own reply read
-(with the pool's lock and connection check around it). `BatchingRedis.pipeline(transaction=False)`
+Every RCPT check and every enqueue was its own pipeline: its own pooled connection (the pool's
+lock and unread-data probe around it), `send`, reply read and event-loop wake-up, with
+redis-py's general packing and reply handling per command. `BatchingRedis.pipeline(transaction=False)`
 returns a pipeline whose `execute` does not send at once: the pipelines executed during one
 turn of the event loop (sessions whose commands arrived together) are concatenated, each one's
 commands kept together and in order, written to one connection with one `send`, and their
