@@ -2,7 +2,8 @@
 
 One warm-up job first (its result proves the worker is consuming), then `--count` jobs, each
 one recipient at `--domain`; the clock runs from the first enqueue until `--count` more
-results are in the persona's results stream. Prints one JSON line.
+results are in the persona's results stream. Prints one JSON line (rate, and this process's CPU
+seconds over the timed part: the enqueueing and the result polling).
 
     python -m bench.loadgen_egress --redis-url redis://... --count 1000 --domain bench.test
 """
@@ -58,11 +59,13 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         await enqueue(pool, persona_key, mail_from, f"warmup@{args.domain}", message)
         await wait_for_results(redis, persona_key, 1)
         started = time.perf_counter()
+        cpu_started = time.process_time()
         for index in range(args.count):
             await enqueue(pool, persona_key, mail_from, f"rcpt{index}@{args.domain}", message)
         enqueued_s = time.perf_counter() - started
         await wait_for_results(redis, persona_key, args.count + 1)
         elapsed_s = time.perf_counter() - started
+        cpu_s = time.process_time() - cpu_started
         entries = await redis.xrange(keys.results(persona_key))
         statuses = [DeliveryResult.unpack(fields[b"r"]).status for _, fields in entries]
     finally:
@@ -76,6 +79,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "seconds": elapsed_s,
         "enqueue_seconds": enqueued_s,
         "rate": args.count / elapsed_s,
+        "cpu_seconds": cpu_s,
     }
 
 
