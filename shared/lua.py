@@ -327,9 +327,14 @@ TOUCH_RESULT_MARKER = LuaScript.of("return redis.call('EXPIRE', KEYS[1], ARGV[1]
 # KEYS: queue, abort set.
 # ARGV: now (ms), jobs to claim, queue entries to look at, in-progress TTL (ms), finished job
 # id ("" for none), "done" | "requeue", score increment for a re-queued job (ms, 0 for none),
-# then arq's in-progress, job and retry key prefixes, retry key TTL (s).
-# Returns [id, score, job (false if expired), try, ...] for the claimed jobs. The per-job keys
-# are not declared (their names come from the queue): a single Redis, as arq needs anyway.
+# then arq's in-progress, job and retry key prefixes, retry key TTL (s), then the job's own
+# state to read with the claim: a Lua pattern matching the job id with captures ("" for none)
+# and two `string.gsub` replacements naming, from those captures, a key to test with EXISTS and
+# a hash to read with HGETALL (services/egress: the published marker and the per-recipient record,
+# so a job needs no round trip of its own before it starts).
+# Returns [id, score, job (false if expired), try, exists (0/1), hash (flat list), ...] for the
+# claimed jobs. The per-job keys are not declared (their names come from the queue and the job
+# ids): a single Redis, as arq needs anyway.
 FINISH_AND_CLAIM = LuaScript.of("""
 local queue, in_progress, job_prefix, retry_prefix = KEYS[1], ARGV[8], ARGV[9], ARGV[10]
 local finished = ARGV[5]
@@ -344,8 +349,9 @@ if finished ~= '' then
   end
 end
 local claimed = {}
-local wanted = tonumber(ARGV[2]) * 4
+local wanted = tonumber(ARGV[2]) * 6
 if wanted == 0 then return claimed end
+local state_pattern = ARGV[12]
 local due = redis.call('ZRANGEBYSCORE', queue, '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, ARGV[3])
 for i = 1, #due, 2 do
   local id = due[i]
@@ -357,6 +363,13 @@ for i = 1, #due, 2 do
     claimed[#claimed + 1] = due[i + 1]
     claimed[#claimed + 1] = redis.call('GET', job_prefix .. id)
     claimed[#claimed + 1] = try
+    if state_pattern ~= '' and string.find(id, state_pattern) then
+      claimed[#claimed + 1] = redis.call('EXISTS', (string.gsub(id, state_pattern, ARGV[13])))
+      claimed[#claimed + 1] = redis.call('HGETALL', (string.gsub(id, state_pattern, ARGV[14])))
+    else
+      claimed[#claimed + 1] = 0
+      claimed[#claimed + 1] = {}
+    end
     if #claimed >= wanted then break end
   end
 end

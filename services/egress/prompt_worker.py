@@ -21,6 +21,12 @@ which another worker runs the job again with the next try, as with arq. Unlike a
 cannot reach Redis (a failover) does not end the loop: it polls on, and the running jobs are
 not cancelled mid-delivery.
 
+With `job_state`, the same script also reads each claimed job's own state (one key tested for
+existence, one hash), named from the job id, and the job finds it in `ctx["job_state"]`: the
+egress job's "already published?" and per-recipient record, read in the claim's round trip
+instead of one more before the job starts. Read atomically with the claim, it is what the job
+would have read first thing: only the worker holding the claim runs that job id.
+
 The jobs run as arq would run them for this service's configuration (one function,
 `keep_result=0`, no cron jobs, aborts or hooks: refused otherwise): `ctx` carries `job_id`,
 `job_try`, `enqueue_time` and `score`; `Retry(defer)` re-queues; a cancelled job (shutdown)
@@ -58,11 +64,30 @@ FINISH_RETRY_S = 0.2
 
 
 @dataclass(frozen=True, slots=True)
+class JobStateKeys:
+    """Which keys of a claimed job the claim script reads: `pattern` is a Lua pattern (anchored,
+    with captures) matching the job id, `exists` and `hash` are `string.gsub` replacements
+    (`%1`, `%2`, ... for the captures) naming a key tested with EXISTS and a hash read with
+    HGETALL. A job id the pattern does not match gets (False, {})."""
+
+    pattern: str
+    exists: str
+    hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class JobState:
+    exists: bool
+    hash: dict[bytes, bytes]
+
+
+@dataclass(frozen=True, slots=True)
 class ClaimedJob:
     job_id: str
     score: int
     raw: bytes | None  # None: the job key expired
     job_try: int
+    state: JobState | None = None  # read with the claim when the worker has `job_state`
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,8 +102,9 @@ DONE = Ending(done=True)
 
 
 class PromptWorker(Worker):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, job_state: JobStateKeys | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._job_state = job_state
         unsupported = [
             name
             for name, used in (
@@ -158,13 +184,21 @@ class PromptWorker(Worker):
                     job_key_prefix,
                     retry_key_prefix,
                     RETRY_KEY_TTL_S,
+                    *(
+                        (self._job_state.pattern, self._job_state.exists, self._job_state.hash)
+                        if self._job_state is not None
+                        else ("", "", "")
+                    ),
                 ],
             )
         finally:
             self._reserved -= wanted
-        for index in range(0, len(reply), 4):
-            job_id, score, raw, job_try = reply[index : index + 4]
-            self._start(ClaimedJob(job_id.decode(), int(float(score)), raw or None, int(job_try)))
+        for index in range(0, len(reply), 6):
+            job_id, score, raw, job_try, exists, flat = reply[index : index + 6]
+            state = None
+            if self._job_state is not None:
+                state = JobState(bool(exists), dict(zip(flat[::2], flat[1::2], strict=True)))
+            self._start(ClaimedJob(job_id.decode(), int(float(score)), raw or None, int(job_try), state))
 
     def _start(self, job: ClaimedJob) -> None:
         self.job_counter += 1
@@ -222,6 +256,8 @@ class PromptWorker(Worker):
             "enqueue_time": ms_to_datetime(enqueue_time_ms),
             "score": job.score,
         }
+        if job.state is not None:
+            ctx["job_state"] = job.state
         try:
             async with asyncio.timeout(timeout_s):
                 await function.coroutine(ctx, *args, **kwargs)

@@ -11,6 +11,8 @@ that from sending mail twice:
   after a remote reply: before the next domain's SMTP session starts and before a retry is
   scheduled. An attempt that ends the job publishes instead (the marker supersedes the hash,
   which the publish deletes): one round trip, not two.
+The worker reads both with the job's claim (`claim_state_keys`, `prior_state_from`), in the
+claim's round trip; `prior_state` reads them on their own (a run outside the worker, the CLI).
 What remains is the gap between the remote `250` and that write or publish: a crash exactly
 there sends the message again on the re-run (SMTP is at-least-once; the recipient sees a
 duplicate).
@@ -27,12 +29,14 @@ replica acknowledging that write holds everything the primary wrote before it, t
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
 from services.egress.outcome import Disposition, Outcome
+from services.egress.prompt_worker import JobState, JobStateKeys
 from shared import keys, lua
 from shared.payloads import DeliveryResult
 from shared.replication import NO_ACK, ReplicaAck, ScriptCall, run_scripts
@@ -52,6 +56,37 @@ class PriorState:
     final_outcomes: dict[str, Outcome]
 
 
+_PERSONA, _STREAM = "\x00persona\x00", "\x00stream\x00"  # stand-ins, never in a real name
+_LUA_PATTERN_MAGIC = re.compile(r"([\^$()%.\[\]*+\-?])")
+
+
+def claim_state_keys() -> JobStateKeys:
+    """The published marker and the per-recipient record of a `deliver` job, named from its job
+    id (`keys.egress_job_id`) by the claim script: the names come from `shared.keys`, only
+    turned into a Lua pattern (the persona key, which holds no `:`, then the stream id) and
+    `string.gsub` replacements."""
+    before, rest = keys.egress_job_id(_PERSONA, _STREAM).split(_PERSONA)
+    between, after = rest.split(_STREAM)  # ValueError if the layout changed: the tests catch it
+    escaped = [_LUA_PATTERN_MAGIC.sub(r"%\1", literal) for literal in (before, between, after)]
+    pattern = f"^{escaped[0]}(.-){escaped[1]}(.*){escaped[2]}$"
+
+    def replacement(name: str) -> str:
+        return name.replace("%", "%%").replace(_PERSONA, "%1").replace(_STREAM, "%2")
+
+    return JobStateKeys(
+        pattern,
+        exists=replacement(keys.egress_result_published(_PERSONA, _STREAM)),
+        hash=replacement(keys.egress_delivered(_PERSONA, _STREAM)),
+    )
+
+
+def prior_state_from(state: JobState) -> PriorState:
+    """`PriorState` from what the claim script read with `claim_state_keys`."""
+    return PriorState(
+        state.exists, {recipient.decode(): _decode_outcome(value) for recipient, value in state.hash.items()}
+    )
+
+
 class ResultStore:
     def __init__(self, redis: aioredis.Redis, *, retention_s: int, ack: ReplicaAck = NO_ACK) -> None:
         self._redis = redis
@@ -64,8 +99,7 @@ class ResultStore:
             pipe.exists(keys.egress_result_published(persona_key, stream_id))
             pipe.hgetall(keys.egress_delivered(persona_key, stream_id))
             published, stored = await pipe.execute()
-        outcomes = {recipient.decode(): _decode_outcome(value) for recipient, value in stored.items()}
-        return PriorState(bool(published), outcomes)
+        return prior_state_from(JobState(bool(published), stored))
 
     async def publish(self, persona_key: str, result: DeliveryResult) -> bool:
         """Append the result, drop the per-recipient record (the marker supersedes it) and wake

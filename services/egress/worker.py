@@ -33,7 +33,8 @@ from services.egress.destinations import destination_allowed
 from services.egress.mta_sts_fetch import PolicySource
 from services.egress.mx import MxResolver
 from services.egress.outcome import Outcome
-from services.egress.results import ResultStore
+from services.egress.prompt_worker import JobState
+from services.egress.results import PriorState, ResultStore, prior_state_from
 from services.egress.signing import DkimSigner
 from services.egress.smtp_pool import SmtpPool
 from shared.codes import DeliveryError
@@ -141,9 +142,11 @@ class Egress:
         """QUIT cached SMTP connections (shutdown, after the last job)."""
         await self._deliverer.close()
 
-    async def run(self, job: OutboundJob, attempt: int) -> str:
+    async def run(self, job: OutboundJob, attempt: int, prior: PriorState | None = None) -> str:
+        """`prior`: what earlier runs left, when the worker read it with the claim; else read here."""
         ids = {"persona": job.persona_key, "stream_id": job.stream_id, "attempt": attempt}
-        prior = await self._results.prior_state(job.persona_key, job.stream_id)
+        if prior is None:
+            prior = await self._results.prior_state(job.persona_key, job.stream_id)
         if prior.published:
             log(logger, logging.INFO, "result already published; not sending again", **ids)
             await self._results.confirm(job.persona_key, job.stream_id)
@@ -312,7 +315,9 @@ async def deliver(ctx: dict[str, Any], packed_job: bytes) -> str:
         return "invalid"
     metrics.JOBS_IN_PROGRESS.inc()
     try:
-        return await egress.run(job, attempt=int(ctx.get("job_try", 1)))
+        state: JobState | None = ctx.get("job_state")
+        prior = prior_state_from(state) if state is not None else None
+        return await egress.run(job, attempt=int(ctx.get("job_try", 1)), prior=prior)
     except (RedisError, EnqueueFailed) as exc:  # final outcomes already recorded are not sent again on the retry
         log(
             logger,

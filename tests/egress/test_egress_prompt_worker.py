@@ -16,7 +16,9 @@ from arq.connections import ArqRedis, RedisSettings
 from arq.worker import func
 
 from protege_relay.embedded_redis import EmbeddedRedis
-from services.egress.prompt_worker import PromptWorker
+from services.egress.prompt_worker import JobState, JobStateKeys, PromptWorker
+from services.egress.results import claim_state_keys
+from shared import keys
 from tests.support.sentinel import DataNode
 from tests.support.wait import eventually
 
@@ -42,6 +44,7 @@ class Workers:
     def __init__(self, redis_url: str) -> None:
         self.redis_url = redis_url
         self.runs: list[tuple[str, int]] = []  # (label, job_try) per run, in start order
+        self.states: dict[str, JobState | None] = {}  # ctx["job_state"] per label
         self.running: list[tuple[PromptWorker, asyncio.Task[None]]] = []
         self.concurrent = self.peak = 0
 
@@ -49,6 +52,7 @@ class Workers:
         self, ctx: dict[str, Any], label: str, retries: int = 0, hold_s: float = 0.0, fail: bool = False
     ) -> None:
         self.runs.append((label, ctx["job_try"]))
+        self.states[label] = ctx.get("job_state")
         self.concurrent += 1
         self.peak = max(self.peak, self.concurrent)
         try:
@@ -60,7 +64,13 @@ class Workers:
         if ctx["job_try"] <= retries:
             raise Retry(defer=0.05)
 
-    def start(self, max_jobs: int, poll_delay_s: float = IDLE_POLL_S, max_tries: int = 5) -> PromptWorker:
+    def start(
+        self,
+        max_jobs: int,
+        poll_delay_s: float = IDLE_POLL_S,
+        max_tries: int = 5,
+        job_state: JobStateKeys | None = None,
+    ) -> PromptWorker:
         worker = PromptWorker(
             functions=[func(self.job, name="job")],
             redis_settings=RedisSettings.from_dsn(self.redis_url),
@@ -70,6 +80,7 @@ class Workers:
             handle_signals=False,
             keep_result=0,
             max_tries=max_tries,
+            job_state=job_state,
         )
         self.running.append((worker, asyncio.ensure_future(worker.async_run())))
         return worker
@@ -124,6 +135,36 @@ async def test_competing_workers_run_each_job_exactly_once(pool: ArqRedis, worke
     labels = [label for label, _ in workers.runs]
     assert len(labels) == 60 and len(set(labels)) == 60
     assert first.jobs_complete > 0 and second.jobs_complete > 0
+
+
+async def test_each_job_gets_its_own_state_read_with_its_claim(pool: ArqRedis, workers: Workers) -> None:
+    """The egress's job state (published marker, per-recipient record) named from job ids whose
+    stream part holds `:`, `%` and Lua pattern characters, as a gateway may send them."""
+    persona = "pk7abc"
+    streams = {"plain": "s1", "published": "a:b%1.c", "recorded": "x-(y)*[z]+?^$%%", "foreign": "s4"}
+    await pool.set(keys.egress_result_published(persona, streams["published"]), "sent")
+    async with pool.pipeline(transaction=False) as pipe:  # (hset's stub is not awaitable)
+        pipe.hset(keys.egress_delivered(persona, streams["recorded"]), mapping={"a@b.test": "{}", "c@d.test": "x"})
+        await pipe.execute()
+    await pool.set(keys.egress_result_published(persona, streams["plain"] + "x"), "sent")  # a neighbour's
+    for label, stream in streams.items():
+        job_id = keys.egress_job_id(persona, stream) if label != "foreign" else f"other:{stream}"
+        assert await pool.enqueue_job("job", label, _job_id=job_id, _queue_name=QUEUE)
+    worker = workers.start(max_jobs=2, poll_delay_s=0.05, job_state=claim_state_keys())
+    await eventually(lambda: worker.jobs_complete == 4, 5, "jobs not completed")
+    assert workers.states == {
+        "plain": JobState(False, {}),
+        "published": JobState(True, {}),
+        "recorded": JobState(False, {b"a@b.test": b"{}", b"c@d.test": b"x"}),
+        "foreign": JobState(False, {}),  # a job id of another layout reads nothing
+    }
+
+
+async def test_without_job_state_no_state_is_read(pool: ArqRedis, workers: Workers) -> None:
+    await enqueue(pool, 1)
+    worker = workers.start(max_jobs=1, poll_delay_s=0.05)
+    await eventually(lambda: worker.jobs_complete == 1, 5, "job not completed")
+    assert workers.states == {"j0": None}
 
 
 async def test_retried_job_runs_again_and_completes(pool: ArqRedis, workers: Workers) -> None:
