@@ -332,12 +332,20 @@ TOUCH_RESULT_MARKER = LuaScript.of("return redis.call('EXPIRE', KEYS[1], ARGV[1]
 # and two `string.gsub` replacements naming, from those captures, a key to test with EXISTS and
 # a hash to read with HGETALL (services/egress: the published marker and the per-recipient record,
 # so a job needs no round trip of its own before it starts).
+# Any further ARGV are keys that must all exist for a "done" ending to count (the job's last
+# write, services/egress/results.py's published marker, sent just before in the same pipeline):
+# if one is missing that write failed, and the script returns -1 having changed nothing.
 # Returns [id, score, job (false if expired), try, exists (0/1), hash (flat list), ...] for the
 # claimed jobs. The per-job keys are not declared (their names come from the queue and the job
 # ids): a single Redis, as arq needs anyway.
 FINISH_AND_CLAIM = LuaScript.of("""
 local queue, in_progress, job_prefix, retry_prefix = KEYS[1], ARGV[8], ARGV[9], ARGV[10]
 local finished = ARGV[5]
+if finished ~= '' and ARGV[6] == 'done' then
+  for i = 15, #ARGV do
+    if redis.call('EXISTS', ARGV[i]) == 0 then return -1 end
+  end
+end
 if finished ~= '' then
   redis.call('DEL', in_progress .. finished)
   if ARGV[6] == 'done' then

@@ -13,6 +13,9 @@ that from sending mail twice:
   which the publish deletes): one round trip, not two.
 The worker reads both with the job's claim (`claim_state_keys`, `prior_state_from`), in the
 claim's round trip; `prior_state` reads them on their own (a run outside the worker, the CLI).
+Without replicas to wait for, the publish goes out with the job's finish, one pipeline, the
+finish counting only if the marker is there (`publish_call`, `prompt_worker.EndWrite`): a job
+costs the worker two round trips to Redis, the claim and the publish-and-finish.
 What remains is the gap between the remote `250` and that write or publish: a crash exactly
 there sends the message again on the re-run (SMTP is at-least-once; the recipient sees a
 duplicate).
@@ -101,10 +104,23 @@ class ResultStore:
             published, stored = await pipe.execute()
         return prior_state_from(JobState(bool(published), stored))
 
+    @property
+    def needs_replicas(self) -> bool:
+        """Whether a publish must be confirmed by replicas (WAIT) before the job may end."""
+        return self._ack.replicas > 0
+
     async def publish(self, persona_key: str, result: DeliveryResult) -> bool:
         """Append the result, drop the per-recipient record (the marker supersedes it) and wake
         the tunnel nodes holding the persona, atomically; False if one was already published."""
-        call = ScriptCall(
+        (published,) = await run_scripts(
+            self._redis, [self.publish_call(persona_key, result)], self._ack, deadline_s=PUBLISH_DEADLINE_S
+        )
+        return bool(published)
+
+    def publish_call(self, persona_key: str, result: DeliveryResult) -> ScriptCall:
+        """`publish` as a script call (1 if published, 0 if it was before), for the worker to
+        send with the job's finish; it leaves `published_marker` behind either way."""
+        return ScriptCall(
             lua.PUBLISH_RESULT,
             [
                 keys.egress_result_published(persona_key, result.stream_id),
@@ -123,8 +139,10 @@ class ResultStore:
                 Wakeup(WakeupKind.RESULT, persona_key).encode(),
             ],
         )
-        (published,) = await run_scripts(self._redis, [call], self._ack, deadline_s=PUBLISH_DEADLINE_S)
-        return bool(published)
+
+    @staticmethod
+    def published_marker(persona_key: str, stream_id: str) -> str:
+        return keys.egress_result_published(persona_key, stream_id)
 
     async def confirm(self, persona_key: str, stream_id: str) -> None:
         """Raise NotReplicated unless the required replicas hold the published result (a re-run

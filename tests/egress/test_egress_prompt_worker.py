@@ -14,11 +14,14 @@ import pytest
 from arq import Retry, create_pool
 from arq.connections import ArqRedis, RedisSettings
 from arq.worker import func
+from redis.exceptions import ResponseError
 
 from protege_relay.embedded_redis import EmbeddedRedis
-from services.egress.prompt_worker import JobState, JobStateKeys, PromptWorker
+from services.egress.prompt_worker import EndWrite, JobState, JobStateKeys, PromptWorker
 from services.egress.results import claim_state_keys
 from shared import keys
+from shared.lua import LuaScript
+from shared.replication import ScriptCall
 from tests.support.sentinel import DataNode
 from tests.support.wait import eventually
 
@@ -165,6 +168,79 @@ async def test_without_job_state_no_state_is_read(pool: ArqRedis, workers: Worke
     worker = workers.start(max_jobs=1, poll_delay_s=0.05)
     await eventually(lambda: worker.jobs_complete == 1, 5, "job not completed")
     assert workers.states == {"j0": None}
+
+
+# test-only scripts (the relay's own live in shared/lua.py): a write that leaves its marker, one that fails
+MARK = LuaScript.of("redis.call('SET', KEYS[1], ARGV[1]) return 7")
+REFUSE = LuaScript.of("return redis.error_reply('refused')")
+
+
+async def run_end_write_jobs(
+    redis_url: str, pool: ArqRedis, writes_by_try: dict[int, list[ScriptCall]], flush_scripts: bool = False
+) -> tuple[list[int], list[Any]]:
+    """One job that hands the worker `writes_by_try[job_try]` as end writes (marker: KEYS[1]);
+    the tries it ran and the replies its `on_reply` got, once the queue is empty."""
+    tries: list[int] = []
+    replies: list[Any] = []
+
+    async def job(ctx: dict[str, Any]) -> None:
+        tries.append(ctx["job_try"])
+        for call in writes_by_try.get(ctx["job_try"], []):
+            ctx["end_writes"].append(EndWrite(call, call.keys[0], 0.05, replies.append))
+        if flush_scripts:
+            await pool.script_flush()
+
+    worker = PromptWorker(
+        functions=[func(job, name="job")],
+        redis_settings=RedisSettings.from_dsn(redis_url),
+        queue_name=QUEUE,
+        poll_delay=0.02,
+        handle_signals=False,
+        keep_result=0,
+    )
+    task = asyncio.ensure_future(worker.async_run())
+    try:
+        assert await pool.enqueue_job("job", _job_id="end", _queue_name=QUEUE)
+        await eventually(lambda: worker.jobs_complete >= len(tries) > 0 and bool(replies), 5, "job not completed")
+        await queue_empty(pool)
+        assert not await pool.exists("arq:in-progress:end", "arq:retry:end", "arq:job:end")
+    finally:
+        with contextlib.suppress(asyncio.CancelledError):
+            await worker.close()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    return tries, replies
+
+
+async def test_an_end_write_goes_out_with_the_finish_and_its_reply_is_handed_back(
+    redis_server: EmbeddedRedis, pool: ArqRedis
+) -> None:
+    tries, replies = await run_end_write_jobs(redis_server.url, pool, {1: [ScriptCall(MARK, ["marker:a"], ["v"])]})
+    assert tries == [1] and replies == [7]
+    assert await pool.get("marker:a") == b"v"
+
+
+async def test_a_failed_end_write_requeues_the_job_instead_of_finishing_it(
+    redis_server: EmbeddedRedis, pool: ArqRedis
+) -> None:
+    tries, replies = await run_end_write_jobs(
+        redis_server.url,
+        pool,
+        {1: [ScriptCall(REFUSE, ["marker:b"], [])], 2: [ScriptCall(MARK, ["marker:b"], ["second"])]},
+    )
+    assert tries == [1, 2]
+    assert isinstance(replies[0], ResponseError) and "refused" in str(replies[0]) and replies[1:] == [7]
+    assert await pool.get("marker:b") == b"second"
+
+
+async def test_an_end_write_whose_script_redis_lost_is_loaded_and_sent_again(
+    redis_server: EmbeddedRedis, pool: ArqRedis
+) -> None:
+    tries, replies = await run_end_write_jobs(
+        redis_server.url, pool, {1: [ScriptCall(MARK, ["marker:c"], ["v"])]}, flush_scripts=True
+    )
+    assert tries == [1] and replies == [7]  # once, after SCRIPT LOAD of both scripts
+    assert await pool.get("marker:c") == b"v"
 
 
 async def test_retried_job_runs_again_and_completes(pool: ArqRedis, workers: Workers) -> None:
