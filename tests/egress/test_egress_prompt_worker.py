@@ -140,6 +140,16 @@ async def test_competing_workers_run_each_job_exactly_once(pool: ArqRedis, worke
     assert first.jobs_complete > 0 and second.jobs_complete > 0
 
 
+async def test_jobs_behind_many_held_by_other_workers_are_still_claimed(pool: ArqRedis, workers: Workers) -> None:
+    """The claim reads due ids in growing pages: 25 jobs held elsewhere fill the first pages."""
+    await enqueue(pool, 30)
+    for index in range(25):
+        await pool.psetex(f"arq:in-progress:j{index}", 60_000, b"1")
+    worker = workers.start(max_jobs=2, poll_delay_s=0.05)
+    await eventually(lambda: worker.jobs_complete == 5, 5, lambda: f"ran {workers.runs}")
+    assert sorted(label for label, _ in workers.runs) == sorted(f"j{index}" for index in range(25, 30))
+
+
 async def test_each_job_gets_its_own_state_read_with_its_claim(pool: ArqRedis, workers: Workers) -> None:
     """The egress's job state (published marker, per-recipient record) named from job ids whose
     stream part holds `:`, `%` and Lua pattern characters, as a gateway may send them."""
