@@ -58,7 +58,7 @@ from arq.jobs import deserialize_job_raw
 from arq.utils import ms_to_datetime, timestamp_ms
 from arq.worker import Retry, Worker
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
 
 from shared import lua
 from shared.logs import get_logger, log
@@ -219,6 +219,11 @@ class PromptWorker(Worker):
                 reply = await self._write_and_finish(ending.writes, keys, args)
             else:
                 reply = await self._script(keys=keys, args=args)
+        except ResponseError as exc:
+            failover = _as_failover(exc)
+            if failover is exc:
+                raise
+            raise failover from exc
         finally:
             self._reserved -= wanted
         if reply == -1:
@@ -234,7 +239,9 @@ class PromptWorker(Worker):
     async def _write_and_finish(self, writes: Sequence[EndWrite], keys: list[Any], args: list[Any]) -> Any:
         """The writes then the finish script (guarded by the writes' markers), one round trip;
         the finish script's reply. A missing script (Redis restarted or failed over) is loaded
-        and the pipeline sent again; each write's first reply that is not an error counts."""
+        and the pipeline sent again; each write's first reply that is not an error counts. A
+        write refused by a demoted primary (READONLY) raises like a lost connection, so the
+        whole pipeline goes to the new primary rather than the job being re-queued and sent again."""
         replies: list[Any] = [None] * len(writes)
         for _ in range(2):
             async with self.pool.pipeline(transaction=False) as pipe:
@@ -250,8 +257,12 @@ class PromptWorker(Worker):
                 break
             for script in {write.call.script for write in writes} | {lua.FINISH_AND_CLAIM}:
                 await self.pool.script_load(script.source)
+        for each in (*written, reply):
+            failed = _as_failover(each) if isinstance(each, ResponseError) else each
+            if isinstance(failed, FAILOVER_ERRORS):
+                raise failed  # retried whole (the writes are idempotent), as `run_scripts` would
         if isinstance(reply, Exception):
-            raise reply  # a failover error is retried whole (the writes are idempotent)
+            raise reply
         for write, written_reply in zip(writes, replies, strict=True):
             write.on_reply(written_reply)
         return reply
@@ -347,3 +358,13 @@ class PromptWorker(Worker):
 def _defer_ms(job: ClaimedJob, defer_s: float) -> int:
     """The score increment that makes a re-queued job due `defer_s` from now (as arq's Retry)."""
     return round(defer_s * 1000) + (timestamp_ms() - job.score)
+
+
+def _as_failover(exc: ResponseError) -> ResponseError:
+    """`exc`, or a ReadOnlyError when it is one in disguise: Redis 6 reports a write refused
+    inside a script (a demoted primary during a failover) as a generic script error whose text
+    carries `-READONLY`; Redis 7 keeps the code. Either way the worker must wait for the new
+    primary, not count the job as failed or re-queue it."""
+    if not isinstance(exc, ReadOnlyError) and "-READONLY " in str(exc):
+        return ReadOnlyError(str(exc))
+    return exc

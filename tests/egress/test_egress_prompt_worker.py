@@ -6,17 +6,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 from arq import Retry, create_pool
 from arq.connections import ArqRedis, RedisSettings
 from arq.worker import func
 from redis.exceptions import ResponseError
 
-from protege_relay.embedded_redis import EmbeddedRedis
+from protege_relay.embedded_redis import EmbeddedRedis, free_port
 from services.egress.prompt_worker import EndWrite, JobState, JobStateKeys, PromptWorker
 from services.egress.results import claim_state_keys
 from shared import keys
@@ -186,7 +187,11 @@ REFUSE = LuaScript.of("return redis.error_reply('refused')")
 
 
 async def run_end_write_jobs(
-    redis_url: str, pool: ArqRedis, writes_by_try: dict[int, list[ScriptCall]], flush_scripts: bool = False
+    redis_url: str,
+    pool: ArqRedis,
+    writes_by_try: dict[int, list[ScriptCall]],
+    flush_scripts: bool = False,
+    before_return: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
 ) -> tuple[list[int], list[Any]]:
     """One job that hands the worker `writes_by_try[job_try]` as end writes (marker: KEYS[1]);
     the tries it ran and the replies its `on_reply` got, once the queue is empty."""
@@ -199,6 +204,8 @@ async def run_end_write_jobs(
             ctx["end_writes"].append(EndWrite(call, call.keys[0], 0.05, replies.append))
         if flush_scripts:
             await pool.script_flush()
+        if before_return is not None:
+            await before_return(ctx)
 
     worker = PromptWorker(
         functions=[func(job, name="job")],
@@ -241,6 +248,34 @@ async def test_a_failed_end_write_requeues_the_job_instead_of_finishing_it(
     assert tries == [1, 2]
     assert isinstance(replies[0], ResponseError) and "refused" in str(replies[0]) and replies[1:] == [7]
     assert await pool.get("marker:b") == b"second"
+
+
+async def test_an_end_write_refused_by_a_demoted_primary_is_sent_again_not_the_job(
+    redis_server: EmbeddedRedis, pool: ArqRedis
+) -> None:
+    """READONLY (a failover under way) for the end write: the worker retries write and finish
+    until the node takes writes again; re-queueing would run the job, i.e. send the mail, twice."""
+    admin = aioredis.Redis.from_url(redis_server.url)
+
+    async def writable_again() -> None:
+        await asyncio.sleep(0.6)  # a few of the worker's finish retries (every FINISH_RETRY_S)
+        await admin.execute_command("REPLICAOF", "NO", "ONE")
+
+    async def demote(ctx: dict[str, Any]) -> None:
+        await admin.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))  # nobody there: read-only
+        background.append(asyncio.ensure_future(writable_again()))
+
+    background: list[asyncio.Task[None]] = []
+    try:
+        tries, replies = await run_end_write_jobs(
+            redis_server.url, pool, {1: [ScriptCall(MARK, ["marker:r"], ["v"])]}, before_return=demote
+        )
+    finally:
+        await admin.execute_command("REPLICAOF", "NO", "ONE")
+        await asyncio.gather(*background, return_exceptions=True)
+        await admin.aclose()
+    assert tries == [1] and replies == [7]
+    assert await pool.get("marker:r") == b"v"
 
 
 async def test_an_end_write_whose_script_redis_lost_is_loaded_and_sent_again(
