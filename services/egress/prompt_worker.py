@@ -58,11 +58,11 @@ from arq.jobs import deserialize_job_raw
 from arq.utils import ms_to_datetime, timestamp_ms
 from arq.worker import Retry, Worker
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from shared import lua
 from shared.logs import get_logger, log
-from shared.replication import FAILOVER_ERRORS, ScriptCall
+from shared.replication import FAILOVER_ERRORS, ScriptCall, as_failover_error
 
 logger = get_logger(__name__)
 
@@ -220,7 +220,7 @@ class PromptWorker(Worker):
             else:
                 reply = await self._script(keys=keys, args=args)
         except ResponseError as exc:
-            failover = _as_failover(exc)
+            failover = as_failover_error(exc)
             if failover is exc:
                 raise
             raise failover from exc
@@ -258,7 +258,7 @@ class PromptWorker(Worker):
             for script in {write.call.script for write in writes} | {lua.FINISH_AND_CLAIM}:
                 await self.pool.script_load(script.source)
         for each in (*written, reply):
-            failed = _as_failover(each) if isinstance(each, ResponseError) else each
+            failed = as_failover_error(each) if isinstance(each, ResponseError) else each
             if isinstance(failed, FAILOVER_ERRORS):
                 raise failed  # retried whole (the writes are idempotent), as `run_scripts` would
         if isinstance(reply, Exception):
@@ -358,13 +358,3 @@ class PromptWorker(Worker):
 def _defer_ms(job: ClaimedJob, defer_s: float) -> int:
     """The score increment that makes a re-queued job due `defer_s` from now (as arq's Retry)."""
     return round(defer_s * 1000) + (timestamp_ms() - job.score)
-
-
-def _as_failover(exc: ResponseError) -> ResponseError:
-    """`exc`, or a ReadOnlyError when it is one in disguise: Redis 6 reports a write refused
-    inside a script (a demoted primary during a failover) as a generic script error whose text
-    carries `-READONLY`; Redis 7 keeps the code. Either way the worker must wait for the new
-    primary, not count the job as failed or re-queue it."""
-    if not isinstance(exc, ReadOnlyError) and "-READONLY " in str(exc):
-        return ReadOnlyError(str(exc))
-    return exc
