@@ -37,7 +37,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +49,7 @@ from shared import keys, lua, protocol
 from shared.enqueue import DELIVERED_MARKER_TTL_S
 from shared.inbox_entries import StoredEntry, UnreadableEntry
 from shared.logs import get_logger, log
-from shared.replication import NO_ACK, ReplicaAck, confirmed_read
+from shared.replication import NO_ACK, ReplicaAck, ScriptCall, confirmed_read, run_scripts
 
 logger = get_logger(__name__)
 
@@ -58,7 +58,9 @@ RECLAIM_INTERVAL_S = 30.0
 TRIM_BATCH = 16  # entries per XRANGE when trimming: inline bodies are at most one chunk each
 BODY_READ_BYTES = 4 * protocol.MAX_CHUNK_BYTES  # one GETRANGE of a body stored apart
 
-SendBytes = Callable[[bytes], Awaitable[None]]
+# Sends binary WebSocket messages in order, in one socket write where it can
+# (services/tunnel/wsio.py `send_binary_messages`).
+SendMessages = Callable[[Sequence[bytes]], Awaitable[None]]
 Ping = Callable[[], Awaitable[Awaitable[Any]]]
 IsOpen = Callable[[], bool]
 
@@ -108,19 +110,34 @@ async def trim_expired(redis: aioredis.Redis, persona_key: str, retention_s: int
         log(logger, logging.INFO, "expired inbox entries trimmed", persona=persona_key, count=len(entries))
 
 
-def message_frames(stream_id: str, start: protocol.SmtpStart, message: bytes) -> Iterator[bytes]:
-    """The frames of `protocol.encode_message_frames`, made one at a time as they are sent, each
-    chunk copied once (from a memoryview slice straight into its frame): a large message is
-    not held a second and third time in memory before its first byte goes out."""
-    yield protocol.encode_start(stream_id, start)
-    view = memoryview(message)
-    for offset in range(0, len(message), protocol.MAX_CHUNK_BYTES) if message else [0]:
+def chunk_frames(stream_id: str, data: bytes) -> Iterator[bytes]:
+    """`data` as smtp_chunk frames of `MAX_CHUNK_BYTES` (one empty chunk for empty data), each
+    chunk copied once, from a memoryview slice of the stored bytes straight into its frame."""
+    view = memoryview(data)
+    for offset in range(0, len(data), protocol.MAX_CHUNK_BYTES) if data else [0]:
         yield protocol.encode_frame(
-            protocol.FrameType.SMTP_CHUNK,
-            stream_id,
-            view[offset : offset + protocol.MAX_CHUNK_BYTES],  # type: ignore[arg-type]
+            protocol.FrameType.SMTP_CHUNK, stream_id, view[offset : offset + protocol.MAX_CHUNK_BYTES]
         )
+
+
+def message_frames(stream_id: str, start: protocol.SmtpStart, message: bytes) -> Iterator[bytes]:
+    """The frames of `protocol.encode_message_frames`, made one at a time, each chunk copied
+    once (`chunk_frames`)."""
+    yield protocol.encode_start(stream_id, start)
+    yield from chunk_frames(stream_id, message)
     yield protocol.encode_frame(protocol.FrameType.SMTP_END, stream_id)
+
+
+def settled_prefix(waiters: Sequence[asyncio.Future[Any]]) -> int:
+    """How many of the oldest in-flight messages are settled, given that the first one is: it
+    and every one right after it whose waiter already finished well. They are removed (or start
+    their grace) together, in order, in one round trip; the first unsettled one stops the run."""
+    count = 1
+    for waiter in waiters[1:]:
+        if not waiter.done() or waiter.cancelled() or waiter.exception() is not None:
+            break
+        count += 1
+    return count
 
 
 class InboxDelivery:
@@ -129,7 +146,7 @@ class InboxDelivery:
         redis: aioredis.Redis,
         persona_key: str,
         consumer: str,
-        send: SendBytes,
+        send: SendMessages,
         ping: Ping,
         *,
         use_ack: bool,
@@ -311,14 +328,9 @@ class InboxDelivery:
                 waiter = self._acks.get(stream_id) or asyncio.get_running_loop().create_future()
                 self._acks[stream_id] = waiter
             if not stored.body_apart:
-                for frame in message_frames(stream_id, start, entry.data):
-                    await self._send(frame)
+                await self._send(list(message_frames(stream_id, start, entry.data)))
             else:
-                await self._send(protocol.encode_start(stream_id, start))
-                await self._send_block(stream_id, first_block)
-                async for block in blocks:
-                    await self._send_block(stream_id, block)
-                await self._send(protocol.encode_frame(protocol.FrameType.SMTP_END, stream_id))
+                await self._send_streamed(stored, start, first_block, blocks)
         if not self._use_ack:
             waiter = asyncio.ensure_future(await self._ping())
         metrics.INBOUND_DELIVERED.inc()
@@ -333,13 +345,29 @@ class InboxDelivery:
         )
         return _InFlight(stored, waiter, time.monotonic())
 
-    async def _send_block(self, stream_id: str, block: bytes) -> None:
-        """A block of a streamed body as smtp_chunk frames of `MAX_CHUNK_BYTES`, exactly as
-        `message_frames` cuts an inline body (blocks are whole multiples of a chunk)."""
-        view = memoryview(block)
-        for offset in range(0, len(block), protocol.MAX_CHUNK_BYTES):
-            chunk = view[offset : offset + protocol.MAX_CHUNK_BYTES]
-            await self._send(protocol.encode_frame(protocol.FrameType.SMTP_CHUNK, stream_id, chunk))  # type: ignore[arg-type]
+    async def _send_streamed(
+        self,
+        stored: StoredEntry,
+        start: protocol.SmtpStart,
+        first_block: bytes,
+        blocks: AsyncGenerator[bytes, None],
+    ) -> None:
+        """A body stored apart: one write per block of smtp_chunk frames cut exactly as
+        `message_frames` cuts an inline body (blocks are whole multiples of a chunk), smtp_start
+        in the first block's write and smtp_end in the last's. A block is sent before the next
+        one is awaited (that read is already in flight, `_body_blocks`)."""
+        stream_id = stored.entry.stream_id
+        frames = [protocol.encode_start(stream_id, start)]
+        sent = 0
+        block: bytes | None = first_block
+        while block is not None:
+            sent += len(block)
+            frames.extend(chunk_frames(stream_id, block))
+            if sent >= stored.size_bytes:
+                frames.append(protocol.encode_frame(protocol.FrameType.SMTP_END, stream_id))
+            await self._send(frames)
+            frames = []
+            block = await anext(blocks, None)
 
     async def _body_blocks(self, stored: StoredEntry) -> AsyncGenerator[bytes, None]:
         """The body stored apart, `BODY_READ_BYTES` per GETRANGE, the next read in flight while
@@ -399,13 +427,15 @@ class InboxDelivery:
             if again is not None:
                 self._in_flight.appendleft(again)
             return
-        self._in_flight.popleft()
+        settled = [self._in_flight.popleft() for _ in range(settled_prefix([item.waiter for item in self._in_flight]))]
         if not self._use_ack:
-            self._in_grace.append((time.monotonic() + self._legacy_ack_grace_s, oldest))
+            removable_at = time.monotonic() + self._legacy_ack_grace_s
+            self._in_grace.extend((removable_at, item) for item in settled)
             self._grace_started.set()
             return
-        self._acks.pop(stream_id, None)
-        await self._removed([oldest])
+        for item in settled:
+            self._acks.pop(item.stored.entry.stream_id, None)
+        await self._removed(settled)
 
     async def _remove_after_grace(self) -> None:
         """Legacy gateways: remove entries whose pong came `legacy_ack_grace_s` ago, if the
@@ -426,12 +456,14 @@ class InboxDelivery:
             await self._removed(due)
 
     async def _removed(self, delivered: list[_InFlight]) -> None:
-        """The gateway has these messages: remove them (entry, body, marker) in one round trip."""
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for item in delivered:
-                script_keys, args = item.stored.remove_call(self.persona_key, self._delivered_marker_ttl_s)
-                await self._remove(keys=script_keys, args=args, client=pipe)
-            await pipe.execute()
+        """The gateway has these messages: remove them (entry, body, marker) in one round trip,
+        EVALSHA straight away (redis-py's pipelined `Script` would ask SCRIPT EXISTS first, a
+        second round trip per acknowledgement; a Redis without the script loads it on NOSCRIPT)."""
+        calls = [
+            ScriptCall(lua.INBOX_REMOVE, *item.stored.remove_call(self.persona_key, self._delivered_marker_ttl_s))
+            for item in delivered
+        ]
+        await run_scripts(self._redis, calls, NO_ACK, deadline_s=0)
         now = time.monotonic()
         for item in delivered:
             metrics.INBOUND_ACKED.inc()
