@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from services.tunnel import metrics
 from shared import keys, lua, protocol
@@ -175,6 +175,7 @@ class InboxDelivery:
         self._acks: dict[str, asyncio.Future[Any]] = {}
         self._in_flight: deque[_InFlight] = deque()
         self._in_grace: deque[tuple[float, _InFlight]] = deque()  # (removable at, delivered entry)
+        self._to_remove: list[_InFlight] = []  # acknowledged, removed in the next round trip
         self._grace_started = asyncio.Event()
         self._claim_cursor: bytes | None = b"0-0"
         self._claim_min_idle_ms = 0
@@ -191,7 +192,7 @@ class InboxDelivery:
 
     def behind(self, stream_length: int) -> bool:
         """True when the inbox holds entries beyond those in flight here (the sweep's test)."""
-        return stream_length > len(self._in_flight) + len(self._in_grace)
+        return stream_length > len(self._in_flight) + len(self._in_grace) + len(self._to_remove)
 
     def acked(self, stream_id: str) -> None:
         waiter = self._acks.get(stream_id)
@@ -219,6 +220,7 @@ class InboxDelivery:
                             if in_flight is not None:
                                 self._in_flight.append(in_flight)
                         continue
+                await self._flush_removals()  # nothing is read now: the settled go on their own
                 if self._in_flight:
                     await self._settle_oldest()
                 else:
@@ -239,16 +241,21 @@ class InboxDelivery:
     async def _next_entries(self, count: int) -> list[StoredEntry]:
         self._wakeup.clear()
         while self._claim_cursor is not None:
+            await self._flush_removals()
             entries = await self._claim(count)
             if entries:
                 return entries
         try:
-            reply = await confirmed_read(
-                self._redis,
-                lambda pipe: pipe.xreadgroup(keys.INBOX_GROUP, self._consumer, {self._stream: ">"}, count=count),
-                self._ack,
-                is_empty=lambda reply: not any(entries for _, entries in reply or []),
-            )
+            if self._ack.replicas:
+                await self._flush_removals()
+                reply = await confirmed_read(
+                    self._redis,
+                    lambda pipe: pipe.xreadgroup(keys.INBOX_GROUP, self._consumer, {self._stream: ">"}, count=count),
+                    self._ack,
+                    is_empty=lambda reply: not any(entries for _, entries in reply or []),
+                )
+            else:
+                reply = await self._remove_and_read(count)
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
@@ -257,6 +264,30 @@ class InboxDelivery:
         raw = [item for _, stream_entries in reply or [] for item in stream_entries]
         self._drained = len(raw) < count
         return await self._parse(raw)
+
+    async def _remove_and_read(self, count: int) -> Any:
+        """XREADGROUP, after the removal of the entries settled since the last round trip, in one
+        pipeline: an acknowledgement followed by a read (a wake-up came while the gateway was
+        storing) costs one round trip, not two. The removals are checked before the read's reply
+        is used; one failing raises, as `_removed` would."""
+        removing, self._to_remove = self._to_remove, []
+        calls = [self._remove_call(item) for item in removing]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for call in calls:
+                pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+            pipe.xreadgroup(keys.INBOX_GROUP, self._consumer, {self._stream: ">"}, count=count)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        *removed, reply = replies
+        if any(isinstance(result, NoScriptError) for result in removed):
+            await run_scripts(self._redis, calls, NO_ACK, deadline_s=0)  # loads it, runs them again
+        else:
+            for result in removed:
+                if isinstance(result, Exception):
+                    raise result
+        self._acknowledged(removing)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
 
     async def _claim(self, count: int) -> list[StoredEntry]:
         cursor = self._claim_cursor
@@ -317,19 +348,19 @@ class InboxDelivery:
         entry = stored.entry
         stream_id = entry.stream_id
         start = protocol.SmtpStart(entry.mail_from, entry.rcpt_to, entry.auth_attestation)
-        async with contextlib.aclosing(self._body_blocks(stored)) as blocks:
-            first_block = await anext(blocks, None) if stored.body_apart else b""
-            if first_block is None:
-                await self._drop_without_body(stored)
-                return None
-            waiter: asyncio.Future[Any]
+        waiter: asyncio.Future[Any]
+        if not stored.body_apart:
             if self._use_ack:
-                # Registered before the first frame: the ack may be read before our send returns.
-                waiter = self._acks.get(stream_id) or asyncio.get_running_loop().create_future()
-                self._acks[stream_id] = waiter
-            if not stored.body_apart:
-                await self._send(list(message_frames(stream_id, start, entry.data)))
-            else:
+                waiter = self._ack_waiter(stream_id)
+            await self._send(list(message_frames(stream_id, start, entry.data)))
+        else:
+            async with contextlib.aclosing(self._body_blocks(stored)) as blocks:
+                first_block = await anext(blocks, None)
+                if first_block is None:
+                    await self._drop_without_body(stored)
+                    return None
+                if self._use_ack:
+                    waiter = self._ack_waiter(stream_id)
                 await self._send_streamed(stored, start, first_block, blocks)
         if not self._use_ack:
             waiter = asyncio.ensure_future(await self._ping())
@@ -344,6 +375,12 @@ class InboxDelivery:
             bytes=stored.size_bytes,
         )
         return _InFlight(stored, waiter, time.monotonic())
+
+    def _ack_waiter(self, stream_id: str) -> asyncio.Future[Any]:
+        """Registered before the first frame: the ack may be read before our send returns."""
+        waiter = self._acks.get(stream_id) or asyncio.get_running_loop().create_future()
+        self._acks[stream_id] = waiter
+        return waiter
 
     async def _send_streamed(
         self,
@@ -435,7 +472,7 @@ class InboxDelivery:
             return
         for item in settled:
             self._acks.pop(item.stored.entry.stream_id, None)
-        await self._removed(settled)
+        self._to_remove.extend(settled)  # removed with the next read, or on their own before a wait
 
     async def _remove_after_grace(self) -> None:
         """Legacy gateways: remove entries whose pong came `legacy_ack_grace_s` ago, if the
@@ -459,11 +496,18 @@ class InboxDelivery:
         """The gateway has these messages: remove them (entry, body, marker) in one round trip,
         EVALSHA straight away (redis-py's pipelined `Script` would ask SCRIPT EXISTS first, a
         second round trip per acknowledgement; a Redis without the script loads it on NOSCRIPT)."""
-        calls = [
-            ScriptCall(lua.INBOX_REMOVE, *item.stored.remove_call(self.persona_key, self._delivered_marker_ttl_s))
-            for item in delivered
-        ]
-        await run_scripts(self._redis, calls, NO_ACK, deadline_s=0)
+        await run_scripts(self._redis, [self._remove_call(item) for item in delivered], NO_ACK, deadline_s=0)
+        self._acknowledged(delivered)
+
+    async def _flush_removals(self) -> None:
+        if self._to_remove:
+            removing, self._to_remove = self._to_remove, []
+            await self._removed(removing)
+
+    def _remove_call(self, item: _InFlight) -> ScriptCall:
+        return ScriptCall(lua.INBOX_REMOVE, *item.stored.remove_call(self.persona_key, self._delivered_marker_ttl_s))
+
+    def _acknowledged(self, delivered: list[_InFlight]) -> None:
         now = time.monotonic()
         for item in delivered:
             metrics.INBOUND_ACKED.inc()
