@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError
 
 from shared.lua import LuaScript
@@ -38,9 +40,14 @@ def batch_for(redis: aioredis.Redis) -> ScriptBatch:
     return batch
 
 
+# Queues plain commands on the shared pipeline (e.g. a rate count and a challenge record); the
+# caller gets their replies, in order, as one list.
+QueueCommands = Callable[[Pipeline], object]
+
+
 @dataclass(slots=True)
 class _Queued:
-    call: ScriptCall
+    call: ScriptCall | QueueCommands
     reply: asyncio.Future[Any]
 
 
@@ -58,6 +65,18 @@ class ScriptBatch:
 
     async def run(self, call: ScriptCall) -> Any:
         """The call's reply, sent with whatever else is queued in this loop turn."""
+        return await self._queued(call)
+
+    async def run_commands(self, queue: QueueCommands) -> list[Any]:
+        """The replies of the commands `queue` puts on the pipeline, sent with whatever else is
+        queued in this loop turn; an error reply is raised (as `Pipeline.execute` would)."""
+        replies: list[Any] = await self._queued(queue)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
+
+    async def _queued(self, call: ScriptCall | QueueCommands) -> Any:
         loop = asyncio.get_running_loop()
         reply: asyncio.Future[Any] = loop.create_future()
         self._queue.append(_Queued(call, reply))
@@ -84,11 +103,16 @@ class ScriptBatch:
         self.calls += len(queued)
         try:
             replies = await self._pipeline([item.call for item in queued])
-            missing = [index for index, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+            missing = [
+                index
+                for index, reply in enumerate(replies)
+                if isinstance(reply, NoScriptError) and isinstance(queued[index].call, ScriptCall)
+            ]
             if missing:
-                for script in {queued[index].call.script for index in missing}:
+                calls = [queued[index].call for index in missing]
+                for script in {call.script for call in calls if isinstance(call, ScriptCall)}:
                     await self._redis.script_load(script.source)
-                again = await self._pipeline([queued[index].call for index in missing])
+                again = await self._pipeline(calls)
                 for index, reply in zip(missing, again, strict=True):
                     replies[index] = reply
         except BaseException as exc:  # a connection error (or shutdown) fails each call of the pipeline
@@ -110,11 +134,28 @@ class ScriptBatch:
             else:
                 item.reply.set_result(reply)
 
-    async def _pipeline(self, calls: list[ScriptCall]) -> list[Any]:
+    async def _pipeline(self, calls: list[ScriptCall | QueueCommands]) -> list[Any]:
+        """One reply per call: a script's reply, or the list of a `QueueCommands`' replies."""
+        sizes: list[int | None] = []  # None: a script call (one reply, not a list)
         async with self._redis.pipeline(transaction=False) as pipe:
             for call in calls:
-                pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
-            replies: list[Any] = await pipe.execute(raise_on_error=False)
+                if isinstance(call, ScriptCall):
+                    pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+                    sizes.append(None)
+                else:
+                    before = len(pipe.command_stack)
+                    call(pipe)
+                    sizes.append(len(pipe.command_stack) - before)
+            flat: list[Any] = await pipe.execute(raise_on_error=False)
+        replies: list[Any] = []
+        offset = 0
+        for size in sizes:
+            if size is None:
+                replies.append(flat[offset])
+                offset += 1
+            else:
+                replies.append(flat[offset : offset + size])
+                offset += size
         return replies
 
 

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
 from protege_relay.embedded_redis import EmbeddedRedis
@@ -90,3 +91,30 @@ async def test_a_caller_cancelled_before_the_pipeline_leaves_is_not_sent(
 
 async def test_users_of_one_client_share_its_batch(client: aioredis.Redis) -> None:
     assert batch_for(client) is batch_for(client)
+
+
+async def test_plain_commands_share_the_pipeline_and_get_their_own_replies(
+    client: aioredis.Redis, redis_client: redis.Redis
+) -> None:
+    seed_sockets(redis_client, 2)
+    batch = ScriptBatch(client)
+    redis_client.set("text", "not a number")
+
+    def count(pipe: Pipeline) -> None:
+        pipe.incr("counter")
+        pipe.expire("counter", 60)
+
+    def broken(pipe: Pipeline) -> None:
+        pipe.incr("text")
+
+    replies: list[object] = await asyncio.gather(
+        batch.run_commands(count),
+        batch.run(release_call(0)),
+        batch.run_commands(broken),
+        batch.run_commands(count),
+        return_exceptions=True,
+    )
+    assert replies[:2] == [[1, True], 1]
+    assert isinstance(replies[2], ResponseError)  # an error reply is raised to its caller only
+    assert replies[3] == [2, True]
+    assert batch.pipelines == 1
