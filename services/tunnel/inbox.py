@@ -272,6 +272,8 @@ class InboxDelivery:
         pipeline: an acknowledgement followed by a read (a wake-up came while the gateway was
         storing) costs one round trip, not two. The removals are checked before the read's reply
         is used; one failing raises, as `_removed` would."""
+        if not self._to_remove:  # a plain command: no pipeline object to build and reset
+            return await self._redis.xreadgroup(keys.INBOX_GROUP, self._consumer, {self._stream: ">"}, count=count)
         removing, self._to_remove = self._to_remove, []
         calls = [self._remove_call(item) for item in removing]
         async with self._redis.pipeline(transaction=False) as pipe:
