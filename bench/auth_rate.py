@@ -26,6 +26,8 @@ def start_tunnel(bench: Bench, node_id: str = "bench-tunnel") -> tuple[str, Chil
 
 
 def run(bench: Bench, mode: Mode) -> FigureResult:
+    from bench.delivering import cpu_seconds  # bench.delivering imports start_tunnel from here
+
     figure = FigureResult(
         FIGURE,
         "Auth rate",
@@ -50,12 +52,17 @@ def run(bench: Bench, mode: Mode) -> FigureResult:
         notes="diagnostic: signature verifications per second alone (the original baseline)",
     )
     ws_port = free_port()
-    bench.start_program("bench.baseline_ws", ["--port", str(ws_port), "--bytes", "1"], ready_port=ws_port)
+    bare = bench.start_program("bench.baseline_ws", ["--port", str(ws_port), "--bytes", "1"], ready_port=ws_port)
     other: dict[str, int] = {}
+    # CPU per handshake of the tunnel and per open+close of the bare server: steadier than the
+    # rates on a shared machine (a busy core slows both sides of a rate, not the CPU spent).
+    cpu_us: list[int] = []
+    bare_cpu_us: list[int] = []
     for round_index in range(mode.rounds):
         baseline = bench.run_program("bench.baseline_nacl", ["--seconds", str(mode.nacl_seconds)], 60)
         nacl.rounds.append(baseline["rate"])
         print_line(f"  round {round_index + 1}: baseline {baseline['rate']:.0f} verify/s")
+        bare_cpu_before = cpu_seconds(bare.pid)
         raw = bench.run_parallel(
             [
                 (
@@ -75,12 +82,16 @@ def run(bench: Bench, mode: Mode) -> FigureResult:
             timeout_s=mode.auth_seconds + 90,
         )
         raw_rate = sum(result["rate"] for result in raw)
+        opened = round(raw_rate * mode.auth_seconds)
+        if opened:
+            bare_cpu_us.append(round((cpu_seconds(bare.pid) - bare_cpu_before) / opened * 1e6))
         metric.baseline_rounds.append(raw_rate)
         print_line(f"  round {round_index + 1}: bare websockets {raw_rate:.0f} open+close/s")
         if not available:
             continue
         bench.flush()
         url, tunnel = start_tunnel(bench)
+        cpu_before = cpu_seconds(tunnel.pid)
         per_process = max(1, mode.auth_concurrency // CLIENT_PROCESSES)
         results = bench.run_parallel(
             [
@@ -103,8 +114,12 @@ def run(bench: Bench, mode: Mode) -> FigureResult:
             ],
             timeout_s=mode.auth_seconds + 90,
         )
+        tunnel_cpu_s = cpu_seconds(tunnel.pid) - cpu_before
         bench.stop(tunnel)
         rate = sum(result["rate"] for result in results)
+        handshakes = sum(result["auth_ok"] for result in results)
+        if handshakes:
+            cpu_us.append(round(tunnel_cpu_s / handshakes * 1e6))
         for result in results:
             for key, value in result["other"].items():
                 other[key] = other.get(key, 0) + value
@@ -112,5 +127,9 @@ def run(bench: Bench, mode: Mode) -> FigureResult:
         print_line(f"  round {round_index + 1}: relay {rate:.0f} auth/s {results[0]['other'] or ''}")
     if other:
         figure.details["client errors/refusals"] = other
+    if cpu_us:
+        figure.details["tunnel CPU per handshake, us (per round)"] = cpu_us
+    if bare_cpu_us:
+        figure.details["bare websockets server CPU per open+close, us (per round)"] = bare_cpu_us
     bench.flush()
     return figure

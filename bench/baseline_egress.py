@@ -1,7 +1,8 @@
 """Egress baseline (its own process): a plain aiosmtplib send loop, same concurrency, same sink.
 
 `--concurrency` tasks share `--count` messages; each message is one `aiosmtplib.send` (its own
-connection, EHLO, MAIL, RCPT, DATA, QUIT), as an egress worker does per job. Prints one JSON line.
+connection, EHLO, MAIL, RCPT, DATA, QUIT), as an egress worker does per job. Prints one JSON line
+(rate, and this process's CPU seconds over the timed part).
 
     python -m bench.baseline_egress --port 2525 --count 1000 --concurrency 4
 """
@@ -47,9 +48,17 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         start_tls=False,
     )
     started = time.perf_counter()
+    cpu_started = time.process_time()
     await asyncio.gather(*(sender() for _ in range(args.concurrency)))
     elapsed_s = time.perf_counter() - started
-    return {"count": args.count, "sent": sent, "seconds": elapsed_s, "rate": args.count / elapsed_s}
+    cpu_s = time.process_time() - cpu_started
+    return {
+        "count": args.count,
+        "sent": sent,
+        "seconds": elapsed_s,
+        "rate": args.count / elapsed_s,
+        "cpu_seconds": cpu_s,
+    }
 
 
 def main() -> None:

@@ -1,8 +1,13 @@
 """Egress load (its own process): enqueue `deliver` jobs exactly as the tunnel does, time the results.
 
+The jobs are written by the tunnel's own code (`services.tunnel.outbound.OutboundQueue.enqueue`:
+arq's job layout in one script, one round trip), not by arq's `enqueue_job` (WATCH, then
+MULTI/EXEC: two round trips), so the figure charges Redis what the relay really spends.
+
 One warm-up job first (its result proves the worker is consuming), then `--count` jobs, each
 one recipient at `--domain`; the clock runs from the first enqueue until `--count` more
-results are in the persona's results stream. Prints one JSON line.
+results are in the persona's results stream. Prints one JSON line (rate, and this process's CPU
+seconds over the timed part: the enqueueing and the result polling).
 
     python -m bench.loadgen_egress --redis-url redis://... --count 1000 --domain bench.test
 """
@@ -17,10 +22,10 @@ import time
 import uuid
 
 import redis.asyncio as aioredis
-from arq.connections import ArqRedis, RedisSettings, create_pool
 
 from bench.gateway import bench_passport
 from bench.smtp_client import make_message
+from services.tunnel.outbound import OutboundQueue
 from shared import keys
 from shared.identity import persona_address
 from shared.payloads import DeliveryResult, OutboundJob
@@ -29,14 +34,11 @@ POLL_INTERVAL_S = 0.005
 RESULT_TIMEOUT_S = 120.0
 
 
-async def enqueue(pool: ArqRedis, persona_key: str, mail_from: str, rcpt_to: str, message: bytes) -> None:
+async def enqueue(queue: OutboundQueue, persona_key: str, mail_from: str, rcpt_to: str, message: bytes) -> None:
     stream_id = str(uuid.uuid4())
     job = OutboundJob(persona_key, stream_id, mail_from, [rcpt_to], message, int(time.time() * 1000))
-    queued = await pool.enqueue_job(
-        "deliver", job.pack(), _job_id=keys.egress_job_id(persona_key, stream_id), _queue_name=keys.EGRESS_QUEUE
-    )
-    if queued is None:
-        raise RuntimeError("arq refused the job (duplicate id)")
+    if not await queue.enqueue(job):
+        raise RuntimeError("the job was refused (duplicate id)")
 
 
 async def wait_for_results(redis: aioredis.Redis, persona_key: str, count: int) -> None:
@@ -52,21 +54,22 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     mail_from = persona_address(persona_key, "relay.bench")
     message = make_message(args.size, {"From": mail_from, "To": f"someone@{args.domain}"})
     redis = aioredis.Redis.from_url(args.redis_url)
-    pool = await create_pool(RedisSettings.from_dsn(args.redis_url))
+    queue = OutboundQueue(redis, messages_per_minute=0, origin_ttl_s=0)  # only `enqueue` is used
     try:
         await redis.delete(keys.results(persona_key))
-        await enqueue(pool, persona_key, mail_from, f"warmup@{args.domain}", message)
+        await enqueue(queue, persona_key, mail_from, f"warmup@{args.domain}", message)
         await wait_for_results(redis, persona_key, 1)
         started = time.perf_counter()
+        cpu_started = time.process_time()
         for index in range(args.count):
-            await enqueue(pool, persona_key, mail_from, f"rcpt{index}@{args.domain}", message)
+            await enqueue(queue, persona_key, mail_from, f"rcpt{index}@{args.domain}", message)
         enqueued_s = time.perf_counter() - started
         await wait_for_results(redis, persona_key, args.count + 1)
         elapsed_s = time.perf_counter() - started
+        cpu_s = time.process_time() - cpu_started
         entries = await redis.xrange(keys.results(persona_key))
         statuses = [DeliveryResult.unpack(fields[b"r"]).status for _, fields in entries]
     finally:
-        await pool.aclose()
         await redis.aclose()
     sent = statuses.count("sent")
     return {
@@ -76,6 +79,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "seconds": elapsed_s,
         "enqueue_seconds": enqueued_s,
         "rate": args.count / elapsed_s,
+        "cpu_seconds": cpu_s,
     }
 
 

@@ -18,6 +18,8 @@ TARGET_RATIO = 0.7
 
 
 def run(bench: Bench, mode: Mode) -> FigureResult:
+    from bench.delivering import cpu_seconds  # bench.delivering imports bench.auth_rate
+
     size = mode.tunnel_message_bytes
     figure = FigureResult(
         FIGURE,
@@ -43,7 +45,7 @@ def run(bench: Bench, mode: Mode) -> FigureResult:
     url = ""
     if available:
         bench.flush()
-        url, _ = start_tunnel(bench, "bench-throughput")
+        url, tunnel = start_tunnel(bench, "bench-throughput")
     plain = figure.metric(
         f"{size / 1e6:g} MB, gateway not offering deflate",
         "MB/s",
@@ -52,6 +54,9 @@ def run(bench: Bench, mode: Mode) -> FigureResult:
         notes="diagnostic: the same transfer when the gateway connects with compression=None",
     )
     extensions: set[str] = set()
+    # The tunnel's CPU per transfer (the load generator's connect and XADD included, the same for
+    # every version): steadier than MB/s, which moves with whatever else holds the two cores.
+    cpu_ms: list[int] = []
     for round_index in range(max(mode.rounds, mode.tunnel_rounds)):
         raw = bench.run_program(
             "bench.loadgen_tunnel",
@@ -61,6 +66,7 @@ def run(bench: Bench, mode: Mode) -> FigureResult:
         metric.baseline_rounds.append(raw["mb_per_s"])
         line = f"  round {round_index + 1}: baseline {raw['mb_per_s']:.0f} MB/s"
         if available:
+            cpu_before = cpu_seconds(tunnel.pid)
             relay = bench.run_program(
                 "bench.loadgen_tunnel",
                 [
@@ -77,6 +83,7 @@ def run(bench: Bench, mode: Mode) -> FigureResult:
                 ],
                 120,
             )
+            cpu_ms.append(round((cpu_seconds(tunnel.pid) - cpu_before) * 1000))
             metric.rounds.append(relay["mb_per_s"])
             extensions.add(relay["extensions"] or "none")
             line += f", relay {relay['mb_per_s']:.0f} MB/s ({relay['frames']} frames)"
@@ -101,6 +108,8 @@ def run(bench: Bench, mode: Mode) -> FigureResult:
             plain.baseline_rounds.append(raw["mb_per_s"])
             line += f", relay without deflate {relay_plain['mb_per_s']:.0f} MB/s"
         print_line(line)
+    if cpu_ms:
+        figure.details["tunnel CPU per transfer, ms (per round)"] = cpu_ms
     if extensions:
         figure.details["WebSocket extensions negotiated by the tunnel"] = ", ".join(sorted(extensions))
     bench.flush()

@@ -327,12 +327,27 @@ TOUCH_RESULT_MARKER = LuaScript.of("return redis.call('EXPIRE', KEYS[1], ARGV[1]
 # KEYS: queue, abort set.
 # ARGV: now (ms), jobs to claim, queue entries to look at, in-progress TTL (ms), finished job
 # id ("" for none), "done" | "requeue", score increment for a re-queued job (ms, 0 for none),
-# then arq's in-progress, job and retry key prefixes, retry key TTL (s).
-# Returns [id, score, job (false if expired), try, ...] for the claimed jobs. The per-job keys
-# are not declared (their names come from the queue): a single Redis, as arq needs anyway.
+# then arq's in-progress, job and retry key prefixes, retry key TTL (s), then the job's own
+# state to read with the claim: a Lua pattern matching the job id with captures ("" for none)
+# and two `string.gsub` replacements naming, from those captures, a key to test with EXISTS and
+# a hash to read with HGETALL (services/egress: the published marker and the per-recipient record,
+# so a job needs no round trip of its own before it starts).
+# Any further ARGV are keys that must all exist for a "done" ending to count (the job's last
+# write, services/egress/results.py's published marker, sent just before in the same pipeline):
+# if one is missing that write failed, and the script returns -1 having changed nothing.
+# The due ids are read in pages (jobs to claim + 8, doubling; at most "queue entries to look at" in
+# all), so a claim behind a few running jobs reads a few entries, not arq's whole read limit.
+# Returns [id, score, job (false if expired), try, exists (0/1), hash (flat list), ...] for the
+# claimed jobs. The per-job keys are not declared (their names come from the queue and the job
+# ids): a single Redis, as arq needs anyway.
 FINISH_AND_CLAIM = LuaScript.of("""
 local queue, in_progress, job_prefix, retry_prefix = KEYS[1], ARGV[8], ARGV[9], ARGV[10]
 local finished = ARGV[5]
+if finished ~= '' and ARGV[6] == 'done' then
+  for i = 15, #ARGV do
+    if redis.call('EXISTS', ARGV[i]) == 0 then return -1 end
+  end
+end
 if finished ~= '' then
   redis.call('DEL', in_progress .. finished)
   if ARGV[6] == 'done' then
@@ -344,21 +359,36 @@ if finished ~= '' then
   end
 end
 local claimed = {}
-local wanted = tonumber(ARGV[2]) * 4
+local wanted = tonumber(ARGV[2]) * 6
 if wanted == 0 then return claimed end
-local due = redis.call('ZRANGEBYSCORE', queue, '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, ARGV[3])
-for i = 1, #due, 2 do
-  local id = due[i]
-  if redis.call('EXISTS', in_progress .. id) == 0 then
-    redis.call('PSETEX', in_progress .. id, ARGV[4], '1')
-    local try = redis.call('INCR', retry_prefix .. id)
-    redis.call('EXPIRE', retry_prefix .. id, ARGV[11])
-    claimed[#claimed + 1] = id
-    claimed[#claimed + 1] = due[i + 1]
-    claimed[#claimed + 1] = redis.call('GET', job_prefix .. id)
-    claimed[#claimed + 1] = try
-    if #claimed >= wanted then break end
+local state_pattern = ARGV[12]
+local limit = tonumber(ARGV[3])
+local offset, page = 0, tonumber(ARGV[2]) + 8
+while offset < limit and #claimed < wanted do
+  local count = math.min(page, limit - offset)
+  local due = redis.call('ZRANGEBYSCORE', queue, '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', offset, count)
+  for i = 1, #due, 2 do
+    local id = due[i]
+    if redis.call('EXISTS', in_progress .. id) == 0 then
+      redis.call('PSETEX', in_progress .. id, ARGV[4], '1')
+      local try = redis.call('INCR', retry_prefix .. id)
+      redis.call('EXPIRE', retry_prefix .. id, ARGV[11])
+      claimed[#claimed + 1] = id
+      claimed[#claimed + 1] = due[i + 1]
+      claimed[#claimed + 1] = redis.call('GET', job_prefix .. id)
+      claimed[#claimed + 1] = try
+      if state_pattern ~= '' and string.find(id, state_pattern) then
+        claimed[#claimed + 1] = redis.call('EXISTS', (string.gsub(id, state_pattern, ARGV[13])))
+        claimed[#claimed + 1] = redis.call('HGETALL', (string.gsub(id, state_pattern, ARGV[14])))
+      else
+        claimed[#claimed + 1] = 0
+        claimed[#claimed + 1] = {}
+      end
+      if #claimed >= wanted then break end
+    end
   end
+  if #due < 2 * count then break end
+  offset, page = offset + count, page * 2
 end
 return claimed
 """)

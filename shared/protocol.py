@@ -48,7 +48,9 @@ class SmtpStart:
     auth_attestation: dict[str, str] | None = None
 
 
-def encode_frame(frame_type: FrameType, stream_id: str, body: bytes = b"") -> bytes:
+def encode_frame(frame_type: FrameType, stream_id: str, body: bytes | bytearray | memoryview = b"") -> bytes:
+    """One frame. `body` may be a memoryview slice of the stored message: it is copied once,
+    straight into the frame."""
     stream_id_bytes = stream_id.encode("utf-8")
     if len(stream_id_bytes) > MAX_STREAM_ID_BYTES:
         raise FrameError("stream id longer than 255 bytes")

@@ -25,7 +25,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ReadOnlyError, RedisError
+from redis.exceptions import NoScriptError, ReadOnlyError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.config import RelayConfig
@@ -98,6 +98,16 @@ async def run_scripts(
         delay_s = min(delay_s * 2, RETRY_MAX_DELAY_S)
 
 
+def as_failover_error(exc: ResponseError) -> ResponseError:
+    """`exc`, or a ReadOnlyError when it is one in disguise: Redis 6 reports a write refused
+    inside a script (a demoted primary during a failover) as a generic script error whose text
+    carries `-READONLY`; Redis 7 keeps the code. Either way the write must wait for the new
+    primary (it is retried), not count as failed."""
+    if not isinstance(exc, ReadOnlyError) and "-READONLY " in str(exc):
+        return ReadOnlyError(str(exc))
+    return exc
+
+
 async def confirmed_read(
     redis: aioredis.Redis, command: Callable[[Pipeline], object], ack: ReplicaAck, *, is_empty: Callable[[Any], bool]
 ) -> Any:
@@ -133,6 +143,8 @@ async def _run_once(
     confirmed = int(replies.pop()) if ack.replicas else 0
     replies = replies[: len(calls)]
     for reply in replies:
+        if isinstance(reply, ResponseError):
+            raise as_failover_error(reply)
         if isinstance(reply, Exception):
             raise reply
     if ack.replicas and confirmed < ack.replicas:

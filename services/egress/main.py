@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 from arq.worker import Worker, func
 
 from services.egress.prompt_worker import PromptWorker
+from services.egress.results import claim_state_keys
 from services.egress.worker import Egress, deliver
 from shared import keys
 from shared.backlog import refresh_backlog_metrics
@@ -53,6 +54,7 @@ def build_worker(config: RelayConfig, egress: Egress) -> Worker:
         job_timeout=job_timeout_s,
         keep_result=0,  # results go to the persona's stream; arq's copy would hold the message
         ctx={"egress": egress},
+        job_state=claim_state_keys(),  # a job's prior state comes with its claim
     )
     worker.in_progress_timeout_s = job_timeout_s + IN_PROGRESS_GRACE_S
     return worker

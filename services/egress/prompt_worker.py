@@ -21,6 +21,18 @@ which another worker runs the job again with the next try, as with arq. Unlike a
 cannot reach Redis (a failover) does not end the loop: it polls on, and the running jobs are
 not cancelled mid-delivery.
 
+With `job_state`, the same script also reads each claimed job's own state (one key tested for
+existence, one hash), named from the job id, and the job finds it in `ctx["job_state"]`: the
+egress job's "already published?" and per-recipient record, read in the claim's round trip
+instead of one more before the job starts. Read atomically with the claim, it is what the job
+would have read first thing: only the worker holding the claim runs that job id.
+
+A job may also hand the worker its last write (`ctx["end_writes"]`, a list of `EndWrite`): the
+worker sends it in the same pipeline as the finish script, before it, so the two cost one round
+trip (the egress publishes its result this way). The finish script counts the job as done only
+if the write's marker key exists afterwards; if the write failed, the script changes nothing and
+the job is re-queued after the write's own retry delay, as if it had raised `Retry` there.
+
 The jobs run as arq would run them for this service's configuration (one function,
 `keep_result=0`, no cron jobs, aborts or hooks: refused otherwise): `ctx` carries `job_id`,
 `job_try`, `enqueue_time` and `score`; `Retry(defer)` re-queues; a cancelled job (shutdown)
@@ -36,7 +48,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from arq.connections import create_pool
@@ -45,10 +58,11 @@ from arq.jobs import deserialize_job_raw
 from arq.utils import ms_to_datetime, timestamp_ms
 from arq.worker import Retry, Worker
 from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, ResponseError
 
 from shared import lua
 from shared.logs import get_logger, log
-from shared.replication import FAILOVER_ERRORS
+from shared.replication import FAILOVER_ERRORS, ScriptCall, as_failover_error
 
 logger = get_logger(__name__)
 
@@ -58,11 +72,45 @@ FINISH_RETRY_S = 0.2
 
 
 @dataclass(frozen=True, slots=True)
+class JobStateKeys:
+    """Which keys of a claimed job the claim script reads: `pattern` is a Lua pattern (anchored,
+    with captures) matching the job id, `exists` and `hash` are `string.gsub` replacements
+    (`%1`, `%2`, ... for the captures) naming a key tested with EXISTS and a hash read with
+    HGETALL. A job id the pattern does not match gets (False, {})."""
+
+    pattern: str
+    exists: str
+    hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class JobState:
+    exists: bool
+    hash: dict[bytes, bytes]
+
+
+@dataclass(frozen=True, slots=True)
 class ClaimedJob:
     job_id: str
     score: int
     raw: bytes | None  # None: the job key expired
     job_try: int
+    state: JobState | None = None  # read with the claim when the worker has `job_state`
+
+
+@dataclass(frozen=True, slots=True)
+class EndWrite:
+    """A job's last write, sent by the worker just before the finish script in one pipeline.
+
+    `call` must be idempotent (a failover resends it); `marker` is a key it leaves behind when it
+    took effect: the job counts as done only if it exists. `on_reply` gets the call's reply, or
+    the exception it failed with (then the job is re-queued after `retry_defer_s`), once the
+    finish went through."""
+
+    call: ScriptCall
+    marker: str
+    retry_defer_s: float
+    on_reply: Callable[[Any], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,14 +119,16 @@ class Ending:
 
     done: bool
     defer_ms: int = 0
+    writes: tuple[EndWrite, ...] = ()  # sent with the finish (a done ending only)
 
 
 DONE = Ending(done=True)
 
 
 class PromptWorker(Worker):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, job_state: JobStateKeys | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._job_state = job_state
         unsupported = [
             name
             for name, used in (
@@ -139,55 +189,114 @@ class PromptWorker(Worker):
             return 0
         return max(0, self.max_jobs - self.job_counter - self._reserved)
 
-    async def _finish_and_claim(self, finished: str | None, ending: Ending) -> None:
+    async def _finish_and_claim(self, finished: str | None, ending: Ending) -> bool:
+        """Finish `finished` (with its end writes) and start what could be claimed; False when
+        an end write failed, and then nothing was changed."""
         assert self._script is not None, "main() registers the script"
         wanted = self._free_slots()
         self._reserved += wanted
         try:
-            reply = await self._script(
-                keys=[self.queue_name, abort_jobs_ss],
-                args=[
-                    timestamp_ms(),
-                    wanted,
-                    self.queue_read_limit,
-                    int(self.in_progress_timeout_s * 1000),
-                    finished or "",
-                    "done" if ending.done else "requeue",
-                    ending.defer_ms,
-                    in_progress_key_prefix,
-                    job_key_prefix,
-                    retry_key_prefix,
-                    RETRY_KEY_TTL_S,
-                ],
-            )
+            keys = [self.queue_name, abort_jobs_ss]
+            args = [
+                timestamp_ms(),
+                wanted,
+                self.queue_read_limit,
+                int(self.in_progress_timeout_s * 1000),
+                finished or "",
+                "done" if ending.done else "requeue",
+                ending.defer_ms,
+                in_progress_key_prefix,
+                job_key_prefix,
+                retry_key_prefix,
+                RETRY_KEY_TTL_S,
+                *(
+                    (self._job_state.pattern, self._job_state.exists, self._job_state.hash)
+                    if self._job_state is not None
+                    else ("", "", "")
+                ),
+            ]
+            if ending.writes:
+                reply = await self._write_and_finish(ending.writes, keys, args)
+            else:
+                reply = await self._script(keys=keys, args=args)
+        except ResponseError as exc:
+            failover = as_failover_error(exc)
+            if failover is exc:
+                raise
+            raise failover from exc
         finally:
             self._reserved -= wanted
-        for index in range(0, len(reply), 4):
-            job_id, score, raw, job_try = reply[index : index + 4]
-            self._start(ClaimedJob(job_id.decode(), int(float(score)), raw or None, int(job_try)))
+        if reply == -1:
+            return False
+        for index in range(0, len(reply), 6):
+            job_id, score, raw, job_try, exists, flat = reply[index : index + 6]
+            state = None
+            if self._job_state is not None:
+                state = JobState(bool(exists), dict(zip(flat[::2], flat[1::2], strict=True)))
+            self._start(ClaimedJob(job_id.decode(), int(float(score)), raw or None, int(job_try), state))
+        return True
+
+    async def _write_and_finish(self, writes: Sequence[EndWrite], keys: list[Any], args: list[Any]) -> Any:
+        """The writes then the finish script (guarded by the writes' markers), one round trip;
+        the finish script's reply. A missing script (Redis restarted or failed over) is loaded
+        and the pipeline sent again; each write's first reply that is not an error counts. A
+        write refused by a demoted primary (READONLY) raises like a lost connection, so the
+        whole pipeline goes to the new primary rather than the job being re-queued and sent again."""
+        replies: list[Any] = [None] * len(writes)
+        for _ in range(2):
+            async with self.pool.pipeline(transaction=False) as pipe:
+                for write in writes:
+                    pipe.evalsha(write.call.script.sha, len(write.call.keys), *write.call.keys, *write.call.args)
+                pipe.evalsha(lua.FINISH_AND_CLAIM.sha, len(keys), *keys, *args, *(write.marker for write in writes))
+                *written, reply = await pipe.execute(raise_on_error=False)
+            replies = [
+                old if old is not None and not isinstance(old, Exception) else new
+                for old, new in zip(replies, written, strict=True)
+            ]
+            if not any(isinstance(each, NoScriptError) for each in (*written, reply)):
+                break
+            for script in {write.call.script for write in writes} | {lua.FINISH_AND_CLAIM}:
+                await self.pool.script_load(script.source)
+        for each in (*written, reply):
+            failed = as_failover_error(each) if isinstance(each, ResponseError) else each
+            if isinstance(failed, FAILOVER_ERRORS):
+                raise failed  # retried whole (the writes are idempotent), as `run_scripts` would
+        if isinstance(reply, Exception):
+            raise reply
+        for write, written_reply in zip(writes, replies, strict=True):
+            write.on_reply(written_reply)
+        return reply
 
     def _start(self, job: ClaimedJob) -> None:
         self.job_counter += 1
         self.tasks[job.job_id] = self.loop.create_task(self._run(job))
 
     async def _run(self, job: ClaimedJob) -> None:
+        writes: list[EndWrite] = []
         try:
-            ending = await self._execute(job)
+            ending = await self._execute(job, writes)
         except asyncio.CancelledError:  # shutdown (handle_sig): hand the job back at once, as arq does
             self.jobs_retried += 1
             ending = Ending(done=False)
+        if ending.done and writes:
+            ending = replace(ending, writes=tuple(writes))
         self.job_counter -= 1
-        await asyncio.shield(self._finish_through_failover(job.job_id, ending))
+        await asyncio.shield(self._finish_through_failover(job, ending))
 
-    async def _finish_through_failover(self, finished: str, ending: Ending) -> None:
+    async def _finish_through_failover(self, job: ClaimedJob, ending: Ending) -> None:
         """Record the job's end, sent again to the new primary after a failover (docs/HA.md):
         otherwise the job would wait out its in-progress key and run once more. Finishing is
-        idempotent; jobs claimed by a reply that was lost run after their in-progress key expires."""
+        idempotent; jobs claimed by a reply that was lost run after their in-progress key expires.
+        A failed end write turns the ending into a re-queue after the write's retry delay."""
         deadline = time.monotonic() + FINISH_DEADLINE_S
         while True:
             try:
-                await self._finish_and_claim(finished, ending)
-                return
+                if await self._finish_and_claim(job.job_id, ending):
+                    return
+                self.jobs_retried += 1
+                defer_s = max(write.retry_defer_s for write in ending.writes)
+                ending = Ending(done=False, defer_ms=_defer_ms(job, defer_s))
+                continue
             except FAILOVER_ERRORS:
                 if time.monotonic() > deadline:
                     raise
@@ -197,7 +306,7 @@ class PromptWorker(Worker):
         self.allow_pick_jobs = False  # jobs ending from here on claim nothing new
         super().handle_sig(signum)
 
-    async def _execute(self, job: ClaimedJob) -> Ending:
+    async def _execute(self, job: ClaimedJob, writes: list[EndWrite]) -> Ending:
         if job.raw is None:
             return self._failed(job, "job expired")
         try:
@@ -222,13 +331,15 @@ class PromptWorker(Worker):
             "enqueue_time": ms_to_datetime(enqueue_time_ms),
             "score": job.score,
         }
+        if job.state is not None:
+            ctx["job_state"] = job.state
+        ctx["end_writes"] = writes
         try:
             async with asyncio.timeout(timeout_s):
                 await function.coroutine(ctx, *args, **kwargs)
         except Retry as retry:
             self.jobs_retried += 1
-            defer_ms = retry.defer_score + (timestamp_ms() - job.score) if retry.defer_score else 0
-            return Ending(done=False, defer_ms=defer_ms)
+            return Ending(done=False, defer_ms=_defer_ms(job, retry.defer_score / 1000) if retry.defer_score else 0)
         except TimeoutError:
             return self._failed(job, f"job timed out after {timeout_s}s")
         except Exception:
@@ -242,3 +353,8 @@ class PromptWorker(Worker):
         log(logger, logging.WARNING, "job failed without running", job_id=job.job_id, reason=reason)
         self.jobs_failed += 1
         return DONE
+
+
+def _defer_ms(job: ClaimedJob, defer_s: float) -> int:
+    """The score increment that makes a re-queued job due `defer_s` from now (as arq's Retry)."""
+    return round(defer_s * 1000) + (timestamp_ms() - job.score)

@@ -11,6 +11,11 @@ that from sending mail twice:
   after a remote reply: before the next domain's SMTP session starts and before a retry is
   scheduled. An attempt that ends the job publishes instead (the marker supersedes the hash,
   which the publish deletes): one round trip, not two.
+The worker reads both with the job's claim (`claim_state_keys`, `prior_state_from`), in the
+claim's round trip; `prior_state` reads them on their own (a run outside the worker, the CLI).
+Without replicas to wait for, the publish goes out with the job's finish, one pipeline, the
+finish counting only if the marker is there (`publish_call`, `prompt_worker.EndWrite`): a job
+costs the worker two round trips to Redis, the claim and the publish-and-finish.
 What remains is the gap between the remote `250` and that write or publish: a crash exactly
 there sends the message again on the re-run (SMTP is at-least-once; the recipient sees a
 duplicate).
@@ -27,12 +32,14 @@ replica acknowledging that write holds everything the primary wrote before it, t
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
 from services.egress.outcome import Disposition, Outcome
+from services.egress.prompt_worker import JobState, JobStateKeys
 from shared import keys, lua
 from shared.payloads import DeliveryResult
 from shared.replication import NO_ACK, ReplicaAck, ScriptCall, run_scripts
@@ -52,6 +59,37 @@ class PriorState:
     final_outcomes: dict[str, Outcome]
 
 
+_PERSONA, _STREAM = "\x00persona\x00", "\x00stream\x00"  # stand-ins, never in a real name
+_LUA_PATTERN_MAGIC = re.compile(r"([\^$()%.\[\]*+\-?])")
+
+
+def claim_state_keys() -> JobStateKeys:
+    """The published marker and the per-recipient record of a `deliver` job, named from its job
+    id (`keys.egress_job_id`) by the claim script: the names come from `shared.keys`, only
+    turned into a Lua pattern (the persona key, which holds no `:`, then the stream id) and
+    `string.gsub` replacements."""
+    before, rest = keys.egress_job_id(_PERSONA, _STREAM).split(_PERSONA)
+    between, after = rest.split(_STREAM)  # ValueError if the layout changed: the tests catch it
+    escaped = [_LUA_PATTERN_MAGIC.sub(r"%\1", literal) for literal in (before, between, after)]
+    pattern = f"^{escaped[0]}(.-){escaped[1]}(.*){escaped[2]}$"
+
+    def replacement(name: str) -> str:
+        return name.replace("%", "%%").replace(_PERSONA, "%1").replace(_STREAM, "%2")
+
+    return JobStateKeys(
+        pattern,
+        exists=replacement(keys.egress_result_published(_PERSONA, _STREAM)),
+        hash=replacement(keys.egress_delivered(_PERSONA, _STREAM)),
+    )
+
+
+def prior_state_from(state: JobState) -> PriorState:
+    """`PriorState` from what the claim script read with `claim_state_keys`."""
+    return PriorState(
+        state.exists, {recipient.decode(): _decode_outcome(value) for recipient, value in state.hash.items()}
+    )
+
+
 class ResultStore:
     def __init__(self, redis: aioredis.Redis, *, retention_s: int, ack: ReplicaAck = NO_ACK) -> None:
         self._redis = redis
@@ -64,13 +102,25 @@ class ResultStore:
             pipe.exists(keys.egress_result_published(persona_key, stream_id))
             pipe.hgetall(keys.egress_delivered(persona_key, stream_id))
             published, stored = await pipe.execute()
-        outcomes = {recipient.decode(): _decode_outcome(value) for recipient, value in stored.items()}
-        return PriorState(bool(published), outcomes)
+        return prior_state_from(JobState(bool(published), stored))
+
+    @property
+    def needs_replicas(self) -> bool:
+        """Whether a publish must be confirmed by replicas (WAIT) before the job may end."""
+        return self._ack.replicas > 0
 
     async def publish(self, persona_key: str, result: DeliveryResult) -> bool:
         """Append the result, drop the per-recipient record (the marker supersedes it) and wake
         the tunnel nodes holding the persona, atomically; False if one was already published."""
-        call = ScriptCall(
+        (published,) = await run_scripts(
+            self._redis, [self.publish_call(persona_key, result)], self._ack, deadline_s=PUBLISH_DEADLINE_S
+        )
+        return bool(published)
+
+    def publish_call(self, persona_key: str, result: DeliveryResult) -> ScriptCall:
+        """`publish` as a script call (1 if published, 0 if it was before), for the worker to
+        send with the job's finish; it leaves `published_marker` behind either way."""
+        return ScriptCall(
             lua.PUBLISH_RESULT,
             [
                 keys.egress_result_published(persona_key, result.stream_id),
@@ -89,8 +139,10 @@ class ResultStore:
                 Wakeup(WakeupKind.RESULT, persona_key).encode(),
             ],
         )
-        (published,) = await run_scripts(self._redis, [call], self._ack, deadline_s=PUBLISH_DEADLINE_S)
-        return bool(published)
+
+    @staticmethod
+    def published_marker(persona_key: str, stream_id: str) -> str:
+        return keys.egress_result_published(persona_key, stream_id)
 
     async def confirm(self, persona_key: str, stream_id: str) -> None:
         """Raise NotReplicated unless the required replicas hold the published result (a re-run

@@ -18,6 +18,7 @@ import random
 import socket
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +34,8 @@ from services.egress.destinations import destination_allowed
 from services.egress.mta_sts_fetch import PolicySource
 from services.egress.mx import MxResolver
 from services.egress.outcome import Outcome
-from services.egress.results import ResultStore
+from services.egress.prompt_worker import EndWrite, JobState
+from services.egress.results import PriorState, ResultStore, prior_state_from
 from services.egress.signing import DkimSigner
 from services.egress.smtp_pool import SmtpPool
 from shared.codes import DeliveryError
@@ -141,9 +143,19 @@ class Egress:
         """QUIT cached SMTP connections (shutdown, after the last job)."""
         await self._deliverer.close()
 
-    async def run(self, job: OutboundJob, attempt: int) -> str:
+    async def run(
+        self,
+        job: OutboundJob,
+        attempt: int,
+        prior: PriorState | None = None,
+        end_with: Callable[[EndWrite], None] | None = None,
+    ) -> str:
+        """`prior`: what earlier runs left, when the worker read it with the claim; else read here.
+        `end_with`: hands the result's publish to the worker, to go out with the job's finish
+        (unless replicas must confirm it first); without it the result is published here."""
         ids = {"persona": job.persona_key, "stream_id": job.stream_id, "attempt": attempt}
-        prior = await self._results.prior_state(job.persona_key, job.stream_id)
+        if prior is None:
+            prior = await self._results.prior_state(job.persona_key, job.stream_id)
         if prior.published:
             log(logger, logging.INFO, "result already published; not sending again", **ids)
             await self._results.confirm(job.persona_key, job.stream_id)
@@ -151,7 +163,7 @@ class Egress:
             return "duplicate"
         if attempt > self._policy.max_attempts:  # only re-runs after crashes get here
             exceeded = Outcome.failure(DeliveryError.MAX_ATTEMPTS_EXCEEDED)
-            return await self._finish(job, attempt, {r: exceeded for r in job.rcpt_to}, ids)
+            return await self._finish(job, attempt, {r: exceeded for r in job.rcpt_to}, ids, end_with)
 
         started = time.monotonic()
         recorded = dict(prior.final_outcomes)  # grows as this attempt records outcomes
@@ -180,7 +192,7 @@ class Egress:
             )
             metrics.JOBS.labels("retry").inc()
             raise Retry(defer=defer_s)
-        return await self._finish(job, attempt, outcomes, ids)
+        return await self._finish(job, attempt, outcomes, ids, end_with)
 
     async def _attempt(self, job: OutboundJob, recorded: dict[str, Outcome], ids: dict[str, Any]) -> dict[str, Outcome]:
         """Final outcomes from earlier runs (`recorded`) plus this attempt's for the open recipients."""
@@ -254,26 +266,60 @@ class Egress:
             log(logger, logging.WARNING, "dkim signing failed; sending unsigned", **ids, error=str(exc))
             return message
 
-    async def _finish(self, job: OutboundJob, attempt: int, outcomes: dict[str, Outcome], ids: dict[str, Any]) -> str:
+    async def _finish(
+        self,
+        job: OutboundJob,
+        attempt: int,
+        outcomes: dict[str, Outcome],
+        ids: dict[str, Any],
+        end_with: Callable[[EndWrite], None] | None,
+    ) -> str:
         result = summarize(job, outcomes, attempt)
         if result.status == "failed" and attempt > 1 and self._bouncer is not None:
             # after a deferral the gateway has stopped waiting for the result: tell the persona by
             # mail, before publishing (bounce.py: a crash in between must not lose the bounce)
             await self._bouncer.failed(job, outcomes)
-        published = await self._results.publish(job.persona_key, result)
-        label = "sent" if result.status == "sent" else ("failed_permanent" if result.permanent else "failed_temporary")
-        metrics.JOBS.labels(label if published else "duplicate").inc()
-        log(
-            logger,
-            logging.INFO,
-            "delivery result published" if published else "result existed already",
-            **ids,
-            status=result.status,
-            error=result.error,
-            smtp_code=result.smtp_code,
-            message_id=result.message_id,
-        )
+        if end_with is not None and not self._results.needs_replicas:
+
+            def on_reply(reply: Any) -> None:
+                if isinstance(reply, Exception):  # the worker re-queues the job, as deliver() on a RedisError
+                    _log_redis_retry(job, reply)
+                else:
+                    _report_published(result, bool(reply), ids)
+
+            call = self._results.publish_call(job.persona_key, result)
+            marker = self._results.published_marker(job.persona_key, job.stream_id)
+            end_with(EndWrite(call, marker, REDIS_RETRY_DEFER_S, on_reply))
+            return result.status
+        _report_published(result, await self._results.publish(job.persona_key, result), ids)
         return result.status
+
+
+def _report_published(result: DeliveryResult, published: bool, ids: dict[str, Any]) -> None:
+    label = "sent" if result.status == "sent" else ("failed_permanent" if result.permanent else "failed_temporary")
+    metrics.JOBS.labels(label if published else "duplicate").inc()
+    log(
+        logger,
+        logging.INFO,
+        "delivery result published" if published else "result existed already",
+        **ids,
+        status=result.status,
+        error=result.error,
+        smtp_code=result.smtp_code,
+        message_id=result.message_id,
+    )
+
+
+def _log_redis_retry(job: OutboundJob, exc: Exception) -> None:
+    log(
+        logger,
+        logging.WARNING,
+        "redis error; job retried",
+        persona=job.persona_key,
+        stream_id=job.stream_id,
+        error=type(exc).__name__,
+    )
+    metrics.JOBS.labels("retry").inc()
 
 
 def _unrecorded(outcomes: dict[str, Outcome], recorded: dict[str, Outcome]) -> dict[str, Outcome]:
@@ -312,17 +358,13 @@ async def deliver(ctx: dict[str, Any], packed_job: bytes) -> str:
         return "invalid"
     metrics.JOBS_IN_PROGRESS.inc()
     try:
-        return await egress.run(job, attempt=int(ctx.get("job_try", 1)))
+        state: JobState | None = ctx.get("job_state")
+        prior = prior_state_from(state) if state is not None else None
+        end_writes: list[EndWrite] | None = ctx.get("end_writes")
+        end_with = end_writes.append if end_writes is not None else None
+        return await egress.run(job, attempt=int(ctx.get("job_try", 1)), prior=prior, end_with=end_with)
     except (RedisError, EnqueueFailed) as exc:  # final outcomes already recorded are not sent again on the retry
-        log(
-            logger,
-            logging.WARNING,
-            "redis error; job retried",
-            persona=job.persona_key,
-            stream_id=job.stream_id,
-            error=type(exc).__name__,
-        )
-        metrics.JOBS.labels("retry").inc()
+        _log_redis_retry(job, exc)
         raise Retry(defer=REDIS_RETRY_DEFER_S) from exc
     finally:
         metrics.JOBS_IN_PROGRESS.dec()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -54,6 +55,7 @@ from services.tunnel.session import (
     State,
     TunnelSession,
 )
+from services.tunnel.wsio import send_binary_messages
 from shared.codes import CLOSE_REASON_CODE, AuthError, CloseCode, CloseReason, OutboundRefusal
 from shared.config import RelayConfig
 from shared.logs import get_logger, log
@@ -264,7 +266,7 @@ class TunnelConnection:
             self.context.redis,
             self.persona_key,
             config.node_id,
-            self.ws.send,
+            functools.partial(send_binary_messages, self.ws),
             self.ws.ping,
             use_ack=self.session.wants_inbound_ack,
             ack_timeout_s=config.ws.ackTimeoutMs / 1000,

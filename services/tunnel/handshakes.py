@@ -20,6 +20,7 @@ from typing import Any, cast
 from websockets.asyncio.server import ServerConnection
 
 from services.tunnel import metrics
+from services.tunnel.wsio import CoalescingConnection
 
 TOO_MANY_PENDING = "too_many_pending_handshakes"
 _BUSY_BODY = b'{"error":"too_many_pending_handshakes"}'
@@ -53,9 +54,10 @@ class HandshakeGate:
 
 
 def gated_connection_class(gate: HandshakeGate) -> type[ServerConnection]:
-    """A websockets `ServerConnection` counted by `gate` until its upgrade is over."""
+    """A websockets `ServerConnection` (one that coalesces its writes, services/tunnel/wsio.py)
+    counted by `gate` until its upgrade is over."""
 
-    class GatedConnection(ServerConnection):
+    class GatedConnection(CoalescingConnection):
         _pending_ip: str | None = None
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:

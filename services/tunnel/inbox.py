@@ -37,19 +37,20 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from services.tunnel import metrics
+from services.tunnel.script_batch import batch_for
 from shared import keys, lua, protocol
 from shared.enqueue import DELIVERED_MARKER_TTL_S
 from shared.inbox_entries import StoredEntry, UnreadableEntry
 from shared.logs import get_logger, log
-from shared.replication import NO_ACK, ReplicaAck, confirmed_read
+from shared.replication import NO_ACK, ReplicaAck, ScriptCall, confirmed_read, run_scripts
 
 logger = get_logger(__name__)
 
@@ -58,7 +59,9 @@ RECLAIM_INTERVAL_S = 30.0
 TRIM_BATCH = 16  # entries per XRANGE when trimming: inline bodies are at most one chunk each
 BODY_READ_BYTES = 4 * protocol.MAX_CHUNK_BYTES  # one GETRANGE of a body stored apart
 
-SendBytes = Callable[[bytes], Awaitable[None]]
+# Sends binary WebSocket messages in order, in one socket write where it can
+# (services/tunnel/wsio.py `send_binary_messages`).
+SendMessages = Callable[[Sequence[bytes]], Awaitable[None]]
 Ping = Callable[[], Awaitable[Awaitable[Any]]]
 IsOpen = Callable[[], bool]
 
@@ -108,19 +111,34 @@ async def trim_expired(redis: aioredis.Redis, persona_key: str, retention_s: int
         log(logger, logging.INFO, "expired inbox entries trimmed", persona=persona_key, count=len(entries))
 
 
-def message_frames(stream_id: str, start: protocol.SmtpStart, message: bytes) -> Iterator[bytes]:
-    """The frames of `protocol.encode_message_frames`, made one at a time as they are sent, each
-    chunk copied once (from a memoryview slice straight into its frame): a large message is
-    not held a second and third time in memory before its first byte goes out."""
-    yield protocol.encode_start(stream_id, start)
-    view = memoryview(message)
-    for offset in range(0, len(message), protocol.MAX_CHUNK_BYTES) if message else [0]:
+def chunk_frames(stream_id: str, data: bytes) -> Iterator[bytes]:
+    """`data` as smtp_chunk frames of `MAX_CHUNK_BYTES` (one empty chunk for empty data), each
+    chunk copied once, from a memoryview slice of the stored bytes straight into its frame."""
+    view = memoryview(data)
+    for offset in range(0, len(data), protocol.MAX_CHUNK_BYTES) if data else [0]:
         yield protocol.encode_frame(
-            protocol.FrameType.SMTP_CHUNK,
-            stream_id,
-            view[offset : offset + protocol.MAX_CHUNK_BYTES],  # type: ignore[arg-type]
+            protocol.FrameType.SMTP_CHUNK, stream_id, view[offset : offset + protocol.MAX_CHUNK_BYTES]
         )
+
+
+def message_frames(stream_id: str, start: protocol.SmtpStart, message: bytes) -> Iterator[bytes]:
+    """The frames of `protocol.encode_message_frames`, made one at a time, each chunk copied
+    once (`chunk_frames`)."""
+    yield protocol.encode_start(stream_id, start)
+    yield from chunk_frames(stream_id, message)
     yield protocol.encode_frame(protocol.FrameType.SMTP_END, stream_id)
+
+
+def settled_prefix(waiters: Sequence[asyncio.Future[Any]]) -> int:
+    """How many of the oldest in-flight messages are settled, given that the first one is: it
+    and every one right after it whose waiter already finished well. They are removed (or start
+    their grace) together, in order, in one round trip; the first unsettled one stops the run."""
+    count = 1
+    for waiter in waiters[1:]:
+        if not waiter.done() or waiter.cancelled() or waiter.exception() is not None:
+            break
+        count += 1
+    return count
 
 
 class InboxDelivery:
@@ -129,7 +147,7 @@ class InboxDelivery:
         redis: aioredis.Redis,
         persona_key: str,
         consumer: str,
-        send: SendBytes,
+        send: SendMessages,
         ping: Ping,
         *,
         use_ack: bool,
@@ -154,10 +172,12 @@ class InboxDelivery:
         self._legacy_ack_grace_s = legacy_ack_grace_s
         self._is_open = is_open
         self._remove = lua.INBOX_REMOVE.on(redis)
+        self._batch = batch_for(redis)  # removals of every persona's socket share pipelines
         self._wakeup = asyncio.Event()
         self._acks: dict[str, asyncio.Future[Any]] = {}
         self._in_flight: deque[_InFlight] = deque()
         self._in_grace: deque[tuple[float, _InFlight]] = deque()  # (removable at, delivered entry)
+        self._to_remove: list[_InFlight] = []  # acknowledged, removed in the next round trip
         self._grace_started = asyncio.Event()
         self._claim_cursor: bytes | None = b"0-0"
         self._claim_min_idle_ms = 0
@@ -174,7 +194,7 @@ class InboxDelivery:
 
     def behind(self, stream_length: int) -> bool:
         """True when the inbox holds entries beyond those in flight here (the sweep's test)."""
-        return stream_length > len(self._in_flight) + len(self._in_grace)
+        return stream_length > len(self._in_flight) + len(self._in_grace) + len(self._to_remove)
 
     def acked(self, stream_id: str) -> None:
         waiter = self._acks.get(stream_id)
@@ -202,6 +222,7 @@ class InboxDelivery:
                             if in_flight is not None:
                                 self._in_flight.append(in_flight)
                         continue
+                await self._flush_removals()  # nothing is read now: the settled go on their own
                 if self._in_flight:
                     await self._settle_oldest()
                 else:
@@ -222,16 +243,21 @@ class InboxDelivery:
     async def _next_entries(self, count: int) -> list[StoredEntry]:
         self._wakeup.clear()
         while self._claim_cursor is not None:
+            await self._flush_removals()
             entries = await self._claim(count)
             if entries:
                 return entries
         try:
-            reply = await confirmed_read(
-                self._redis,
-                lambda pipe: pipe.xreadgroup(keys.INBOX_GROUP, self._consumer, {self._stream: ">"}, count=count),
-                self._ack,
-                is_empty=lambda reply: not any(entries for _, entries in reply or []),
-            )
+            if self._ack.replicas:
+                await self._flush_removals()
+                reply = await confirmed_read(
+                    self._redis,
+                    lambda pipe: pipe.xreadgroup(keys.INBOX_GROUP, self._consumer, {self._stream: ">"}, count=count),
+                    self._ack,
+                    is_empty=lambda reply: not any(entries for _, entries in reply or []),
+                )
+            else:
+                reply = await self._remove_and_read(count)
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
@@ -240,6 +266,32 @@ class InboxDelivery:
         raw = [item for _, stream_entries in reply or [] for item in stream_entries]
         self._drained = len(raw) < count
         return await self._parse(raw)
+
+    async def _remove_and_read(self, count: int) -> Any:
+        """XREADGROUP, after the removal of the entries settled since the last round trip, in one
+        pipeline: an acknowledgement followed by a read (a wake-up came while the gateway was
+        storing) costs one round trip, not two. The removals are checked before the read's reply
+        is used; one failing raises, as `_removed` would."""
+        if not self._to_remove:  # a plain command: no pipeline object to build and reset
+            return await self._redis.xreadgroup(keys.INBOX_GROUP, self._consumer, {self._stream: ">"}, count=count)
+        removing, self._to_remove = self._to_remove, []
+        calls = [self._remove_call(item) for item in removing]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for call in calls:
+                pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+            pipe.xreadgroup(keys.INBOX_GROUP, self._consumer, {self._stream: ">"}, count=count)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        *removed, reply = replies
+        if any(isinstance(result, NoScriptError) for result in removed):
+            await run_scripts(self._redis, calls, NO_ACK, deadline_s=0)  # loads it, runs them again
+        else:
+            for result in removed:
+                if isinstance(result, Exception):
+                    raise result
+        self._acknowledged(removing)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
 
     async def _claim(self, count: int) -> list[StoredEntry]:
         cursor = self._claim_cursor
@@ -300,25 +352,20 @@ class InboxDelivery:
         entry = stored.entry
         stream_id = entry.stream_id
         start = protocol.SmtpStart(entry.mail_from, entry.rcpt_to, entry.auth_attestation)
-        async with contextlib.aclosing(self._body_blocks(stored)) as blocks:
-            first_block = await anext(blocks, None) if stored.body_apart else b""
-            if first_block is None:
-                await self._drop_without_body(stored)
-                return None
-            waiter: asyncio.Future[Any]
+        waiter: asyncio.Future[Any]
+        if not stored.body_apart:
             if self._use_ack:
-                # Registered before the first frame: the ack may be read before our send returns.
-                waiter = self._acks.get(stream_id) or asyncio.get_running_loop().create_future()
-                self._acks[stream_id] = waiter
-            if not stored.body_apart:
-                for frame in message_frames(stream_id, start, entry.data):
-                    await self._send(frame)
-            else:
-                await self._send(protocol.encode_start(stream_id, start))
-                await self._send_block(stream_id, first_block)
-                async for block in blocks:
-                    await self._send_block(stream_id, block)
-                await self._send(protocol.encode_frame(protocol.FrameType.SMTP_END, stream_id))
+                waiter = self._ack_waiter(stream_id)
+            await self._send(list(message_frames(stream_id, start, entry.data)))
+        else:
+            async with contextlib.aclosing(self._body_blocks(stored)) as blocks:
+                first_block = await anext(blocks, None)
+                if first_block is None:
+                    await self._drop_without_body(stored)
+                    return None
+                if self._use_ack:
+                    waiter = self._ack_waiter(stream_id)
+                await self._send_streamed(stored, start, first_block, blocks)
         if not self._use_ack:
             waiter = asyncio.ensure_future(await self._ping())
         metrics.INBOUND_DELIVERED.inc()
@@ -333,13 +380,35 @@ class InboxDelivery:
         )
         return _InFlight(stored, waiter, time.monotonic())
 
-    async def _send_block(self, stream_id: str, block: bytes) -> None:
-        """A block of a streamed body as smtp_chunk frames of `MAX_CHUNK_BYTES`, exactly as
-        `message_frames` cuts an inline body (blocks are whole multiples of a chunk)."""
-        view = memoryview(block)
-        for offset in range(0, len(block), protocol.MAX_CHUNK_BYTES):
-            chunk = view[offset : offset + protocol.MAX_CHUNK_BYTES]
-            await self._send(protocol.encode_frame(protocol.FrameType.SMTP_CHUNK, stream_id, chunk))  # type: ignore[arg-type]
+    def _ack_waiter(self, stream_id: str) -> asyncio.Future[Any]:
+        """Registered before the first frame: the ack may be read before our send returns."""
+        waiter = self._acks.get(stream_id) or asyncio.get_running_loop().create_future()
+        self._acks[stream_id] = waiter
+        return waiter
+
+    async def _send_streamed(
+        self,
+        stored: StoredEntry,
+        start: protocol.SmtpStart,
+        first_block: bytes,
+        blocks: AsyncGenerator[bytes, None],
+    ) -> None:
+        """A body stored apart: one write per block of smtp_chunk frames cut exactly as
+        `message_frames` cuts an inline body (blocks are whole multiples of a chunk), smtp_start
+        in the first block's write and smtp_end in the last's. A block is sent before the next
+        one is awaited (that read is already in flight, `_body_blocks`)."""
+        stream_id = stored.entry.stream_id
+        frames = [protocol.encode_start(stream_id, start)]
+        sent = 0
+        block: bytes | None = first_block
+        while block is not None:
+            sent += len(block)
+            frames.extend(chunk_frames(stream_id, block))
+            if sent >= stored.size_bytes:
+                frames.append(protocol.encode_frame(protocol.FrameType.SMTP_END, stream_id))
+            await self._send(frames)
+            frames = []
+            block = await anext(blocks, None)
 
     async def _body_blocks(self, stored: StoredEntry) -> AsyncGenerator[bytes, None]:
         """The body stored apart, `BODY_READ_BYTES` per GETRANGE, the next read in flight while
@@ -399,13 +468,15 @@ class InboxDelivery:
             if again is not None:
                 self._in_flight.appendleft(again)
             return
-        self._in_flight.popleft()
+        settled = [self._in_flight.popleft() for _ in range(settled_prefix([item.waiter for item in self._in_flight]))]
         if not self._use_ack:
-            self._in_grace.append((time.monotonic() + self._legacy_ack_grace_s, oldest))
+            removable_at = time.monotonic() + self._legacy_ack_grace_s
+            self._in_grace.extend((removable_at, item) for item in settled)
             self._grace_started.set()
             return
-        self._acks.pop(stream_id, None)
-        await self._removed([oldest])
+        for item in settled:
+            self._acks.pop(item.stored.entry.stream_id, None)
+        self._to_remove.extend(settled)  # removed with the next read, or on their own before a wait
 
     async def _remove_after_grace(self) -> None:
         """Legacy gateways: remove entries whose pong came `legacy_ack_grace_s` ago, if the
@@ -426,12 +497,22 @@ class InboxDelivery:
             await self._removed(due)
 
     async def _removed(self, delivered: list[_InFlight]) -> None:
-        """The gateway has these messages: remove them (entry, body, marker) in one round trip."""
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for item in delivered:
-                script_keys, args = item.stored.remove_call(self.persona_key, self._delivered_marker_ttl_s)
-                await self._remove(keys=script_keys, args=args, client=pipe)
-            await pipe.execute()
+        """The gateway has these messages: remove them (entry, body, marker) in one round trip,
+        shared with the other sockets' script calls of this loop turn (services/tunnel/
+        script_batch.py; EVALSHA straight away, where redis-py's pipelined `Script` would ask
+        SCRIPT EXISTS first, a second round trip per acknowledgement)."""
+        await self._batch.run_all([self._remove_call(item) for item in delivered])
+        self._acknowledged(delivered)
+
+    async def _flush_removals(self) -> None:
+        if self._to_remove:
+            removing, self._to_remove = self._to_remove, []
+            await self._removed(removing)
+
+    def _remove_call(self, item: _InFlight) -> ScriptCall:
+        return ScriptCall(lua.INBOX_REMOVE, *item.stored.remove_call(self.persona_key, self._delivered_marker_ttl_s))
+
+    def _acknowledged(self, delivered: list[_InFlight]) -> None:
         now = time.monotonic()
         for item in delivered:
             metrics.INBOUND_ACKED.inc()

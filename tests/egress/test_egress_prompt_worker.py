@@ -6,17 +6,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 from arq import Retry, create_pool
 from arq.connections import ArqRedis, RedisSettings
 from arq.worker import func
+from redis.exceptions import ResponseError
 
-from protege_relay.embedded_redis import EmbeddedRedis
-from services.egress.prompt_worker import PromptWorker
+from protege_relay.embedded_redis import EmbeddedRedis, free_port
+from services.egress.prompt_worker import EndWrite, JobState, JobStateKeys, PromptWorker
+from services.egress.results import claim_state_keys
+from shared import keys
+from shared.lua import LuaScript
+from shared.replication import ScriptCall
 from tests.support.sentinel import DataNode
 from tests.support.wait import eventually
 
@@ -42,6 +48,7 @@ class Workers:
     def __init__(self, redis_url: str) -> None:
         self.redis_url = redis_url
         self.runs: list[tuple[str, int]] = []  # (label, job_try) per run, in start order
+        self.states: dict[str, JobState | None] = {}  # ctx["job_state"] per label
         self.running: list[tuple[PromptWorker, asyncio.Task[None]]] = []
         self.concurrent = self.peak = 0
 
@@ -49,6 +56,7 @@ class Workers:
         self, ctx: dict[str, Any], label: str, retries: int = 0, hold_s: float = 0.0, fail: bool = False
     ) -> None:
         self.runs.append((label, ctx["job_try"]))
+        self.states[label] = ctx.get("job_state")
         self.concurrent += 1
         self.peak = max(self.peak, self.concurrent)
         try:
@@ -60,7 +68,13 @@ class Workers:
         if ctx["job_try"] <= retries:
             raise Retry(defer=0.05)
 
-    def start(self, max_jobs: int, poll_delay_s: float = IDLE_POLL_S, max_tries: int = 5) -> PromptWorker:
+    def start(
+        self,
+        max_jobs: int,
+        poll_delay_s: float = IDLE_POLL_S,
+        max_tries: int = 5,
+        job_state: JobStateKeys | None = None,
+    ) -> PromptWorker:
         worker = PromptWorker(
             functions=[func(self.job, name="job")],
             redis_settings=RedisSettings.from_dsn(self.redis_url),
@@ -70,6 +84,7 @@ class Workers:
             handle_signals=False,
             keep_result=0,
             max_tries=max_tries,
+            job_state=job_state,
         )
         self.running.append((worker, asyncio.ensure_future(worker.async_run())))
         return worker
@@ -124,6 +139,153 @@ async def test_competing_workers_run_each_job_exactly_once(pool: ArqRedis, worke
     labels = [label for label, _ in workers.runs]
     assert len(labels) == 60 and len(set(labels)) == 60
     assert first.jobs_complete > 0 and second.jobs_complete > 0
+
+
+async def test_jobs_behind_many_held_by_other_workers_are_still_claimed(pool: ArqRedis, workers: Workers) -> None:
+    """The claim reads due ids in growing pages: 25 jobs held elsewhere fill the first pages."""
+    await enqueue(pool, 30)
+    for index in range(25):
+        await pool.psetex(f"arq:in-progress:j{index}", 60_000, b"1")
+    worker = workers.start(max_jobs=2, poll_delay_s=0.05)
+    await eventually(lambda: worker.jobs_complete == 5, 5, lambda: f"ran {workers.runs}")
+    assert sorted(label for label, _ in workers.runs) == sorted(f"j{index}" for index in range(25, 30))
+
+
+async def test_each_job_gets_its_own_state_read_with_its_claim(pool: ArqRedis, workers: Workers) -> None:
+    """The egress's job state (published marker, per-recipient record) named from job ids whose
+    stream part holds `:`, `%` and Lua pattern characters, as a gateway may send them."""
+    persona = "pk7abc"
+    streams = {"plain": "s1", "published": "a:b%1.c", "recorded": "x-(y)*[z]+?^$%%", "foreign": "s4"}
+    await pool.set(keys.egress_result_published(persona, streams["published"]), "sent")
+    async with pool.pipeline(transaction=False) as pipe:  # (hset's stub is not awaitable)
+        pipe.hset(keys.egress_delivered(persona, streams["recorded"]), mapping={"a@b.test": "{}", "c@d.test": "x"})
+        await pipe.execute()
+    await pool.set(keys.egress_result_published(persona, streams["plain"] + "x"), "sent")  # a neighbour's
+    for label, stream in streams.items():
+        job_id = keys.egress_job_id(persona, stream) if label != "foreign" else f"other:{stream}"
+        assert await pool.enqueue_job("job", label, _job_id=job_id, _queue_name=QUEUE)
+    worker = workers.start(max_jobs=2, poll_delay_s=0.05, job_state=claim_state_keys())
+    await eventually(lambda: worker.jobs_complete == 4, 5, "jobs not completed")
+    assert workers.states == {
+        "plain": JobState(False, {}),
+        "published": JobState(True, {}),
+        "recorded": JobState(False, {b"a@b.test": b"{}", b"c@d.test": b"x"}),
+        "foreign": JobState(False, {}),  # a job id of another layout reads nothing
+    }
+
+
+async def test_without_job_state_no_state_is_read(pool: ArqRedis, workers: Workers) -> None:
+    await enqueue(pool, 1)
+    worker = workers.start(max_jobs=1, poll_delay_s=0.05)
+    await eventually(lambda: worker.jobs_complete == 1, 5, "job not completed")
+    assert workers.states == {"j0": None}
+
+
+# test-only scripts (the relay's own live in shared/lua.py): a write that leaves its marker, one that fails
+MARK = LuaScript.of("redis.call('SET', KEYS[1], ARGV[1]) return 7")
+REFUSE = LuaScript.of("return redis.error_reply('refused')")
+
+
+async def run_end_write_jobs(
+    redis_url: str,
+    pool: ArqRedis,
+    writes_by_try: dict[int, list[ScriptCall]],
+    flush_scripts: bool = False,
+    before_return: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
+) -> tuple[list[int], list[Any]]:
+    """One job that hands the worker `writes_by_try[job_try]` as end writes (marker: KEYS[1]);
+    the tries it ran and the replies its `on_reply` got, once the queue is empty."""
+    tries: list[int] = []
+    replies: list[Any] = []
+
+    async def job(ctx: dict[str, Any]) -> None:
+        tries.append(ctx["job_try"])
+        for call in writes_by_try.get(ctx["job_try"], []):
+            ctx["end_writes"].append(EndWrite(call, call.keys[0], 0.05, replies.append))
+        if flush_scripts:
+            await pool.script_flush()
+        if before_return is not None:
+            await before_return(ctx)
+
+    worker = PromptWorker(
+        functions=[func(job, name="job")],
+        redis_settings=RedisSettings.from_dsn(redis_url),
+        queue_name=QUEUE,
+        poll_delay=0.02,
+        handle_signals=False,
+        keep_result=0,
+    )
+    task = asyncio.ensure_future(worker.async_run())
+    try:
+        assert await pool.enqueue_job("job", _job_id="end", _queue_name=QUEUE)
+        await eventually(lambda: worker.jobs_complete >= len(tries) > 0 and bool(replies), 5, "job not completed")
+        await queue_empty(pool)
+        assert not await pool.exists("arq:in-progress:end", "arq:retry:end", "arq:job:end")
+    finally:
+        with contextlib.suppress(asyncio.CancelledError):
+            await worker.close()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    return tries, replies
+
+
+async def test_an_end_write_goes_out_with_the_finish_and_its_reply_is_handed_back(
+    redis_server: EmbeddedRedis, pool: ArqRedis
+) -> None:
+    tries, replies = await run_end_write_jobs(redis_server.url, pool, {1: [ScriptCall(MARK, ["marker:a"], ["v"])]})
+    assert tries == [1] and replies == [7]
+    assert await pool.get("marker:a") == b"v"
+
+
+async def test_a_failed_end_write_requeues_the_job_instead_of_finishing_it(
+    redis_server: EmbeddedRedis, pool: ArqRedis
+) -> None:
+    tries, replies = await run_end_write_jobs(
+        redis_server.url,
+        pool,
+        {1: [ScriptCall(REFUSE, ["marker:b"], [])], 2: [ScriptCall(MARK, ["marker:b"], ["second"])]},
+    )
+    assert tries == [1, 2]
+    assert isinstance(replies[0], ResponseError) and "refused" in str(replies[0]) and replies[1:] == [7]
+    assert await pool.get("marker:b") == b"second"
+
+
+async def test_an_end_write_refused_by_a_demoted_primary_is_sent_again_not_the_job(
+    redis_server: EmbeddedRedis, pool: ArqRedis
+) -> None:
+    """READONLY (a failover under way) for the end write: the worker retries write and finish
+    until the node takes writes again; re-queueing would run the job, i.e. send the mail, twice."""
+    admin = aioredis.Redis.from_url(redis_server.url)
+
+    async def writable_again() -> None:
+        await asyncio.sleep(0.6)  # a few of the worker's finish retries (every FINISH_RETRY_S)
+        await admin.execute_command("REPLICAOF", "NO", "ONE")
+
+    async def demote(ctx: dict[str, Any]) -> None:
+        await admin.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))  # nobody there: read-only
+        background.append(asyncio.ensure_future(writable_again()))
+
+    background: list[asyncio.Task[None]] = []
+    try:
+        tries, replies = await run_end_write_jobs(
+            redis_server.url, pool, {1: [ScriptCall(MARK, ["marker:r"], ["v"])]}, before_return=demote
+        )
+    finally:
+        await admin.execute_command("REPLICAOF", "NO", "ONE")
+        await asyncio.gather(*background, return_exceptions=True)
+        await admin.aclose()
+    assert tries == [1] and replies == [7]
+    assert await pool.get("marker:r") == b"v"
+
+
+async def test_an_end_write_whose_script_redis_lost_is_loaded_and_sent_again(
+    redis_server: EmbeddedRedis, pool: ArqRedis
+) -> None:
+    tries, replies = await run_end_write_jobs(
+        redis_server.url, pool, {1: [ScriptCall(MARK, ["marker:c"], ["v"])]}, flush_scripts=True
+    )
+    assert tries == [1] and replies == [7]  # once, after SCRIPT LOAD of both scripts
+    assert await pool.get("marker:c") == b"v"
 
 
 async def test_retried_job_runs_again_and_completes(pool: ArqRedis, workers: Workers) -> None:
