@@ -20,7 +20,7 @@ import pytest
 import redis
 
 from protege_relay.embedded_redis import EmbeddedRedis
-from services.ingress.sender_auth.evaluator import SenderFacts, SpfCache, evaluate_async, evaluate_spf
+from services.ingress.sender_auth.evaluator import PolicyCache, SenderFacts, SpfCache, evaluate_async, evaluate_spf
 from services.ingress.sender_auth.resolver import AsyncDns, BoundedResolver, NeedLookup, build_resolver, replay
 from services.ingress.sender_auth.spf_prefetch import SpfPrefetch
 from shared.attestation import Signal
@@ -92,6 +92,56 @@ def test_spf_results_are_reused_only_until_their_records_expire() -> None:
     print(f"new SPF record seen {seen_after_s:.2f} s after the change (TTL 1 s)")
     assert (first, cached) == ("pass", "pass")
     assert 0.5 < seen_after_s < 3.0
+
+
+def test_dmarc_policies_are_reused_only_until_their_records_expire() -> None:
+    """The policy cache answers for the `_dmarc` record's TTL (1 s here), then sees the new one;
+    a DNS failure is never kept (the nameserver gone: temperror, then the record again)."""
+    message = message_from(f"alice@{SENDER_DOMAIN}")
+
+    async def before_and_after(server: DnsServer) -> tuple[str, str, float]:
+        dns_client = AsyncDns(build_resolver([server.nameserver]))
+        cache = PolicyCache()
+
+        async def policy() -> str:
+            facts = SenderFacts(HONEST_IP, "h.test", f"b@{SENDER_DOMAIN}", message)
+            verdict = await evaluate_async(dns_client, facts, time.monotonic() + 5, policy_cache=cache)
+            return verdict.dmarc.policy
+
+        first = await policy()
+        server.set_records(f"_dmarc.{SENDER_DOMAIN}", {"TXT": [txt("v=DMARC1; p=none")]})
+        cached = await policy()
+        changed_at = time.monotonic()
+        for _ in range(int(DEADLINE_S / POLL_S)):  # poll with a deadline: the TTL runs out
+            if await policy() == "none":
+                break
+            await asyncio.sleep(POLL_S)
+        return first, cached, time.monotonic() - changed_at
+
+    with DnsServer(sender_zones(), ttl_s=1) as server:
+        first, cached, seen_after_s = asyncio.run(before_and_after(server))
+    print(f"new DMARC record seen {seen_after_s:.2f} s after the change (TTL 1 s)")
+    assert (first, cached) == ("reject", "reject")
+    assert 0.5 < seen_after_s < 3.0
+
+
+def test_a_dmarc_lookup_that_failed_is_not_cached() -> None:
+    message = message_from(f"alice@{SENDER_DOMAIN}")
+    cache = PolicyCache()
+
+    async def evaluate(server_address: str, budget_s: float) -> str:
+        dns_client = AsyncDns(build_resolver([server_address]))
+        facts = SenderFacts(HONEST_IP, "h.test", f"b@{SENDER_DOMAIN}", message)
+        verdict = await evaluate_async(dns_client, facts, time.monotonic() + budget_s, policy_cache=cache)
+        return verdict.dmarc.result
+
+    with DnsServer(sender_zones()) as server:
+        nameserver = server.nameserver
+    failed = asyncio.run(evaluate(nameserver, 0.3))  # the server is gone: no answer in time
+    with DnsServer(sender_zones()) as server:
+        answered = asyncio.run(evaluate(server.nameserver, 5))
+    assert failed == "temperror"
+    assert answered == "pass"  # looked up again (SPF aligned), not the cached failure
 
 
 def test_concurrent_evaluations_share_one_query_per_name() -> None:

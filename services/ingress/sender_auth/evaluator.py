@@ -24,11 +24,12 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import dns.resolver
 
 from services.ingress.sender_auth.dkim_check import check_dkim
-from services.ingress.sender_auth.dmarc import check_dmarc, load_public_suffix_list, lookup_policy
+from services.ingress.sender_auth.dmarc import PolicyLookup, check_dmarc, load_public_suffix_list, lookup_policy
 from services.ingress.sender_auth.header import from_domains, header_section_end, strip_our_authentication_results
 from services.ingress.sender_auth.resolver import MAX_TTL_S, AsyncDns, BoundedResolver, replay
 from services.ingress.sender_auth.spf_check import check_spf
@@ -37,6 +38,9 @@ from services.ingress.sender_auth.verdict import UNEVALUATED, DkimResult, Sender
 from shared.logs import get_logger, log
 
 logger = get_logger(__name__)
+
+K = TypeVar("K", bound=tuple[str, ...])
+V = TypeVar("V")
 
 CPU_THREADS = 2  # DKIM hashing and RSA only; no thread ever waits for DNS
 WAIT_GRACE_S = 0.5  # past the DNS deadline, for the CPU work (hashing, RSA) to finish
@@ -55,21 +59,20 @@ class SenderFacts:
     message: bytes
 
 
-class SpfCache:
-    """SPF results by (client IP, MAIL FROM, HELO) until the first DNS answer they used expires.
+class ResultCache(Generic[K, V]):
+    """Results derived from DNS answers, by key, until the first answer they used expires.
 
-    SPF is a function of those three and the DNS answers (macros may use the local part, so
-    the whole address is the key), so while every answer is still cached the result is the
-    one a fresh evaluation would give, without running pyspf again. Results that met a DNS
-    timeout or error are not kept. Bounded: the oldest entry goes first."""
+    A result that is a function of its key and DNS answers is, while every answer is still
+    cached, the one a fresh evaluation would give. Results that met a DNS timeout or error are
+    not kept (the caller does not offer them). Bounded: the oldest entry goes first."""
 
     ENTRIES = 4096
     MAX_KEY_CHARS = 600
 
     def __init__(self) -> None:
-        self._results: dict[tuple[str, str, str], tuple[float, SpfResult]] = {}
+        self._results: dict[K, tuple[float, V]] = {}
 
-    def get(self, key: tuple[str, str, str]) -> SpfResult | None:
+    def get(self, key: K) -> V | None:
         found = self._results.get(key)
         if found is None:
             return None
@@ -78,7 +81,7 @@ class SpfCache:
             return None
         return found[1]
 
-    def put(self, key: tuple[str, str, str], result: SpfResult, expires: float) -> None:
+    def put(self, key: K, result: V, expires: float) -> None:
         now = time.monotonic()
         expires = min(expires, now + MAX_TTL_S)  # no lookup at all (a malformed domain): an hour
         if expires <= now or sum(map(len, key)) > self.MAX_KEY_CHARS:
@@ -86,6 +89,16 @@ class SpfCache:
         if len(self._results) >= self.ENTRIES:
             self._results.pop(next(iter(self._results)))
         self._results[key] = (expires, result)
+
+
+class SpfCache(ResultCache[tuple[str, str, str], SpfResult]):
+    """SPF results by (client IP, MAIL FROM, HELO): SPF is a function of those three and the DNS
+    answers (macros may use the local part, so the whole address is the key)."""
+
+
+class PolicyCache(ResultCache[tuple[str, ...], PolicyLookup]):
+    """The DMARC policy lookup by the message's distinct From domains: a function of those and
+    the `_dmarc` TXT answers, so a known author's policy is not parsed again per message."""
 
 
 async def evaluate_spf(
@@ -122,6 +135,7 @@ async def evaluate_async(
     executor: ThreadPoolExecutor | None = None,
     spf: asyncio.Future[SpfResult] | None = None,
     spf_cache: SpfCache | None = None,
+    policy_cache: PolicyCache | None = None,
 ) -> SenderAuthVerdict:
     """SPF (or the one already running), DKIM and the DMARC policy at once, then DMARC."""
     spf_task = spf or asyncio.ensure_future(
@@ -134,11 +148,22 @@ async def evaluate_async(
             authors = await loop.run_in_executor(executor, from_domains, facts.message)
         else:
             authors = from_domains(facts.message)
-        policy = await lookup_policy(BoundedResolver(dns_client, deadline), authors)
+        policy = await _policy(dns_client, authors, deadline, policy_cache)
         spf_result, dkim_results = await asyncio.gather(spf_task, dkim_task)
     finally:
         dkim_task.cancel()
     return SenderAuthVerdict(spf_result, dkim_results, check_dmarc(policy, spf_result, dkim_results))
+
+
+async def _policy(dns_client: AsyncDns, authors: list[str], deadline: float, cache: PolicyCache | None) -> PolicyLookup:
+    key = tuple(sorted(set(authors)))
+    if cache is not None and (cached := cache.get(key)) is not None:
+        return cached
+    resolver = BoundedResolver(dns_client, deadline)
+    policy = await lookup_policy(resolver, authors)
+    if cache is not None and not resolver.failed:
+        cache.put(key, policy, resolver.expires)
+    return policy
 
 
 def evaluate(resolver: dns.resolver.Resolver | None, facts: SenderFacts, deadline: float) -> SenderAuthVerdict:
@@ -152,6 +177,7 @@ class SenderAuthenticator:
     def __init__(self, nameservers: list[str], budget_s: float) -> None:
         self._dns = AsyncDns.for_nameservers(nameservers)
         self._spf_cache = SpfCache()
+        self._policy_cache = PolicyCache()
         self._budget_s = budget_s
         self._executor = ThreadPoolExecutor(CPU_THREADS, thread_name_prefix="sender-auth")
         load_public_suffix_list()
@@ -166,7 +192,9 @@ class SenderAuthenticator:
         started_s = time.perf_counter()
         try:
             async with asyncio.timeout(self._budget_s + WAIT_GRACE_S):
-                return await evaluate_async(self._dns, facts, deadline, self._executor, spf, self._spf_cache)
+                return await evaluate_async(
+                    self._dns, facts, deadline, self._executor, spf, self._spf_cache, self._policy_cache
+                )
         except TimeoutError:
             log(
                 logger,
