@@ -170,4 +170,8 @@ async def test_three_tunnel_nodes_lose_nothing_when_one_is_killed_and_one_stoppe
     survivor = tunnels[2].node_id.encode()
     assert {redis_client.get(keys.owner(p.persona_key)) for p in passports} <= {survivor, None}
     assert moved >= PERSONAS * 2 // 3
-    assert redis_client.zcard(keys.EGRESS_QUEUE) == 0
+    # A stream the gateway sent again after its node died is queued again once its first job has
+    # ended (arq keeps no result); that run finds the published marker and ends as a duplicate.
+    await eventually(
+        lambda: redis_client.zcard(keys.EGRESS_QUEUE) == 0, SETTLE_TIMEOUT_S, "egress jobs left in the queue"
+    )
