@@ -159,7 +159,7 @@ def pack_commands(connection: Connection, commands: list[tuple[Any, ...]]) -> li
     """The RESP bytes redis-py's `pack_commands` writes for `commands`, with less work per argument:
     keys and values are bytes, str or int nearly always, so redis-py's general encoder runs only
     for the rest (floats, memoryviews, and its errors for what cannot be sent). Values larger than
-    redis-py's buffer cutoff are passed on as they are, not copied (tests/ingress/test_redis_batch.py
+    redis-py's buffer cutoff are passed on as they are, not copied (tests/ops/test_redis_batch.py
     compares the two)."""
     encoder = connection.encoder
     encoding, errors = encoder.encoding, encoder.encoding_errors
