@@ -33,6 +33,7 @@ from redis.exceptions import RedisError
 from shared.config import ConfigError, RelayConfig
 from shared.hostport import parse_host_port
 from shared.logs import log
+from shared.redis_send import bound_sends
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 SENTINEL_PORT = 26379
@@ -111,7 +112,9 @@ def connect(
     """A pooled client that fails fast, so a request turns into `451`/retry instead of hanging.
 
     `timeout_s=None` drops the per-command socket timeout (the ingress bounds each call with its
-    own `asyncio.timeout`, see services/ingress/main.py); `redis_class` is e.g. arq's ArqRedis.
+    own `asyncio.timeout`, see services/ingress/main.py); with one, sends are bounded without a
+    task per command (`shared.redis_send.bound_sends`). `redis_class` is e.g. arq's ArqRedis or
+    `shared.redis_batch.BatchingRedis`.
     """
     options = {
         **_timeouts(timeout_s, connect_timeout_s),
@@ -125,8 +128,11 @@ def connect(
         client: aioredis.Redis = sentinel.master_for(
             config.redis.sentinelMaster, redis_class=redis_class, db=_database(config), **options
         )
-        return client
-    return cast(aioredis.Redis, redis_class.from_url(redis_url(config), **options))
+    else:
+        client = cast(aioredis.Redis, redis_class.from_url(redis_url(config), **options))
+    if timeout_s is not None:
+        bound_sends(client)
+    return client
 
 
 def connect_arq(config: RelayConfig) -> ArqRedis:

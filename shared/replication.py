@@ -12,6 +12,12 @@ Failover: a write that failed on a connection error (primary dead, sentinels sti
 on READONLY (a demoted primary) is sent again until `deadline_s`, each time to the primary the
 sentinels name then. That is safe only because every script run here is idempotent: it checks
 a marker (accepted digest, arq job key, published marker) before writing.
+
+Every script call of the relay goes out here, as EVALSHA in a non-transactional pipeline (no
+SCRIPT EXISTS first): `script_replies` is the one home of the NOSCRIPT rule, `call_scripts` and
+`PipelinedScript` the plain form the tunnel uses per handshake and acknowledgement. With the
+services' `shared.redis_batch.BatchingRedis` client, the pipelines of every caller in one loop
+turn leave in one write.
 """
 
 from __future__ import annotations
@@ -133,15 +139,7 @@ async def confirmed_read(
 async def _run_once(
     redis: aioredis.Redis, calls: list[ScriptCall], ack: ReplicaAck, also: AlsoQueue | None
 ) -> list[Any]:
-    replies = await _pipeline(redis, calls, ack, also)
-    if any(isinstance(reply, NoScriptError) for reply in replies):
-        # This Redis lacks a script (restarted, flushed, just promoted): load them all and run
-        # the batch again; the calls that did run find their markers the second time.
-        for script in {call.script for call in calls}:
-            await redis.script_load(script.source)
-        replies = await _pipeline(redis, calls, ack, None)
-    confirmed = int(replies.pop()) if ack.replicas else 0
-    replies = replies[: len(calls)]
+    replies, confirmed = await script_replies(redis, calls, ack=ack, also=also)
     for reply in replies:
         if isinstance(reply, ResponseError):
             raise as_failover_error(reply)
@@ -152,10 +150,62 @@ async def _run_once(
     return replies
 
 
+async def script_replies(
+    redis: aioredis.Redis, calls: list[ScriptCall], *, ack: ReplicaAck = NO_ACK, also: AlsoQueue | None = None
+) -> tuple[list[Any], int]:
+    """Each call's reply (an error reply in its place) and how many replicas confirmed them
+    (0 unless `ack` asks), from one pipeline: the calls as EVALSHA, then `also`'s commands,
+    then WAIT.
+
+    A Redis that lacks a script (restarted, flushed, just promoted) answers NOSCRIPT to each call
+    of it, which therefore did not run: those calls alone are sent again, after SCRIPT LOAD of
+    their scripts in the same pipeline (so callers of one loop turn share that write too), and
+    with WAIT again (the first WAIT confirmed the calls that did run). A connection error is
+    raised."""
+    replies, confirmed = await _pipeline(redis, calls, ack, also)
+    missing = [index for index, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+    if missing:
+        load = tuple({calls[index].script: None for index in missing})
+        again, confirmed_again = await _pipeline(redis, [calls[index] for index in missing], ack, None, load)
+        for index, reply in zip(missing, again, strict=True):
+            replies[index] = reply
+        confirmed = min(confirmed, confirmed_again)
+    return replies, confirmed
+
+
+async def call_scripts(redis: aioredis.Redis, calls: list[ScriptCall]) -> list[Any]:
+    """The calls' replies, from one pipeline; the first error reply is raised. No retry and no
+    replica acknowledgement (see `run_scripts` for the writes that need them)."""
+    replies, _ = await script_replies(redis, calls)
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return replies
+
+
+@dataclass(frozen=True, slots=True)
+class PipelinedScript:
+    """A script called like redis-py's `AsyncScript` (keys=, args=), as `call_scripts` sends it:
+    EVALSHA straight away, where `AsyncScript` in a pipeline asks SCRIPT EXISTS first."""
+
+    redis: aioredis.Redis
+    script: LuaScript
+
+    async def __call__(self, *, keys: list[Any], args: list[Any]) -> Any:
+        (reply,) = await call_scripts(self.redis, [ScriptCall(self.script, keys, args)])
+        return reply
+
+
 async def _pipeline(
-    redis: aioredis.Redis, calls: list[ScriptCall], ack: ReplicaAck, also: AlsoQueue | None
-) -> list[Any]:
+    redis: aioredis.Redis,
+    calls: list[ScriptCall],
+    ack: ReplicaAck,
+    also: AlsoQueue | None,
+    load: tuple[LuaScript, ...] = (),
+) -> tuple[list[Any], int]:
     async with redis.pipeline(transaction=False) as pipe:
+        for script in load:
+            pipe.script_load(script.source)
         for call in calls:
             pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
         if also is not None:
@@ -163,4 +213,5 @@ async def _pipeline(
         if ack.replicas:
             pipe.wait(ack.replicas, ack.timeout_ms)
         replies: list[Any] = await pipe.execute(raise_on_error=False)
-    return replies
+    confirmed = int(replies[-1]) if ack.replicas else 0
+    return replies[len(load) : len(load) + len(calls)], confirmed

@@ -26,7 +26,6 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from services.ingress.handler import IngressHandler
-from services.ingress.redis_batch import BatchingRedis
 from services.ingress.sender_auth import SenderAuthenticator
 from services.ingress.server import SmtpListener
 from shared.backlog import refresh_backlog_metrics
@@ -39,6 +38,7 @@ from shared.logs import get_logger, log
 from shared.nodeinfo import HEARTBEAT_INTERVAL_S, publish_node_info, remove_node_info
 from shared.ratelimit import Clock
 from shared.redis import connect, wait_for_redis
+from shared.redis_batch import BatchingRedis
 from shared.secrets import SecretFileError, load_signing_key, read_secret_file
 from shared.versions import require_tested
 
@@ -55,7 +55,7 @@ def redis_client(config: RelayConfig) -> aioredis.Redis:
     one set, redis-py wraps every command's send in `asyncio.wait_for`, a task per command on
     the hot path. Every call the ingress makes runs under its own `asyncio.timeout` instead
     (handler, enqueue, heartbeat, readiness), so a stalled Redis is still a 451, never a hang.
-    Its pipelines are batched across sessions (services/ingress/redis_batch.py)."""
+    Its pipelines are batched across sessions (shared/redis_batch.py)."""
     client: aioredis.Redis = connect(
         config, timeout_s=None, connect_timeout_s=REDIS_CONNECT_TIMEOUT_S, redis_class=BatchingRedis
     )

@@ -12,7 +12,6 @@ from redis.asyncio.client import Pipeline
 
 from services.tunnel.challenges import ChallengeRecord, ChallengeStore
 from services.tunnel.ratelimit import AuthRateLimiter
-from services.tunnel.script_batch import batch_for
 from shared.codes import AuthError
 from shared.ratelimit import Clock
 
@@ -24,20 +23,20 @@ class AuthStore:
         self, redis: aioredis.Redis, attempts_per_minute: int, deny_window_ms: int, rate_clock: Clock = time.time
     ) -> None:
         self._redis = redis
-        self._batch = batch_for(redis)
         self.challenges = ChallengeStore(redis)
         self.rate = AuthRateLimiter(redis, attempts_per_minute, deny_window_ms, rate_clock)
 
     async def store_challenge(self, client_ip: str, challenge: ChallengeRecord) -> bool:
         """Count the attempt and store the challenge in one round trip, shared with the other
-        sockets' Redis steps of this loop turn (services/tunnel/script_batch.py); True within
-        the rate."""
+        sockets' Redis steps of this loop turn (shared/redis_batch.py); True within the rate."""
 
         def queue(pipe: Pipeline) -> None:
             self.rate.count(pipe, client_ip)
             self.challenges.queue_save(pipe, challenge)
 
-        replies = await self._batch.run_commands(queue)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            queue(pipe)
+            replies = await pipe.execute()
         return await self.rate.judge(client_ip, replies)
 
     async def discard_challenge(self, challenge_id: str) -> None:

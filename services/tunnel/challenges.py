@@ -18,10 +18,10 @@ from datetime import UTC, datetime
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 
-from services.tunnel.script_batch import batch_for
 from shared import keys, lua
 from shared.codes import AuthError
 from shared.identity import decode_public_key, decode_signature, verify_signature
+from shared.replication import PipelinedScript
 
 # A used record is kept this long past its expiry, so a replay is told challenge_already_used
 # rather than challenge_not_found.
@@ -95,7 +95,7 @@ class ChallengeStore:
 
     def __init__(self, redis: aioredis.Redis) -> None:
         self._redis = redis
-        self._consume = batch_for(redis).bind(lua.CONSUME_CHALLENGE)  # shares pipelines node-wide
+        self._consume = PipelinedScript(redis, lua.CONSUME_CHALLENGE)  # shares writes node-wide
 
     def queue_save(self, pipe: Pipeline, record: ChallengeRecord) -> None:
         """Queue the record's writes on `pipe` (two replies), to share a round trip."""

@@ -45,12 +45,11 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, ResponseError
 
 from services.tunnel import metrics
-from services.tunnel.script_batch import batch_for
 from shared import keys, lua, protocol
 from shared.enqueue import DELIVERED_MARKER_TTL_S
 from shared.inbox_entries import StoredEntry, UnreadableEntry
 from shared.logs import get_logger, log
-from shared.replication import NO_ACK, ReplicaAck, ScriptCall, confirmed_read, run_scripts
+from shared.replication import NO_ACK, ReplicaAck, ScriptCall, call_scripts, confirmed_read, run_scripts
 
 logger = get_logger(__name__)
 
@@ -172,7 +171,6 @@ class InboxDelivery:
         self._legacy_ack_grace_s = legacy_ack_grace_s
         self._is_open = is_open
         self._remove = lua.INBOX_REMOVE.on(redis)
-        self._batch = batch_for(redis)  # removals of every persona's socket share pipelines
         self._wakeup = asyncio.Event()
         self._acks: dict[str, asyncio.Future[Any]] = {}
         self._in_flight: deque[_InFlight] = deque()
@@ -498,10 +496,10 @@ class InboxDelivery:
 
     async def _removed(self, delivered: list[_InFlight]) -> None:
         """The gateway has these messages: remove them (entry, body, marker) in one round trip,
-        shared with the other sockets' script calls of this loop turn (services/tunnel/
-        script_batch.py; EVALSHA straight away, where redis-py's pipelined `Script` would ask
-        SCRIPT EXISTS first, a second round trip per acknowledgement)."""
-        await self._batch.run_all([self._remove_call(item) for item in delivered])
+        shared with the other sockets' script calls of this loop turn (shared/redis_batch.py;
+        EVALSHA straight away, where redis-py's pipelined `Script` would ask SCRIPT EXISTS
+        first, a second round trip per acknowledgement)."""
+        await call_scripts(self._redis, [self._remove_call(item) for item in delivered])
         self._acknowledged(delivered)
 
     async def _flush_removals(self) -> None:

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from services.tunnel.script_batch import batch_for
 from shared import keys, lua
+from shared.replication import PipelinedScript
 from shared.wakeup import Wakeup, WakeupKind
 
 OWNER_TTL_S = 30
@@ -50,10 +50,10 @@ class Ownership:
     def __init__(self, redis: aioredis.Redis, node_id: str) -> None:
         self._redis = redis
         self.node_id = node_id
-        batch = batch_for(redis)  # claims and releases of every socket share pipelines
-        self._claim_session = batch.bind(lua.CLAIM_SESSION)
+        # claims and releases of every socket share writes (shared/redis_batch.py)
+        self._claim_session = PipelinedScript(redis, lua.CLAIM_SESSION)
         self._renew = lua.RENEW_OWNER.on(redis)
-        self._release = batch.bind(lua.RELEASE_OWNER)
+        self._release = PipelinedScript(redis, lua.RELEASE_OWNER)
 
     async def claim_session(self, persona_key: str, socket_id: str, *, inbound: bool, seen_ttl_s: int) -> SessionClaim:
         """All of an authentication's writes in one round trip (`lua.CLAIM_SESSION`); an inbound

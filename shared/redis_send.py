@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 
-class _TimedSend:
+class TimedSend:
     socket_timeout: float | None
 
     async def send_packed_command(self, command: bytes | str | Iterable[bytes], check_health: bool = True) -> None:
@@ -43,5 +43,5 @@ def bound_sends(client: aioredis.Redis) -> None:
     """Make `client`'s new connections send without a task per command (see the module doc)."""
     pool: Any = client.connection_pool
     base = pool.connection_class
-    if not issubclass(base, _TimedSend):
-        pool.connection_class = type(f"TimedSend{base.__name__}", (_TimedSend, base), {})
+    if not issubclass(base, TimedSend):
+        pool.connection_class = type(f"TimedSend{base.__name__}", (TimedSend, base), {})

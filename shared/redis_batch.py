@@ -1,4 +1,4 @@
-"""The ingress's Redis client: pipelines of concurrent SMTP sessions leave in one write.
+"""The services' Redis client: pipelines of concurrent callers (SMTP sessions, sockets) leave in one write.
 
 Every RCPT check and every enqueue was its own pipeline: its own pooled connection (the pool's
 lock and unread-data probe around it), `send`, reply read and event-loop wake-up, with
@@ -7,7 +7,11 @@ returns a pipeline whose `execute` does not send at once: the pipelines executed
 turn of the event loop (sessions whose commands arrived together) are concatenated, each one's
 commands kept together and in order, written to one connection with one `send`, and their
 replies read back in that order and handed to each caller. The busier the process, the more
-sessions share a write; a lone session's pipeline leaves one loop turn later than before.
+sessions share a write; a lone session's pipeline leaves one loop turn later than before. A
+caller cancelled before its batch leaves is left out of it.
+
+Both the ingress (RCPT checks, enqueues) and the tunnel (every script call of its handshakes
+and acknowledgements, `shared.replication.call_scripts`) use it.
 
 What each caller sees is what redis-py's own pipeline gives: its replies in order, a reply that
 is an error in its place (raised if `raise_on_error`), a connection failure as the exception.
@@ -61,6 +65,8 @@ class PipelineBatcher:
         self._idle: list[Connection] = []
         self._sending: set[asyncio.Task[None]] = set()
         self._callbacks: dict[Any, Any] = {}  # command name -> redis-py's response callback or None
+        self.writes = 0  # batches sent, and the pipelines in them (for tests and profiles)
+        self.pipelines = 0
 
     async def run(self, pipe: Pipeline, stack: CommandStack) -> list[Any]:
         """`stack`'s replies, errors in place; raises when the connection failed."""
@@ -73,7 +79,14 @@ class PipelineBatcher:
         return await future
 
     async def _send(self) -> None:
-        batch, self._waiting = self._waiting, []
+        # a caller cancelled (or timed out) before the batch leaves is left out of it, as a
+        # command that was never sent
+        batch = [waiting for waiting in self._waiting if not waiting[2].done()]
+        self._waiting = []
+        if not batch:
+            return
+        self.writes += 1
+        self.pipelines += len(batch)
         connection: Connection | None = None
         task = asyncio.current_task()
         assert task is not None
@@ -159,7 +172,7 @@ def pack_commands(connection: Connection, commands: list[tuple[Any, ...]]) -> li
     """The RESP bytes redis-py's `pack_commands` writes for `commands`, with less work per argument:
     keys and values are bytes, str or int nearly always, so redis-py's general encoder runs only
     for the rest (floats, memoryviews, and its errors for what cannot be sent). Values larger than
-    redis-py's buffer cutoff are passed on as they are, not copied (tests/ingress/test_redis_batch.py
+    redis-py's buffer cutoff are passed on as they are, not copied (tests/ops/test_redis_batch.py
     compares the two)."""
     encoder = connection.encoder
     encoding, errors = encoder.encoding, encoder.encoding_errors

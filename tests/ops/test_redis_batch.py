@@ -1,4 +1,4 @@
-"""The ingress's batching Redis client (services/ingress/redis_batch.py) against a real redis-server.
+"""The ingress's batching Redis client (shared/redis_batch.py) against a real redis-server.
 
 Pipelines executed together by concurrent sessions must leave on one connection, and each
 caller must still get exactly what redis-py's own pipeline would give it: its replies in
@@ -18,7 +18,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError, ResponseError
 
 from protege_relay.embedded_redis import EmbeddedRedis
-from services.ingress.redis_batch import BatchingRedis, pack_commands
+from shared.redis_batch import BatchingRedis, pack_commands
 from tests.support.wait import eventually
 
 CLIENT_NAME = "batch-test"

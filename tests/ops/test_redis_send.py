@@ -1,4 +1,4 @@
-"""services/tunnel/redis_send.py against a real Redis: commands sent without a task each, still
+"""shared/redis_send.py against a real Redis: commands sent without a task each, still
 bounded by the client's timeout, and the client usable after a timeout."""
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ import redis.asyncio as aioredis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from protege_relay.embedded_redis import EmbeddedRedis
-from services.tunnel.redis_send import bound_sends
+from shared.config import load_config
+from shared.redis import connect
+from shared.redis_send import TimedSend, bound_sends
 
 COMMANDS = 50
 
@@ -69,3 +71,14 @@ async def test_a_stalled_redis_still_times_out_and_the_client_recovers(
         assert await client.get("k") == b"v"
     finally:
         await client.aclose()
+
+
+async def test_every_client_with_a_socket_timeout_sends_without_a_task_each(redis_server: EmbeddedRedis) -> None:
+    config = load_config(environ={"RELAY_REDIS_URL": redis_server.url})
+    bounded, unbounded = connect(config), connect(config, timeout_s=None)
+    try:
+        assert await tasks_created_by(bounded) == 0
+        assert not issubclass(unbounded.connection_pool.connection_class, TimedSend)
+    finally:
+        await bounded.aclose()
+        await unbounded.aclose()
