@@ -82,7 +82,7 @@ def test_a_test_that_reconfigures_or_stops_the_server_fails_and_the_next_gets_a_
     assert cast(dict[str, str], client.config_get("maxmemory")) == {"maxmemory": "0"}
     client.close()
     server.kill()
-    with pytest.raises(SharedRedisError, match="kills stopped or killed the shared Redis.*own_redis"):
+    with pytest.raises(SharedRedisError, match=r"kills stopped or killed the shared Redis.*own_redis"):
         shared.release("kills")
 
     server = shared.acquire("after")
