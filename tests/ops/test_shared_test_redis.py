@@ -37,9 +37,10 @@ def test_the_next_test_gets_no_keys_scripts_stats_or_connections_and_a_new_port(
     other_db = redis.Redis(port=first_port, db=3)
     client.set("left", "over")
     other_db.xadd("stream", {"f": "v"})
-    sha = client.script_load("return 1")
-    subscriber = client.pubsub()
-    subscriber.subscribe("channel")
+    sha = cast(str, client.script_load("return 1"))
+    subscriber = socket.create_connection(("127.0.0.1", first_port), timeout=5)
+    subscriber.sendall(b"SUBSCRIBE channel\r\n")
+    assert subscriber.recv(100).startswith(b"*3\r\n$9\r\nsubscribe")
     assert cast(int, client.publish("channel", "x")) == 1
     shared.release("first")
 
@@ -48,13 +49,16 @@ def test_the_next_test_gets_no_keys_scripts_stats_or_connections_and_a_new_port(
     fresh = redis.Redis.from_url(second.url)
     assert cast(dict[str, Any], fresh.info("keyspace")) == {}
     assert fresh.script_exists(sha) == [False]
-    assert cast(int, fresh.publish("channel", "x")) == 0  # the subscriber was disconnected
+    assert cast(int, fresh.publish("channel", "x")) == 0
+    assert subscriber.recv(100).startswith(b"*3\r\n$7\r\nmessage")  # what it got before the next test...
+    assert subscriber.recv(100) == b""  # ...which it never reaches: it was disconnected
     assert "cmdstat_xadd" not in cast(dict[str, Any], fresh.info("commandstats"))
     with pytest.raises(redis.ConnectionError):
         client.get("left")  # closed, and its reconnect to the old port is refused
     shared.release("second")
     for connection in (client, other_db, fresh):
         connection.close()
+    subscriber.close()
 
 
 def test_a_connection_opened_after_a_test_ended_fails_the_next_test(shared: SharedRedis) -> None:
