@@ -61,15 +61,22 @@ def test_the_next_test_gets_no_keys_scripts_stats_or_connections_and_a_new_port(
     subscriber.close()
 
 
-def test_a_connection_opened_after_a_test_ended_fails_the_next_test(shared: SharedRedis) -> None:
+def test_what_a_test_left_running_cannot_reach_redis_and_a_new_connection_fails_the_next_test(
+    shared: SharedRedis,
+) -> None:
     server = shared.acquire("leaky")
+    url_of_the_test = server.url
     shared.release("leaky")
-    straggler = redis.Redis.from_url(server.url)
-    straggler.ping()  # something "leaky" started, still running between the tests
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis.from_url(url_of_the_test).ping()  # a reconnect of something "leaky" started
+    straggler = redis.Redis.from_url(server.url)  # only a client told the new port gets in
+    straggler.ping()
     with pytest.raises(SharedRedisError, match="after leaky ended"):
         shared.acquire("next")
     straggler.close()
-    assert cast(dict[str, Any], redis.Redis.from_url(shared.acquire("next").url).info("keyspace")) == {}
+    client = redis.Redis.from_url(shared.acquire("next").url)
+    assert cast(dict[str, Any], client.info("keyspace")) == {}
+    client.close()
     shared.release("next")
 
 

@@ -2,21 +2,21 @@
 
 Starting and stopping a redis-server per test cost about 0.2 s of wall time each (the shutdown
 waits for Redis's next cron tick), ~600 times per run. Each test process (each pytest-xdist
-worker, or the one `make test` process) keeps one server instead, and before every test:
+worker, or the one `make test` process) keeps one server instead.
 
-- closes every other connection (a previous test's pools and subscribers), then empties every
-  database, the Lua script cache and the statistics (FLUSHALL, SCRIPT FLUSH, CONFIG RESETSTAT,
-  SLOWLOG RESET) and checks that no key is left;
-- moves the server to a new port (`CONFIG SET port`, which closes the old listener): the test gets
-  a URL no earlier test had, as with a fresh server, so state a process keeps per Redis URL
-  (the backlog gauges' scrape cache) starts anew, and anything an earlier test left running can
-  no longer reach Redis at all (its reconnects are refused);
-- fails the test at setup if a connection appeared since the previous test ended anyway.
+When a test ends, every other connection is closed (its pools, subscribers, monitors) and the
+server moves to a new port (`CONFIG SET port`, which closes the old listener): anything the test
+left running can no longer reach Redis at all (its reconnects are refused), and the next test
+gets a URL no earlier test had, as with a fresh server, so state a process keeps per Redis URL
+(the backlog gauges' scrape cache) starts anew. A server the test stopped, killed or
+reconfigured (CONFIG SET, ACL SETUSER) is replaced and the test fails at teardown: such a test
+asks for a server of its own with `@pytest.mark.own_redis` (tests of Redis outages, crashes and
+persistence do).
 
-After the test, a server the test stopped, killed or reconfigured (CONFIG SET, ACL SETUSER) is
-replaced and the test fails at teardown: such a test asks for a server of its own with
-`@pytest.mark.own_redis` (tests of Redis outages, crashes and persistence do). xdist workers are
-separate processes, so no two workers ever share a server.
+Before a test, every database, the Lua script cache and the statistics are emptied (FLUSHALL,
+SCRIPT FLUSH, CONFIG RESETSTAT, SLOWLOG RESET) and checked empty; a connection that appeared
+since the previous test ended fails the test at setup. xdist workers are separate processes, so
+no two workers ever share a server.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class SharedRedis:
         self._last_user = ""  # the test that used the server last, for error messages
 
     def acquire(self, test_id: str) -> EmbeddedRedis:
-        """The server, on a port of its own, empty and with no other client connected, for `test_id`."""
+        """The server, on a port no earlier test used, empty and with no other client connected."""
         if not self._answers():
             self._replace()
         server, admin = self._running()
@@ -67,21 +67,20 @@ class SharedRedis:
         keyspace = cast(dict[str, object], admin.info("keyspace"))
         if keyspace:
             raise SharedRedisError(f"the shared Redis still holds keys after FLUSHALL: {keyspace}")
-        port = free_port()
-        admin.config_set("port", port)
-        server.port = port
-        self._reconnect_admin()
         self._last_user = test_id
         return server
 
     def release(self, test_id: str) -> None:
-        """After `test_id`: close what it left connected; fail it if it broke or reconfigured Redis."""
+        """After `test_id`: cut off what it left connected; fail it if it broke or reconfigured Redis."""
         if not self._answers():
             self._discard()
             raise SharedRedisError(f"{test_id} stopped or killed the shared Redis: {OWN_SERVER_HINT}")
-        _, admin = self._running()
+        server, admin = self._running()
         admin.client_unpause()  # a CLIENT PAUSE the test started, still running
         self._close_others()
+        server.port = free_port()
+        admin.config_set("port", server.port)
+        self._reconnect_admin()
         changed = self._config_changes()
         if changed or self._acl() != self._baseline_acl:
             self._discard()
