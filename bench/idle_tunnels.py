@@ -11,6 +11,8 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 from bench.harness import REPO_ROOT, Bench, BenchError, raise_fd_limit, rss_kib, service_available
 from bench.modes import Mode
@@ -36,13 +38,25 @@ def settled_rss_kib(pid: int) -> int:
     return previous
 
 
-def open_clients(bench: Bench, url: str, count: int, salt: str, *extra: str) -> list[subprocess.Popen[bytes]]:
+@dataclass
+class IdleClient:
+    """One client process and the file its stderr goes to, so a client that dies says why."""
+
+    process: subprocess.Popen[bytes]
+    stderr_path: Path
+
+    def said(self) -> str:
+        return self.stderr_path.read_text(errors="replace")[-1500:] if self.stderr_path.exists() else ""
+
+
+def open_clients(bench: Bench, url: str, count: int, salt: str, *extra: str) -> list[IdleClient]:
     clients = []
     remaining, index = count, 0
     while remaining > 0:
         share = min(CONNECTIONS_PER_CLIENT, remaining)
-        clients.append(
-            subprocess.Popen(
+        stderr_path = bench.work_dir / f"idle-client-{salt}-{index}.stderr"
+        with stderr_path.open("wb") as stderr_file:
+            process = subprocess.Popen(
                 [
                     sys.executable,
                     "-m",
@@ -59,20 +73,20 @@ def open_clients(bench: Bench, url: str, count: int, salt: str, *extra: str) -> 
                 cwd=REPO_ROOT,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
+                stderr=stderr_file,
                 preexec_fn=raise_fd_limit,
             )
-        )
+        clients.append(IdleClient(process, stderr_path))
         remaining -= share
         index += 1
     return clients
 
 
-def read_json_line(client: subprocess.Popen[bytes]) -> dict[str, object]:
-    assert client.stdout is not None
-    line = client.stdout.readline()
+def read_json_line(client: IdleClient) -> dict[str, object]:
+    assert client.process.stdout is not None
+    line = client.process.stdout.readline()
     if not line:
-        raise BenchError(f"idle client exited with {client.wait()} before reporting")
+        raise BenchError(f"idle client exited with {client.process.wait()} before reporting:\n{client.said()}")
     result: dict[str, object] = json.loads(line)
     return result
 
@@ -85,7 +99,7 @@ def measure(bench: Bench, count: int, round_index: int) -> tuple[float, dict[str
     tunnel_pid = tunnel.pid
     warmup = open_clients(bench, url, 1, f"warm{round_index}")
     read_json_line(warmup[0])
-    warmup[0].communicate(b"", timeout=30)
+    warmup[0].process.communicate(b"", timeout=30)
     before = settled_rss_kib(tunnel_pid)
     started = time.perf_counter()
     clients = open_clients(bench, url, count, f"idle{round_index}")
@@ -95,16 +109,16 @@ def measure(bench: Bench, count: int, round_index: int) -> tuple[float, dict[str
         after = settled_rss_kib(tunnel_pid)
         authenticated = sum(int(report["authenticated"]) for report in reports)  # type: ignore[call-overload]
         for client in clients:
-            assert client.stdin is not None
-            client.stdin.close()
+            assert client.process.stdin is not None
+            client.process.stdin.close()
         still_open = sum(int(read_json_line(client)["still_open"]) for client in clients)  # type: ignore[call-overload]
     finally:
         for client in clients:
             try:
-                client.wait(timeout=60)
+                client.process.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                client.kill()
-                client.wait()
+                client.process.kill()
+                client.process.wait()
         bench.stop_all()
     if authenticated == 0:
         raise BenchError(f"no gateway authenticated: {reports}")

@@ -25,6 +25,7 @@ from email.message import EmailMessage
 from email.parser import HeaderParser
 from email.policy import default as default_policy
 
+from services.tunnel.outbound import is_sender_domain
 from shared.codes import OutboundRefusal
 from shared.identity import InvalidKey, persona_key_of_local_part
 from shared.normalize import lf_line_endings
@@ -60,7 +61,6 @@ def check_header_from(message_head: bytes, persona_key: str, mail_domains: list[
     headers = _parse(section.replace(b"\n", b"\r\n"))  # LF only by now: CRLF as on the wire
     if headers is None or len(headers.get_all("From") or []) != 1 or len(headers.get_all("Sender") or []) > 1:
         return OutboundRefusal.HEADER_FROM_NOT_ALLOWED
-    domains = {domain.lower().rstrip(".") for domain in mail_domains}
     for name in CHECKED_FIELDS:
         value = headers[name]
         if value is None:
@@ -69,7 +69,7 @@ def check_header_from(message_head: bytes, persona_key: str, mail_domains: list[
         groups: tuple[Group, ...] = getattr(value, "groups", ())
         if getattr(value, "defects", ()) or not addresses or any(g.display_name is not None for g in groups):
             return OutboundRefusal.HEADER_FROM_NOT_ALLOWED  # From and Sender take mailboxes, never a group
-        if not all(_is_persona_address(address, persona_key, domains) for address in addresses):
+        if not all(_is_persona_address(address, persona_key, mail_domains) for address in addresses):
             return OutboundRefusal.HEADER_FROM_NOT_ALLOWED
     return None
 
@@ -90,7 +90,7 @@ def _parse(section: bytes) -> EmailMessage | None:
     return headers
 
 
-def _is_persona_address(address: Address, persona_key: str, domains: set[str]) -> bool:
+def _is_persona_address(address: Address, persona_key: str, mail_domains: list[str]) -> bool:
     local_part, domain = address.username, address.domain
     if not local_part or not domain:
         return False
@@ -101,7 +101,4 @@ def _is_persona_address(address: Address, persona_key: str, domains: set[str]) -
         return False
     if local_part.strip() != local_part or "\\" in local_part:
         return False
-    bare_domain = domain.lower().rstrip(".")
-    if domains:
-        return bare_domain in domains
-    return all(label and label.replace("-", "").isalnum() for label in bare_domain.split("."))
+    return is_sender_domain(domain, mail_domains)

@@ -52,11 +52,17 @@ def check_sender(mail_from: str, persona_key: str, mail_domains: list[str]) -> O
     if has_control_characters(mail_from):
         return OutboundRefusal.SENDER_NOT_ALLOWED
     local_part, at, domain = _bare(mail_from).rpartition("@")
-    if not at or local_part.lower() != persona_key or not _DOMAIN.fullmatch(domain):
-        return OutboundRefusal.SENDER_NOT_ALLOWED
-    if mail_domains and domain.lower().rstrip(".") not in {d.lower().rstrip(".") for d in mail_domains}:
+    if not at or local_part.lower() != persona_key or not is_sender_domain(domain, mail_domains):
         return OutboundRefusal.SENDER_NOT_ALLOWED
     return None
+
+
+def is_sender_domain(domain: str, mail_domains: list[str]) -> bool:
+    """A persona sends from one of our domains when domains are configured, else from any
+    well-formed one: the one rule for the envelope sender and the header From."""
+    if not _DOMAIN.fullmatch(domain):
+        return False
+    return not mail_domains or domain.lower().rstrip(".") in {d.lower().rstrip(".") for d in mail_domains}
 
 
 def expected_sender(persona_key: str, mail_domains: list[str]) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from services.tunnel.header_from import MAX_HEADER_BYTES, check_header_from
+from services.tunnel.outbound import check_sender
 from shared.identity import Passport
 
 KEY = Passport.from_seed(b"k" * 32).persona_key
@@ -97,3 +98,16 @@ def test_header_section_is_bounded() -> None:
     assert check(endless) == REFUSED
     big_body = f"From: {OWN}\r\n\r\n".encode() + b"x" * (4 * MAX_HEADER_BYTES)
     assert check(big_body) is None
+
+
+@pytest.mark.parametrize("domains", [(), (DOMAIN,), ("Relay.Test.", "other.test")])
+@pytest.mark.parametrize(
+    "domain", [DOMAIN, "RELAY.TEST", "other.test", "bücher.example", "a..b", "-", "[127.0.0.1]", "evil.test"]
+)
+def test_header_from_and_envelope_sender_agree_on_the_domain(domain: str, domains: tuple[str, ...]) -> None:
+    """One rule for which domains a persona sends from (outbound.is_sender_domain): the
+    envelope check and the header check never disagree about a domain. (A trailing dot is not
+    RFC 5322 header syntax, so the header refuses it before the domain rule.)"""
+    envelope_ok = check_sender(f"{KEY}@{domain}", KEY, list(domains)) is None
+    header_ok = check(f"From: <{KEY}@{domain}>\r\n\r\n", domains) is None
+    assert envelope_ok == header_ok, (domain, domains, envelope_ok, header_ok)
