@@ -36,7 +36,7 @@ def shared_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedRed
 
 
 @pytest.fixture
-def redis_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[EmbeddedRedis]:
+def redis_server(request: pytest.FixtureRequest) -> Iterator[EmbeddedRedis]:
     """A real redis-server with nothing in it and no other client connected: the shared one,
     emptied, or with `@pytest.mark.own_redis` one started for this test alone."""
     if request.node.get_closest_marker("own_redis") is None:
@@ -44,6 +44,7 @@ def redis_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Emb
         yield shared.acquire(request.node.nodeid)
         shared.release(request.node.nodeid)
         return
+    tmp_path: Path = request.getfixturevalue("tmp_path")
     server = EmbeddedRedis(tmp_path / "redis")
     server.start()
     yield server
