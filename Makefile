@@ -49,7 +49,7 @@ test: install test-tools
 # workers than cores pays. `make test` runs the whole suite in one process.
 # PYTHONDONTWRITEBYTECODE is emptied (= unset for Python): with it set, each of the ~150 Python
 # processes of a run (workers, services, CLI calls) compiled the relay's sources and pytest
-# re-rewrote every test module, a third of the run's CPU time. The caches go to the ignored __pycache__/.
+# re-rewrote every test module: about 30% of the run's CPU time. The caches go to the ignored __pycache__/
 test-fast: install test-tools
 	PYTHONDONTWRITEBYTECODE= $(BIN)/python -m pytest -q -p no:cacheprovider -m "not system" -n $(TEST_WORKERS) --dist worksteal
 
