@@ -1,5 +1,6 @@
-"""Fixtures every test group uses: a real redis-server per test on a free port, real service
-processes, a free SMTP port for sinks, a test CA. A group's own fixtures live in its conftest.py."""
+"""Fixtures every test group uses: a real redis-server (one per test process, emptied before each
+test; its own per test with `own_redis`), real service processes, a free SMTP port for sinks, a
+test CA. A group's own fixtures live in its conftest.py."""
 
 from __future__ import annotations
 
@@ -14,10 +15,36 @@ from protege_relay.embedded_redis import EmbeddedRedis
 from shared.redis_acl import write_secrets
 from tests.support.clock import ManualClock
 from tests.support.processes import ServiceProcess, free_port, service_env
+from tests.support.shared_redis import SharedRedis
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "own_redis: the test stops, kills, restarts or reconfigures Redis, so `redis_server` is a fresh "
+        "redis-server of its own instead of this test process's shared one",
+    )
+
+
+@pytest.fixture(scope="session")
+def shared_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedRedis]:
+    """This test process's redis-server (each xdist worker is a process: one each); see
+    tests/support/shared_redis.py for how tests are kept from seeing each other's state."""
+    shared = SharedRedis(tmp_path_factory.mktemp("shared-redis"))
+    yield shared
+    shared.stop()
 
 
 @pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+def redis_server(request: pytest.FixtureRequest) -> Iterator[EmbeddedRedis]:
+    """A real redis-server with nothing in it and no other client connected: the shared one,
+    emptied, or with `@pytest.mark.own_redis` one started for this test alone."""
+    if request.node.get_closest_marker("own_redis") is None:
+        shared: SharedRedis = request.getfixturevalue("shared_redis")
+        yield shared.acquire(request.node.nodeid)
+        shared.release(request.node.nodeid)
+        return
+    tmp_path: Path = request.getfixturevalue("tmp_path")
     server = EmbeddedRedis(tmp_path / "redis")
     server.start()
     yield server

@@ -377,6 +377,7 @@ def test_messages_over_the_per_ip_rate_get_451_4_7_0_at_data(
 # --- Redis unavailable --------------------------------------------------------------------
 
 
+@pytest.mark.own_redis  # kills or restarts Redis
 def test_redis_down_at_rcpt_is_451_4_3_0(ingress: InProcessIngress, persona: str, redis_server: EmbeddedRedis) -> None:
     with open_session(ingress.port) as client:
         client.mail("s@example.org")
@@ -384,6 +385,7 @@ def test_redis_down_at_rcpt_is_451_4_3_0(ingress: InProcessIngress, persona: str
         assert client.rcpt(address(persona)) == (451, b"4.3.0 temporary failure, try again later")
 
 
+@pytest.mark.own_redis  # kills or restarts Redis
 def test_redis_down_at_end_of_data_is_451_4_3_0_never_250(
     ingress: InProcessIngress, persona: str, redis_server: EmbeddedRedis
 ) -> None:

@@ -155,6 +155,7 @@ def http_get(port: int, path: str) -> tuple[int, str]:
         connection.close()
 
 
+@pytest.mark.own_redis  # kills or restarts Redis
 def test_health_port_serves_readiness_and_metrics(
     start_ingress: StartIngress, persona: str, redis_server: EmbeddedRedis
 ) -> None:

@@ -138,6 +138,7 @@ def test_message_rate_limit_holds_across_two_processes(spawn: Spawn, persona: st
     assert send_raw(port_a, "s@example.org", [address(persona)], MESSAGE) == (451, b"4.7.0 relay_rejected_rate_limited")
 
 
+@pytest.mark.own_redis  # kills or restarts Redis
 def test_redis_outage_is_451_then_service_resumes_when_redis_returns(
     spawn: Spawn, persona: str, redis_server: EmbeddedRedis
 ) -> None:
@@ -163,6 +164,7 @@ def test_redis_outage_is_451_then_service_resumes_when_redis_returns(
     assert len(inbox_entries(redis.Redis.from_url(redis_server.url), persona)) == 1
 
 
+@pytest.mark.own_redis  # kills or restarts Redis
 def test_a_250_survives_a_redis_crash(
     spawn: Spawn, persona: str, redis_server: EmbeddedRedis, redis_client: redis.Redis
 ) -> None:

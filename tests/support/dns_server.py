@@ -93,11 +93,20 @@ class DnsServer:
 
     def stop(self) -> None:
         self._stopped.set()
+        self._wake_listeners()
         for thread in self._threads:
             thread.join(timeout=2)
         for sock in (self._udp, self._tcp):
             if sock is not None:
                 sock.close()
+
+    def _wake_listeners(self) -> None:
+        """An empty datagram and a connection that closes at once: both threads return from their
+        wait now and see the stop, instead of at their next 0.2 s timeout (a test pays that per server)."""
+        with contextlib.suppress(OSError):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                udp.sendto(b"", ("127.0.0.1", self.port))
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
 
     def __enter__(self) -> DnsServer:
         return self.start()

@@ -9,6 +9,7 @@ the egress connects to every MX on the one `egress.smtpPort`; Linux routes all o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import socket
 import ssl
@@ -202,6 +203,8 @@ class HangingServer:
 
     def stop(self) -> None:
         self._stopped.set()
+        with contextlib.suppress(OSError):  # wakes the accept now rather than at its 0.2 s timeout
+            socket.create_connection((self.host, self.port), timeout=1).close()
         self._thread.join(timeout=2)
         for connection in self.connections:
             connection.close()

@@ -45,7 +45,7 @@ class PolicyServer:
         self._httpd = ThreadingHTTPServer((host, port), Handler)
         self._httpd.socket = context.wrap_socket(self._httpd.socket, server_side=True)
         self.port: int = self._httpd.server_address[1]
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
 
     def __enter__(self) -> PolicyServer:
         self._thread.start()

@@ -1,7 +1,9 @@
 """The system tier: several real processes at once (end to end, faults, multi-node, the bench smoke run).
 
 Every test here carries the `system` marker, so `make test-fast` (`-m "not system"`) leaves the tier out
-and `make test` runs it.
+and `make test` runs it. Every test here also gets a redis-server of its own (`own_redis`): these tests
+stop Redis, attach replicas to it and run several processes against it, so none starts from a server
+another test used.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if _HERE in Path(item.path).parents:
             item.add_marker(pytest.mark.system)
+            item.add_marker(pytest.mark.own_redis)
 
 
 @pytest.fixture

@@ -227,14 +227,21 @@ async def test_result_written_while_offline_arrives_on_next_auth(
 
 
 async def test_result_goes_to_outbound_role_socket_when_no_inbound(
-    tunnel: RunningTunnel, redis_client: redis.Redis
+    redis_server: EmbeddedRedis, redis_client: redis.Redis, tunnel_env: dict[str, str], rate_clock: ManualClock
 ) -> None:
-    client, passport = await connected(tunnel, role="outbound")
-    add_result(redis_client, passport.persona_key, DeliveryResult("s-3", "sent", message_id=None))
-    # No owner key to wake: the periodic sweep delivers it.
-    result = await client.next_of_type("relay_delivery_result", timeout_s=15)
-    assert result == {"type": "relay_delivery_result", "streamId": "s-3", "status": "sent", "messageId": None}
-    await client.close()
+    # No owner key to wake: the periodic sweep delivers it (every 0.5 s here; the default 5 s
+    # would only be waited out).
+    tunnel = await RunningTunnel(
+        redis_server.url, rate_clock=rate_clock, **tunnel_env, RELAY_WS_RESULTS_SWEEP_INTERVAL_MS="500"
+    ).start()
+    try:
+        client, passport = await connected(tunnel, role="outbound")
+        add_result(redis_client, passport.persona_key, DeliveryResult("s-3", "sent", message_id=None))
+        result = await client.next_of_type("relay_delivery_result", timeout_s=15)
+        assert result == {"type": "relay_delivery_result", "streamId": "s-3", "status": "sent", "messageId": None}
+        await client.close()
+    finally:
+        await tunnel.stop()
 
 
 async def test_outbound_only_sender_is_woken_for_its_result_without_the_sweep(
