@@ -250,6 +250,7 @@ async def test_a_failed_end_write_requeues_the_job_instead_of_finishing_it(
     assert await pool.get("marker:b") == b"second"
 
 
+@pytest.mark.own_redis  # REPLICAOF: the server is demoted for a moment
 async def test_an_end_write_refused_by_a_demoted_primary_is_sent_again_not_the_job(
     redis_server: EmbeddedRedis, pool: ArqRedis
 ) -> None:

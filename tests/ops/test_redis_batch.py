@@ -101,6 +101,7 @@ async def test_a_connection_redis_closed_while_idle_is_replaced_not_failed(
     assert replies == [1, 3, b"3"]
 
 
+@pytest.mark.own_redis  # CLIENT KILL TYPE normal would also cut the shared test server's own connection
 async def test_a_connection_lost_mid_batch_fails_every_pipeline_in_it_and_the_next_one_works(
     redis_server: EmbeddedRedis, redis_client: redis.Redis
 ) -> None:

@@ -23,6 +23,7 @@ async def error_replies(admin: aioredis.Redis) -> int:
     return int((await admin.info("stats"))["total_error_replies"])
 
 
+@pytest.mark.own_redis  # REPLICAOF: the server is demoted for a moment
 async def test_a_script_write_refused_by_a_demoted_primary_is_retried_until_it_takes_writes(
     redis_server: EmbeddedRedis,
 ) -> None:
