@@ -44,19 +44,19 @@ def redis_server_binary() -> str:
 _HANDED_OUT_PORTS: set[int] = set()
 
 
-# Under pytest-xdist several test processes pick ports at once: each worker takes its own
-# block below the kernel's ephemeral range (32768+), so neither another worker's choice nor an
-# outgoing connection's local port can collide with it.
-_WORKER_PORT_BASE = 10_000
-_WORKER_PORT_BLOCK = 2_500
+# A test process under pytest-xdist takes its ports from a block of its own below the kernel's
+# ephemeral range (tests/conftest.py calls `use_port_block`), so neither another worker's choice
+# nor an outgoing connection's local port can collide with it. Only that process: the relay
+# processes a test starts (e.g. `protege-relay run` picking its embedded Redis's port) take
+# ports from the kernel, which never hands out one below 32768, so they cannot land on a port
+# the test picked for something it has not started yet.
+_port_block: range | None = None
 
 
-def _worker_port_block() -> range | None:
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
-    if not worker.startswith("gw") or not worker[2:].isdigit():
-        return None
-    start = _WORKER_PORT_BASE + int(worker[2:]) * _WORKER_PORT_BLOCK
-    return range(start, min(start + _WORKER_PORT_BLOCK, 32_768))
+def use_port_block(block: range | None) -> None:
+    """Make this process's `free_port` pick from `block` (None: from the kernel)."""
+    global _port_block
+    _port_block = block
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -65,9 +65,8 @@ def free_port(host: str = "127.0.0.1") -> int:
     The kernel may hand a just-released port out again; two services told to use the same
     port would fight over it, so remember what was given.
     """
-    block = _worker_port_block()
-    if block is not None and len(block) > 0:
-        return _free_port_in(block, host)
+    if _port_block is not None and len(_port_block) > 0:
+        return _free_port_in(_port_block, host)
     while True:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
             probe.bind((host, 0))

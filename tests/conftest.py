@@ -4,6 +4,7 @@ test CA. A group's own fixtures live in its conftest.py."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,14 +12,22 @@ import pytest
 import redis
 import trustme
 
-from protege_relay.embedded_redis import EmbeddedRedis
+from protege_relay.embedded_redis import EmbeddedRedis, use_port_block
 from shared.redis_acl import write_secrets
 from tests.support.clock import ManualClock
 from tests.support.processes import ServiceProcess, free_port, service_env
 from tests.support.shared_redis import SharedRedis
 
+# Each pytest-xdist worker picks ports from its own block below the ephemeral range (32768+).
+WORKER_PORT_BASE = 10_000
+WORKER_PORT_BLOCK = 2_500
+
 
 def pytest_configure(config: pytest.Config) -> None:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # this process only: children inherit the variable
+    if worker.startswith("gw") and worker[2:].isdigit():
+        start = WORKER_PORT_BASE + int(worker[2:]) * WORKER_PORT_BLOCK
+        use_port_block(range(start, min(start + WORKER_PORT_BLOCK, 32_768)))
     config.addinivalue_line(
         "markers",
         "own_redis: the test stops, kills, restarts or reconfigures Redis, so `redis_server` is a fresh "
