@@ -2,7 +2,11 @@
 
 `services/ingress/server.py` overrides private members of aiosmtpd's `SMTP` (`_handle_client`,
 `_timeout_cb`, `_getaddr`, `_create_session`, `_create_envelope`, and reads `_reader`);
-`services/egress/prompt_worker.py` reads and writes arq's Redis keys itself. A release outside the
+`services/egress/prompt_worker.py` reads and writes arq's Redis keys itself;
+`services/tunnel/wsio.py` frames several messages through websockets' `Protocol` inside its
+`send_context` and overrides `send_data`; `shared/redis_batch.py` and `shared/redis_send.py`
+(every service's Redis client) use redis-py's connection internals (`send_packed_command`,
+`read_response`, `parse_response`, the connection's reader and `socket_timeout`). A release outside the
 tested range may change those without notice, so a service refuses to start on one instead of
 misbehaving later. pyproject.toml pins the same ranges (tests/unit/test_versions.py keeps the two
 equal) and constraints.txt the exact versions tested.
@@ -19,6 +23,8 @@ _RELEASE = re.compile(r"(\d+(?:\.\d+)*)")
 TESTED_RANGES: dict[str, tuple[str, str]] = {
     "aiosmtpd": ("1.4.6", "1.5"),
     "arq": ("0.26", "0.29"),
+    "redis": ("5.3", "6"),
+    "websockets": ("17.0", "18"),
 }
 
 

@@ -157,7 +157,7 @@ async def _close_ended(worker: Worker) -> None:
 
 
 async def serve(config: RelayConfig, stopping: asyncio.Event) -> None:
-    require_tested("egress", "arq")  # prompt_worker.py reads and writes arq's Redis keys
+    require_tested("egress", "arq", "redis")  # prompt_worker.py writes arq's keys; shared/redis_send.py
     try:
         service = EgressService(config)
     except SecretFileError as exc:

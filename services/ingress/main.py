@@ -103,7 +103,7 @@ async def serve(
     rate_clock: Clock = time.time,
 ) -> None:
     """Run the ingress until `stopping` is set; `rate_clock` cuts the rate windows (tests hold it still)."""
-    require_tested("ingress", "aiosmtpd")  # server.py overrides its private members
+    require_tested("ingress", "aiosmtpd", "redis")  # server.py overrides aiosmtpd internals; redis_batch
     try:
         signer = attestation_signer(config)
         tls = tls_context(config.smtp)

@@ -28,6 +28,7 @@ from shared.ratelimit import Clock
 from shared.redis import connect, redis_answers, wait_for_redis
 from shared.redis_batch import BatchingRedis
 from shared.secrets import SecretFileError
+from shared.versions import require_tested
 
 logger = get_logger(__name__)
 
@@ -37,6 +38,7 @@ SOCKET_READ_BYTES = 1024 * 1024
 
 async def serve(config: RelayConfig, stopping: asyncio.Event, *, rate_clock: Clock = time.time) -> None:
     """Run one tunnel node until `stopping` is set; `rate_clock` cuts the rate windows (tests hold it still)."""
+    require_tested("tunnel", "websockets", "redis")  # wsio.py frames through websockets' Protocol; redis_batch
     try:
         tls = tls_context(config.ws.tls)
     except SecretFileError as exc:
