@@ -197,7 +197,7 @@ class IngressHandler:
             try:
                 async with asyncio.timeout(REDIS_CHECK_TIMEOUT_S):
                     state = await self._inbox_state(route, envelope, client_ip)
-                    memory = self._memory.fresh() or await self._memory.sample()
+                    memory = await self._memory.sample()
             except (RedisError, OSError, TimeoutError) as exc:
                 return str(
                     self._refuse(policy.TEMPORARY_FAILURE, client_ip=client_ip, persona=route, error=type(exc).__name__)

@@ -41,8 +41,9 @@ class MemoryWatch:
     async def sample(self) -> MemorySample:
         """The last sample if younger than `max_age_s`, else a fresh one (one INFO for all
         callers waiting at that moment). Raises redis errors: the caller answers 451."""
-        if self._sample is not None and time.monotonic() - self._taken_at < self._max_age_s:
-            return self._sample
+        sample = self.fresh()
+        if sample is not None:
+            return sample
         if self._refreshing is None:
             self._refreshing = asyncio.ensure_future(self._refresh())
         refreshing = self._refreshing
