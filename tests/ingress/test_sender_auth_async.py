@@ -11,7 +11,7 @@ import asyncio
 import json
 import smtplib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import dns.rdata
 import dns.rdataclass
@@ -27,19 +27,22 @@ from shared.attestation import Signal
 from tests.support.dns_server import DnsServer
 from tests.support.ingress import InProcessIngress, address, inbox_entries, ingress_starter, mark_seen, new_persona
 from tests.support.sender_auth import HONEST_IP, SENDER_DOMAIN, dkim_key, message_from, sender_zones, txt
+from tests.support.wait import eventually, poll_until
 
 StartIngress = Callable[..., InProcessIngress]
 DEADLINE_S = 10.0
 POLL_S = 0.05
 
 
-def poll(condition: Callable[[], bool], timeout_s: float = DEADLINE_S) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return condition()
+async def seconds_until_answer(ask: Callable[[], Awaitable[str]], answer: str) -> float:
+    """Seconds from now until `ask()` gives `answer`: a cached answer's TTL running out."""
+    started = time.monotonic()
+
+    async def answered() -> bool:
+        return await ask() == answer
+
+    await eventually(answered, DEADLINE_S, f"never answered {answer!r}", interval_s=POLL_S)
+    return time.monotonic() - started
 
 
 def spf_queries(server: DnsServer, domain: str = SENDER_DOMAIN) -> int:
@@ -80,12 +83,7 @@ def test_spf_results_are_reused_only_until_their_records_expire() -> None:
         first = await spf()
         server.set_records(SENDER_DOMAIN, {"TXT": [txt("v=spf1 -all")]})
         cached = await spf()
-        changed_at = time.monotonic()
-        for _ in range(int(DEADLINE_S / POLL_S)):  # poll with a deadline: the TTL runs out
-            if await spf() == "fail":
-                break
-            await asyncio.sleep(POLL_S)
-        return first, cached, time.monotonic() - changed_at
+        return first, cached, await seconds_until_answer(spf, "fail")
 
     with DnsServer(sender_zones(), ttl_s=1) as server:
         first, cached, seen_after_s = asyncio.run(before_and_after(server))
@@ -111,12 +109,7 @@ def test_dmarc_policies_are_reused_only_until_their_records_expire() -> None:
         first = await policy()
         server.set_records(f"_dmarc.{SENDER_DOMAIN}", {"TXT": [txt("v=DMARC1; p=none")]})
         cached = await policy()
-        changed_at = time.monotonic()
-        for _ in range(int(DEADLINE_S / POLL_S)):  # poll with a deadline: the TTL runs out
-            if await policy() == "none":
-                break
-            await asyncio.sleep(POLL_S)
-        return first, cached, time.monotonic() - changed_at
+        return first, cached, await seconds_until_answer(policy, "none")
 
     with DnsServer(sender_zones(), ttl_s=1) as server:
         first, cached, seen_after_s = asyncio.run(before_and_after(server))
@@ -237,7 +230,7 @@ def test_spf_is_looked_up_during_the_transaction_before_the_message_arrives(
             assert client.mail(f"bounce@{SENDER_DOMAIN}")[0] == 250
             assert spf_queries(server) == 0  # not at MAIL FROM: a refused RCPT costs no DNS
             assert client.rcpt(address(persona))[0] == 250
-            assert poll(lambda: spf_queries(server) == 1)  # before DATA
+            poll_until(lambda: spf_queries(server) == 1, DEADLINE_S, message="SPF not asked before DATA")
             code, _ = client.data(message_from(f"alice@{SENDER_DOMAIN}"))
         assert code == 250
         assert spf_queries(server) == 1
