@@ -139,44 +139,53 @@ async def confirmed_read(
 async def _run_once(
     redis: aioredis.Redis, calls: list[ScriptCall], ack: ReplicaAck, also: AlsoQueue | None
 ) -> list[Any]:
-    replies, confirmed = await script_replies(redis, calls, ack=ack, also=also)
-    for reply in replies:
+    sent = await script_replies(redis, calls, ack=ack, also=also)
+    for reply in sent.replies:
         if isinstance(reply, ResponseError):
             raise as_failover_error(reply)
         if isinstance(reply, Exception):
             raise reply
-    if ack.replicas and confirmed < ack.replicas:
-        raise NotReplicated(confirmed, ack.replicas)
-    return replies
+    if ack.replicas and sent.confirmed < ack.replicas:
+        raise NotReplicated(sent.confirmed, ack.replicas)
+    return sent.replies
+
+
+@dataclass(slots=True)
+class ScriptReplies:
+    """What one `script_replies` round gave back."""
+
+    replies: list[Any]  # each call's reply, an error reply in its place
+    confirmed: int  # replicas that confirmed the calls (0 unless asked)
+    also: list[Any]  # the replies of `also`'s commands, as they came (not sent again)
 
 
 async def script_replies(
     redis: aioredis.Redis, calls: list[ScriptCall], *, ack: ReplicaAck = NO_ACK, also: AlsoQueue | None = None
-) -> tuple[list[Any], int]:
-    """Each call's reply (an error reply in its place) and how many replicas confirmed them
-    (0 unless `ack` asks), from one pipeline: the calls as EVALSHA, then `also`'s commands,
-    then WAIT.
+) -> ScriptReplies:
+    """Each call's reply (an error reply in its place), how many replicas confirmed them
+    (0 unless `ack` asks) and the replies of `also`'s commands, from one pipeline: the calls as
+    EVALSHA, then `also`'s commands, then WAIT.
 
     A Redis that lacks a script (restarted, flushed, just promoted) answers NOSCRIPT to each call
     of it, which therefore did not run: those calls alone are sent again, after SCRIPT LOAD of
     their scripts in the same pipeline (so callers of one loop turn share that write too), and
     with WAIT again (the first WAIT confirmed the calls that did run). A connection error is
-    raised."""
-    replies, confirmed = await _pipeline(redis, calls, ack, also)
-    missing = [index for index, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+    raised. `also`'s commands are not sent again."""
+    sent = await _pipeline(redis, calls, ack, also)
+    missing = [index for index, reply in enumerate(sent.replies) if isinstance(reply, NoScriptError)]
     if missing:
         load = tuple({calls[index].script: None for index in missing})
-        again, confirmed_again = await _pipeline(redis, [calls[index] for index in missing], ack, None, load)
-        for index, reply in zip(missing, again, strict=True):
-            replies[index] = reply
-        confirmed = min(confirmed, confirmed_again)
-    return replies, confirmed
+        again = await _pipeline(redis, [calls[index] for index in missing], ack, None, load)
+        for index, reply in zip(missing, again.replies, strict=True):
+            sent.replies[index] = reply
+        sent.confirmed = min(sent.confirmed, again.confirmed)
+    return sent
 
 
 async def call_scripts(redis: aioredis.Redis, calls: list[ScriptCall]) -> list[Any]:
     """The calls' replies, from one pipeline; the first error reply is raised. No retry and no
     replica acknowledgement (see `run_scripts` for the writes that need them)."""
-    replies, _ = await script_replies(redis, calls)
+    replies = (await script_replies(redis, calls)).replies
     for reply in replies:
         if isinstance(reply, Exception):
             raise reply
@@ -202,7 +211,7 @@ async def _pipeline(
     ack: ReplicaAck,
     also: AlsoQueue | None,
     load: tuple[LuaScript, ...] = (),
-) -> tuple[list[Any], int]:
+) -> ScriptReplies:
     async with redis.pipeline(transaction=False) as pipe:
         for script in load:
             pipe.script_load(script.source)
@@ -213,5 +222,5 @@ async def _pipeline(
         if ack.replicas:
             pipe.wait(ack.replicas, ack.timeout_ms)
         replies: list[Any] = await pipe.execute(raise_on_error=False)
-    confirmed = int(replies[-1]) if ack.replicas else 0
-    return replies[len(load) : len(load) + len(calls)], confirmed
+    confirmed = int(replies.pop()) if ack.replicas else 0
+    return ScriptReplies(replies[len(load) : len(load) + len(calls)], confirmed, replies[len(load) + len(calls) :])

@@ -42,14 +42,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ResponseError
 
 from services.tunnel import metrics
 from shared import keys, lua, protocol
 from shared.enqueue import DELIVERED_MARKER_TTL_S
 from shared.inbox_entries import StoredEntry, UnreadableEntry
 from shared.logs import get_logger, log
-from shared.replication import NO_ACK, ReplicaAck, ScriptCall, call_scripts, confirmed_read, run_scripts
+from shared.replication import NO_ACK, ReplicaAck, ScriptCall, call_scripts, confirmed_read, script_replies
 
 logger = get_logger(__name__)
 
@@ -273,20 +273,16 @@ class InboxDelivery:
         if not self._to_remove:  # a plain command: no pipeline object to build and reset
             return await self._redis.xreadgroup(keys.INBOX_GROUP, self._consumer, {self._stream: ">"}, count=count)
         removing, self._to_remove = self._to_remove, []
-        calls = [self._remove_call(item) for item in removing]
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for call in calls:
-                pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
-            pipe.xreadgroup(keys.INBOX_GROUP, self._consumer, {self._stream: ">"}, count=count)
-            replies: list[Any] = await pipe.execute(raise_on_error=False)
-        *removed, reply = replies
-        if any(isinstance(result, NoScriptError) for result in removed):
-            await run_scripts(self._redis, calls, NO_ACK, deadline_s=0)  # loads it, runs them again
-        else:
-            for result in removed:
-                if isinstance(result, Exception):
-                    raise result
+        sent = await script_replies(
+            self._redis,
+            [self._remove_call(item) for item in removing],
+            also=lambda pipe: pipe.xreadgroup(keys.INBOX_GROUP, self._consumer, {self._stream: ">"}, count=count),
+        )
+        for result in sent.replies:
+            if isinstance(result, Exception):
+                raise result
         self._acknowledged(removing)
+        (reply,) = sent.also
         if isinstance(reply, Exception):
             raise reply
         return reply

@@ -124,6 +124,28 @@ async def test_acknowledgements_out_of_order_remove_each_entry_once(
     await client.close()
 
 
+async def test_removals_after_redis_lost_its_scripts_still_remove_and_read_on(
+    tunnel: RunningTunnel, redis_client: redis.Redis
+) -> None:
+    """Redis loses its scripts (restart, flush) while a message is in flight: the removal sent
+    after its ack (alone or with the next read) is answered NOSCRIPT, loaded and sent again,
+    and the next message is still read and delivered."""
+    passport = Passport.generate()
+    pk = passport.persona_key
+    client = await GatewayClient.open(tunnel.url)
+    await client.authenticate(passport, capabilities=ACK)
+    first_entry = add_inbox_entry(redis_client, pk, b"first\r\n")
+    first = await client.next_inbound()
+    redis_client.script_flush()
+    second_entry = add_inbox_entry(redis_client, pk, b"second\r\n")  # its wake-up meets the ack
+    await client.ack(first.stream_id)
+    second = await client.next_inbound()
+    await client.ack(second.stream_id)
+    await eventually(lambda: inbox_empty(redis_client, pk), message="entries not removed after the script flush")
+    await client.close()
+    assert [first.stream_id, second.stream_id] == [first_entry.stream_id, second_entry.stream_id]
+
+
 async def test_several_messages_leave_in_one_socket_write_in_order() -> None:
     """`send_binary_messages` on a `CoalescingConnection`: three binary messages, one transport
     write, received by a stock websockets client as three messages in order."""
