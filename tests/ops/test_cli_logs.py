@@ -18,6 +18,7 @@ import pytest
 from shared import protocol
 from shared.codes import CloseCode
 from shared.identity import Passport
+from tests.support import launcher
 from tests.support.processes import REPO_ROOT, ServiceProcess, free_port, poll_until, service_env
 from tests.support.ws_client import GatewayClient
 
@@ -35,7 +36,7 @@ def egress_output(on_terminal: bool, **env: str) -> str:
     environment = service_env(redis_url, RELAY_EGRESS_HTTP_PORT="0", RELAY_LOGGING_LEVEL="info", **env)
     if on_terminal:
         controller, terminal = pty.openpty()
-        process = subprocess.Popen(
+        process = launcher.popen(
             [sys.executable, "-m", "protege_relay.cli", "egress"],
             cwd=REPO_ROOT,
             env=environment,
@@ -45,7 +46,7 @@ def egress_output(on_terminal: bool, **env: str) -> str:
         )
         os.close(terminal)
     else:
-        process = subprocess.Popen(
+        process = launcher.popen(
             [sys.executable, "-m", "protege_relay.cli", "egress"],
             cwd=REPO_ROOT,
             env=environment,

@@ -23,6 +23,7 @@ import redis
 
 from protege_relay.embedded_redis import EmbeddedRedis
 from shared import keys
+from tests.support import launcher
 from tests.support.processes import REPO_ROOT, free_port, poll_until, service_env, wait_for_port
 
 PERSONA = "25njqamcweflpvkl73j4szahhihoc4xt3ktcgjnpaingr5yhkena"
@@ -57,7 +58,7 @@ def readyz(port: int) -> tuple[int, Any]:
 
 
 def cli(*args: str, env: dict[str, str], cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+    return launcher.run(
         [sys.executable, "-m", "protege_relay.cli", *args],
         cwd=cwd,
         env=env,
@@ -100,7 +101,7 @@ class RunningRelay:
         )
         self.stdout_path, self.stderr_path = tmp_path / "run.out", tmp_path / "run.err"
         with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
-            self.process = subprocess.Popen(
+            self.process = launcher.popen(
                 [sys.executable, "-m", "protege_relay.cli", "run", "--ingress-workers", "2"],
                 cwd=tmp_path,
                 env=self.env,
@@ -230,7 +231,7 @@ def test_a_service_is_not_ready_while_redis_is_down_and_says_which_redis_it_wait
     env = service_env(url, RELAY_MAIL_DOMAINS="localhost", **ports)
     log_path = tmp_path / "service.log"
     with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
+        process = launcher.popen(
             [sys.executable, "-m", "protege_relay.cli", service],
             cwd=REPO_ROOT,
             env=env,
@@ -269,7 +270,7 @@ def test_a_standalone_service_without_relay_redis_url_says_which_redis_it_uses(t
     del env["RELAY_REDIS_URL"]
     log_path = tmp_path / "egress.log"
     with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
+        process = launcher.popen(
             [sys.executable, "-m", "protege_relay.cli", "egress"],
             cwd=REPO_ROOT,
             env=env,
@@ -325,7 +326,7 @@ def test_status_into_a_closed_pipe_ends_quietly(redis_server: EmbeddedRedis) -> 
     reader, writer = os.pipe()
     os.close(reader)  # gone before anything is written
     try:
-        result = subprocess.run(
+        result = launcher.run(
             [sys.executable, "-m", "protege_relay.cli", "status"],
             cwd=REPO_ROOT,
             env=clean_env(RELAY_REDIS_URL=redis_server.url),

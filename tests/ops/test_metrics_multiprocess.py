@@ -20,6 +20,7 @@ from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared import keys
+from tests.support import launcher
 from tests.support.processes import free_port, poll_until, wait_for_port
 
 pytestmark = pytest.mark.timeout(180)
@@ -47,7 +48,7 @@ class Relay:
             RELAY_RATE_LIMITS_SMTP_MESSAGES_PER_MINUTE_PER_IP=str(MAX_MESSAGES * 2),
         )
         with self.log_path.open("wb") as log_file:
-            self.process = subprocess.Popen(
+            self.process = launcher.popen(
                 [sys.executable, "-m", "protege_relay.cli", "run", "--ingress-workers", str(INGRESS_WORKERS)],
                 cwd=tmp_path,
                 env=env,

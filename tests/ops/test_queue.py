@@ -24,6 +24,7 @@ from services.tunnel.outbound import OutboundQueue
 from shared import keys, lua
 from shared.inbox_entries import StoredEntry
 from shared.payloads import DeliveryResult, OutboundJob
+from tests.support import launcher
 from tests.support.ingress import address, mark_seen, new_persona, send_raw
 from tests.support.mx_sink import MxSink
 from tests.support.processes import REPO_ROOT, ServiceProcess, free_port, poll_until, service_env
@@ -36,7 +37,7 @@ GREYLISTED = "451 4.7.1 greylisted, try again later"
 
 
 def queue_cli(redis_url: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+    return launcher.run(
         [sys.executable, "-m", "protege_relay.cli", "queue", *args],
         env=service_env(redis_url),
         cwd=REPO_ROOT,

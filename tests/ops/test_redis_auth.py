@@ -17,6 +17,7 @@ from protege_relay.embedded_redis import EmbeddedRedis
 from services.ingress.main import redis_client as ingress_redis_client
 from shared.config import load_config
 from shared.redis import connect, connect_arq, connect_sync
+from tests.support import launcher
 from tests.support.processes import REPO_ROOT, service_env
 
 PASSWORD = "correct-horse-battery-staple"
@@ -67,7 +68,7 @@ def test_every_client_authenticates_as_the_configured_user(auth_redis: EmbeddedR
 
 def test_status_authenticates_and_fails_clearly_without_the_password(auth_redis: EmbeddedRedis) -> None:
     def status(**env: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
+        return launcher.run(
             [sys.executable, "-m", "protege_relay.cli", "status", "--json"],
             env=service_env(auth_redis.url, RELAY_REDIS_USERNAME="relay", **env),
             cwd=REPO_ROOT,

@@ -20,6 +20,7 @@ from shared.config import load_config
 from shared.nodeinfo import publish_node_info
 from shared.payloads import DeliveryResult, InboxEntry, OutboundJob
 from shared.redis import connect_arq
+from tests.support import launcher
 from tests.support.processes import REPO_ROOT, free_port, service_env
 
 PK_A = "a" * 52
@@ -30,7 +31,7 @@ CLI_TIMEOUT_S = 30
 
 
 def run_cli(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+    return launcher.run(
         [sys.executable, "-m", "protege_relay.cli", "status", *args],
         env=service_env(redis_url),
         cwd=REPO_ROOT,

@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from protege_relay.embedded_redis import free_port, wait_for_port
+from tests.support import launcher
+from tests.support.launcher import REPO_ROOT
 from tests.support.wait import poll_until
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 # Readiness probes connect from here, so they never count towards the per-IP limits a test
 # measures from 127.0.0.1 (the probe's connection may or may not reach the rate check).
 PROBE_IP = "127.0.0.254"
@@ -31,7 +32,7 @@ class ServiceProcess:
     def start(self, timeout_s: float = 20.0) -> ServiceProcess:
         assert self.log_path is not None
         log_file = self.log_path.open("ab")
-        self.process = subprocess.Popen(
+        self.process = launcher.popen(
             [sys.executable, "-m", "protege_relay.cli", self.service, *self.extra_args],
             env=self.env,
             cwd=REPO_ROOT,
@@ -76,4 +77,4 @@ def service_env(redis_url: str, **overrides: str) -> dict[str, str]:
     return env
 
 
-__all__ = ["PROBE_IP", "ServiceProcess", "free_port", "poll_until", "service_env", "wait_for_port"]
+__all__ = ["PROBE_IP", "REPO_ROOT", "ServiceProcess", "free_port", "poll_until", "service_env", "wait_for_port"]

@@ -24,6 +24,7 @@ import redis
 from protege_relay.embedded_redis import EmbeddedRedis
 from shared import keys
 from shared.protocol import MAX_CHUNK_BYTES
+from tests.support import launcher
 from tests.support.processes import REPO_ROOT, ServiceProcess, free_port, service_env
 from tests.support.wait import poll_until
 
@@ -105,7 +106,7 @@ def wait_connected(gateway: ServiceProcess, count: int = 1) -> None:
 
 def make_persona(tmp_path: Path, name: str) -> Persona:
     key_path = tmp_path / f"{name}.key"
-    done = subprocess.run(
+    done = launcher.run(
         [sys.executable, "-m", "protege_relay.cli", "keygen", "--out", str(key_path), "--domain", "localhost"],
         cwd=REPO_ROOT,
         capture_output=True,

@@ -17,6 +17,7 @@ import pytest
 
 from protege_relay.embedded_redis import EmbeddedRedis
 from shared.identity import Passport
+from tests.support import launcher
 from tests.support.mx_sink import MxSink
 from tests.support.processes import REPO_ROOT, ServiceProcess, free_port, poll_until, service_env
 
@@ -43,7 +44,7 @@ def log_records(text: str) -> list[dict[str, Any]]:
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+    return launcher.run(
         [sys.executable, "-m", "protege_relay.cli", *args],
         cwd=REPO_ROOT,
         env=env or service_env(""),

@@ -4,13 +4,13 @@ a persona receiving with `protege-relay gateway` while it sends with `protege-re
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from protege_relay.embedded_redis import EmbeddedRedis
 from shared.identity import Passport
+from tests.support import launcher
 from tests.support.mx_sink import MxSink
 from tests.support.processes import REPO_ROOT, ServiceProcess, free_port, service_env
 from tests.support.wait import poll_until
@@ -39,7 +39,7 @@ def test_send_gets_its_result_while_a_receiving_gateway_is_connected(
             poll_until(lambda: "gateway connected" in receiver.logs(), 20, message=receiver.logs())
             own = f"{passport.persona_key}@localhost"
             (tmp_path / "out.eml").write_bytes(f"From: {own}\nSubject: out\n\nhello\n".encode())
-            done = subprocess.run(
+            done = launcher.run(
                 [sys.executable, "-m", "protege_relay.cli", "send", "--key", str(tmp_path / "passport.key"),
                  "--url", url, "--from", f"{passport.persona_key}@localhost", "--to", "bob@example.test",
                  "--timeout", str(RESULT_TIMEOUT_S), str(tmp_path / "out.eml")],

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import smtplib
-import subprocess
 import sys
 import urllib.request
 import uuid
@@ -17,6 +16,7 @@ from typing import Any, cast
 
 from protege_relay.embedded_redis import EmbeddedRedis
 from shared.identity import Passport
+from tests.support import launcher
 from tests.support.mx_sink import MxSink
 from tests.support.processes import REPO_ROOT, ServiceProcess, free_port, service_env
 from tests.support.redis_acl import client_as
@@ -84,7 +84,7 @@ def test_the_real_services_work_under_their_users(acl_redis: EmbeddedRedis, acl_
             name: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
             for name, port in (("ingress", smtp_http), ("tunnel", tunnel_port), ("egress", egress_http))
         }
-        status = subprocess.run(
+        status = launcher.run(
             [sys.executable, "-m", "protege_relay.cli", "status", "--json"],
             env=env("status"),
             cwd=REPO_ROOT,

@@ -15,6 +15,7 @@ from typing import cast
 import redis
 
 from shared import keys
+from tests.support import launcher
 from tests.support.processes import free_port, wait_for_port
 from tests.support.wait import poll_until
 
@@ -33,7 +34,7 @@ def test_run_starts_redis_and_all_three_services_and_stops_cleanly(tmp_path: Pat
     )
     log_path = tmp_path / "run.log"
     with log_path.open("wb") as log_file:
-        relay = subprocess.Popen(
+        relay = launcher.popen(
             [sys.executable, "-m", "protege_relay.cli", "run"],
             cwd=tmp_path,
             env=env,
@@ -61,7 +62,7 @@ def test_run_starts_redis_and_all_three_services_and_stops_cleanly(tmp_path: Pat
         assert store.xlen(keys.inbox(PERSONA)) == 1
         assert cast(dict[str, str], store.config_get("appendonly"))["appendonly"] == "yes"
 
-        status = subprocess.run(
+        status = launcher.run(
             [sys.executable, "-m", "protege_relay.cli", "status", "--json"],
             cwd=tmp_path,
             env=env,
@@ -73,7 +74,7 @@ def test_run_starts_redis_and_all_three_services_and_stops_cleanly(tmp_path: Pat
         document = json.loads(status.stdout)
         assert document["inbox"]["entries"] == 1, document
 
-        second = subprocess.run(
+        second = launcher.run(
             [sys.executable, "-m", "protege_relay.cli", "run"],
             cwd=tmp_path,
             env=env,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 
 from shared.config import ConfigError, RelayConfig, env_variable_names, load_config
 from shared.redis import sentinel_addresses
+from tests.support import launcher
 
 ORIGINAL_FULL_CONFIG = {
     "host": "127.0.0.1",
@@ -143,7 +143,7 @@ def test_relay_config_variable_names_the_file(tmp_path: Path) -> None:
 
 def test_cli_exits_non_zero_with_the_field_named(tmp_path: Path) -> None:
     path = write(tmp_path, {"smtp": {"maxMessageBytes": -1}})
-    result = subprocess.run(
+    result = launcher.run(
         [sys.executable, "-m", "protege_relay.cli", "ingress", "--config", str(path)],
         capture_output=True,
         text=True,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import os
 import stat
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from shared.identity import (
     persona_key_of_local_part,
     verify_signature,
 )
+from tests.support import launcher
 
 RFC8032_SECRET = bytes.fromhex("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60")
 RFC8032_PUBLIC = bytes.fromhex("d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a")
@@ -107,7 +107,7 @@ def test_passport_round_trips_through_pkcs8_pem_with_owner_only_mode(tmp_path: P
 
 def test_keygen_prints_the_address_of_the_key_it_wrote(tmp_path: Path) -> None:
     out = tmp_path / "passport.key"
-    result = subprocess.run(
+    result = launcher.run(
         [sys.executable, "-m", "protege_relay.cli", "keygen", "--out", str(out), "--domain", "relay.test"],
         capture_output=True,
         text=True,
@@ -115,7 +115,7 @@ def test_keygen_prints_the_address_of_the_key_it_wrote(tmp_path: Path) -> None:
         check=True,
     )
     assert result.stdout.strip() == f"{Passport.load(out).persona_key}@relay.test"
-    again = subprocess.run(
+    again = launcher.run(
         [sys.executable, "-m", "protege_relay.cli", "keygen", "--out", str(out)],
         capture_output=True,
         text=True,
