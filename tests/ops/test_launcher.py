@@ -57,6 +57,7 @@ def start_waiting_egress(tmp_path: Path, **env: str) -> subprocess.Popen[bytes]:
 def test_a_forked_cli_gives_the_same_output_files_and_exit_codes_as_a_fresh_interpreter(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.delenv(launcher.EXEC_ONLY_ENV, raising=False)
     (tmp_path / "warm").mkdir()
     (tmp_path / "exec").mkdir()
     warm = keygen_twice(tmp_path / "warm")
@@ -71,7 +72,8 @@ def test_a_forked_cli_gives_the_same_output_files_and_exit_codes_as_a_fresh_inte
     assert warm[1].stderr.replace("warm", "exec") == fresh[1].stderr
 
 
-def test_a_forked_service_is_signalled_and_reaped_like_a_child(tmp_path: Path) -> None:
+def test_a_forked_service_is_signalled_and_reaped_like_a_child(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(launcher.EXEC_ONLY_ENV, raising=False)
     egress = start_waiting_egress(tmp_path)
     assert parent_of(egress.pid) == launcher.zygote_pid()
     assert egress.poll() is None

@@ -22,7 +22,7 @@ from shared import keys
 from shared.identity import Passport
 from tests.support.wait import eventually
 from tests.support.ws_client import GatewayClient, RunningTunnel
-from tests.tunnel.test_tunnel_inbound import ACK, add_inbox_entry, inbox_empty
+from tests.tunnel.test_tunnel_inbound import ACK, add_inbox_entry, inbox_empty, wake
 
 BACKLOG = 20
 
@@ -135,9 +135,11 @@ async def test_removals_after_redis_lost_its_scripts_still_remove_and_read_on(
     client = await GatewayClient.open(tunnel.url)
     await client.authenticate(passport, capabilities=ACK)
     first_entry = add_inbox_entry(redis_client, pk, b"first\r\n")
+    wake(redis_client, tunnel, pk)
     first = await client.next_inbound()
     redis_client.script_flush()
-    second_entry = add_inbox_entry(redis_client, pk, b"second\r\n")  # its wake-up meets the ack
+    second_entry = add_inbox_entry(redis_client, pk, b"second\r\n")
+    wake(redis_client, tunnel, pk)  # this wake-up meets the ack: the removal rides with the next read
     await client.ack(first.stream_id)
     second = await client.next_inbound()
     await client.ack(second.stream_id)
