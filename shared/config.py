@@ -177,6 +177,11 @@ class RedisConfig:
     # only once WAIT confirms this many replicas hold the write, else 451 4.3.0.
     minReplicasToAck: int = _field(0, minimum=0)
     replicaAckTimeoutMs: int = _field(1000, minimum=1)
+    # How long a write that decides a reply (the ingress' 250, an accepted outbound stream, a
+    # delivery result, a job's end) is retried while Redis is unreachable or failing over, before
+    # the sender gets 451 (or the job is re-queued). At most 15 s: well inside the gateway's 20 s
+    # wait for a result, and a delivered message's marker lingers 60 s past it (shared/enqueue.py).
+    failoverWaitMs: int = _field(10_000, minimum=100, maximum=15_000)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -78,12 +78,11 @@ from shared.wakeup import Wakeup, WakeupKind
 logger = get_logger(__name__)
 
 QUEUE_ID_RANDOM_BYTES = 15
-ENQUEUE_TIMEOUT_S = 10.0
 ACCEPTED_TTL_S = 24 * 3600
 KEEP_TIMEOUT_S = 2.0  # keeping the markers after a failed enqueue, before the 451 goes out
 # How long a delivered message's marker lingers (marked delivered) with `redis.minReplicasToAck`:
-# longer than an enqueue can take to fail (ENQUEUE_TIMEOUT_S + KEEP_TIMEOUT_S) with room for a
-# stalled event loop, short enough that the extra keys stay few (delivery rate x this).
+# longer than an enqueue can take to fail (`redis.failoverWaitMs`, at most 15 s, + KEEP_TIMEOUT_S)
+# with room for a stalled event loop, short enough that the extra keys stay few (delivery rate x this).
 DELIVERED_MARKER_TTL_S = 60
 # `lua.ENQUEUE` writes these field names
 assert (inbox_entries.ENTRY_FIELD, inbox_entries.BODY_SIZE_FIELD, inbox_entries.DIGEST_FIELD) == (b"m", b"s", b"d")
@@ -165,10 +164,10 @@ async def enqueue(
     With `ack.replicas`, each write is confirmed by that many replicas (WAIT) before this
     returns; a failover meanwhile is followed (`shared.replication`: the script is idempotent).
     """
-    deadline = time.monotonic() + ENQUEUE_TIMEOUT_S
+    deadline = time.monotonic() + ack.failover_wait_s
     tried: dict[str, str] = {}  # persona -> queue id, for each script call that may have run
     try:
-        async with asyncio.timeout(ENQUEUE_TIMEOUT_S):
+        async with asyncio.timeout(ack.failover_wait_s):
             return await _enqueue(redis, digest, queue_id, deliveries_for, ack, also, deadline, tried)
     except (RedisError, OSError, TimeoutError) as exc:
         out_of_memory = is_out_of_memory(exc)

@@ -53,14 +53,17 @@ class NotReplicated(RedisError):
 
 @dataclass(frozen=True, slots=True)
 class ReplicaAck:
-    """How many replicas must confirm a write, and how long to wait for them."""
+    """How many replicas must confirm a write and how long to wait for them; and how long the
+    write is retried through an outage or failover before its caller gives up (`redis.failoverWaitMs`)."""
 
     replicas: int = 0
     timeout_ms: int = 1000
+    failover_wait_s: float = 10.0
 
     @classmethod
     def from_config(cls, config: RelayConfig) -> ReplicaAck:
-        return cls(config.redis.minReplicasToAck, config.redis.replicaAckTimeoutMs)
+        redis = config.redis
+        return cls(redis.minReplicasToAck, redis.replicaAckTimeoutMs, redis.failoverWaitMs / 1000)
 
 
 NO_ACK = ReplicaAck()
@@ -83,16 +86,17 @@ async def run_scripts(
     calls: list[ScriptCall],
     ack: ReplicaAck,
     *,
-    deadline_s: float,
+    deadline_s: float | None = None,
     also: AlsoQueue | None = None,
 ) -> list[Any]:
     """The calls' replies, after `ack.replicas` replicas confirmed them (if any are required).
 
-    Retried on failover errors until `deadline_s` (seconds from now); other errors, a reply that
-    is an error and `NotReplicated` are raised. `also` queues bookkeeping commands after the
-    scripts, in the same round trip; their replies are not checked (and they run again on a retry).
+    Retried on failover errors until `deadline_s` (seconds from now; `ack.failover_wait_s` when
+    not given); other errors, a reply that is an error and `NotReplicated` are raised. `also`
+    queues bookkeeping commands after the scripts, in the same round trip; their replies are not
+    checked (and they run again on a retry).
     """
-    deadline = time.monotonic() + deadline_s
+    deadline = time.monotonic() + (ack.failover_wait_s if deadline_s is None else deadline_s)
     delay_s = RETRY_FIRST_DELAY_S
     while True:
         try:

@@ -55,6 +55,7 @@ def build_worker(config: RelayConfig, egress: Egress) -> Worker:
         keep_result=0,  # results go to the persona's stream; arq's copy would hold the message
         ctx={"egress": egress},
         job_state=claim_state_keys(),  # a job's prior state comes with its claim
+        failover_wait_s=config.redis.failoverWaitMs / 1000,
     )
     worker.in_progress_timeout_s = job_timeout_s + IN_PROGRESS_GRACE_S
     return worker

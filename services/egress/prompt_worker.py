@@ -67,7 +67,6 @@ from shared.replication import FAILOVER_ERRORS, ScriptCall, as_failover_error
 logger = get_logger(__name__)
 
 RETRY_KEY_TTL_S = 88400  # as arq
-FINISH_DEADLINE_S = 10.0
 FINISH_RETRY_S = 0.2
 
 
@@ -126,9 +125,12 @@ DONE = Ending(done=True)
 
 
 class PromptWorker(Worker):
-    def __init__(self, *args: Any, job_state: JobStateKeys | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, job_state: JobStateKeys | None = None, failover_wait_s: float = 10.0, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._job_state = job_state
+        self._failover_wait_s = failover_wait_s  # redis.failoverWaitMs: how long a job's end is retried
         unsupported = [
             name
             for name, used in (
@@ -288,7 +290,7 @@ class PromptWorker(Worker):
         otherwise the job would wait out its in-progress key and run once more. Finishing is
         idempotent; jobs claimed by a reply that was lost run after their in-progress key expires.
         A failed end write turns the ending into a re-queue after the write's retry delay."""
-        deadline = time.monotonic() + FINISH_DEADLINE_S
+        deadline = time.monotonic() + self._failover_wait_s
         while True:
             try:
                 if await self._finish_and_claim(job.job_id, ending):

@@ -48,8 +48,6 @@ from shared.wakeup import Wakeup, WakeupKind
 IDEMPOTENCY_TTL_S = 2 * 24 * 3600  # longer than arq keeps a job (1 day + its deferral)
 RESULTS_STREAM_MAX_ENTRIES = 10_000  # bounds a persona that never reconnects
 
-PUBLISH_DEADLINE_S = 10.0  # retries through a failover
-
 
 @dataclass(frozen=True, slots=True)
 class PriorState:
@@ -112,9 +110,7 @@ class ResultStore:
     async def publish(self, persona_key: str, result: DeliveryResult) -> bool:
         """Append the result, drop the per-recipient record (the marker supersedes it) and wake
         the tunnel nodes holding the persona, atomically; False if one was already published."""
-        (published,) = await run_scripts(
-            self._redis, [self.publish_call(persona_key, result)], self._ack, deadline_s=PUBLISH_DEADLINE_S
-        )
+        (published,) = await run_scripts(self._redis, [self.publish_call(persona_key, result)], self._ack)
         return bool(published)
 
     def publish_call(self, persona_key: str, result: DeliveryResult) -> ScriptCall:
@@ -151,7 +147,7 @@ class ResultStore:
             call = ScriptCall(
                 lua.TOUCH_RESULT_MARKER, [keys.egress_result_published(persona_key, stream_id)], [IDEMPOTENCY_TTL_S]
             )
-            await run_scripts(self._redis, [call], self._ack, deadline_s=PUBLISH_DEADLINE_S)
+            await run_scripts(self._redis, [call], self._ack)
 
     async def record_final(
         self, persona_key: str, stream_id: str, outcomes: dict[str, Outcome], last_error: str | None = None

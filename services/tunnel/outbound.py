@@ -31,7 +31,6 @@ from shared.replication import NO_ACK, ReplicaAck, ScriptCall, run_scripts
 
 DELIVER_FUNCTION = "deliver"
 RATE_WINDOW_S = 60
-ENQUEUE_DEADLINE_S = 10.0  # retries through a failover, well inside the gateway's 20 s wait
 
 _ADDRESS = re.compile(r'[^\s<>@,;"]+@[^\s<>@,;"]+')
 # A domain of dot-separated labels (ASCII letters, digits, hyphens, or non-ASCII for IDNs),
@@ -129,5 +128,5 @@ class OutboundQueue:
             [job_key_prefix + job_id, result_key_prefix + job_id, keys.EGRESS_QUEUE],
             [expires_extra_ms, serialized, now_ms, job_id],
         )
-        (queued,) = await run_scripts(self._redis, [call], self._ack, deadline_s=ENQUEUE_DEADLINE_S)
+        (queued,) = await run_scripts(self._redis, [call], self._ack)  # retried through a failover
         return bool(queued)

@@ -387,8 +387,9 @@ def test_redis_down_at_rcpt_is_451_4_3_0(ingress: InProcessIngress, persona: str
 
 @pytest.mark.own_redis  # kills or restarts Redis
 def test_redis_down_at_end_of_data_is_451_4_3_0_never_250(
-    ingress: InProcessIngress, persona: str, redis_server: EmbeddedRedis
+    start_ingress: StartIngress, persona: str, redis_server: EmbeddedRedis
 ) -> None:
+    ingress = start_ingress(RELAY_REDIS_FAILOVER_WAIT_MS="1000")  # 451 after 1 s of retries, not 10
     with open_session(ingress.port) as client:
         client.mail("s@example.org")
         assert client.rcpt(address(persona))[0] == 250

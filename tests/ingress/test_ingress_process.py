@@ -143,7 +143,7 @@ def test_redis_outage_is_451_then_service_resumes_when_redis_returns(
     spawn: Spawn, persona: str, redis_server: EmbeddedRedis
 ) -> None:
     port = free_port()
-    process = start(spawn, port)
+    process = start(spawn, port, RELAY_REDIS_FAILOVER_WAIT_MS="1000")  # 451 after 1 s of retries, not 10
     with open_session(port) as client:
         client.mail("s@example.org")
         assert client.rcpt(address(persona))[0] == 250

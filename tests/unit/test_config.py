@@ -10,6 +10,7 @@ import pytest
 
 from shared.config import ConfigError, RelayConfig, env_variable_names, load_config
 from shared.redis import sentinel_addresses
+from shared.replication import ReplicaAck
 from tests.support import launcher
 
 ORIGINAL_FULL_CONFIG = {
@@ -218,3 +219,14 @@ def test_a_malformed_sentinel_address_is_an_error_naming_it(entry: str) -> None:
 def test_negative_min_replicas_to_ack_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"redis\.minReplicasToAck"):
         load_config(environ={"RELAY_REDIS_MIN_REPLICAS_TO_ACK": "-1"})
+
+
+def test_failover_wait_reaches_every_replicated_write_and_stays_inside_the_gateways_wait(tmp_path: Path) -> None:
+    """`redis.failoverWaitMs` is how long a write that decides a reply keeps retrying; the one
+    value (shared.replication.ReplicaAck) the enqueue, the outbound stream, the result and a job's
+    end all read. Over 15 s it would outlast the gateway's 20 s wait for a result: refused."""
+    config = load_config(write(tmp_path, {}), environ={"RELAY_REDIS_FAILOVER_WAIT_MS": "2500"})
+    assert ReplicaAck.from_config(config).failover_wait_s == 2.5
+    assert ReplicaAck.from_config(load_config(write(tmp_path, {}), environ={})).failover_wait_s == 10.0
+    with pytest.raises(ConfigError, match="failoverWaitMs"):
+        load_config(write(tmp_path, {}), environ={"RELAY_REDIS_FAILOVER_WAIT_MS": "20000"})
