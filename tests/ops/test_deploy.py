@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -55,6 +56,13 @@ def compose() -> dict[str, Any]:
     """The compose file with anchors and `<<` merges resolved, as docker-compose reads it."""
     document: dict[str, Any] = yaml.safe_load(COMPOSE_FILE.read_text())
     return document
+
+
+def redis_server_args(service: dict[str, Any]) -> list[str]:
+    """The `redis-server` arguments of a Redis data node, from its start script (x-redis-node)."""
+    (script,) = service["command"]
+    start = script.index("set -- redis-server ") + len("set -- ")
+    return shlex.split(script[start : script.index(";", start)])
 
 
 def parse_bytes(size: str) -> int:
@@ -368,11 +376,20 @@ def test_compose_ha_profile_has_a_replica_and_three_sentinels() -> None:
     services = compose()["services"]
     ha = sorted(name for name, service in services.items() if service.get("profiles") == ["ha"])
     assert ha == ["redis-replica", "redis-sentinel-1", "redis-sentinel-2", "redis-sentinel-3"]
-    replica = services["redis-replica"]["command"][0]
-    assert "--replicaof redis 6379" in replica and "--appendonly yes" in replica
-    assert "--aclfile /etc/redis/users.acl" in replica and "masterauth" in replica
+    # Both data nodes start alike: the replica of whatever primary the sentinels name (`redis` when
+    # none answers), never a second primary after a failover; replication authenticates as admin.
+    assert services["redis-replica"]["command"] == services["redis"]["command"]
+    (node,) = services["redis"]["command"]
+    assert "sentinel get-master-addr-by-name relay" in node and 'primary="$${primary:-redis}"' in node
+    assert '--replicaof "$$primary" 6379' in node and "masterauth" in node
+    assert '--replica-announce-ip "$$REDIS_NODE_NAME"' in node
+    for name in ("redis", "redis-replica"):
+        assert services[name]["environment"]["REDIS_NODE_NAME"] == name
+        assert services[name]["env_file"] == secrets_path("admin.env"), name
     sentinel = services["redis-sentinel-1"]["command"][0]
-    assert "sentinel monitor relay redis 6379 2" in sentinel and "--sentinel" in sentinel
+    assert "sentinel get-master-addr-by-name relay" in sentinel, "a restarted sentinel follows the failover"
+    assert "sentinel monitor relay $${primary:-redis} 6379 2" in sentinel and "--sentinel" in sentinel
+    assert "sentinel announce-hostnames yes" in sentinel  # the names the nodes announce, not their IPs
     assert "sentinel auth-pass relay $$RELAY_REDIS_PASSWORD" in sentinel
     env = services["ingress"]["environment"]
     assert env["RELAY_REDIS_SENTINELS"] == "${RELAY_REDIS_SENTINELS:-}"  # empty: one Redis, as without the profile
@@ -383,7 +400,7 @@ def test_compose_redis_uses_aof_on_a_named_volume_with_a_health_check() -> None:
     document = compose()
     redis_service = document["services"]["redis"]
     assert redis_service["image"] == "redis:7-alpine"
-    command = redis_service["command"]
+    command = redis_server_args(redis_service)
     assert command[command.index("--appendonly") + 1] == "yes"
     assert command[command.index("--appendfsync") + 1] == "everysec"
     assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
@@ -489,7 +506,7 @@ def test_every_service_has_its_own_redis_user_in_the_acl_source() -> None:
 
 def test_compose_redis_requires_the_acl_file_and_each_tier_its_credentials() -> None:
     services = compose()["services"]
-    command = services["redis"]["command"]
+    command = redis_server_args(services["redis"])
     acl_path = command[command.index("--aclfile") + 1]
     assert f"{secrets_path('users.acl')}:{acl_path}:ro" in services["redis"]["volumes"]
     for name, expected in SERVICE_MATRIX.items():
@@ -583,10 +600,23 @@ def test_the_tunnel_trusts_only_its_proxy() -> None:
 
 def test_compose_redis_and_nginx_run_without_capabilities_read_only_and_bounded() -> None:
     services = compose()["services"]
-    for name in ("redis", "tunnel-proxy"):
+    for name in ("redis", "redis-replica", "redis-sentinel-1", "redis-sentinel-2", "redis-sentinel-3", "tunnel-proxy"):
         service = services[name]
         assert service["cap_drop"] == ["ALL"] and "cap_add" not in service, name
         assert service["read_only"] is True, name
         assert service["security_opt"] == ["no-new-privileges:true"], name
         assert parse_bytes(service["mem_limit"]) > 0, name
         assert service["user"].split(":")[0] not in ("0", "root"), name
+
+
+def test_compose_scratch_tmpfs_belong_to_the_user_that_writes_them() -> None:
+    # A tmpfs takes the owner of the image directory it covers (root, 0755 for nginx's
+    # /var/cache/nginx and /run, redis's /data): a non-root service could not write there, and
+    # nginx died at start with "mkdir() /var/cache/nginx/client_temp failed (13: Permission denied)".
+    for name, service in compose()["services"].items():
+        uid, _, gid = service.get("user", "").partition(":")
+        for entry in service.get("tmpfs", []):
+            path, _, options = entry.partition(":")
+            if path == "/tmp" or not uid:
+                continue  # /tmp is world-writable (sticky) in every image
+            assert f"uid={uid}" in options.split(",") and f"gid={gid}" in options.split(","), (name, entry)
