@@ -23,7 +23,7 @@ from kubernetes_validate import utils as kubernetes_validate
 
 from protege_relay.cli import SERVICES
 from shared.config import EgressConfig, RelayConfig, SmtpConfig, env_variable_names, load_config
-from shared.redis_acl import SERVICE_USERS, write_secrets
+from shared.redis_acl import HEALTH, SERVICE_USERS, write_secrets
 from tests.support.processes import REPO_ROOT
 
 K8S_DIR = REPO_ROOT / "deploy" / "k8s"
@@ -406,7 +406,8 @@ def test_compose_redis_uses_aof_on_a_named_volume_with_a_health_check() -> None:
     assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
     maxmemory = parse_bytes(command[command.index("--maxmemory") + 1])
     assert maxmemory <= 0.8 * parse_bytes(redis_service["mem_limit"]), "headroom for the fork"
-    assert redis_service["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    health = ["CMD", "redis-cli", "--user", HEALTH, "--pass", HEALTH, "--no-auth-warning", "ping"]
+    assert redis_service["healthcheck"]["test"] == health  # the ACL's PING-only user
     volume, mount_path = redis_service["volumes"][0].split(":")[:2]
     assert mount_path == "/data" and volume in document["volumes"]
 
