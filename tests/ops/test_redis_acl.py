@@ -5,7 +5,7 @@ NOPERM. The real services under their users: tests/system/test_redis_acl_service
 from __future__ import annotations
 
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
 import redis
@@ -80,12 +80,12 @@ def test_each_user_is_refused_what_it_does_not_need(acl_redis: EmbeddedRedis, ac
     assert health.ping() is True, "health checks need no password"
     for call in (anonymous.ping, lambda: anonymous.xrange(inbox), lambda: anonymous.get(keys.seen(persona))):
         with pytest.raises(redis.exceptions.AuthenticationError):  # NOAUTH: not logged in
-            call()
+            call()  # type: ignore[no-untyped-call]
     with pytest.raises(redis.exceptions.AuthenticationError):  # WRONGPASS: `default` is off
         redis.Redis.from_url(acl_redis.url, username="default", password="").ping()
     # ...yet keeps every permission: Redis replays the AOF as `default` (DEFAULT_RULE, and the
     # restart test below, which fails on Redis 7 with a `default` user that may only PING).
-    default = admin.acl_getuser("default")
+    default = cast(dict[str, Any], admin.acl_getuser("default"))
     every_command = "allcommands" in default["flags"] or "+@all" in str(default["commands"])  # Redis 6.2 / 7
     assert "off" in default["flags"] and every_command, default
     assert ingress.xlen(inbox) == 1 and status.xlen(inbox) == 1
@@ -109,7 +109,9 @@ def test_what_transactions_and_scripts_wrote_survives_a_restart(acl_redis: Embed
     )
     enqueue(keys=[inbox, keys.inbox_bytes(persona)])  # EVALSHA, as the ingress' enqueue script
     with admin.pipeline(transaction=True) as pipe:
-        pipe.set("relay:test:a", b"1").set("relay:test:b", b"2").execute()
+        pipe.set("relay:test:a", b"1")
+        pipe.set("relay:test:b", b"2")
+        pipe.execute()
     admin.close()
     ingress.close()
     acl_redis.stop()
