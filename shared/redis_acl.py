@@ -10,8 +10,9 @@ it) and, readable by their owner only, OUT_DIR/<user>.env (`RELAY_REDIS_USERNAME
 `RELAY_REDIS_PASSWORD`, for compose's `env_file`) and OUT_DIR/<user>.password (for a
 Kubernetes Secret), with fresh random passwords; existing passwords in OUT_DIR are kept.
 
-Written for Redis 6.2 and 7 alike (no selectors), so a key pattern grants every allowed command
-on it: what separates the services is mostly the command list. The ingress may append to an
+Written for Redis 6.2 and 7.2+ alike (no selectors), so a key pattern grants every allowed
+command on it: what separates the services is mostly the command list. Redis 7.0 and 7.1 refuse
+the whole file: they know no `client|setinfo`, which redis-py sends on connect. The ingress may append to an
 inbox (XADD inside the enqueue script) and count it (XLEN) but never read one (no XRANGE,
 XREAD, XREADGROUP) and has no key of arq or of the egress queue; `status` only reads.
 KNOWN GAP: a large body stored apart (`keys.inbox_body`) is written by the ingress with SET, and
