@@ -18,13 +18,10 @@ import signal
 import struct
 import sys
 
-import dns.flags
-import dns.message
-import dns.name
-import dns.rcode
 import dns.rdataclass
-import dns.rdatatype
 import dns.rrset
+
+from bench.dns_answer import NO_SUCH_NAME, Records, authoritative_answer, name_key, parse_query
 
 ZONE_APEX = "bench."
 
@@ -34,7 +31,7 @@ class Zone:
         self.ttl_s = ttl_s
         self.records: dict[tuple[str, str], list[str]] = {}
         for name, rtype, text in records:
-            self.records.setdefault((_key(name), rtype.upper()), []).append(text)
+            self.records.setdefault((name_key(name), rtype.upper()), []).append(text)
         self.names = {name for name, _ in self.records}
         self.soa = dns.rrset.from_text(
             ZONE_APEX, ttl_s, dns.rdataclass.IN, "SOA", f"ns.{ZONE_APEX} hostmaster.{ZONE_APEX} 1 60 60 60 {ttl_s}"
@@ -42,32 +39,17 @@ class Zone:
         self.queries = 0
 
     def answer(self, wire: bytes) -> bytes | None:
-        try:
-            query = dns.message.from_wire(wire)
-        except Exception:
+        query = parse_query(wire)
+        if query is None:
             return None
         self.queries += 1
-        response = dns.message.make_response(query)
-        response.flags |= dns.flags.AA
-        if not query.question:
-            response.set_rcode(dns.rcode.FORMERR)
-            return response.to_wire()
-        question = query.question[0]
-        name = _key(question.name.to_text())
-        texts = self.records.get((name, dns.rdatatype.to_text(question.rdtype)))
+        return authoritative_answer(query, self._look_up, self.ttl_s, negative_soa=self.soa)
+
+    def _look_up(self, name: str, rtype: str) -> Records:
+        texts = self.records.get((name, rtype))
         if texts:
-            response.answer.append(
-                dns.rrset.from_text_list(question.name, self.ttl_s, dns.rdataclass.IN, question.rdtype, texts)
-            )
-        else:
-            if name not in self.names:
-                response.set_rcode(dns.rcode.NXDOMAIN)
-            response.authority.append(self.soa)
-        return response.to_wire()
-
-
-def _key(name: str) -> str:
-    return name.lower().rstrip(".") + "."
+            return Records(texts)
+        return Records() if name in self.names else NO_SUCH_NAME
 
 
 class UdpServer(asyncio.DatagramProtocol):

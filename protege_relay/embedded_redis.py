@@ -112,7 +112,60 @@ def wait_for_port(
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout_s}s")
 
 
-class EmbeddedRedis:
+class RedisChild:
+    """A `redis-server` child process (a data node or, with `--sentinel`, a sentinel) on
+    loopback: started from its arguments and up once it answers PING; stopped with SIGTERM
+    (Redis writes its AOF first) or killed. The one home of this handling: the embedded Redis
+    here and the Sentinel group of the tests (tests/support/sentinel.py) build on it."""
+
+    port: int
+    process: subprocess.Popen[bytes] | None
+
+    def launch(self, args: list[str], timeout_s: float) -> None:
+        """Start `redis-server args` and wait until it answers; RuntimeError if it exits or stays
+        silent for `timeout_s` (then it is stopped)."""
+        self.process = subprocess.Popen(
+            [redis_server_binary(), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                stderr = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
+                raise RuntimeError(f"redis-server exited: {stderr.strip()}")
+            if self._answers_ping():
+                return
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout_s}s")
+
+    def _answers_ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as conn:
+                conn.sendall(b"PING\r\n")
+                return conn.recv(16).startswith((b"+PONG", b"-NOAUTH"))  # NOAUTH: up, wants a password
+        except OSError:
+            return False
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL, for fault tests: no shutdown save, only the AOF survives."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+class EmbeddedRedis(RedisChild):
     def __init__(
         self, data_dir: str | Path, port: int = 0, appendfsync: str = "everysec", extra_args: tuple[str, ...] = ()
     ) -> None:
@@ -121,7 +174,7 @@ class EmbeddedRedis:
         self.extra_args = extra_args
         self.port = port or free_port()
         self.appendfsync = appendfsync
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process = None
 
     @property
     def url(self) -> str:
@@ -130,7 +183,6 @@ class EmbeddedRedis:
     def start(self, timeout_s: float = 10.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [
-            redis_server_binary(),
             "--bind",
             "127.0.0.1",
             "--port",
@@ -153,37 +205,4 @@ class EmbeddedRedis:
             "no",
             *self.extra_args,
         ]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                stderr = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
-                raise RuntimeError(f"redis-server exited: {stderr.strip()}")
-            if self._answers_ping():
-                return
-            time.sleep(0.02)
-        self.stop()
-        raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout_s}s")
-
-    def _answers_ping(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as conn:
-                conn.sendall(b"PING\r\n")
-                return conn.recv(16).startswith((b"+PONG", b"-NOAUTH"))  # NOAUTH: up, wants a password
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def kill(self) -> None:
-        """SIGKILL, for fault tests: no shutdown save, only the AOF survives."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        self.launch(args, timeout_s)

@@ -164,7 +164,12 @@ class ScriptReplies:
 
 
 async def script_replies(
-    redis: aioredis.Redis, calls: list[ScriptCall], *, ack: ReplicaAck = NO_ACK, also: AlsoQueue | None = None
+    redis: aioredis.Redis,
+    calls: list[ScriptCall],
+    *,
+    ack: ReplicaAck = NO_ACK,
+    also: AlsoQueue | None = None,
+    in_order: bool = False,
 ) -> ScriptReplies:
     """Each call's reply (an error reply in its place), how many replicas confirmed them
     (0 unless `ack` asks) and the replies of `also`'s commands, from one pipeline: the calls as
@@ -174,11 +179,17 @@ async def script_replies(
     of it, which therefore did not run: those calls alone are sent again, after SCRIPT LOAD of
     their scripts in the same pipeline (so callers of one loop turn share that write too), and
     with WAIT again (the first WAIT confirmed the calls that did run). A connection error is
-    raised. `also`'s commands are not sent again."""
+    raised. `also`'s commands are not sent again.
+
+    `in_order`: a call depends on the writes of those before it (the prompt worker's finish
+    script checks the markers of the end writes sent just before it), so a call that ran after
+    one answered NOSCRIPT saw a write missing and its reply is void: every call from the first
+    NOSCRIPT on is sent again, in order (they must be idempotent); the calls before it stand."""
     sent = await _pipeline(redis, calls, ack, also)
-    missing = [index for index, reply in enumerate(sent.replies) if isinstance(reply, NoScriptError)]
-    if missing:
-        load = tuple({calls[index].script: None for index in missing})
+    refused = [index for index, reply in enumerate(sent.replies) if isinstance(reply, NoScriptError)]
+    if refused:
+        missing = list(range(refused[0], len(calls))) if in_order else refused
+        load = tuple({calls[index].script: None for index in refused})
         again = await _pipeline(redis, [calls[index] for index in missing], ack, None, load)
         for index, reply in zip(missing, again.replies, strict=True):
             sent.replies[index] = reply

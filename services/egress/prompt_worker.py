@@ -58,11 +58,11 @@ from arq.jobs import deserialize_job_raw
 from arq.utils import ms_to_datetime, timestamp_ms
 from arq.worker import Retry, Worker
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ResponseError
 
 from shared import lua
 from shared.logs import get_logger, log
-from shared.replication import FAILOVER_ERRORS, ScriptCall, as_failover_error
+from shared.replication import FAILOVER_ERRORS, ScriptCall, as_failover_error, script_replies
 
 logger = get_logger(__name__)
 
@@ -241,31 +241,21 @@ class PromptWorker(Worker):
     async def _write_and_finish(self, writes: Sequence[EndWrite], keys: list[Any], args: list[Any]) -> Any:
         """The writes then the finish script (guarded by the writes' markers), one round trip;
         the finish script's reply. A missing script (Redis restarted or failed over) is loaded
-        and the pipeline sent again; each write's first reply that is not an error counts. A
-        write refused by a demoted primary (READONLY) raises like a lost connection, so the
-        whole pipeline goes to the new primary rather than the job being re-queued and sent again."""
-        replies: list[Any] = [None] * len(writes)
-        for _ in range(2):
-            async with self.pool.pipeline(transaction=False) as pipe:
-                for write in writes:
-                    pipe.evalsha(write.call.script.sha, len(write.call.keys), *write.call.keys, *write.call.args)
-                pipe.evalsha(lua.FINISH_AND_CLAIM.sha, len(keys), *keys, *args, *(write.marker for write in writes))
-                *written, reply = await pipe.execute(raise_on_error=False)
-            replies = [
-                old if old is not None and not isinstance(old, Exception) else new
-                for old, new in zip(replies, written, strict=True)
-            ]
-            if not any(isinstance(each, NoScriptError) for each in (*written, reply)):
-                break
-            for script in {write.call.script for write in writes} | {lua.FINISH_AND_CLAIM}:
-                await self.pool.script_load(script.source)
-        for each in (*written, reply):
+        and the calls from the first one refused on are sent again, in order (`script_replies`):
+        a finish that ran after a refused write found its marker missing and changed nothing.
+        Each write's reply is that of its last run. A write refused by a demoted
+        primary (READONLY) raises like a lost connection, so the whole pipeline goes to the new
+        primary rather than the job being re-queued and sent again."""
+        finish = ScriptCall(lua.FINISH_AND_CLAIM, keys, [*args, *(write.marker for write in writes)])
+        sent = await script_replies(self.pool, [*(write.call for write in writes), finish], in_order=True)
+        *written, reply = sent.replies
+        for each in sent.replies:
             failed = as_failover_error(each) if isinstance(each, ResponseError) else each
             if isinstance(failed, FAILOVER_ERRORS):
                 raise failed  # retried whole (the writes are idempotent), as `run_scripts` would
         if isinstance(reply, Exception):
             raise reply
-        for write, written_reply in zip(writes, replies, strict=True):
+        for write, written_reply in zip(writes, written, strict=True):
             write.on_reply(written_reply)
         return reply
 

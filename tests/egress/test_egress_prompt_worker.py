@@ -20,7 +20,7 @@ from redis.exceptions import ResponseError
 from protege_relay.embedded_redis import EmbeddedRedis, free_port
 from services.egress.prompt_worker import EndWrite, JobState, JobStateKeys, PromptWorker
 from services.egress.results import claim_state_keys
-from shared import keys
+from shared import keys, lua
 from shared.lua import LuaScript
 from shared.replication import ScriptCall
 from tests.support.sentinel import DataNode
@@ -287,6 +287,32 @@ async def test_an_end_write_whose_script_redis_lost_is_loaded_and_sent_again(
     )
     assert tries == [1] and replies == [7]  # once, after SCRIPT LOAD of both scripts
     assert await pool.get("marker:c") == b"v"
+
+
+COUNT = LuaScript.of("redis.call('INCR', KEYS[1]) return 7")  # how often it ran; its marker is its count
+MARK_LATE = LuaScript.of("redis.call('SET', KEYS[1], ARGV[1]) return 8")  # never loaded before the job ends
+
+
+async def test_a_finish_sent_after_a_write_redis_lost_the_script_of_is_sent_again_with_it(
+    redis_server: EmbeddedRedis, pool: ArqRedis
+) -> None:
+    """NOSCRIPT in the middle of the end pipeline: the first write runs, the second's script is
+    missing, and the finish after it runs but finds the second marker missing (-1, nothing
+    changed). The second write and the finish are sent again, in order: the job finishes on its
+    first try. Sending again only the refused write would leave the finish's -1 standing and run
+    the job (send the mail) a second time; the write before the refused one is not sent again."""
+
+    async def lose_one_script(ctx: dict[str, Any]) -> None:
+        await pool.script_flush()
+        for script in (COUNT, lua.FINISH_AND_CLAIM):
+            await pool.script_load(script.source)
+
+    writes = [ScriptCall(COUNT, ["marker:count"], []), ScriptCall(MARK_LATE, ["marker:late"], ["v"])]
+    tries, replies = await run_end_write_jobs(
+        redis_server.url, pool, {1: writes, 2: writes}, before_return=lose_one_script
+    )
+    assert tries == [1] and replies == [7, 8]
+    assert await pool.get("marker:count") == b"1" and await pool.get("marker:late") == b"v"
 
 
 async def test_retried_job_runs_again_and_completes(pool: ArqRedis, workers: Workers) -> None:

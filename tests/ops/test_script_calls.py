@@ -16,7 +16,7 @@ from redis.exceptions import ResponseError
 from protege_relay.embedded_redis import EmbeddedRedis
 from shared import keys, lua
 from shared.redis_batch import BatchingRedis
-from shared.replication import PipelinedScript, ScriptCall, call_scripts
+from shared.replication import PipelinedScript, ScriptCall, call_scripts, script_replies
 
 
 @pytest.fixture
@@ -95,6 +95,22 @@ async def test_only_the_calls_redis_answered_noscript_are_sent_again(
     used: Any = redis_client.hget(keys.challenge("c1"), "used")
     assert used == b"1"
     assert client.batcher.writes == 2  # the calls, then SCRIPT LOAD and the consume again
+
+
+async def test_in_order_every_call_from_the_first_noscript_on_is_sent_again(
+    client: BatchingRedis, redis_client: redis.Redis
+) -> None:
+    """`in_order` (a call depends on the writes before it): the release after the refused
+    consume ran, and runs again (a second release of its own socket answers 0); the one before
+    ran once (1)."""
+    seed_sockets(redis_client, 3)
+    redis_client.script_flush()
+    redis_client.script_load(lua.RELEASE_OWNER.source)
+    redis_client.hset(keys.challenge("c1"), mapping={"pk": "pk1", "exp": "99999999999999", "used": "0"})
+    consume = ScriptCall(lua.CONSUME_CHALLENGE, [keys.challenge("c1")], ["pk1", "1"])
+    sent = await script_replies(client, [release_call(0), consume, release_call(2)], in_order=True)
+    assert sent.replies == [1, b"ok", 0]
+    assert client.batcher.writes == 2  # the calls, then SCRIPT LOAD and the calls from the consume on
 
 
 async def test_a_caller_cancelled_before_the_write_leaves_is_not_sent(

@@ -14,19 +14,11 @@ import socket
 import struct
 import threading
 
-import dns.flags
-import dns.message
-import dns.name
 import dns.rcode
-import dns.rdataclass
-import dns.rdatatype
-import dns.rrset
+
+from bench.dns_answer import NO_SUCH_NAME, Records, authoritative_answer, name_key, parse_query
 
 TTL_S = 60
-
-
-def _key(name: str) -> str:
-    return name.lower().rstrip(".") + "."
 
 
 class DnsServer:
@@ -43,8 +35,8 @@ class DnsServer:
         self._zones: dict[str, dict[str, list[str]]] = {}
         for name, records in (zones or {}).items():
             self.set_records(name, records)
-        self.servfail = {_key(name) for name in servfail or ()}
-        self.silent = {_key(name) for name in silent or ()}
+        self.servfail = {name_key(name) for name in servfail or ()}
+        self.silent = {name_key(name) for name in silent or ()}
         self.queries: list[tuple[str, str]] = []
         self._udp: socket.socket | None = None
         self._tcp: socket.socket | None = None
@@ -53,7 +45,7 @@ class DnsServer:
 
     def set_records(self, name: str, records: dict[str, list[str]]) -> None:
         with self._lock:
-            self._zones[_key(name)] = {rtype.upper(): list(texts) for rtype, texts in records.items()}
+            self._zones[name_key(name)] = {rtype.upper(): list(texts) for rtype, texts in records.items()}
 
     @property
     def port(self) -> int:
@@ -116,18 +108,10 @@ class DnsServer:
 
     def answer(self, wire: bytes) -> bytes | None:
         """The response to one query in wire format, or None to stay silent."""
-        try:
-            query = dns.message.from_wire(wire)
-        except Exception:
-            return None
-        response = dns.message.make_response(query)
-        response.flags |= dns.flags.AA
-        if not query.question:
-            response.set_rcode(dns.rcode.FORMERR)
-            return response.to_wire()
-        question = query.question[0]
-        name = _key(question.name.to_text())
-        rtype = dns.rdatatype.to_text(question.rdtype)
+        query = parse_query(wire)
+        return None if query is None else authoritative_answer(query, self._look_up, self.ttl_s)
+
+    def _look_up(self, name: str, rtype: str) -> Records | None:
         with self._lock:
             self.queries.append((name, rtype))
             records = self._zones.get(name)
@@ -135,12 +119,8 @@ class DnsServer:
         if name in self.silent:
             return None
         if name in self.servfail:
-            response.set_rcode(dns.rcode.SERVFAIL)
-        elif records is None:
-            response.set_rcode(dns.rcode.NXDOMAIN)
-        elif texts:
-            response.answer.append(dns.rrset.from_text_list(question.name, self.ttl_s, dns.rdataclass.IN, rtype, texts))
-        return response.to_wire()
+            return Records(rcode=dns.rcode.SERVFAIL)
+        return NO_SUCH_NAME if records is None else Records(texts)
 
     def _serve_udp(self) -> None:
         assert self._udp is not None

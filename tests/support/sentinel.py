@@ -17,7 +17,7 @@ from pathlib import Path
 
 import redis
 
-from protege_relay.embedded_redis import free_port, redis_server_binary
+from protege_relay.embedded_redis import RedisChild, free_port
 
 LOOPBACK = "127.0.0.1"
 MASTER_NAME = "relay"
@@ -28,8 +28,9 @@ START_TIMEOUT_S = 10.0
 
 
 @dataclass
-class RedisProcess:
-    """One redis-server (data node or sentinel) with its own directory and log."""
+class RedisProcess(RedisChild):
+    """One redis-server (data node or sentinel) with its own directory and log; started, stopped
+    and killed as the embedded Redis is (`RedisChild`)."""
 
     name: str
     directory: Path
@@ -43,43 +44,12 @@ class RedisProcess:
     def client(self, timeout_s: float = 2.0) -> redis.Redis:
         return redis.Redis(LOOPBACK, self.port, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
 
-    def launch(self, args: list[str]) -> None:
+    def launch(self, args: list[str], timeout_s: float = START_TIMEOUT_S) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            [redis_server_binary(), *args], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
-        )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not self.answers():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"{self.name} did not start:\n{self.logs()[-2000:]}")
-            time.sleep(0.02)
-
-    def answers(self) -> bool:
         try:
-            with self.client(0.5) as client:
-                return bool(client.ping())
-        except redis.RedisError:
-            return False
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL: a crashed machine, as far as the others can tell."""
-        if self.alive():
-            assert self.process is not None
-            self.process.kill()
-            self.process.wait()
-
-    def stop(self) -> None:
-        if self.alive():
-            assert self.process is not None
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            super().launch(args, timeout_s)
+        except RuntimeError as exc:
+            raise AssertionError(f"{self.name} did not start: {exc}\n{self.logs()[-2000:]}") from exc
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
