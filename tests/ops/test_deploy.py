@@ -7,6 +7,7 @@ operator relies on (probes, non-root, node id from the pod name, AOF) by reading
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -594,6 +595,11 @@ def test_the_tunnel_trusts_only_its_proxy() -> None:
     proxy_ip = services["tunnel-proxy"]["networks"]["relay"]["ipv4_address"]
     trusted = json.loads(services["tunnel"]["environment"]["RELAY_WS_TRUSTED_PROXIES"])
     assert trusted == [f"{proxy_ip}/32"]
+    # Docker hands out addresses from ip_range only; were nginx's inside it, a replica started
+    # first (`--scale egress=4`) could take it and nginx would not start ("Address already in use").
+    (pool,) = compose()["networks"]["relay"]["ipam"]["config"]
+    address = ipaddress.ip_address(proxy_ip)
+    assert address in ipaddress.ip_network(pool["subnet"]) and address not in ipaddress.ip_network(pool["ip_range"])
     (config_map,) = resources_of_kind("ConfigMap").values()
     k8s_trusted = json.loads(config_map["data"]["config.json"])["ws"]["trustedProxies"]
     assert all(int(entry.partition("/")[2] or 32) >= 16 for entry in k8s_trusted), "never a whole /8"
