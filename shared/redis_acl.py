@@ -10,16 +10,18 @@ it) and, readable by their owner only, OUT_DIR/<user>.env (`RELAY_REDIS_USERNAME
 `RELAY_REDIS_PASSWORD`, for compose's `env_file`) and OUT_DIR/<user>.password (for a
 Kubernetes Secret), with fresh random passwords; existing passwords in OUT_DIR are kept.
 
-Written for Redis 6.2 and 7 alike (no selectors), so a key pattern grants every allowed command
-on it: what separates the services is mostly the command list. The ingress may append to an
+Written for Redis 6.2 and 7.2+ alike (no selectors), so a key pattern grants every allowed
+command on it: what separates the services is mostly the command list. Redis 7.0 and 7.1 refuse
+the whole file: they know no `client|setinfo`, which redis-py sends on connect. The ingress may append to an
 inbox (XADD inside the enqueue script) and count it (XLEN) but never read one (no XRANGE,
 XREAD, XREADGROUP) and has no key of arq or of the egress queue; `status` only reads.
 KNOWN GAP: a large body stored apart (`keys.inbox_body`) is written by the ingress with SET, and
 its user has GET (for its own keys), so it could read such a body; Redis 7's write-only key
 permission (`%W~`) closes that once Redis 6.2 no longer needs to load this file.
 Commands a script runs are checked against the caller's user too, so EVALSHA + SCRIPT LOAD
-grant nothing beyond the list. The `default` user (no password) may only PING, for health
-checks. `admin` has everything, for operators and migrations.
+grant nothing beyond the list. Nobody can log in as the `default` user and a client that has not
+logged in gets NOAUTH; health checks log in as `health` (no password, PING only). `admin` has
+everything, for operators and migrations.
 """
 
 from __future__ import annotations
@@ -252,7 +254,14 @@ STATUS = AclUser(
 
 SERVICE_USERS = (INGRESS, TUNNEL, EGRESS, STATUS)
 ADMIN = "admin"
-DEFAULT_RULE = "user default on nopass resetchannels -@all +ping"  # health checks only
+# Redis replays its AOF as the `default` user and re-checks each command of a MULTI/EXEC block
+# against that user's permissions; a denied block is skipped without a word (redis/redis#14541,
+# valkey#3983; Redis 7, not 6.2). Script effects are logged as MULTI/EXEC, so a `default` user
+# that may only PING lost every enqueued message on a restart. So `default` keeps every
+# permission but is off: no one can log in as it, and a client that has not logged in gets NOAUTH.
+DEFAULT_RULE = "user default off resetchannels ~* &* +@all"
+HEALTH = "health"  # health checks: `redis-cli --user health --pass health ping` (any password)
+HEALTH_RULE = f"user {HEALTH} on nopass resetchannels -@all +ping"
 
 
 def password_sha256(password: str) -> str:
@@ -261,7 +270,7 @@ def password_sha256(password: str) -> str:
 
 def render_acl(passwords: dict[str, str]) -> str:
     """The ACL file for `passwords` (user name -> password; every service user and admin)."""
-    lines = [DEFAULT_RULE]  # Redis ACL files take no comments
+    lines = [DEFAULT_RULE, HEALTH_RULE]  # Redis ACL files take no comments
     lines += [user.rule(password_sha256(passwords[user.name])) for user in SERVICE_USERS]
     lines.append(f"user {ADMIN} reset on #{password_sha256(passwords[ADMIN])} ~* &* +@all")
     return "\n".join(lines) + "\n"

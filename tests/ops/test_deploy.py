@@ -7,9 +7,11 @@ operator relies on (probes, non-root, node id from the pod name, AOF) by reading
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -22,7 +24,7 @@ from kubernetes_validate import utils as kubernetes_validate
 
 from protege_relay.cli import SERVICES
 from shared.config import EgressConfig, RelayConfig, SmtpConfig, env_variable_names, load_config
-from shared.redis_acl import SERVICE_USERS, write_secrets
+from shared.redis_acl import HEALTH, SERVICE_USERS, write_secrets
 from tests.support.processes import REPO_ROOT
 
 K8S_DIR = REPO_ROOT / "deploy" / "k8s"
@@ -55,6 +57,13 @@ def compose() -> dict[str, Any]:
     """The compose file with anchors and `<<` merges resolved, as docker-compose reads it."""
     document: dict[str, Any] = yaml.safe_load(COMPOSE_FILE.read_text())
     return document
+
+
+def redis_server_args(service: dict[str, Any]) -> list[str]:
+    """The `redis-server` arguments of a Redis data node, from its start script (x-redis-node)."""
+    (script,) = service["command"]
+    start = script.index("set -- redis-server ") + len("set -- ")
+    return shlex.split(script[start : script.index(";", start)])
 
 
 def parse_bytes(size: str) -> int:
@@ -368,11 +377,20 @@ def test_compose_ha_profile_has_a_replica_and_three_sentinels() -> None:
     services = compose()["services"]
     ha = sorted(name for name, service in services.items() if service.get("profiles") == ["ha"])
     assert ha == ["redis-replica", "redis-sentinel-1", "redis-sentinel-2", "redis-sentinel-3"]
-    replica = services["redis-replica"]["command"][0]
-    assert "--replicaof redis 6379" in replica and "--appendonly yes" in replica
-    assert "--aclfile /etc/redis/users.acl" in replica and "masterauth" in replica
+    # Both data nodes start alike: the replica of whatever primary the sentinels name (`redis` when
+    # none answers), never a second primary after a failover; replication authenticates as admin.
+    assert services["redis-replica"]["command"] == services["redis"]["command"]
+    (node,) = services["redis"]["command"]
+    assert "sentinel get-master-addr-by-name relay" in node and 'primary="$${primary:-redis}"' in node
+    assert '--replicaof "$$primary" 6379' in node and "masterauth" in node
+    assert '--replica-announce-ip "$$REDIS_NODE_NAME"' in node
+    for name in ("redis", "redis-replica"):
+        assert services[name]["environment"]["REDIS_NODE_NAME"] == name
+        assert services[name]["env_file"] == secrets_path("admin.env"), name
     sentinel = services["redis-sentinel-1"]["command"][0]
-    assert "sentinel monitor relay redis 6379 2" in sentinel and "--sentinel" in sentinel
+    assert "sentinel get-master-addr-by-name relay" in sentinel, "a restarted sentinel follows the failover"
+    assert "sentinel monitor relay $${primary:-redis} 6379 2" in sentinel and "--sentinel" in sentinel
+    assert "sentinel announce-hostnames yes" in sentinel  # the names the nodes announce, not their IPs
     assert "sentinel auth-pass relay $$RELAY_REDIS_PASSWORD" in sentinel
     env = services["ingress"]["environment"]
     assert env["RELAY_REDIS_SENTINELS"] == "${RELAY_REDIS_SENTINELS:-}"  # empty: one Redis, as without the profile
@@ -383,13 +401,14 @@ def test_compose_redis_uses_aof_on_a_named_volume_with_a_health_check() -> None:
     document = compose()
     redis_service = document["services"]["redis"]
     assert redis_service["image"] == "redis:7-alpine"
-    command = redis_service["command"]
+    command = redis_server_args(redis_service)
     assert command[command.index("--appendonly") + 1] == "yes"
     assert command[command.index("--appendfsync") + 1] == "everysec"
     assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
     maxmemory = parse_bytes(command[command.index("--maxmemory") + 1])
     assert maxmemory <= 0.8 * parse_bytes(redis_service["mem_limit"]), "headroom for the fork"
-    assert redis_service["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    health = ["CMD", "redis-cli", "--user", HEALTH, "--pass", HEALTH, "--no-auth-warning", "ping"]
+    assert redis_service["healthcheck"]["test"] == health  # the ACL's PING-only user
     volume, mount_path = redis_service["volumes"][0].split(":")[:2]
     assert mount_path == "/data" and volume in document["volumes"]
 
@@ -489,7 +508,7 @@ def test_every_service_has_its_own_redis_user_in_the_acl_source() -> None:
 
 def test_compose_redis_requires_the_acl_file_and_each_tier_its_credentials() -> None:
     services = compose()["services"]
-    command = services["redis"]["command"]
+    command = redis_server_args(services["redis"])
     acl_path = command[command.index("--aclfile") + 1]
     assert f"{secrets_path('users.acl')}:{acl_path}:ro" in services["redis"]["volumes"]
     for name, expected in SERVICE_MATRIX.items():
@@ -576,6 +595,11 @@ def test_the_tunnel_trusts_only_its_proxy() -> None:
     proxy_ip = services["tunnel-proxy"]["networks"]["relay"]["ipv4_address"]
     trusted = json.loads(services["tunnel"]["environment"]["RELAY_WS_TRUSTED_PROXIES"])
     assert trusted == [f"{proxy_ip}/32"]
+    # Docker hands out addresses from ip_range only; were nginx's inside it, a replica started
+    # first (`--scale egress=4`) could take it and nginx would not start ("Address already in use").
+    (pool,) = compose()["networks"]["relay"]["ipam"]["config"]
+    address = ipaddress.ip_address(proxy_ip)
+    assert address in ipaddress.ip_network(pool["subnet"]) and address not in ipaddress.ip_network(pool["ip_range"])
     (config_map,) = resources_of_kind("ConfigMap").values()
     k8s_trusted = json.loads(config_map["data"]["config.json"])["ws"]["trustedProxies"]
     assert all(int(entry.partition("/")[2] or 32) >= 16 for entry in k8s_trusted), "never a whole /8"
@@ -583,10 +607,23 @@ def test_the_tunnel_trusts_only_its_proxy() -> None:
 
 def test_compose_redis_and_nginx_run_without_capabilities_read_only_and_bounded() -> None:
     services = compose()["services"]
-    for name in ("redis", "tunnel-proxy"):
+    for name in ("redis", "redis-replica", "redis-sentinel-1", "redis-sentinel-2", "redis-sentinel-3", "tunnel-proxy"):
         service = services[name]
         assert service["cap_drop"] == ["ALL"] and "cap_add" not in service, name
         assert service["read_only"] is True, name
         assert service["security_opt"] == ["no-new-privileges:true"], name
         assert parse_bytes(service["mem_limit"]) > 0, name
         assert service["user"].split(":")[0] not in ("0", "root"), name
+
+
+def test_compose_scratch_tmpfs_belong_to_the_user_that_writes_them() -> None:
+    # A tmpfs takes the owner of the image directory it covers (root, 0755 for nginx's
+    # /var/cache/nginx and /run, redis's /data): a non-root service could not write there, and
+    # nginx died at start with "mkdir() /var/cache/nginx/client_temp failed (13: Permission denied)".
+    for name, service in compose()["services"].items():
+        uid, _, gid = service.get("user", "").partition(":")
+        for entry in service.get("tmpfs", []):
+            path, _, options = entry.partition(":")
+            if path == "/tmp" or not uid:
+                continue  # /tmp is world-writable (sticky) in every image
+            assert f"uid={uid}" in options.split(",") and f"gid={gid}" in options.split(","), (name, entry)
