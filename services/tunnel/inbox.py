@@ -12,8 +12,8 @@ the same stream id. Up to `WINDOW` messages are in flight; they are sent, and re
 Entries waiting out their grace do not count against the window (they are delivered).
 
 With `redis.minReplicasToAck` (docs/HA.md) a read is sent on only once that many replicas
-confirmed it (`shared.replication.confirmed_read`); else the delivery fails like on any Redis
-error (the socket closes, the gateway reconnects, the entries are claimed again). A delivered
+confirmed it (`shared.replication.confirmed_read`); else nothing of it is sent, the socket stays
+open, and the entries (pending here) are claimed again on the next wake-up or sweep. A delivered
 message's idempotency marker then stays `DELIVERED_MARKER_TTL_S`, marked delivered, so that an
 ingress that answered 451 for it a moment ago can still keep it for the sender's retry.
 
@@ -49,7 +49,15 @@ from shared import keys, lua, protocol
 from shared.enqueue import DELIVERED_MARKER_TTL_S
 from shared.inbox_entries import StoredEntry, UnreadableEntry
 from shared.logs import get_logger, log
-from shared.replication import NO_ACK, ReplicaAck, ScriptCall, call_scripts, confirmed_read, script_replies
+from shared.replication import (
+    NO_ACK,
+    NotReplicated,
+    ReplicaAck,
+    ScriptCall,
+    call_scripts,
+    confirmed_read,
+    script_replies,
+)
 
 logger = get_logger(__name__)
 
@@ -179,6 +187,7 @@ class InboxDelivery:
         self._grace_started = asyncio.Event()
         self._claim_cursor: bytes | None = b"0-0"
         self._claim_min_idle_ms = 0
+        self._reclaim_own = False  # a read no replica confirmed left entries pending here
         self._last_reclaim = time.monotonic()
         self._drained = False  # the last read returned fewer entries than asked for
 
@@ -239,6 +248,32 @@ class InboxDelivery:
         return not self._drained or self._wakeup.is_set() or self._claim_cursor is not None
 
     async def _next_entries(self, count: int) -> list[StoredEntry]:
+        try:
+            return await self._read_entries(count)
+        except NotReplicated as exc:
+            self._unconfirmed_read(exc)
+            return []
+
+    def _unconfirmed_read(self, exc: NotReplicated) -> None:
+        """A read moved entries into this consumer's pending list, but too few replicas confirmed
+        it, so a failover could take it back: nothing of it is sent. The socket stays open (closing
+        it would only send the gateway into a reconnect loop, and into the auth rate limit); the
+        entries are claimed again, min-idle 0 as they are our own, once something wakes the
+        delivery: at the latest the node's sweep, which sees more in the inbox than is in flight."""
+        if not self._reclaim_own:
+            log(
+                logger,
+                logging.WARNING,
+                "inbox read not confirmed by replicas; nothing sent, claimed again later",
+                persona=self.persona_key,
+                confirmed=exc.confirmed,
+                required=exc.required,
+            )
+        self._reclaim_own = True
+        self._claim_cursor = b"0-0"
+        self._claim_min_idle_ms = 0
+
+    async def _read_entries(self, count: int) -> list[StoredEntry]:
         self._wakeup.clear()
         while self._claim_cursor is not None:
             await self._flush_removals()
@@ -311,6 +346,8 @@ class InboxDelivery:
             reply = [b"0-0", []]
         next_cursor = reply[0]
         self._claim_cursor = None if next_cursor in (b"0-0", "0-0") else next_cursor
+        if self._claim_cursor is None:
+            self._reclaim_own = False  # every pending entry was claimed, and confirmed
         in_flight = {item.stored.entry_id for item in self._in_flight}
         in_flight.update(item.stored.entry_id for _, item in self._in_grace)
         claimed = [item for item in reply[1] if item and item[0] is not None and item[0] not in in_flight]
@@ -337,7 +374,7 @@ class InboxDelivery:
             await trim_expired(self._redis, self.persona_key, self._retention_s)
             # Entries a replaced socket on another node read after we claimed the persona.
             self._claim_cursor = b"0-0"
-            self._claim_min_idle_ms = int(self._ack_timeout_s * 2000)
+            self._claim_min_idle_ms = 0 if self._reclaim_own else int(self._ack_timeout_s * 2000)
 
     # --- sending and acknowledging -----------------------------------------------------------
 

@@ -197,6 +197,8 @@ async def test_sentinel_retry_of_a_451_message_delivered_meanwhile_is_not_delive
         await until(
             lambda: cast(int, client.xlen(keys.inbox(passport.persona_key))) == 0, 30.0, "the delivered entry stayed"
         )
+        gateway = fleet.gateways[0]
+        sockets = (len(gateway.connects), sum(gateway.closes.values()))  # (opened, closed) so far
 
         await fleet.stop()  # offline now: a second copy would stay in the inbox, where it is counted
         retried = await asyncio.to_thread(submit, cluster.smtp_ports[0], rcpt, body)
@@ -209,6 +211,8 @@ async def test_sentinel_retry_of_a_451_message_delivered_meanwhile_is_not_delive
         assert f"queued as {delivered_stream.rsplit('.', 1)[0]}" in retried[1], (retried, delivered_stream)
         assert stored_again == 0
         assert [sid for sid, _ in fleet.deliveries()] == [delivered_stream]
+        # the read no replica confirmed was claimed again later, on the same socket: no close, no reconnect
+        assert sockets == (1, 0), sockets
         client.close()
     finally:
         if fleet is not None:
