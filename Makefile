@@ -38,7 +38,7 @@ run: $(RUNTIME_STAMP)
 test-tools:
 	@sh scripts/test-tools.sh
 
-TEST_WORKERS ?= 6
+TEST_WORKERS ?= 4
 
 # The whole suite, in one process (about 7.5 min on an idle 2-core machine).
 test: install test-tools
@@ -46,7 +46,9 @@ test: install test-tools
 
 # Everything but the system tier (tests/system: several processes at once, faults, multi-node),
 # on TEST_WORKERS pytest-xdist workers: the tests mostly wait on sockets and processes, so more
-# workers than cores pays (6 against 4 on 2 cores, back to back: 56 s vs 80 s, 80 s vs 127 s).
+# workers than cores pays. Since relay processes are forked warm (tests/support/launcher.py), 4 is
+# the best on 2 cores (back to back: 2 workers 64 s, 3 45-52 s, 4 45-48 s, 5 54 s, 6 48-54 s, 8 55 s):
+# each worker also collects the whole suite, and more of them only add contention.
 # `make test` runs the whole suite in one process.
 # PYTHONDONTWRITEBYTECODE is emptied (= unset for Python): with it set, each of the ~150 Python
 # processes of a run (workers, services, CLI calls) compiled the relay's sources and pytest
