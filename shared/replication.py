@@ -34,7 +34,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ReadOnlyError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from shared.config import RelayConfig
+from shared.config import RedisConfig, RelayConfig
 from shared.lua import LuaScript
 
 FAILOVER_ERRORS = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, ConnectionError, OSError)
@@ -57,8 +57,8 @@ class ReplicaAck:
     write is retried through an outage or failover before its caller gives up (`redis.failoverWaitMs`)."""
 
     replicas: int = 0
-    timeout_ms: int = 1000
-    failover_wait_s: float = 10.0
+    timeout_ms: int = RedisConfig().replicaAckTimeoutMs
+    failover_wait_s: float = RedisConfig().failoverWaitMs / 1000
 
     @classmethod
     def from_config(cls, config: RelayConfig) -> ReplicaAck:

@@ -62,7 +62,7 @@ from redis.exceptions import ResponseError
 
 from shared import lua
 from shared.logs import get_logger, log
-from shared.replication import FAILOVER_ERRORS, ScriptCall, as_failover_error, script_replies
+from shared.replication import FAILOVER_ERRORS, NO_ACK, ScriptCall, as_failover_error, script_replies
 
 logger = get_logger(__name__)
 
@@ -126,7 +126,11 @@ DONE = Ending(done=True)
 
 class PromptWorker(Worker):
     def __init__(
-        self, *args: Any, job_state: JobStateKeys | None = None, failover_wait_s: float = 10.0, **kwargs: Any
+        self,
+        *args: Any,
+        job_state: JobStateKeys | None = None,
+        failover_wait_s: float = NO_ACK.failover_wait_s,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self._job_state = job_state
